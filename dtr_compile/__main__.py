@@ -1,0 +1,3 @@
+from dtr_compile.cli import main
+
+main()

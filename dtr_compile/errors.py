@@ -1,0 +1,51 @@
+"""Error hierarchy of dtr-compile.
+
+Every error a user can cause derives from :class:`DtrError` and carries an exit code, so the CLI
+can turn it into one line on stderr and a documented exit status without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DtrError(Exception):
+    """Base of every dtr-compile error. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class InputError(DtrError):
+    """Bad user input: a missing or unreadable file, an unknown format, a malformed flag."""
+
+    exit_code = 2
+
+
+class CaptureError(DtrError):
+    """torch.export could not capture the model into an fx graph."""
+
+    exit_code = 2
+
+
+class NoAttentionError(DtrError):
+    """The captured graph holds no attention site that dtr-compile can rewrite."""
+
+    exit_code = 2
+
+
+class PassError(DtrError):
+    """A graph pass failed; the message names the pass and the passes that ran before it."""
+
+    exit_code = 1
+
+
+class ParityError(DtrError):
+    """The exported artifact disagrees with the PyTorch hybrid beyond tolerance (exit code 4)."""
+
+    exit_code = 4
+
+
+# Exit codes, documented in the README and `dtr-compile --help`.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_NO_REPLACEMENT = 3
+EXIT_PARITY = 4

@@ -1,0 +1,117 @@
+"""Stage 1, load: read the user's model file into a `torch.export` program or an `nn.Module`.
+
+Accepted inputs:
+
+* a ``torch.export`` archive (``.pt`` / ``.pt2`` written by :func:`torch.export.save`);
+* a Hugging Face model folder (``config.json`` + ``*.safetensors``), loaded offline;
+* a pickled ``nn.Module`` written by :func:`torch.save`, only with ``trust_pickle=True``: unpickling
+  runs arbitrary code, so it is never done without the explicit flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dtr_compile.errors import InputError
+
+
+@dataclass
+class LoadedModel:
+    """A model as read from disk.
+
+    Exactly one of ``program`` (a ``torch.export`` program) and ``module`` (an eager module that
+    still has to be captured with example inputs) is set.
+    """
+
+    source: str
+    format: str  # "torch.export" | "huggingface" | "pickle"
+    program: torch.export.ExportedProgram | None = None
+    module: torch.nn.Module | None = None
+
+
+def _is_pickled_module_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("data.pkl") for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def _load_hf_folder(path: Path) -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise InputError("loading a Hugging Face folder needs `transformers` installed") from exc
+    if not list(path.glob("*.safetensors")):
+        raise InputError(
+            f"{path}: a Hugging Face folder needs config.json and *.safetensors weights "
+            "(pickled pytorch_model.bin is not loaded)"
+        )
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    archs = config.get("architectures") or []
+    auto = transformers.AutoModel
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        auto = transformers.AutoModelForSequenceClassification
+    elif any(a.endswith("ForImageClassification") for a in archs):
+        auto = transformers.AutoModelForImageClassification
+    elif any(a.endswith("ForCausalLM") for a in archs):
+        auto = transformers.AutoModelForCausalLM
+    try:
+        module = auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is an input problem
+        raise InputError(f"{path}: could not load as a Hugging Face model: {exc}") from exc
+    module.eval()
+    return LoadedModel(source=str(path), format="huggingface", module=module)
+
+
+def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> LoadedModel:
+    """Load ``path`` as described in the module docstring.
+
+    Raises:
+        InputError: the path is missing, of an unknown format, corrupt, or a pickle without
+            ``trust_pickle``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"model not found: {p}")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return _load_hf_folder(p)
+        raise InputError(
+            f"{p} is a folder without config.json; expected a torch.export archive (.pt/.pt2) "
+            "or a Hugging Face model folder"
+        )
+    if p.suffix not in (".pt", ".pt2"):
+        raise InputError(
+            f"unknown model format {p.suffix or '(no suffix)'!r} for {p}; expected a torch.export "
+            "archive (.pt/.pt2, from torch.export.save) or a Hugging Face model folder"
+        )
+    if not zipfile.is_zipfile(p):
+        raise InputError(
+            f"{p} is not a torch.export archive (not a zip file; corrupt or wrong file). "
+            "Write it with torch.export.save(torch.export.export(model, example_args), path)"
+        )
+    if _is_pickled_module_zip(p):
+        if not trust_pickle:
+            raise InputError(
+                f"{p} is a pickled torch.save file, not a torch.export archive. Unpickling runs "
+                "arbitrary code: re-save it with torch.export.save, or pass --trust-pickle if you "
+                "trust the file"
+            )
+        obj = torch.load(p, weights_only=False, map_location="cpu")
+        if not isinstance(obj, torch.nn.Module):
+            raise InputError(f"{p} unpickled to {type(obj).__name__}, not a torch.nn.Module")
+        obj.eval()
+        return LoadedModel(source=str(p), format="pickle", module=obj)
+    try:
+        program = torch.export.load(p)
+    except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
+        raise InputError(f"{p}: not a readable torch.export archive ({type(exc).__name__}: {exc})") from exc
+    return LoadedModel(source=str(p), format="torch.export", program=program)
