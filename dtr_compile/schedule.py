@@ -1,21 +1,55 @@
-"""Stage 6, schedule: greedy replacement under a validation budget (DtR's "Replace").
+"""Stage 6, schedule: which attention sites become linear, under a validation budget (DtR's
+"Replace").
 
-Greedy rule (arXiv 2601.11667, the Replace stage): with committed set ``C``, evaluate every
-remaining site ``s`` on ``C ∪ {s}``, commit the best one, and stop when even the best would break
-the budget. At most ``L(L+1)/2`` evaluations for ``L`` sites. Ties go to the site that comes first
-in graph order, so the same metric values always give the same choices.
+Every strategy grows a committed set ``C`` one site at a time and measures candidates through one
+callback, ``evaluate(C + (s,)) -> metric``: the tuple is the committed sites in commit order
+followed by the candidate ``s``. The metric of a set depends only on the set, so measurements
+can be replayed from a ledger (``known``) instead of recomputed. A site is committed only when its
+measured metric is within the threshold, except while ``--min-linear`` forces commits.
+
+Strategies (``L`` candidate sites, ``k`` commits):
+
+* ``greedy`` — the paper's rule: each step evaluates ``C ∪ {s}`` for every remaining ``s`` and
+  commits the best; it stops when even the best breaks the budget. ``Σ_{i<=k} (L − i)``
+  evaluations when the budget stops it after ``k`` commits; ``L(L+1)/2`` at worst.
+* ``lazy`` — lazy greedy (Minoux 1978): the same choices as ``greedy`` with fewer evaluations,
+  see :func:`_lazy`. ``L + k`` evaluations when degradations are additive.
+* ``ranked`` — one single-site sensitivity pass, then sites are added in that order until one
+  breaks the budget; see :func:`_ranked`. ``L + k`` evaluations; at most ``2L − 1``.
+
+Ties go to the site that comes first in graph order (the order of ``site_ids``), and a NaN metric
+ranks below every number, so the same metric values always give the same choices.
+``max_evals`` (counting replayed evaluations too, so that a resumed search ends where an
+uninterrupted one would) and ``time_limit_s`` (wall time of new evaluations in this process)
+end a search early; what was committed until then stands.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+
+STRATEGIES = ("greedy", "lazy", "ranked")
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One measured candidate: the linear site set, its metric, and how long it took."""
+    """One measured candidate: the linear site set, its metric, and how long it took.
+
+    Attributes:
+        step: the step it belongs to: number of committed sites when measured, plus one.
+        candidate: the site added to the committed set.
+        linear: committed sites (in commit order) followed by ``candidate``.
+        metric: validation metric of the model with exactly ``linear`` linear.
+        seconds: wall time of the measurement (as recorded, when replayed).
+        within_budget: ``metric`` is within the threshold.
+        index: position in the search's sequence of evaluations, from 0.
+        phase: ``"greedy"``, ``"lazy"``, ``"sensitivity"`` or ``"ranked"``.
+        replayed: taken from the ledger of an earlier run instead of measured.
+    """
 
     step: int
     candidate: str | None
@@ -23,11 +57,18 @@ class Evaluation:
     metric: float
     seconds: float
     within_budget: bool
+    index: int = 0
+    phase: str = "greedy"
+    replayed: bool = False
 
 
 @dataclass
 class ScheduleResult:
-    """Outcome of the search: the committed sites in order, and every evaluation made."""
+    """Outcome of the search: the committed sites in order, and every evaluation made.
+
+    ``committed_within_budget[i]`` is False for a commit forced by ``min_linear`` beyond the
+    threshold; ``evaluations_at_commit[i]`` is how many evaluations had been made by then.
+    """
 
     baseline: float
     threshold: float
@@ -36,15 +77,258 @@ class ScheduleResult:
     metric_after_step: list[float] = field(default_factory=list)
     evaluations: list[Evaluation] = field(default_factory=list)
     stop_reason: str = ""
+    strategy: str = "greedy"
+    min_linear: int = 0
+    committed_within_budget: list[bool] = field(default_factory=list)
+    evaluations_at_commit: list[int] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def final_metric(self) -> float:
         return self.metric_after_step[-1] if self.metric_after_step else self.baseline
 
+    @property
+    def evaluations_replayed(self) -> int:
+        return sum(ev.replayed for ev in self.evaluations)
+
+    @property
+    def evaluations_run(self) -> int:
+        return len(self.evaluations) - self.evaluations_replayed
+
+    @property
+    def fits(self) -> bool:
+        """At least one site and ``min_linear`` sites committed, every one within budget."""
+        return (bool(self.committed) and len(self.committed) >= self.min_linear
+                and all(self.committed_within_budget))
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["final_metric"] = self.final_metric
+        d.update(final_metric=self.final_metric, fits=self.fits,
+                 evaluations_total=len(self.evaluations), evaluations_run=self.evaluations_run,
+                 evaluations_replayed=self.evaluations_replayed)
         return d
+
+
+class _Stop(Exception):
+    """A search limit was reached; the message is the stop reason."""
+
+
+class _Search:
+    """Shared state of one search: the committed set, the budget test, measuring and limits."""
+
+    def __init__(self, res: ScheduleResult, evaluate: Callable[[tuple[str, ...]], float],
+                 known: Mapping[frozenset[str], tuple[float, float]], max_linear: int | None,
+                 max_evals: int | None, time_limit_s: float | None,
+                 on_eval: Callable[[Evaluation], None] | None,
+                 clock: Callable[[], float]) -> None:
+        self.res, self.evaluate, self.known = res, evaluate, known
+        self.max_linear, self.max_evals, self.time_limit_s = max_linear, max_evals, time_limit_s
+        self.on_eval, self.clock = on_eval, clock
+        self.start = clock()
+
+    def ok(self, m: float) -> bool:
+        t = self.res.threshold
+        return m >= t if self.res.higher_is_better else m <= t
+
+    def badness(self, m: float) -> float:
+        """Sort key, smaller is better; NaN is worst."""
+        if math.isnan(m):
+            return math.inf
+        return -m if self.res.higher_is_better else m
+
+    @property
+    def committed(self) -> tuple[str, ...]:
+        return tuple(self.res.committed)
+
+    @property
+    def current_metric(self) -> float:
+        return self.res.final_metric
+
+    def measure(self, candidate: str, phase: str) -> float:
+        """Metric of ``committed + (candidate,)``: replayed from ``known`` or evaluated.
+
+        Raises:
+            _Stop: ``max_evals`` evaluations were made, or ``time_limit_s`` has passed.
+        """
+        n = len(self.res.evaluations)
+        if self.max_evals is not None and n >= self.max_evals:
+            raise _Stop(f"reached --max-evals {self.max_evals}")
+        linear = self.committed + (candidate,)
+        hit = self.known.get(frozenset(linear))
+        if hit is None and self.time_limit_s is not None:
+            spent = self.clock() - self.start
+            if spent >= self.time_limit_s:
+                raise _Stop(f"reached --time-limit {self.time_limit_s:g} s after {n} evaluations")
+        if hit is not None:
+            m, seconds = hit
+        else:
+            t0 = time.perf_counter()
+            m = float(self.evaluate(linear))
+            seconds = time.perf_counter() - t0
+        ev = Evaluation(len(self.res.committed) + 1, candidate, linear, m, seconds, self.ok(m),
+                        index=n, phase=phase, replayed=hit is not None)
+        self.res.evaluations.append(ev)
+        if self.on_eval is not None:
+            self.on_eval(ev)
+        return m
+
+    def full(self) -> str | None:
+        """The stop reason when no further site may be committed, else None."""
+        if self.max_linear is not None and len(self.res.committed) >= self.max_linear:
+            return f"reached --max-linear {self.max_linear}"
+        return None
+
+    def decide(self, site: str, m: float) -> bool:
+        """Commit ``site`` (measured at ``m``) if within budget or forced by ``min_linear``."""
+        within = self.ok(m)
+        if not within and len(self.res.committed) >= self.res.min_linear:
+            return False
+        self.res.committed.append(site)
+        self.res.metric_after_step.append(m)
+        self.res.committed_within_budget.append(within)
+        self.res.evaluations_at_commit.append(len(self.res.evaluations))
+        return True
+
+    def beyond(self, site: str, m: float) -> str:
+        return (f"best next site {site} gives {m:.6g}, beyond the threshold "
+                f"{self.res.threshold:.6g}")
+
+
+def _greedy(search: _Search, site_ids: Sequence[str]) -> str:
+    """The paper's rule: evaluate every remaining site, commit the best, repeat."""
+    remaining = list(site_ids)
+    while remaining:
+        if (why := search.full()) is not None:
+            return why
+        metrics = [search.measure(s, "greedy") for s in remaining]
+        _, i = min((search.badness(m), i) for i, m in enumerate(metrics))
+        best, m = remaining[i], metrics[i]
+        if not search.decide(best, m):
+            return search.beyond(best, m)
+        remaining.remove(best)
+    return "every candidate site is linear"
+
+
+def _lazy(search: _Search, site_ids: Sequence[str]) -> str:
+    """Lazy greedy: a priority queue of stale degradations; only the top is re-evaluated.
+
+    The degradation of adding ``s`` to ``C`` is ``Δ(s | C) = metric(C) − metric(C ∪ {s})`` (sign
+    flipped for lower-is-better metrics); greedy commits the ``s`` of least ``Δ``. The queue holds
+    each site's ``Δ`` as last measured, against an older, smaller committed set. The top is
+    re-measured against the current ``C``; when the top is already current it is committed.
+
+    Exact (the same commits, in the same order, as ``greedy``) under one assumption: a site never
+    hurts less once more sites are linear, ``Δ(s | A) <= Δ(s | B)`` for ``A ⊆ B``, i.e. the
+    degradation is supermodular (the metric submodular). Then a stale ``Δ`` is a lower bound of
+    the current one, so a current ``Δ`` at the top of the queue is the smallest. Additive
+    degradations satisfy it with equality: each step after the first makes one evaluation, ``L + k``
+    in all. When sites interact the other way (one linear site masks another's error), ``lazy``
+    can commit a different site than ``greedy``; every commit is still measured, so the budget
+    holds either way. Ties in ``Δ`` go to the earlier site, as in ``greedy``.
+    """
+    sign = 1.0 if search.res.higher_is_better else -1.0
+    # (Δ, graph index, site, size of C when measured, metric); -inf: never measured
+    heap: list[tuple[float, int, str, int, float]] = [
+        (-math.inf, i, s, -1, math.nan) for i, s in enumerate(site_ids)]
+    heapq.heapify(heap)
+    while heap:
+        if (why := search.full()) is not None:
+            return why
+        delta, i, s, measured_at, m = heapq.heappop(heap)
+        if measured_at == len(search.res.committed):
+            if not search.decide(s, m):
+                return search.beyond(s, m)
+            continue
+        m = search.measure(s, "lazy")
+        delta = math.inf if math.isnan(m) else sign * (search.current_metric - m)
+        heapq.heappush(heap, (delta, i, s, len(search.res.committed), m))
+    return "every candidate site is linear"
+
+
+def _ranked(search: _Search, site_ids: Sequence[str]) -> str:
+    """One sensitivity pass, then add sites in that order while the budget holds.
+
+    The pass measures every single site alone (``L`` evaluations) and ranks them best first
+    (ties: graph order). The first site's metric is already known; each further site is measured
+    with everything committed before it, and the search stops at the first that breaks the
+    budget, without trying the ones ranked after it. ``L + k`` evaluations for ``k`` commits
+    (``2L − 1`` if all fit). Cheaper than ``greedy``, but it ignores how sites interact beyond
+    the order, so it can commit fewer sites.
+    """
+    single = {s: search.measure(s, "sensitivity") for s in site_ids}
+    order = sorted(range(len(site_ids)), key=lambda i: (search.badness(single[site_ids[i]]), i))
+    for rank, i in enumerate(order):
+        if (why := search.full()) is not None:
+            return why
+        s = site_ids[i]
+        m = single[s] if rank == 0 else search.measure(s, "ranked")
+        if not search.decide(s, m):
+            return (f"next site in sensitivity order {s} gives {m:.6g}, beyond the threshold "
+                    f"{search.res.threshold:.6g}")
+    return "every candidate site is linear"
+
+
+_RUN = {"greedy": _greedy, "lazy": _lazy, "ranked": _ranked}
+
+
+def schedule(
+    site_ids: Sequence[str],
+    evaluate: Callable[[tuple[str, ...]], float],
+    *,
+    baseline: float,
+    threshold: float,
+    higher_is_better: bool = True,
+    strategy: str = "greedy",
+    max_linear: int | None = None,
+    min_linear: int = 0,
+    max_evals: int | None = None,
+    time_limit_s: float | None = None,
+    known: Mapping[frozenset[str], tuple[float, float]] | None = None,
+    on_eval: Callable[[Evaluation], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> ScheduleResult:
+    """Search which of ``site_ids`` (in graph order) to make linear.
+
+    Args:
+        site_ids: candidate sites (already excluding kept and failed sites), in graph order.
+        evaluate: metric of the model with exactly the given sites linear; the tuple is the
+            committed sites in commit order, then the candidate.
+        baseline: metric of the original model.
+        threshold: worst acceptable metric (see :meth:`Budget.threshold`).
+        higher_is_better: metric direction.
+        strategy: ``"greedy"``, ``"lazy"`` or ``"ranked"`` (see the module docstring).
+        max_linear: commit at most this many sites.
+        min_linear: commit at least this many sites, beyond the budget if need be (the result's
+            ``fits`` is then False).
+        max_evals: stop after this many evaluations (replayed ones included).
+        time_limit_s: stop before a new evaluation once this many seconds have passed.
+        known: ``{frozenset(linear): (metric, seconds)}`` from a ledger, replayed instead of
+            evaluated.
+        on_eval: called after every evaluation, replayed ones included.
+        clock: time source for ``time_limit_s`` (tests pass a fake one).
+
+    Raises:
+        ValueError: unknown strategy, duplicate sites, or ``min_linear`` above the candidates or
+            ``max_linear``.
+    """
+    if strategy not in _RUN:
+        raise ValueError(f"unknown search strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if len(set(site_ids)) != len(site_ids):
+        raise ValueError(f"duplicate site ids in {list(site_ids)}")
+    if min_linear > len(site_ids) or (max_linear is not None and min_linear > max_linear):
+        raise ValueError(f"min_linear {min_linear} exceeds the {len(site_ids)} candidate sites "
+                         f"or max_linear {max_linear}")
+    res = ScheduleResult(baseline, threshold, higher_is_better, strategy=strategy,
+                         min_linear=min_linear)
+    search = _Search(res, evaluate, known or {}, max_linear, max_evals, time_limit_s, on_eval,
+                     clock)
+    try:
+        res.stop_reason = _RUN[strategy](search, list(site_ids)) if site_ids else \
+            "no candidate site"
+    except _Stop as stop:
+        res.stop_reason = str(stop)
+    res.seconds = clock() - search.start
+    return res
 
 
 def greedy_schedule(
@@ -57,50 +341,6 @@ def greedy_schedule(
     max_linear: int | None = None,
     on_eval: Callable[[Evaluation], None] | None = None,
 ) -> ScheduleResult:
-    """Greedy search over ``site_ids`` (in graph order).
-
-    Args:
-        site_ids: candidate sites (already excluding kept and failed sites).
-        evaluate: metric of the model with exactly the given sites linear.
-        baseline: metric of the original model.
-        threshold: worst acceptable metric (see :meth:`Budget.threshold`).
-        higher_is_better: metric direction.
-        max_linear: stop after this many commits.
-    """
-    res = ScheduleResult(baseline, threshold, higher_is_better)
-
-    def ok(m: float) -> bool:
-        return m >= threshold if higher_is_better else m <= threshold
-
-    def better(a: float, b: float) -> bool:
-        return a > b if higher_is_better else a < b
-
-    remaining = list(site_ids)
-    step = 0
-    while remaining:
-        if max_linear is not None and len(res.committed) >= max_linear:
-            res.stop_reason = f"reached --max-linear {max_linear}"
-            break
-        step += 1
-        best: tuple[str, float] | None = None
-        for sid in remaining:
-            linear = tuple(res.committed) + (sid,)
-            t0 = time.perf_counter()
-            m = evaluate(linear)
-            ev = Evaluation(step, sid, linear, m, time.perf_counter() - t0, ok(m))
-            res.evaluations.append(ev)
-            if on_eval is not None:
-                on_eval(ev)
-            if best is None or better(m, best[1]):
-                best = (sid, m)
-        assert best is not None
-        if not ok(best[1]):
-            res.stop_reason = (f"best next site {best[0]} gives {best[1]:.6g}, beyond the "
-                               f"threshold {threshold:.6g}")
-            break
-        res.committed.append(best[0])
-        res.metric_after_step.append(best[1])
-        remaining.remove(best[0])
-    else:
-        res.stop_reason = "every candidate site is linear"
-    return res
+    """The paper's greedy search: :func:`schedule` with ``strategy="greedy"``."""
+    return schedule(site_ids, evaluate, baseline=baseline, threshold=threshold,
+                    higher_is_better=higher_is_better, max_linear=max_linear, on_eval=on_eval)

@@ -1,0 +1,154 @@
+"""The search ledger: every evaluation of the schedule stage, one JSON line each, as it finishes.
+
+The first line is a header with a fingerprint of everything a measured metric depends on (the
+model file, the validation data, the distilled weights, the metric, the evaluation batch size and
+the tool's version). Each further line is one evaluation::
+
+    {"linear": ["site0", "site3"], "metric": 0.9713, "seconds": 12.4, "step": 2, ...}
+
+Lines are flushed and fsynced one by one, so an interrupted search (Ctrl-C, a killed CI job) loses
+at most the evaluation in flight. ``--resume`` reads the ledger back and replays its measurements
+(:func:`dtr_compile.schedule.schedule`'s ``known``) when the fingerprint matches; a ledger written
+for other inputs is never reused. Since a metric depends only on the set of linear sites, a
+ledger can be resumed with another budget, strategy or limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from dtr_compile.fileio import write_text_atomic
+from dtr_compile.schedule import Evaluation
+
+LEDGER_FORMAT = "dtr-compile search ledger"
+LEDGER_VERSION = 1
+
+
+def hash_path(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, or of a folder's files (relative names and contents, sorted)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        if p.is_dir():
+            h.update(str(f.relative_to(p)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes), in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(parts: Mapping[str, str]) -> str:
+    """One SHA-256 over named parts (each already a hash or a short string)."""
+    return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()
+
+
+def read_ledger(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int]:
+    """``(header, evaluations, unreadable lines)`` of a ledger file; header None if not a ledger.
+
+    A torn last line (the process was killed while writing it) counts as unreadable.
+    """
+    header: dict[str, Any] | None = None
+    entries: list[dict[str, Any]] = []
+    bad = 0
+    with Path(path).open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if i == 0:
+                if isinstance(obj, dict) and obj.get("format") == LEDGER_FORMAT:
+                    header = obj
+                    continue
+                return None, [], 0
+            if isinstance(obj, dict) and isinstance(obj.get("linear"), list) and "metric" in obj:
+                entries.append(obj)
+            else:
+                bad += 1
+    return header, entries, bad
+
+
+class Ledger:
+    """An open ledger file, appended to one evaluation at a time. Use :meth:`open`."""
+
+    def __init__(self, path: Path, fingerprint: str, fh: IO[str]) -> None:
+        self.path, self.fingerprint, self._fh = path, fingerprint, fh
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        fingerprint: str,
+        *,
+        resume: bool,
+        inputs: Mapping[str, str] | None = None,
+    ) -> tuple[Ledger, dict[frozenset[str], tuple[float, float]], str]:
+        """Open ``path`` for appending; with ``resume``, first read back its evaluations.
+
+        Returns:
+            ``(ledger, known, note)``: ``known`` maps each recorded site set to ``(metric,
+            seconds)`` (empty unless resuming from a ledger with the same fingerprint); ``note``
+            says in one line what was reused or why nothing was.
+        """
+        p = Path(path)
+        known: dict[frozenset[str], tuple[float, float]] = {}
+        note = f"new ledger {p}"
+        if resume and p.is_file():
+            header, entries, bad = read_ledger(p)
+            if header is None:
+                note = f"{p} is not a dtr-compile ledger; starting a new one"
+            elif header.get("fingerprint") != fingerprint:
+                note = (f"{p} was written for other inputs (model, data, distilled weights, "
+                        f"metric or batch size differ); starting a new ledger")
+            else:
+                for e in entries:
+                    known[frozenset(e["linear"])] = (float(e["metric"]), float(e.get("seconds", 0.0)))
+                note = (f"resuming from {p}: {len(known)} evaluations replayed"
+                        + (f", {bad} unreadable lines skipped" if bad else ""))
+                torn = p.stat().st_size > 0 and not p.read_bytes().endswith(b"\n")
+                fh = p.open("a", encoding="utf-8")
+                if torn:  # killed mid-line: start the next record on a line of its own
+                    fh.write("\n")
+                return cls(p, fingerprint, fh), known, note
+        elif resume:
+            note = f"no ledger at {p} to resume; starting a new one"
+        header = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "fingerprint": fingerprint,
+                  "inputs": dict(inputs or {})}
+        write_text_atomic(p, json.dumps(header, sort_keys=True) + "\n")
+        return cls(p, fingerprint, p.open("a", encoding="utf-8")), known, note
+
+    def append(self, ev: Evaluation, **extra: Any) -> None:
+        """Write one evaluation and force it to disk."""
+        rec = {"linear": list(ev.linear), "metric": ev.metric, "seconds": round(ev.seconds, 4),
+               "step": ev.step, "candidate": ev.candidate, "phase": ev.phase, **extra}
+        self._fh.write(json.dumps(rec, sort_keys=True) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
