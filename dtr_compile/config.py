@@ -20,18 +20,24 @@ from dtr_compile.errors import InputError
 _BUDGET_RE = re.compile(r"^\s*(?P<num>[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?)\s*(?P<unit>%|pt)?\s*$")
 
 
+_BUDGET_HELP = ("'0.5%' (relative to the original's metric), '0.005' (absolute, in the metric's "
+                "units) or '0.5pt' (absolute percentage points)")
+
+
 @dataclass(frozen=True)
 class Budget:
-    """How far the validation metric may move from the original model's.
+    """How far the validation metric may move from the original model's, in its worse direction.
 
     Grammar (issue 6): ``0.5%`` is relative to the original's metric (``kind="relative"``,
-    ``value=0.005``); ``0.005`` is absolute in the metric's own units; ``0.5pt`` is absolute
-    percentage points (``value=0.005``).
+    ``value=0.005``: accuracy 0.90 may fall to 0.8955, perplexity 10 may rise to 10.05);
+    ``0.005`` is absolute in the metric's own units; ``0.5pt`` is absolute percentage points
+    (``value=0.005``), for metrics that are shares in [0, 1]. Zero is allowed (no change at all).
     """
 
     text: str
     kind: str  # "relative" | "absolute"
     value: float
+    unit: str = ""  # "%", "pt" or "" as written
 
     @classmethod
     def parse(cls, text: str) -> Budget:
@@ -43,23 +49,55 @@ class Budget:
         """
         m = _BUDGET_RE.match(str(text))
         if m is None:
-            raise InputError(
-                f"malformed budget {text!r}: expected e.g. '0.5%' (relative), '0.005' (absolute) "
-                "or '0.5pt' (percentage points)"
-            )
+            raise InputError(f"malformed budget {text!r}: expected {_BUDGET_HELP}")
         num = float(m["num"])
-        unit = m["unit"]
-        if not math.isfinite(num) or num < 0:
-            raise InputError(f"budget {text!r} must be a finite number >= 0")
+        unit = m["unit"] or ""
+        if not math.isfinite(num):
+            raise InputError(f"budget {text!r} is not a finite number: expected {_BUDGET_HELP}")
+        if num < 0:
+            raise InputError(f"budget {text!r} is negative: it is how far the metric may get "
+                             f"worse, e.g. {str(text).replace('-', '', 1).strip()!r}")
         if unit == "%":
             if num >= 100:
-                raise InputError(f"relative budget {text!r} must be below 100%")
-            return cls(text=text, kind="relative", value=num / 100.0)
+                raise InputError(f"relative budget {text!r} must be below 100% (100% would "
+                                 "accept any model)")
+            return cls(text=str(text).strip(), kind="relative", value=num / 100.0, unit=unit)
         if unit == "pt":
             if num >= 100:
-                raise InputError(f"budget {text!r} must be below 100pt")
-            return cls(text=text, kind="absolute", value=num / 100.0)
-        return cls(text=text, kind="absolute", value=num)
+                raise InputError(f"budget {text!r} must be below 100pt (100 percentage points "
+                                 "would accept any model)")
+            return cls(text=str(text).strip(), kind="absolute", value=num / 100.0, unit=unit)
+        return cls(text=str(text).strip(), kind="absolute", value=num, unit=unit)
+
+    def check_metric(self, name: str, bounds: tuple[float, float] | None) -> None:
+        """Reject a budget that cannot mean what was written for this metric.
+
+        Raises:
+            InputError: ``pt`` for a metric that is not a share in [0, 1], or an absolute budget
+                as wide as the metric's whole range (``--budget 1`` for accuracy: did the user
+                mean ``1%``?).
+        """
+        if self.unit == "pt" and bounds != (0.0, 1.0):
+            raise InputError(f"budget {self.text!r} is in percentage points, which only applies "
+                             f"to metrics in [0, 1] (accuracy, macro_f1, agreement); {name} is "
+                             f"not one: use a relative ('0.5%') or absolute budget")
+        if self.kind == "absolute" and bounds is not None and math.isfinite(bounds[1] - bounds[0]):
+            width = bounds[1] - bounds[0]
+            if self.value >= width:
+                raise InputError(f"budget {self.text!r} spans the whole range of {name} "
+                                 f"[{bounds[0]:g}, {bounds[1]:g}] and would accept any model; "
+                                 f"did you mean '{self.text}%' or '{self.text}pt'?")
+
+    def check_baseline(self, name: str, baseline: float) -> None:
+        """Reject a relative budget around an original metric of 0 (it would allow nothing).
+
+        Raises:
+            InputError: relative, non-zero budget and ``baseline == 0``.
+        """
+        if self.kind == "relative" and self.value > 0 and baseline == 0:
+            raise InputError(f"the original model's {name} is 0, so the relative budget "
+                             f"{self.text!r} allows no change at all; use an absolute budget "
+                             "(e.g. '0.01') instead")
 
     def allowed_drop(self, baseline: float) -> float:
         """The largest allowed move of the metric away from ``baseline``, in metric units."""
@@ -69,6 +107,19 @@ class Budget:
         """The worst metric value still within budget."""
         drop = self.allowed_drop(baseline)
         return baseline - drop if higher_is_better else baseline + drop
+
+    def describe(self, baseline: float, higher_is_better: bool) -> str:
+        """One line, e.g. ``budget 0.5% of 0.9 → threshold >= 0.8955``."""
+        what = {"%": f" of {baseline:.6g}", "pt": " (percentage points)", "": " (absolute)"}
+        op = ">=" if higher_is_better else "<="
+        return (f"budget {self.text}{what[self.unit]} → threshold {op} "
+                f"{self.threshold(baseline, higher_is_better):.6g}")
+
+    def to_dict(self, baseline: float, higher_is_better: bool) -> dict[str, Any]:
+        """The budget as written and as resolved against ``baseline``."""
+        return {"text": self.text, "kind": self.kind, "value": self.value, "unit": self.unit,
+                "allowed_drop": self.allowed_drop(baseline),
+                "threshold": self.threshold(baseline, higher_is_better)}
 
 
 @dataclass(frozen=True)

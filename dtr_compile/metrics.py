@@ -1,41 +1,112 @@
 """Validation metrics on model outputs.
 
-A metric maps ``outputs: [N, C]`` (the model's first output, e.g. logits), ``labels: [N]`` or
-None, and ``reference: [N, C]`` (the original model's outputs) to a float. Each declares whether
-higher is better.
+A metric maps the model's first output over the validation set, ``outputs: [N, ...]``, the data's
+``labels: [N, ...]`` or None, and the original model's first output ``reference: [N, ...]`` to a
+float, and declares its direction (``higher_is_better``). Built in:
+
+============  =====  ======================================================================
+name          best   definition (rows are the ``N`` validation sequences)
+============  =====  ======================================================================
+accuracy      high   share of rows whose argmax over the last dim equals the label
+macro_f1      high   unweighted mean over classes of ``2·TP / (2·TP + FP + FN)``
+agreement     high   share of rows whose argmax equals the original model's (no labels)
+cosine        high   mean cosine similarity of output and original embeddings over the last
+                     dim (``[N, C]`` pooled embeddings; any ``[N, ..., C]`` is averaged over
+                     every leading position, no labels)
+mse           low    mean squared error against float ``labels`` (regression targets of the
+                     outputs' shape) when the data has them, else against the original's outputs
+perplexity    low    ``exp`` of the mean next-token negative log-likelihood: ``outputs`` are
+                     causal-LM logits ``[N, T, V]``; the logits at position ``t`` predict token
+                     ``t + 1`` (the Hugging Face shift). Targets are ``labels: [N, T]`` when the
+                     data has them (``-100`` ignored), else ``input_ids`` with positions where
+                     ``attention_mask == 0`` ignored. Each batch is reduced to a per-row
+                     ``(sum of NLL, token count)`` as it is computed, so the ``[N, T, V]``
+                     logits are never held for the whole set
+============  =====  ======================================================================
+
+``--metric package.module:function`` imports a user metric, called as
+``function(outputs, labels, reference) -> float`` with the whole validation set's tensors as
+above. Its direction and needs come from optional attributes of the function:
+``higher_is_better`` (default True), ``needs_labels`` (default False) and ``bounds`` (the
+metric's ``(low, high)`` range, used to reject budgets wider than it). It may also be a
+:class:`Metric` instance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import importlib
+import inspect
+import math
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dtr_compile.errors import InputError
+
+MetricFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], float]
+#: ``rows(outputs_batch, inputs_batch, labels_batch) -> [B, ...]``: a per-batch reduction.
+RowsFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], "torch.Tensor | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A named metric and its direction."""
+    """A named metric, its direction and range.
+
+    Attributes:
+        name: registry name or the import path.
+        fn: ``fn(outputs, labels, reference) -> float`` on the whole set (after ``rows``).
+        higher_is_better: direction.
+        needs_labels: the data must carry ``labels``.
+        bounds: ``(low, high)`` range of the metric, or None if unknown or unbounded.
+        rows: optional per-batch reduction applied to outputs and reference as they are
+            computed (see :data:`RowsFn`); the identity when None.
+        identity: what the metric's values depend on (for the search ledger's fingerprint).
+    """
 
     name: str
-    fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], float]
+    fn: MetricFn
     higher_is_better: bool
     needs_labels: bool
+    bounds: tuple[float, float] | None = None
+    rows: RowsFn | None = None
+    identity: str = ""
 
     def __call__(self, outputs: torch.Tensor, labels: torch.Tensor | None,
                  reference: torch.Tensor) -> float:
         return float(self.fn(outputs, labels, reference))
+
+    def reduce(self, outputs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
+               labels: torch.Tensor | None) -> torch.Tensor:
+        """One batch's outputs as this metric keeps them: ``rows`` of them, else them in fp32."""
+        return self.rows(outputs, inputs, labels) if self.rows is not None else outputs.float()
+
+    @property
+    def is_share(self) -> bool:
+        """A fraction in [0, 1], so that a budget in percentage points makes sense."""
+        return self.bounds == (0.0, 1.0)
+
+    def better(self, a: float, b: float) -> bool:
+        """``a`` is strictly better than ``b``."""
+        return a > b if self.higher_is_better else a < b
 
 
 def _predictions(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
+def _need_labels(labels: torch.Tensor | None, name: str) -> torch.Tensor:
+    if labels is None:
+        raise InputError(f"metric {name!r} needs a 'labels' tensor in the data")
+    return labels
+
+
 def accuracy(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
     """Share of rows whose argmax equals the label, in [0, 1]."""
-    assert labels is not None
+    labels = _need_labels(labels, "accuracy")
     return (_predictions(outputs) == labels).float().mean().item()
 
 
@@ -45,11 +116,14 @@ def agreement(outputs: torch.Tensor, labels: torch.Tensor | None, reference: tor
 
 
 def macro_f1(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
-    """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN), in [0, 1]."""
-    assert labels is not None
+    """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN), in [0, 1].
+
+    Classes are those present in the labels or the predictions.
+    """
+    labels = _need_labels(labels, "macro_f1")
     pred = _predictions(outputs)
     scores = []
-    for c in torch.unique(torch.cat([labels, pred])):
+    for c in torch.unique(torch.cat([labels.reshape(-1), pred.reshape(-1)])):
         tp = ((pred == c) & (labels == c)).sum().item()
         fp = ((pred == c) & (labels != c)).sum().item()
         fn = ((pred != c) & (labels == c)).sum().item()
@@ -57,25 +131,136 @@ def macro_f1(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torc
     return sum(scores) / max(len(scores), 1)
 
 
+def cosine(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
+    """Mean cosine similarity of ``outputs`` and ``reference`` over the last dim, in [-1, 1]."""
+    return F.cosine_similarity(outputs.double(), reference.double(), dim=-1).mean().item()
+
+
+def mse(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
+    """Mean squared error against float ``labels`` if given, else against ``reference``."""
+    target = labels if labels is not None and labels.is_floating_point() else reference
+    if target.shape != outputs.shape and target.numel() == outputs.numel():
+        target = target.reshape(outputs.shape)  # e.g. labels [N] for outputs [N, 1]
+    if target.shape != outputs.shape:
+        raise InputError(f"mse: outputs {tuple(outputs.shape)} and targets "
+                         f"{tuple(target.shape)} differ in shape")
+    return torch.mean((outputs.double() - target.double()) ** 2).item()
+
+
+def perplexity_rows(outputs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
+                    labels: torch.Tensor | None) -> torch.Tensor:
+    """Per-row ``(sum of next-token NLL, number of predicted tokens)``: ``[B, 2]``.
+
+    Args:
+        outputs: causal-LM logits ``[B, T, V]``.
+        inputs: the batch's model inputs (``input_ids: [B, T]``, optional ``attention_mask``).
+        labels: ``[B, T]`` token targets (``-100`` ignored), or None to use ``input_ids``.
+
+    Raises:
+        InputError: outputs are not ``[B, T, V]`` or no token targets are found.
+    """
+    if outputs.dim() != 3:
+        raise InputError(f"perplexity needs causal-LM logits [N, T, V] as the model's first "
+                         f"output, got shape {tuple(outputs.shape)}")
+    if labels is not None and labels.dim() == 2:
+        target = labels.clone()
+    elif "input_ids" in inputs:
+        target = inputs["input_ids"].clone()
+        if "attention_mask" in inputs:
+            target[inputs["attention_mask"] == 0] = -100
+    else:
+        raise InputError("perplexity needs token targets: 'labels' [N, T] in the data or an "
+                         "'input_ids' model input")
+    logits = outputs[:, :-1].float()  # [B, T-1, V] predicts tokens 1..T-1
+    target = target[:, 1:].to(torch.long)  # [B, T-1]
+    nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    count = (target != -100).sum(dim=1)
+    return torch.stack([nll.double().sum(dim=1), count.double()], dim=1)
+
+
+def perplexity(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
+    """``exp(Σ NLL / Σ tokens)`` from :func:`perplexity_rows`' ``[N, 2]`` rows."""
+    if outputs.dim() != 2 or outputs.shape[1] != 2:
+        raise InputError("perplexity expects the [N, 2] rows of perplexity_rows")
+    total = outputs.double().sum(dim=0)
+    if total[1] <= 0:
+        raise InputError("perplexity: the data has no target token (all ignored or padding)")
+    return math.exp((total[0] / total[1]).item())
+
+
+def _builtin(name: str, fn: MetricFn, higher: bool, labels: bool,
+             bounds: tuple[float, float] | None, rows: RowsFn | None = None) -> Metric:
+    return Metric(name, fn, higher, labels, bounds, rows, identity=f"builtin:{name}")
+
+
 METRICS: dict[str, Metric] = {
-    "accuracy": Metric("accuracy", accuracy, True, True),
-    "agreement": Metric("agreement", agreement, True, False),
-    "macro_f1": Metric("macro_f1", macro_f1, True, True),
+    "accuracy": _builtin("accuracy", accuracy, True, True, (0.0, 1.0)),
+    "agreement": _builtin("agreement", agreement, True, False, (0.0, 1.0)),
+    "macro_f1": _builtin("macro_f1", macro_f1, True, True, (0.0, 1.0)),
+    "cosine": _builtin("cosine", cosine, True, False, (-1.0, 1.0)),
+    "mse": _builtin("mse", mse, False, False, (0.0, math.inf)),
+    "perplexity": _builtin("perplexity", perplexity, False, False, (1.0, math.inf),
+                           perplexity_rows),
 }
+
+
+def _import_metric(spec: str) -> Metric:
+    """``package.module:function`` → a :class:`Metric` (see the module docstring)."""
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise InputError(f"metric {spec!r}: expected 'package.module:function'")
+    try:
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError:
+            if "" in sys.path:
+                raise
+            sys.path.append("")  # the working directory, as `python -m` would have it
+            module = importlib.import_module(mod_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
+        raise InputError(f"metric {spec!r}: cannot import {mod_name!r} ({type(exc).__name__}: "
+                         f"{exc}); is it installed or in the working directory?") from exc
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise InputError(f"metric {spec!r}: {mod_name!r} has no attribute {attr!r}")
+    try:
+        src = inspect.getsource(module)
+    except (OSError, TypeError):
+        src = ""
+    identity = f"import:{spec}:{hashlib.sha256(src.encode()).hexdigest()}"
+    if isinstance(obj, Metric):
+        return Metric(obj.name, obj.fn, obj.higher_is_better, obj.needs_labels, obj.bounds,
+                      obj.rows, identity)
+    if not callable(obj):
+        raise InputError(f"metric {spec!r} is a {type(obj).__name__}, not a function")
+    bounds = getattr(obj, "bounds", None)
+    return Metric(spec, obj, bool(getattr(obj, "higher_is_better", True)),
+                  bool(getattr(obj, "needs_labels", False)),
+                  tuple(map(float, bounds)) if bounds is not None else None,  # type: ignore[arg-type]
+                  None, identity)
 
 
 def get_metric(name: str | None, has_labels: bool) -> Metric:
     """The metric ``name``; by default accuracy with labels, agreement without.
 
+    ``name`` is a registry name (``-`` and ``_`` alike) or ``package.module:function``.
+
     Raises:
-        InputError: unknown name, or a label metric on data without ``labels``.
+        InputError: unknown name, an import path that does not import, or a label metric on
+            data without ``labels``.
     """
     if name is None:
         return METRICS["accuracy" if has_labels else "agreement"]
-    key = name.replace("-", "_")
-    if key not in METRICS:
-        raise InputError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}")
-    metric = METRICS[key]
+    if ":" in name:
+        metric = _import_metric(name)
+    else:
+        key = name.replace("-", "_").lower()
+        if key not in METRICS:
+            raise InputError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}, "
+                             "or 'package.module:function'")
+        metric = METRICS[key]
     if metric.needs_labels and not has_labels:
         raise InputError(f"metric {name!r} needs a 'labels' tensor in the data; "
                          "use --metric agreement to compare with the original model instead")
