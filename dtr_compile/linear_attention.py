@@ -1,20 +1,40 @@
 """Linear-attention operators that replace softmax attention sites.
 
 Shapes use a fixed letter set: ``q: [B, H, T, Dk]``, ``k: [B, Hkv, S, Dk]``, ``v: [B, Hkv, S, Dv]``,
-feature maps ``φ(x): [..., F]``, output ``[B, H, T, Dv]``. Key/value heads are repeated to ``H``
-as ``repeat_interleave`` (the grouping SDPA's ``enable_gqa`` uses).
+feature maps ``φ(x): [..., F]`` (see :mod:`dtr_compile.feature_maps`), output ``[B, H, T, Dv]``.
+Key/value heads are repeated to ``H`` as ``repeat_interleave`` (the grouping SDPA's
+``enable_gqa`` uses); the functional operators below take ``H`` key heads.
 
-Bidirectional linear attention (Katharopoulos et al. 2020, "Transformers are RNNs", eq. 4–6)::
+Three forms, each a fast operator with a readable quadratic ``naive_*`` reference of the same
+signature (the references compute in fp64 and return fp32):
 
-    out_t = φ(q_t) · Σ_s m_s φ(k_s) v_sᵀ  /  (φ(q_t) · Σ_s m_s φ(k_s) + eps)
+* bidirectional (Katharopoulos et al. 2020, eq. 4–6), with a key padding mask ``m_s``::
 
-with ``m_s`` the key padding mask. State and normaliser are accumulated in fp32 whatever the input
-dtype; an all-padding sequence gives zeros (0 / eps), never NaN.
+      out_t = Σ_s m_s (φ(q_t)·φ(k_s)) v_s  /  (Σ_s m_s φ(q_t)·φ(k_s) + eps)
 
-The Hedgehog feature map (Zhang et al. 2024, "The Hedgehog & the Porcupine", eq. 5) is, per head,
-``φ(x) = [softmax(x W + b), softmax(−(x W + b))]`` over the feature dim, with ``W: [Dk, Dk]``
-initialised to the identity and ``b`` to zero, so ``F = 2·Dk``. Queries and keys have separate
-maps (as in LoLCATs).
+* causal: the same sum over ``s <= t``. Positions are aligned at the top left, as
+  ``F.scaled_dot_product_attention(is_causal=True)`` does when ``T != S`` (its mask is
+  ``ones(T, S).tril(0)``): query ``t`` sees keys ``0..t``, so keys ``s >= T`` are never attended.
+  Computed in chunks of ``C`` positions: a ``[C, C]`` quadratic block inside each chunk plus an
+  exclusive prefix sum of per-chunk states ``Σ φ(k_s) v_sᵀ: [F, Dv]`` across chunks, so memory is
+  ``O(T·(C + F·Dv/C))`` per head, never ``[T, F, Dv]``.
+* sliding window + linear (LoLCATs, Zhang et al. 2025), causal: query ``t`` attends the last
+  ``W`` keys ``t−W < s <= t`` with softmax weights and every earlier key with linear weights, in
+  one normalisation::
+
+      a_ts = σ(γ_h) · exp(q_t·k_s·scale − max_window(q_t·k·scale))   if t − W < s <= t
+           = φ(q_t)·φ(k_s)                                           if s <= t − W
+      out_t = Σ_s m_s a_ts v_s / (Σ_s m_s a_ts + eps)
+
+  with ``γ: [H]`` a learnable per-head logit (initialised to 0). The max is over the window only,
+  as in LoLCATs: it keeps ``exp`` in ``(0, 1]`` and fixes the scale at which softmax and linear
+  weights mix.
+
+Numerics: feature maps return fp32 and every state, normaliser and output is accumulated in fp32
+whatever the input dtype (so ``eps`` is an fp32 constant and never rounds to 0); a query with no
+valid key gives ``0 / eps = 0``, never NaN. The graphs use MatMul, CumSum (constant axis), Pad,
+Slice, Reshape and elementwise ops only: no Einsum, no data-dependent shapes, so they export with
+``torch.onnx.export(dynamo=True)`` for onnxruntime and TensorRT alike.
 """
 
 from __future__ import annotations
@@ -22,9 +42,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from dtr_compile.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
+
+__all__ = [
+    "ADDITIVE_MASK_PADDING",
+    "DEFAULT_CHUNK_SIZE",
+    "FEATURE_MAPS",
+    "MASK_KINDS",
+    "LinearAttention",
+    "SiteSwitch",
+    "SoftmaxAttention",
+    "key_valid_from_mask",
+    "linear_attention",
+    "make_feature_map",
+    "naive_linear_attention",
+    "naive_sliding_window_linear_attention",
+    "repeat_kv",
+    "sliding_window_linear_attention",
+]
 
 #: Keys with an additive-mask value at or below this count as padding.
 ADDITIVE_MASK_PADDING = -5.0e3
+#: Positions per chunk of the causal forms (the sliding window form uses ``max(C, W)``).
+DEFAULT_CHUNK_SIZE = 64
+MASK_KINDS = ("none", "bool", "additive")
+# A masked score: below any real one, but finite, so that (masked − row max) is never inf − inf.
+_MASKED_SCORE = -1.0e9
 
 
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -54,43 +99,59 @@ def key_valid_from_mask(mask: torch.Tensor, mask_kind: str) -> torch.Tensor:
     return valid.amax(dim=2).amax(dim=1)  # [B|1, S]
 
 
-class HedgehogFeatureMap(nn.Module):
-    """Per-head learnable feature map ``φ(x) = [softmax(xW+b), softmax(−xW−b)]``, ``F = 2·Dk``.
+# --- sequence helpers: x is [..., L, D], positions on dim -2 ----------------------------------
+
+
+def _align_keys(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys ``[..., S, D]`` → ``[..., T, D]`` at top-left causal alignment: keys ``s >= T`` are
+    dropped (no query sees them), missing ones are zeros. A no-op when ``S == T`` provably."""
+    if statically_known_true(x.shape[-2] == length):
+        return x
+    return F.pad(x, (0, 0, 0, length))[..., :length, :]
+
+
+def _chunk(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``[..., L, D]`` → ``[..., N, C, D]``, zero-padded at the front to ``N·C`` positions.
+
+    ``N = ceil(L / C) + 1``: at least one whole chunk of padding, which makes ``N >= 2`` and the
+    padded length ``N·C`` provable to torch.export for every ``L >= 1`` (no shape guards).
+    """
+    length = x.shape[-2]
+    n = (length + 2 * size - 1) // size  # one FloorDiv atom, so that N·C / N simplifies
+    x = F.pad(x, (0, 0, n * size - length, 0))
+    return x.reshape(*x.shape[:-2], n, size, x.shape[-1])
+
+
+def _shift_chunks(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``[..., N, C, D]`` → the same shape, chunk ``i`` holding chunk ``i − n`` (zeros before 0)."""
+    return F.pad(x, (0, 0, 0, 0, n, 0))[..., :-n, :, :]
+
+
+def _unchunk(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, H, N, C, D]`` → ``[B, H, L, D]``, dropping the padding of :func:`_chunk`."""
+    x = x.flatten(2, 3)  # [B, H, N·C, D]
+    # A gather, not a slice: torch.export cannot prove N·C >= L for a slice bound.
+    index = torch.arange(x.shape[2] - length, x.shape[2], device=x.device)  # [L]
+    return x.index_select(2, index)
+
+
+def _prefix_state(phi_k: torch.Tensor, v: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """States of all chunks before ``i − shift + 1``, i.e. an exclusive prefix sum over chunks.
 
     Args:
-        num_heads: ``H``.
-        head_dim: ``Dk``.
+        phi_k: ``[B, H, N, C, F]``.
+        v: ``[B, H, N, C, Dv]``.
+        shift: 1 = chunks ``< i``; 2 = chunks ``< i − 1``.
+
+    Returns:
+        ``kv: [B, H, N, F, Dv]`` (``Σ φ(k_s) v_sᵀ``) and ``z: [B, H, N, 1, F]`` (``Σ φ(k_s)``).
     """
-
-    def __init__(self, num_heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))  # [H, Dk, Dk]
-        self.bias = nn.Parameter(torch.zeros(num_heads, 1, head_dim))  # [H, 1, Dk]
-
-    @property
-    def feature_dim(self) -> int:
-        return 2 * self.weight.shape[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [B, H, T, Dk]`` → ``φ(x): [B, H, T, 2·Dk]`` (fp32)."""
-        z = torch.matmul(x.float(), self.weight.float()) + self.bias.float()  # [B, H, T, Dk]
-        return torch.cat([F.softmax(z, dim=-1), F.softmax(-z, dim=-1)], dim=-1)
+    kv = torch.cumsum(torch.matmul(phi_k.transpose(-1, -2), v), dim=2)  # [B, H, N, F, Dv]
+    z = torch.cumsum(phi_k.sum(dim=-2, keepdim=True), dim=2)  # [B, H, N, 1, F]
+    return _shift_chunks(kv, shift), _shift_chunks(z, shift)
 
 
-FEATURE_MAPS: dict[str, type[nn.Module]] = {"hedgehog": HedgehogFeatureMap}
-
-
-def make_feature_map(name: str, num_heads: int, head_dim: int) -> nn.Module:
-    """Build feature map ``name`` from the registry.
-
-    Raises:
-        ValueError: unknown name.
-    """
-    try:
-        cls = FEATURE_MAPS[name]
-    except KeyError:
-        raise ValueError(f"unknown feature map {name!r}; known: {', '.join(sorted(FEATURE_MAPS))}") from None
-    return cls(num_heads, head_dim)
+# --- the operators ---------------------------------------------------------------------------
 
 
 def linear_attention(
@@ -100,6 +161,8 @@ def linear_attention(
     key_valid: torch.Tensor | None = None,
     causal: bool = False,
     eps: float = 1e-6,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Linear attention from feature-mapped queries and keys (fp32 state and normaliser).
 
@@ -108,28 +171,33 @@ def linear_attention(
         phi_k: ``[B, H, S, F]``.
         v: ``[B, H, S, Dv]``.
         key_valid: ``[B|1, S]``, 1 = attend, or None.
-        causal: causal form (prefix sums); query ``t`` sees keys ``s <= t + S - T``.
+        causal: causal form; query ``t`` sees keys ``s <= t`` (SDPA's ``is_causal`` alignment).
         eps: added to the normaliser.
+        chunk_size: ``C`` of the causal form.
 
     Returns:
         ``[B, H, T, Dv]`` in fp32.
     """
     phi_q, phi_k, v = phi_q.float(), phi_k.float(), v.float()
     if key_valid is not None:
-        phi_k = phi_k * key_valid[:, None, :, None].to(phi_k.dtype)
+        phi_k = phi_k * key_valid[:, None, :, None].float()
     if not causal:
         kv = torch.matmul(phi_k.transpose(-1, -2), v)  # [B, H, F, Dv]
         z = phi_k.sum(dim=-2, keepdim=True)  # [B, H, 1, F]
         num = torch.matmul(phi_q, kv)  # [B, H, T, Dv]
-        den = (phi_q * z).sum(dim=-1, keepdim=True)  # [B, H, T, 1]
+        den = torch.matmul(phi_q, z.transpose(-1, -2))  # [B, H, T, 1]
         return num / (den + eps)
-    T, S = phi_q.shape[-2], phi_k.shape[-2]
-    kv = torch.cumsum(phi_k.unsqueeze(-1) * v.unsqueeze(-2), dim=2)  # [B, H, S, F, Dv]
-    z = torch.cumsum(phi_k, dim=2)  # [B, H, S, F]
-    kv, z = kv[:, :, S - T :], z[:, :, S - T :]  # bottom-right aligned, as SDPA's is_causal
-    num = torch.einsum("bhtf,bhtfd->bhtd", phi_q, kv)
-    den = (phi_q * z).sum(dim=-1, keepdim=True)
-    return num / (den + eps)
+
+    T = phi_q.shape[-2]
+    phi_k, v = _align_keys(phi_k, T), _align_keys(v, T)  # [B, H, T, *]
+    q_c, k_c, v_c = _chunk(phi_q, chunk_size), _chunk(phi_k, chunk_size), _chunk(v, chunk_size)
+    # q_c: [B, H, N, C, F], k_c: [B, H, N, C, F], v_c: [B, H, N, C, Dv]
+    causal_mask = torch.ones(chunk_size, chunk_size).tril()  # [C, C], query row, key column
+    a = torch.matmul(q_c, k_c.transpose(-1, -2)) * causal_mask  # [B, H, N, C, C] within chunk
+    kv, z = _prefix_state(k_c, v_c, shift=1)  # earlier chunks: [B, H, N, F, Dv], [B, H, N, 1, F]
+    num = torch.matmul(q_c, kv) + torch.matmul(a, v_c)  # [B, H, N, C, Dv]
+    den = torch.matmul(q_c, z.transpose(-1, -2)) + a.sum(dim=-1, keepdim=True)  # [B, H, N, C, 1]
+    return _unchunk(num / (den + eps), T)
 
 
 def naive_linear_attention(
@@ -140,43 +208,200 @@ def naive_linear_attention(
     causal: bool = False,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """fp32 quadratic reference of :func:`linear_attention` (same signature): the normalised,
-    masked ``A = φ(Q) φ(K)ᵀ`` applied to ``V``."""
+    """Quadratic reference of :func:`linear_attention`: the masked ``A = φ(Q) φ(K)ᵀ: [B, H, T, S]``
+    normalised by its row sums, applied to ``V``. Computed in fp64, returned in fp32."""
     phi_q, phi_k, v = phi_q.double(), phi_k.double(), v.double()
     a = phi_q @ phi_k.transpose(-1, -2)  # [B, H, T, S]
     if key_valid is not None:
         a = a * key_valid[:, None, None, :].double()
     if causal:
         T, S = a.shape[-2:]
-        a = a * torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+        a = a * torch.ones(T, S, dtype=torch.float64).tril()  # SDPA's is_causal: top-left
     return ((a @ v) / (a.sum(-1, keepdim=True) + eps)).float()
+
+
+def _window_masks(chunk: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks ``[C, 2C]`` of query ``i`` of chunk ``n`` against keys ``j`` of chunks ``n−1, n``.
+
+    The distance is ``t − s = C + i − j``; the window is ``0 <= t − s < W``, the linear part inside
+    these two chunks is ``t − s >= W`` (chunks before ``n − 1`` are all linear when ``W <= C``).
+    """
+    dist = chunk + torch.arange(chunk)[:, None] - torch.arange(2 * chunk)[None, :]  # [C, 2C]
+    return (dist >= 0) & (dist < window), (dist >= window).float()
+
+
+def sliding_window_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    *,
+    window: int,
+    scale: float,
+    softmax_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Causal softmax over the last ``window`` keys plus linear attention before them (LoLCATs).
+
+    Args:
+        q: ``[B, H, T, Dk]``.
+        k: ``[B, H, S, Dk]``.
+        v: ``[B, H, S, Dv]``.
+        phi_q: ``[B, H, T, F]``.
+        phi_k: ``[B, H, S, F]``.
+        key_valid: ``[B|1, S]``, 1 = attend, or None.
+        window: ``W >= 1``, keys ``t − W < s <= t`` get softmax weights.
+        scale: softmax temperature (the site's SDPA scale).
+        softmax_weight: ``[H]`` factor of the softmax weights (``σ(γ)``), or None for 1.
+        eps: added to the normaliser.
+        chunk_size: ``C``; ``max(C, W)`` is used.
+
+    Returns:
+        ``[B, H, T, Dv]`` in fp32.
+    """
+    C = max(chunk_size, window)
+    T = q.shape[-2]
+    valid = key_valid.float() if key_valid is not None else torch.ones_like(k[:1, 0, :, 0].float())
+    phi_k = phi_k.float() * valid[:, None, :, None]  # [B, H, S, F]
+    k, v, phi_k = (_align_keys(x.float(), T) for x in (k, v, phi_k))  # [B, H, T, *]
+    valid = _align_keys(valid[..., None], T)  # [B|1, T, 1]
+
+    q_c, phi_q_c = _chunk(q.float(), C), _chunk(phi_q.float(), C)  # [B, H, N, C, Dk | F]
+    k_c, v_c, phi_k_c = _chunk(k, C), _chunk(v, C), _chunk(phi_k, C)  # [B, H, N, C, Dk | Dv | F]
+    valid_c = _chunk(valid, C).transpose(-1, -2).unsqueeze(1)  # [B|1, 1, N, 1, C]
+
+    def local(x: torch.Tensor, dim: int) -> torch.Tensor:  # chunks n−1 and n side by side
+        return torch.cat([_shift_chunks(x, 1), x], dim=dim)
+
+    k_l, v_l, phi_k_l = local(k_c, -2), local(v_c, -2), local(phi_k_c, -2)  # [B, H, N, 2C, *]
+    valid_l = local(valid_c, -1) > 0  # [B|1, 1, N, 1, 2C]
+
+    in_window, linear_mask = _window_masks(C, window)  # [C, 2C]
+    allowed = in_window & valid_l  # [B|1, 1, N, C, 2C]
+    scores = torch.matmul(q_c, k_l.transpose(-1, -2)) * scale  # [B, H, N, C, 2C]
+    scores = torch.where(allowed, scores, _MASKED_SCORE)
+    a_sm = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed.float()
+    if softmax_weight is not None:
+        a_sm = a_sm * softmax_weight.float()[:, None, None, None]
+    a = a_sm + torch.matmul(phi_q_c, phi_k_l.transpose(-1, -2)) * linear_mask  # [B, H, N, C, 2C]
+
+    kv, z = _prefix_state(phi_k_c, v_c, shift=2)  # chunks < n − 1
+    num = torch.matmul(a, v_l) + torch.matmul(phi_q_c, kv)  # [B, H, N, C, Dv]
+    den = a.sum(dim=-1, keepdim=True) + torch.matmul(phi_q_c, z.transpose(-1, -2))  # [B, H, N, C, 1]
+    return _unchunk(num / (den + eps), T)
+
+
+def naive_sliding_window_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    *,
+    window: int,
+    scale: float,
+    softmax_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Quadratic reference of :func:`sliding_window_linear_attention` on full ``[B, H, T, S]``
+    weights. Computed in fp64, returned in fp32."""
+    q, k, v, phi_q, phi_k = (x.double() for x in (q, k, v, phi_q, phi_k))
+    T, S = q.shape[-2], k.shape[-2]
+    dist = torch.arange(T)[:, None] - torch.arange(S)[None, :]  # [T, S], t − s
+    valid = torch.ones(1, S, dtype=torch.bool) if key_valid is None else key_valid > 0  # [B|1, S]
+    valid = valid[:, None, None, :]  # [B|1, 1, 1, S]
+    in_window = (dist >= 0) & (dist < window) & valid  # [B|1, 1, T, S]
+    linear = (dist >= window) & valid
+
+    scores = torch.where(in_window, (q @ k.transpose(-1, -2)) * scale, -torch.inf)  # [B, H, T, S]
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # a row with an empty window
+    a = torch.exp(scores - row_max)
+    if softmax_weight is not None:
+        a = a * softmax_weight.double()[:, None, None]
+    a = a + (phi_q @ phi_k.transpose(-1, -2)) * linear
+    return ((a @ v) / (a.sum(-1, keepdim=True) + eps)).float()
+
+
+# --- modules ---------------------------------------------------------------------------------
 
 
 class LinearAttention(nn.Module):
     """A drop-in for one softmax attention site: ``(q, k, v[, mask]) → [B, H, T, Dv]``.
 
     Args:
-        num_heads: ``H``. num_kv_heads: ``Hkv`` (``H % Hkv == 0``).
-        head_dim: ``Dk``. mask_kind: the site's mask, ``"none"``, ``"bool"`` or ``"additive"``.
-        causal: causal site. feature_map: registry name.
+        num_heads: ``H``.
+        num_kv_heads: ``Hkv`` (``H % Hkv == 0``).
+        head_dim: ``Dk``.
+        mask_kind: the site's mask, ``"none"``, ``"bool"`` or ``"additive"``; the mask is read as
+            a key padding mask (:func:`key_valid_from_mask`).
+        causal: causal site (SDPA ``is_causal`` alignment).
+        feature_map: a :data:`FEATURE_MAPS` name; queries and keys get separate instances.
+        eps: added to the fp32 normaliser; must be > 0.
+        window: ``W > 0`` adds softmax over the last ``W`` keys (causal sites only).
+        scale: the site's softmax scale, used by the window (default ``Dk ** -0.5``).
+        chunk_size: ``C`` of the causal forms.
+
+    Raises:
+        ValueError: inconsistent arguments.
+        InputError: unknown feature map.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *, mask_kind: str = "none",
-                 causal: bool = False, feature_map: str = "hedgehog", eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        mask_kind: str = "none",
+        causal: bool = False,
+        feature_map: str = "hedgehog",
+        eps: float = 1e-6,
+        window: int = 0,
+        scale: float | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        if mask_kind not in MASK_KINDS:
+            raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0 (an all-padding row is 0 / eps), got {eps}")
+        if window < 0 or (window and not causal):
+            raise ValueError(f"window={window}: a sliding window needs causal=True and window >= 1")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.mask_kind, self.causal, self.eps = mask_kind, causal, eps
+        self.window, self.chunk_size = window, chunk_size
+        self.scale = scale if scale is not None else head_dim**-0.5
         self.feature_map_name = feature_map
-        self.feature_map_q = make_feature_map(feature_map, num_heads, head_dim)
-        self.feature_map_k = make_feature_map(feature_map, num_heads, head_dim)
+        self.feature_map_q: FeatureMap = make_feature_map(feature_map, num_heads, head_dim, role="query")
+        self.feature_map_k: FeatureMap = make_feature_map(feature_map, num_heads, head_dim, role="key")
+        if window:
+            self.window_factor = nn.Parameter(torch.zeros(num_heads))  # γ: [H], σ(0) = 1/2
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """q: [B, H, T, Dk], k: [B, Hkv, S, Dk], v: [B, Hkv, S, Dv], mask as the site's."""
-        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+        """q: [B, H, T, Dk], k: [B, Hkv, S, Dk], v: [B, Hkv, S, Dv], mask as the site's
+        → [B, H, T, Dv] in q's dtype."""
+        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)  # [B, H, S, *]
         key_valid = key_valid_from_mask(mask, self.mask_kind) if mask is not None else None
-        out = linear_attention(self.feature_map_q(q), self.feature_map_k(k), v, key_valid,
-                               causal=self.causal, eps=self.eps)
+        phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)  # [B, H, T|S, F] fp32
+        if self.window:
+            out = sliding_window_linear_attention(
+                q, k, v, phi_q, phi_k, key_valid, window=self.window, scale=self.scale,
+                softmax_weight=torch.sigmoid(self.window_factor), eps=self.eps,
+                chunk_size=self.chunk_size,
+            )
+        else:
+            out = linear_attention(phi_q, phi_k, v, key_valid, causal=self.causal, eps=self.eps,
+                                   chunk_size=self.chunk_size)
         return out.to(q.dtype)
 
 

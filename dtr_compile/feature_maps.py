@@ -1,0 +1,205 @@
+"""Feature maps ``φ`` of linear attention, in one registry.
+
+Every map takes ``x: [B, H, T, Dk]`` (any float dtype) and returns ``φ(x): [B, H, T, F]`` in fp32
+with ``φ(x) >= 0``, so that ``φ(q) · φ(k)`` is a non-negative attention weight. ``F`` is the
+map's ``feature_dim``. Queries and keys get separate instances (``role="query"`` / ``"key"``):
+learnable maps train separate weights for each, as in LoLCATs, and Performer stabilises the two
+differently.
+
+========== ============================================================ ===================
+name       φ(x)                                                         F
+========== ============================================================ ===================
+elu        ``elu(x) + 1``, computed as ``x + 1 if x > 0 else exp(x)``     ``Dk``
+relu       ``relu(x)``                                                  ``Dk``
+hedgehog   ``[softmax(xW + b), softmax(−(xW + b))]``, W per head, W = I   ``2·Dk``
+t2r        ``relu(xW + b)``, W per head, W = I                          ``Dk``
+taylor     ``[1, x/d^¼, (x⊗x)/(√2·√d)]``, ``x⊗x`` de-duplicated          ``1 + Dk + Dk(Dk+1)/2``
+performer  ``exp(ωᵀx/d^¼ − ‖x‖²/(2√d) − c) / √m``, ω fixed Gaussian    ``m = 2·Dk``
+========== ============================================================ ===================
+
+(``d = Dk``; ``W: [H, Dk, Dk]`` and ``b: [H, 1, Dk]`` are learnable, initialised to the identity
+and zero.) Sources: elu — Katharopoulos et al. 2020; t2r — Kasai et al. 2021 (our ``F = Dk`` and
+identity initialisation, where T2R draws ``W`` at random); hedgehog — Zhang et al. 2024 in the
+LoLCATs form (see :class:`HedgehogFeatureMap`); taylor — the Based kernel (Arora et al. 2024);
+performer — FAVOR+ positive random features (Choromanski et al. 2021), iid (not orthogonal)
+Gaussian ``ω`` drawn from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dtr_compile.errors import InputError
+
+ROLES = ("query", "key")
+
+
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """``elu(x) + 1`` in ``x``'s own dtype, without the cancellation of ``(exp(x) − 1) + 1``.
+
+    ``elu(−8) + 1`` computed literally in bf16 is ``(−0.99966 → −1.0) + 1 = 0``; this form gives
+    ``exp(−8) = 3.4e-4``. The ``exp`` argument is clamped at 0 so the unused branch never overflows.
+    """
+    return torch.where(x > 0, x + 1, torch.exp(torch.clamp(x, max=0.0)))
+
+
+class FeatureMap(nn.Module):
+    """Base class: ``x: [B, H, T, Dk]`` → ``φ(x): [B, H, T, F]`` in fp32.
+
+    Args:
+        num_heads: ``H``.
+        head_dim: ``Dk``.
+        role: ``"query"`` or ``"key"``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, role: str = "query") -> None:
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.num_heads, self.head_dim, self.role = num_heads, head_dim, role
+
+    @property
+    def feature_dim(self) -> int:
+        """``F``."""
+        return self.head_dim
+
+
+class EluFeatureMap(FeatureMap):
+    """``φ(x) = elu(x) + 1`` (always ``> 0``), ``F = Dk``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return elu_plus_one(x.float())
+
+
+class ReluFeatureMap(FeatureMap):
+    """``φ(x) = relu(x)``, ``F = Dk``. A token whose entries are all ≤ 0 gets weight 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.float())
+
+
+class _PerHeadProjection(FeatureMap):
+    """A learnable per-head affine map ``z = xW + b``, ``W: [H, Dk, Dk] = I``, ``b: [H, 1, Dk] = 0``."""
+
+    def __init__(self, num_heads: int, head_dim: int, *, role: str = "query") -> None:
+        super().__init__(num_heads, head_dim, role=role)
+        self.weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))  # [H, Dk, Dk]
+        self.bias = nn.Parameter(torch.zeros(num_heads, 1, head_dim))  # [H, 1, Dk]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [B, H, T, Dk]`` → ``xW + b: [B, H, T, Dk]`` in fp32."""
+        return torch.matmul(x.float(), self.weight.float()) + self.bias.float()
+
+
+class HedgehogFeatureMap(_PerHeadProjection):
+    """Hedgehog: ``φ(x) = [softmax(z), softmax(−z)]`` over the feature dim, ``z = xW + b``, ``F = 2·Dk``.
+
+    Implementations of "hedgehog" disagree; ours is the LoLCATs form (Zhang et al. 2025,
+    ``softmax_dim`` feature map): one learnable affine map per head, ``W: [H, Dk, Dk]`` initialised
+    to the identity and ``b`` to zero, then a softmax over the ``Dk`` features of ``z`` and another
+    over those of ``−z``. The Hedgehog paper (Zhang et al. 2024, eq. 5) writes ``[exp(z), exp(−z)]``
+    without the two normalisations; the softmax divides each half by a per-token constant, which
+    keeps every entry in ``(0, 1]`` whatever the scale of ``x`` (no overflow in any dtype), at the
+    price of a per-key weight that the paper's form does not have. Queries and keys have separate
+    maps.
+    """
+
+    @property
+    def feature_dim(self) -> int:
+        return 2 * self.head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.project(x)  # [B, H, T, Dk]
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+
+
+class T2RFeatureMap(_PerHeadProjection):
+    """T2R: ``φ(x) = relu(xW + b)``, ``W: [H, Dk, Dk] = I``, ``b = 0``, ``F = Dk``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.project(x))
+
+
+class TaylorFeatureMap(FeatureMap):
+    """Second-order Taylor map (Based): ``φ(q) · φ(k) = 1 + s + s²/2`` with ``s = q·k / √Dk``.
+
+    That is ``exp(s)`` to second order, and ``> 0`` for every ``s``. Based builds it from the full
+    outer product ``x⊗x`` (``F = 1 + Dk + Dk²``); we keep each unordered pair once, the diagonal
+    ``x_i²`` scaled by ``1/√(2·Dk)`` and each ``x_i·x_j, i < j`` by ``1/√Dk``, which gives the same
+    kernel with ``F = 1 + Dk + Dk(Dk+1)/2``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, role: str = "query") -> None:
+        super().__init__(num_heads, head_dim, role=role)
+        rows, cols = torch.triu_indices(head_dim, head_dim)
+        scale = torch.where(rows == cols, 1.0 / math.sqrt(2.0 * head_dim), 1.0 / math.sqrt(head_dim))
+        self.register_buffer("pair_index", rows * head_dim + cols, persistent=False)  # [P]
+        self.register_buffer("pair_scale", scale.float(), persistent=False)  # [P]
+
+    @property
+    def feature_dim(self) -> int:
+        return 1 + self.head_dim + self.head_dim * (self.head_dim + 1) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)  # [B, H, T, Dk·Dk]
+        pairs = outer.index_select(-1, self.pair_index) * self.pair_scale  # [B, H, T, P]
+        ones = torch.ones_like(x[..., :1])  # [B, H, T, 1]
+        return torch.cat([ones, x / self.head_dim**0.25, pairs], dim=-1)
+
+
+class PerformerFeatureMap(FeatureMap):
+    """Performer (FAVOR+) positive random features: ``E[φ(q) · φ(k)] ∝ exp(q·k / √Dk)``.
+
+    ``φ(x)_i = exp(ω_iᵀx̃ − ‖x̃‖²/2 − c) / √m`` with ``x̃ = x / Dk^¼``, ``ω: [Dk, m]`` iid standard
+    Gaussian drawn once from ``seed`` (a persistent buffer, so a saved module keeps its features),
+    ``m = 2·Dk``. The stabiliser ``c`` cancels between numerator and normaliser (it only rescales
+    ``eps``): for queries it is the row's own maximum exponent (per token); for keys the maximum
+    over all positions and features of a ``(batch, head)`` (as in the Performer reference code),
+    so no key overflows and the largest is exactly ``1/√m``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, *, role: str = "query", seed: int = 0) -> None:
+        super().__init__(num_heads, head_dim, role=role)
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("omega", torch.randn(head_dim, 2 * head_dim, generator=gen))  # [Dk, m]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.omega.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / self.head_dim**0.25  # x̃: [B, H, T, Dk]
+        logits = torch.matmul(x, self.omega) - 0.5 * (x * x).sum(-1, keepdim=True)  # [B, H, T, m]
+        if self.role == "query":
+            c = logits.amax(dim=-1, keepdim=True)  # [B, H, T, 1]
+        else:
+            c = logits.amax(dim=(-2, -1), keepdim=True)  # [B, H, 1, 1]
+        return torch.exp(logits - c) / math.sqrt(self.feature_dim)
+
+
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {
+    "elu": EluFeatureMap,
+    "relu": ReluFeatureMap,
+    "hedgehog": HedgehogFeatureMap,
+    "t2r": T2RFeatureMap,
+    "taylor": TaylorFeatureMap,
+    "performer": PerformerFeatureMap,
+}
+
+
+def make_feature_map(name: str, num_heads: int, head_dim: int, *, role: str = "query") -> FeatureMap:
+    """Build feature map ``name`` from :data:`FEATURE_MAPS`.
+
+    Raises:
+        InputError: ``name`` is not in the registry.
+    """
+    try:
+        cls = FEATURE_MAPS[name]
+    except KeyError:
+        raise InputError(f"unknown feature map {name!r}: expected one of "
+                         f"{', '.join(FEATURE_MAPS)}; pick one with --feature-map") from None
+    return cls(num_heads, head_dim, role=role)
