@@ -21,7 +21,8 @@ Exit codes:
   0  the hybrid was written and verified
   2  bad input: missing or unknown file, malformed flag or budget, data that does not fit
   3  no site fits the budget: the original model is written instead, with the report
-  4  parity: onnxruntime disagrees with PyTorch beyond --atol (artifacts kept)
+  4  verification: onnxruntime disagrees with PyTorch beyond --atol (or the fp16
+     tolerance), or --target tensorrt's lint found a reject/avoid op (artifacts kept)
   1  internal error"""
 
 
@@ -76,6 +77,23 @@ def main() -> None:
 @click.option("--keep", default=None, help="Comma-separated sites (id or module path) never replaced.")
 @click.option("--max-linear", type=int, default=None, help="Replace at most N sites.")
 @click.option("--atol", type=float, default=None, help="ONNX parity tolerance, max-abs (default 1e-3).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
+              help="Deployment runtime. tensorrt: opset 18 (no ONNX Attention op), and the ONNX "
+                   "is linted for TensorRT (a reject/avoid finding fails with exit 4). "
+                   "Default onnxruntime (opset 23).")
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset (default 23, or 18 with --target tensorrt). Every opset keeps "
+                   "PyTorch's result for fully masked attention rows.")
+@click.option("--fp16", is_flag=True, default=None,
+              help="Also write OUTPUT.fp16.onnx (fp16 weights and activations, linear-attention "
+                   "state in fp32), verified against the fp32 PyTorch hybrid at the fp16 "
+                   "tolerance (max-abs 3e-2·max(1, |ref|), rel. RMS 1e-2).")
+@click.option("--export-original", is_flag=True, default=None,
+              help="Also write the original model as OUTPUT.original.onnx (verified), for "
+                   "side-by-side runs.")
+@click.option("--engine", default=None, type=click.Path(path_type=str),
+              help="Build a TensorRT engine of the hybrid at this path (needs the [tensorrt] "
+                   "extra and a CUDA GPU; with --fp16, fp16 kernels).")
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow loading a pickled torch.save model (runs code from the file).")

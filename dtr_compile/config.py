@@ -141,6 +141,11 @@ class CompileConfig:
     eval_batch: int = 32
     seed: int = 0
     atol: float = 1e-3
+    target: str = "onnxruntime"  # "onnxruntime" | "tensorrt" (opset 18, TensorRT lint)
+    opset: int | None = None  # default: 23 for onnxruntime, 18 for tensorrt
+    fp16: bool = False  # also write <output>.fp16.onnx, verified at the fp16 tolerance
+    export_original: bool = False  # also write <output>.original.onnx
+    engine: str | None = None  # build a TensorRT engine here (needs [tensorrt] and a GPU)
     trust_pickle: bool = False
     keep: tuple[str, ...] = ()
     max_linear: int | None = None

@@ -37,6 +37,12 @@ class PassError(DtrError):
     exit_code = 1
 
 
+class DependencyError(DtrError):
+    """An optional dependency or device the run needs is missing (TensorRT, a CUDA GPU)."""
+
+    exit_code = 2
+
+
 class ParityError(DtrError):
     """The exported artifact disagrees with the PyTorch hybrid beyond tolerance (exit code 4)."""
 

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dtr_compile import __version__
-from dtr_compile.capture import CapturedModel, capture
+from dtr_compile.capture import capture
 from dtr_compile.config import Budget, CompileConfig
-from dtr_compile.data import Dataset, load_dataset, run_model
+from dtr_compile.data import load_dataset, run_model
 from dtr_compile.distill import DistillResult, distill_site, record_sites
 from dtr_compile.errors import (
     EXIT_NO_REPLACEMENT,
@@ -29,7 +29,8 @@ from dtr_compile.errors import (
     NoAttentionError,
     ParityError,
 )
-from dtr_compile.exporters.onnx import ParityCase, check_parity, export_onnx
+from dtr_compile.exporters.artifacts import ExportResult, check_export_options, export_artifacts
+from dtr_compile.exporters.onnx import parity_cases
 from dtr_compile.fileio import write_json_atomic
 from dtr_compile.linear_attention import LinearAttention, SiteSwitch, SoftmaxAttention
 from dtr_compile.load import load_model
@@ -81,6 +82,7 @@ def _validate(config: CompileConfig) -> Budget:
         raise InputError(f"output {config.output!r} must end in .onnx")
     if config.max_linear is not None and config.max_linear < 0:
         raise InputError("--max-linear must be >= 0")
+    check_export_options(target=config.target, opset=config.opset, engine=config.engine)
     return budget
 
 
@@ -90,25 +92,6 @@ def _example_inputs(config: CompileConfig) -> dict[str, torch.Tensor] | None:
     if not isinstance(obj, dict):
         return None
     return {k: v[:2] for k, v in obj.items() if k != "labels" and isinstance(v, torch.Tensor)}
-
-
-def _parity_cases(val: Dataset, captured: CapturedModel) -> list[dict[str, torch.Tensor]]:
-    """The export example shape and two others: fewer rows, and a shorter sequence."""
-    seq_dims = {n: [i for i, a in d.items() if a == "sequence"] for n, d in captured.dynamic_dims.items()}
-    n = len(val)
-
-    def cut(rows: slice, frac: float) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, t in val.inputs.items():
-            t = t[rows]
-            for d in seq_dims.get(name, []):
-                t = t.narrow(d, 0, max(2, int(t.shape[d] * frac)))
-            out[name] = t
-        return out
-
-    cases = [cut(slice(0, min(2, n)), 1.0), cut(slice(0, min(3, n)), 0.5), cut(slice(min(3, n - 1), n), 0.75)]
-    cases[-1] = {k: v[:1] for k, v in cases[-1].items()}
-    return cases
 
 
 @contextmanager
@@ -221,20 +204,23 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
 
     hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed})
-    parity: list[ParityCase] = []
     with _stage(timings, "export", console):
         example = {k: v[: max(2, min(len(val), 2))] for k, v in val.inputs.items()}
-        export_onnx(hybrid, example, names, captured.dynamic_dims, out_path,
-                    axis_ranges=captured.axis_ranges)
-        parity = check_parity(out_path, hybrid, _parity_cases(val, captured), names, atol=config.atol)
-    parity_ok = all(p.ok for p in parity)
+        exported: ExportResult = export_artifacts(
+            hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
+            captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
+            target=config.target, opset=config.opset, fp16=config.fp16,
+            export_original=config.export_original, engine=config.engine, console=console)
+    parity = exported.parity
+    parity_ok = exported.ok
     exit_code = EXIT_OK if sched.committed else EXIT_NO_REPLACEMENT
 
     report = {
         "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
                  "python": platform.python_version()},
         "model": config.model,
-        "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path)},
+        "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path)}
+                     | exported.artifacts,
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
         "budget": {"text": budget.text, "kind": budget.kind, "value": budget.value},
         "baseline_metric": baseline,
@@ -251,14 +237,15 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "distill": {sid: r.__dict__ for sid, r in results.items()},
         "parity": [p.__dict__ for p in parity],
         "parity_ok": parity_ok,
+        "export": exported.to_dict(),
         "timings_s": timings,
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }
     write_json_atomic(config_path, config.to_dict())
     write_json_atomic(report_path, report)
     if not parity_ok:
-        worst = max(parity, key=lambda p: p.max_abs)
-        raise ParityError(f"onnxruntime disagrees with the PyTorch hybrid: max-abs error "
-                          f"{worst.max_abs:.3g} > atol {config.atol:g} at shape {worst.shape}; "
-                          f"artifacts kept for inspection ({out_path}, {report_path})")
+        failures = exported.failures()
+        raise ParityError(f"an exported artifact failed verification ({len(failures)} "
+                          f"check{'s' if len(failures) > 1 else ''}; atol {config.atol:g}): "
+                          f"{failures[0]}; artifacts kept for inspection ({out_path}, {report_path})")
     return CompileResult(exit_code, out_path, report_path, report, hybrid, sites, sched, results)

@@ -1,9 +1,37 @@
-"""Exporter: the hybrid as ONNX (``torch.onnx.export(dynamo=True)``), with named dynamic axes and
-a parity check in onnxruntime.
+"""Exporter: the hybrid as ONNX (``torch.onnx.export(dynamo=True)``) and as a ``torch.export``
+archive, with named dynamic axes and a parity check in onnxruntime.
+
+Opset and exactness. PyTorch's SDPA gives **0** for a query row whose keys are all masked (a
+boolean mask that is all False, or an additive mask that is all ``-inf``; ``torch._safe_softmax``).
+The exporter does not always agree (measured with torch 2.13, onnxscript 0.7, onnxruntime 1.32):
+
+=========  ==================================  ======================  ======================
+opset      SDPA becomes                        all-False bool row      all ``-inf`` float row
+=========  ==================================  ======================  ======================
+18 – 22    MatMul → Softmax → MatMul           ``mean(V)``             NaN
+23         ONNX ``Attention``                  0 (exact)               0 (exact)
+=========  ==================================  ======================  ======================
+
+(An additive mask of ``finfo.min`` gives ``mean(V)`` in PyTorch too, and in every opset.) So:
+
+* the default, :data:`DEFAULT_OPSET` = 23, emits ``Attention``; onnxruntime rejects a mask that is
+  broadcast over the query axis (``[B, 1, 1, S]``), so :func:`prepare_for_export` expands every
+  SDPA mask to ``[..., T, S]`` first;
+* below 23 (``--opset``, or ``--target tensorrt`` whose default is :data:`TENSORRT_OPSET` = 18,
+  since not every TensorRT parses ``Attention``), :func:`prepare_for_export` replaces each SDPA by
+  :func:`exact_sdpa`, the same math with fully masked rows set to 0, in plain ONNX ops.
+
+Parity is checked against the PyTorch hybrid at the export example's shape, at two other
+``(B, T)`` shapes, and with one sequence fully padded (:func:`parity_cases`). fp32 passes when the
+max-abs error is within ``atol`` (default 1e-3). An fp16 export (``--fp16``) is compared with the
+same fp32 PyTorch hybrid and passes when the max-abs error is within :data:`FP16_ATOL` times
+``max(1, max|reference|)`` and the relative RMS error ``‖ort − pt‖₂ / ‖pt‖₂`` within
+:data:`FP16_RTOL`: fp16 keeps about 3 significant digits per op, and the errors add up over layers.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -14,21 +42,186 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.export import Dim
+from torch.fx import GraphModule
 
 from dtr_compile.errors import DtrError
 from dtr_compile.fileio import atomic_path
 
-DEFAULT_OPSET = 18
+#: Default opset: ONNX ``Attention`` (opset 23) is exact on fully masked rows in onnxruntime.
+DEFAULT_OPSET = 23
+#: Default opset of ``--target tensorrt``: no ``Attention`` op; SDPA exported by :func:`exact_sdpa`.
+TENSORRT_OPSET = 18
+#: The first opset whose exporter emits ONNX ``Attention`` for SDPA.
+ATTENTION_OPSET = 23
+#: fp16 parity: max-abs error allowed, relative to ``max(1, max|reference|)``.
+FP16_ATOL = 3e-2
+#: fp16 parity: relative RMS error allowed.
+FP16_RTOL = 1e-2
+#: Largest finite fp16 value; larger float literals are clamped to it by :func:`to_half`.
+FP16_MAX = 65504.0
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 @dataclass(frozen=True)
 class ParityCase:
-    """onnxruntime vs PyTorch at one input shape. ``rel_rms = ‖ort − pt‖₂ / ‖pt‖₂``."""
+    """onnxruntime vs PyTorch at one input shape. ``rel_rms = ‖ort − pt‖₂ / ‖pt‖₂``.
+
+    ``label`` names the case: ``B2-T24`` (batch and sequence), ``-padded`` when one sequence is
+    all padding.
+    """
 
     shape: dict[str, list[int]]
     max_abs: float
     rel_rms: float
     ok: bool
+    label: str = ""
+
+
+# --- graph preparation ----------------------------------------------------------------------
+
+
+def exact_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (inference) in MatMul / Softmax / Where ops, with a row
+    whose keys are all masked giving 0 as PyTorch's does (``torch._safe_softmax``).
+
+    Args:
+        q: ``[B, H, T, Dk]``. k: ``[B, Hkv, S, Dk]``. v: ``[B, Hkv, S, Dv]``.
+        attn_mask: bool (True = attend) or additive, broadcastable to ``[B, H, T, S]``.
+        dropout_p: ignored (inference).
+        is_causal: top-left aligned causal mask, as SDPA's (``ones(T, S).tril()``).
+        scale: softmax scale, default ``Dk ** -0.5``.
+        enable_gqa: repeat key/value heads to ``H``.
+
+    Returns:
+        ``[B, H, T, Dv]``.
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # [B, H, T, S]
+    if is_causal:
+        keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()  # [T, S]
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    dead = (scores == float("-inf")).all(dim=-1, keepdim=True)  # [B, H, T, 1]: nothing to attend
+    probs = torch.where(dead, torch.zeros_like(scores), torch.softmax(scores, dim=-1))
+    return torch.matmul(probs, v)  # [B, H, T, Dv]
+
+
+def _static(x: object) -> int | None:
+    return x if isinstance(x, int) else None
+
+
+def prepare_for_export(gm: GraphModule, opset: int) -> GraphModule:
+    """A copy of ``gm`` whose SDPA nodes export exactly at ``opset`` (functional, shares weights).
+
+    * ``opset >= 23``: an SDPA mask broadcast over the query axis is expanded to ``[..., T, S]``
+      (onnxruntime's ``Attention`` kernel requires it);
+    * ``opset < 23``: each SDPA becomes a call of :func:`exact_sdpa`.
+
+    Other nodes, and every node's ``meta``, are kept.
+    """
+    graph = copy.deepcopy(gm.graph)
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _SDPA:
+            continue
+        if opset < ATTENTION_OPSET:
+            node.target = exact_sdpa
+            changed = True
+            continue
+        args = list(node.args)
+        mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
+        if not isinstance(mask, torch.fx.Node):
+            continue
+        mval, qval = mask.meta.get("val"), args[0].meta.get("val")
+        if mval is None or qval is None or mval.dim() < 2:
+            continue
+        T = qval.shape[-2]
+        if _static(mval.shape[-2]) == 1 and _static(T) != 1:
+            with graph.inserting_before(node):
+                q_len = graph.call_function(torch.ops.aten.sym_size.int, (args[0], qval.dim() - 2))
+                sizes = [-1] * (mval.dim() - 2) + [q_len, -1]
+                expanded = graph.call_function(torch.ops.aten.expand.default, (mask, sizes))
+            expanded.meta = dict(mask.meta)
+            expanded.meta["val"] = mval.expand(*mval.shape[:-2], T, mval.shape[-1])
+            if len(args) > 3:
+                args[3] = expanded
+                node.args = tuple(args)
+            else:
+                node.kwargs = {**node.kwargs, "attn_mask": expanded}
+            changed = True
+    if not changed:
+        return gm
+    graph.lint()
+    return GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def to_half(gm: GraphModule, *, keep_fp32: Sequence[str] = ("dtr.",)) -> GraphModule:
+    """An fp16 copy of ``gm`` (functional): float32 weights, constants and dtype arguments become
+    float16, float literals beyond fp16's range are clamped to ±65504.
+
+    Submodules called by ``call_module`` whose path starts with a ``keep_fp32`` prefix (the linear
+    attention modules, ``dtr.<site>``) keep fp32 weights: they take fp16 q, k, v, accumulate state
+    and normaliser in fp32 and return fp16. ``gm`` must be the linearized graph (sites as
+    ``call_module``), not an inlined one, whose fp32 casts inside the sites would become fp16.
+    """
+    graph = copy.deepcopy(gm.graph)
+
+    def conv(a: object) -> object:
+        if a is torch.float32:
+            return torch.float16
+        if isinstance(a, float) and math.isfinite(a) and abs(a) > FP16_MAX:
+            return math.copysign(FP16_MAX, a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(conv(x) for x in a)
+        return a
+
+    root: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            node.args = tuple(conv(a) for a in node.args)
+            node.kwargs = {k: conv(v) for k, v in node.kwargs.items()}
+        elif node.op == "get_attr":
+            obj = _resolve(gm, str(node.target))
+            keep = any(str(node.target).startswith(p) for p in keep_fp32)
+            if isinstance(obj, torch.Tensor) and obj.dtype == torch.float32 and not keep:
+                half = obj.detach().half()
+                obj = torch.nn.Parameter(half, requires_grad=False) if isinstance(obj, torch.nn.Parameter) else half
+            root[str(node.target)] = obj
+        elif node.op == "call_module":
+            mod = _resolve(gm, str(node.target))
+            if not any(str(node.target).startswith(p) for p in keep_fp32):
+                mod = copy.deepcopy(mod).half()  # type: ignore[union-attr]
+            root[str(node.target)] = mod
+    graph.lint()
+    return GraphModule(root, graph, class_name=type(gm).__name__)
+
+
+def _resolve(gm: torch.nn.Module, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --- export -----------------------------------------------------------------------------------
 
 
 def _dynamic_shapes(
@@ -42,8 +235,53 @@ def _dynamic_shapes(
     return tuple({i: dims[axis] for i, axis in dynamic_dims.get(n, {}).items()} for n in input_names)
 
 
-def export_onnx(
+def _ranges(dynamic_dims: Mapping[str, Mapping[int, str]],
+            axis_ranges: Mapping[str, tuple[int, int | None]] | None) -> dict[str, tuple[int, int | None]]:
+    ranges = dict(axis_ranges or {})
+    for dims in dynamic_dims.values():
+        for axis in dims.values():
+            ranges.setdefault(axis, (2, None))
+    return ranges
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def export_program(
     model: torch.nn.Module,
+    example: Mapping[str, torch.Tensor],
+    input_names: Sequence[str],
+    dynamic_dims: Mapping[str, Mapping[int, str]],
+    *,
+    axis_ranges: Mapping[str, tuple[int, int | None]] | None = None,
+) -> torch.export.ExportedProgram:
+    """``torch.export`` ``model`` (flat positional inputs ``input_names``) with named dynamic dims.
+
+    Raises:
+        DtrError: torch.export failed.
+    """
+    args = tuple(example[n] for n in input_names)
+    shapes = _dynamic_shapes(input_names, dynamic_dims, _ranges(dynamic_dims, axis_ranges))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, args, dynamic_shapes=shapes, strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise DtrError(f"torch.export of the hybrid failed: {_first_line(exc)}") from exc
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> Path:
+    """Write ``program`` as a ``torch.export`` archive (``.pt2``) at ``path``, atomically."""
+    target = Path(path)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        torch.export.save(program, f)
+    return target
+
+
+def export_onnx(
+    model: torch.nn.Module | torch.export.ExportedProgram,
     example: Mapping[str, torch.Tensor],
     input_names: Sequence[str],
     dynamic_dims: Mapping[str, Mapping[int, str]],
@@ -54,36 +292,45 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` (flat positional inputs ``input_names``) to ONNX at ``path``, atomically.
 
-    Dynamic axes carry the names in ``dynamic_dims`` (``batch``, ``sequence``). The file is
-    checked with the ONNX checker before it is renamed into place.
+    ``model`` may already be a ``torch.export`` program of it (see :func:`export_program`). Its
+    SDPA nodes are made exact for ``opset`` (:func:`prepare_for_export`) on the inlined ATen graph,
+    so SDPA calls inside submodules are covered too. Dynamic axes carry the names in
+    ``dynamic_dims`` (``batch``, ``sequence``). The ONNX checker runs on the file before it is
+    renamed into place.
 
     Raises:
-        DtrError: torch.onnx failed or the checker rejected the model.
+        DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
     """
     import onnx
 
-    ranges = dict(axis_ranges or {})
-    for dims in dynamic_dims.values():
-        for axis in dims.values():
-            ranges.setdefault(axis, (2, None))
+    from dtr_compile.capture import flat_graph_module
+
+    program = model if isinstance(model, torch.export.ExportedProgram) else export_program(
+        model, example, input_names, dynamic_dims, axis_ranges=axis_ranges)
+    gm = prepare_for_export(flat_graph_module(program.module()), opset)
     args = tuple(example[n] for n in input_names)
+    shapes = _dynamic_shapes(input_names, dynamic_dims, _ranges(dynamic_dims, axis_ranges))
     target = Path(path)
     with atomic_path(target) as tmp:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 prog = torch.onnx.export(
-                    model, args, dynamo=True, opset_version=opset, input_names=list(input_names),
-                    dynamic_shapes=_dynamic_shapes(input_names, dynamic_dims, ranges),
-                    verbose=False,
+                    gm, args, dynamo=True, opset_version=opset, input_names=list(input_names),
+                    dynamic_shapes=shapes, verbose=False,
                 )
         except Exception as exc:  # noqa: BLE001
-            raise DtrError(f"ONNX export failed: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise DtrError(f"ONNX export failed: {_first_line(exc)}") from exc
         assert prog is not None
         prog.save(str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=False)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise DtrError(f"the exported ONNX fails the ONNX checker: {_first_line(exc)}") from exc
     return target
+
+
+# --- parity ---------------------------------------------------------------------------------
 
 
 def ort_session(path: str | os.PathLike[str], threads: int | None = None):  # noqa: ANN201
@@ -97,35 +344,107 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None):  # no
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def ort_run(sess, inputs: Mapping[str, torch.Tensor]) -> np.ndarray:  # noqa: ANN001
-    """Run ``sess`` on torch inputs (by name); return its first output."""
-    feed = {i.name: inputs[i.name].numpy() for i in sess.get_inputs()}
+#: onnxruntime's type strings → numpy dtypes, for the input types a model may declare.
+ORT_DTYPES: dict[str, type] = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def ort_run(sess, inputs: Mapping[str, torch.Tensor | np.ndarray]) -> np.ndarray:  # noqa: ANN001
+    """Run ``sess`` on inputs by name (torch or numpy, cast to the declared input types); return
+    its first output."""
+    feed = {}
+    for i in sess.get_inputs():
+        x = inputs[i.name]
+        arr = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        want = ORT_DTYPES.get(i.type)
+        feed[i.name] = arr.astype(want) if want is not None and arr.dtype != want else arr
     return sess.run(None, feed)[0]
+
+
+def _label(case: Mapping[str, torch.Tensor], dynamic_dims: Mapping[str, Mapping[int, str]]) -> str:
+    for name, t in case.items():
+        axes = dynamic_dims.get(name, {})
+        if "batch" in axes.values() and "sequence" in axes.values():
+            inv = {a: i for i, a in axes.items()}
+            return f"B{t.shape[inv['batch']]}-T{t.shape[inv['sequence']]}"
+    t = next(iter(case.values()))
+    return f"B{t.shape[0]}"
+
+
+def parity_cases(
+    inputs: Mapping[str, torch.Tensor],
+    dynamic_dims: Mapping[str, Mapping[int, str]],
+    *,
+    example_rows: int = 2,
+) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Labelled parity inputs cut from ``inputs`` (validation rows ``[N, ...]``).
+
+    The export example (``example_rows`` rows, full length), three rows at half the length, one
+    row at three quarters (taken from the end of the data), and — when an input is a 2-D
+    ``*mask*`` tensor — the example with its last sequence all padding (a fully masked row).
+    """
+    seq_dims = {n: [i for i, a in d.items() if a == "sequence"] for n, d in dynamic_dims.items()}
+    n = next(iter(inputs.values())).shape[0]
+
+    def cut(rows: slice, frac: float) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in inputs.items():
+            t = t[rows]
+            for d in seq_dims.get(name, []):
+                t = t.narrow(d, 0, max(2, int(t.shape[d] * frac)))
+            out[name] = t
+        return out
+
+    cases = [cut(slice(0, min(example_rows, n)), 1.0), cut(slice(0, min(3, n)), 0.5),
+             cut(slice(n - 1, n), 0.75)]
+    out = [(_label(c, dynamic_dims), c) for c in cases]
+    masks = [k for k, t in inputs.items() if "mask" in k.lower() and t.dim() == 2]
+    if masks and cases[0][masks[0]].shape[0] >= 2:
+        padded = {k: v.clone() for k, v in cases[0].items()}
+        for k in masks:
+            padded[k][-1] = 0
+        out.append((_label(padded, dynamic_dims) + "-padded", padded))
+    return out
 
 
 def check_parity(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
-    cases: Sequence[Mapping[str, torch.Tensor]],
+    cases: Sequence[Mapping[str, torch.Tensor] | tuple[str, Mapping[str, torch.Tensor]]],
     input_names: Sequence[str],
     *,
     atol: float,
+    rtol: float | None = None,
+    atol_relative: bool = False,
 ) -> list[ParityCase]:
-    """Compare onnxruntime with PyTorch on each input case (first output only)."""
+    """Compare onnxruntime with PyTorch on each input case (first output only).
+
+    A case passes when the output is finite, has PyTorch's shape, ``max_abs <= atol`` (times
+    ``max(1, max|ref|)`` with ``atol_relative``) and, if given, ``rel_rms <= rtol``. NaN in the
+    same places in both counts as equal.
+    """
     sess = ort_session(path)
     out: list[ParityCase] = []
-    for case in cases:
+    for item in cases:
+        label, case = item if isinstance(item, tuple) else ("", item)
         with torch.inference_mode():
             ref = model(*(case[n] for n in input_names))
         ref_t = ref[0] if isinstance(ref, (tuple, list)) else ref
         ref_np = ref_t.float().numpy()
         got = ort_run(sess, case).astype(np.float32)
+        shape = {k: list(v.shape) for k, v in case.items()}
         if got.shape != ref_np.shape:
-            out.append(ParityCase({k: list(v.shape) for k, v in case.items()}, math.inf, math.inf, False))
+            out.append(ParityCase(shape, math.inf, math.inf, False, label))
             continue
-        diff = got - ref_np
+        both_nan = np.isnan(got) & np.isnan(ref_np)
+        diff = np.where(both_nan, 0.0, got - ref_np)
         max_abs = float(np.abs(diff).max()) if diff.size else 0.0
-        rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ref_np), 1e-30))
-        ok = bool(np.isfinite(got).all()) and max_abs <= atol
-        out.append(ParityCase({k: list(v.shape) for k, v in case.items()}, max_abs, rel, ok))
+        ref_clean = np.where(both_nan, 0.0, ref_np)
+        rel = float(np.linalg.norm(diff) / max(float(np.linalg.norm(ref_clean)), 1e-30))
+        bound = atol * max(1.0, float(np.abs(ref_clean).max(initial=0.0))) if atol_relative else atol
+        ok = bool(np.isfinite(diff).all()) and max_abs <= bound and (rtol is None or rel <= rtol)
+        out.append(ParityCase(shape, max_abs, rel, ok, label))
     return out
