@@ -122,6 +122,28 @@ class Budget:
                 "threshold": self.threshold(baseline, higher_is_better)}
 
 
+_DURATION_RE = re.compile(r"^\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*(?P<unit>s|m|h|min)?\s*$")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from ``900``, ``"90s"``, ``"15m"``/``"15min"`` or ``"1.5h"``.
+
+    Raises:
+        InputError: not a positive number with an optional ``s``, ``m`` or ``h`` unit.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if m is None:
+            raise InputError(f"malformed duration {value!r}: expected seconds (900) or a number "
+                             "with a unit: '90s', '15m', '1.5h'")
+        seconds = float(m["num"]) * {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600}[m["unit"]]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise InputError(f"duration {value!r} must be a positive number of seconds")
+    return seconds
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """Everything one `dtr-compile` run depends on. Paths are as given by the user."""
@@ -149,6 +171,12 @@ class CompileConfig:
     trust_pickle: bool = False
     keep: tuple[str, ...] = ()
     max_linear: int | None = None
+    min_linear: int = 0  # commit at least N sites, beyond the budget if need be (then exit 3)
+    search: str = "greedy"  # "greedy" | "lazy" | "ranked" (see dtr_compile.schedule)
+    max_evals: int | None = None  # stop the search after N evaluations
+    time_limit: str | float | None = None  # stop the search after this long: 900, "90s", "15m"
+    resume: bool = False  # replay the search ledger of an interrupted run with the same inputs
+    cache_mb: int = 1024  # memory for the search's prefix cache (0: off)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -39,7 +39,8 @@ class Dataset:
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Consecutive batches of the inputs, in order."""
         for i in range(0, len(self), batch_size):
-            yield {k: v[i : i + batch_size] for k, v in self.inputs.items()}
+            # clones, not views: a program exported from a view may guard on its `_base`
+            yield {k: v[i : i + batch_size].clone() for k, v in self.inputs.items()}
 
 
 def load_dataset(path: str | os.PathLike[str], input_names: Sequence[str]) -> Dataset:
@@ -91,22 +92,32 @@ def run_model(
     input_names: Sequence[str],
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
+    reduce: Callable[[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
+    | None = None,
 ) -> torch.Tensor:
     """Run ``gm`` over ``data`` in batches; return its first output concatenated, ``[N, ...]``.
+
+    ``reduce(output, batch inputs, batch labels)`` (e.g. :meth:`Metric.reduce`) maps each batch's
+    first output to what is kept, so that large outputs (LM logits) are never all held at once.
 
     Raises:
         InputError: the data's shapes do not fit the model.
     """
     outs = []
     with torch.inference_mode():
-        for batch in data.batches(batch_size):
+        for i, batch in enumerate(data.batches(batch_size)):
             try:
                 out = gm(*(batch[n] for n in input_names))
             except (RuntimeError, ValueError, AssertionError) as exc:
                 shapes = {k: tuple(v.shape) for k, v in batch.items()}
                 raise InputError(f"the data does not fit the model (batch shapes {shapes}): "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-            outs.append(_first_tensor(out).float())
+            if reduce is None:
+                outs.append(_first_tensor(out).float())
+            else:
+                labels = None if data.labels is None else \
+                    data.labels[i * batch_size:(i + 1) * batch_size]
+                outs.append(reduce(_first_tensor(out), batch, labels))
             if on_batch is not None:
                 on_batch(next(iter(batch.values())).shape[0])
     return torch.cat(outs)

@@ -11,6 +11,9 @@ at most the evaluation in flight. ``--resume`` reads the ledger back and replays
 (:func:`dtr_compile.schedule.schedule`'s ``known``) when the fingerprint matches; a ledger written
 for other inputs is never reused. Since a metric depends only on the set of linear sites, a
 ledger can be resumed with another budget, strategy or limit.
+
+Beside it, :func:`save_students` keeps the distilled weights that the measurements were made
+with, so that a resumed run evaluates exactly the same modules.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-from dtr_compile.fileio import write_text_atomic
+from dtr_compile.fileio import atomic_path, write_text_atomic
 from dtr_compile.schedule import Evaluation
 
 LEDGER_FORMAT = "dtr-compile search ledger"
@@ -152,3 +155,46 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def save_students(path: str | os.PathLike[str], fingerprint: str,
+                  students: Mapping[str, torch.nn.Module],
+                  results: Mapping[str, Mapping[str, Any]]) -> None:
+    """Keep the distilled modules' weights and results beside the ledger (atomically).
+
+    Distillation is not bitwise reproducible across processes on a busy CPU, and the ledger's
+    measurements are only valid for the exact weights they were measured with; ``--resume``
+    therefore reloads these instead of distilling again (which also saves its time).
+    """
+    state = {"format": LEDGER_FORMAT + " students", "fingerprint": fingerprint,
+             "sites": {sid: {"state_dict": m.state_dict(), "result": dict(results[sid])}
+                       for sid, m in students.items()}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_students(
+    path: str | os.PathLike[str],
+    fingerprint: str,
+    build: Callable[[str], torch.nn.Module],
+) -> tuple[dict[str, torch.nn.Module], dict[str, dict[str, Any]]] | str:
+    """The modules saved by :func:`save_students` if written for ``fingerprint``, else a reason.
+
+    Args:
+        build: makes the empty module of a site id (its weights are then loaded, strictly).
+    """
+    p = Path(path)
+    if not p.is_file():
+        return f"no distilled weights at {p}"
+    try:
+        state = torch.load(p, weights_only=True, map_location="cpu")
+        if state.get("fingerprint") != fingerprint:
+            return f"{p} was distilled from other inputs or settings"
+        modules, results = {}, {}
+        for sid, entry in state["sites"].items():
+            m = build(sid)
+            m.load_state_dict(entry["state_dict"], strict=True)
+            modules[sid], results[sid] = m.eval(), dict(entry["result"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: distil again
+        return f"{p} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return modules, results

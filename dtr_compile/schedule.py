@@ -109,6 +109,15 @@ class ScheduleResult:
         return d
 
 
+def _distinct(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` printed with the fewest digits (at least 6) that tell them apart."""
+    for digits in range(6, 18):
+        sa, sb = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if sa != sb:
+            return sa, sb
+    return repr(a), repr(b)
+
+
 class _Stop(Exception):
     """A search limit was reached; the message is the stop reason."""
 
@@ -189,9 +198,9 @@ class _Search:
         self.res.evaluations_at_commit.append(len(self.res.evaluations))
         return True
 
-    def beyond(self, site: str, m: float) -> str:
-        return (f"best next site {site} gives {m:.6g}, beyond the threshold "
-                f"{self.res.threshold:.6g}")
+    def beyond(self, site: str, m: float, what: str = "best next site") -> str:
+        a, t = _distinct(m, self.res.threshold)
+        return f"{what} {site} gives {a}, beyond the threshold {t}"
 
 
 def _greedy(search: _Search, site_ids: Sequence[str]) -> str:
@@ -263,8 +272,7 @@ def _ranked(search: _Search, site_ids: Sequence[str]) -> str:
         s = site_ids[i]
         m = single[s] if rank == 0 else search.measure(s, "ranked")
         if not search.decide(s, m):
-            return (f"next site in sensitivity order {s} gives {m:.6g}, beyond the threshold "
-                    f"{search.res.threshold:.6g}")
+            return search.beyond(s, m, "next site in sensitivity order")
     return "every candidate site is linear"
 
 
