@@ -112,8 +112,12 @@ class HedgehogFeatureMap(_PerHeadProjection):
         return 2 * self.head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.project(x)  # [B, H, T, Dk]
-        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+        # z and −z from one matmul with [W, −W], then one softmax over each half: no Concat
+        weight = torch.cat([self.weight, -self.weight], dim=-1).float()  # [H, Dk, 2·Dk]
+        bias = torch.cat([self.bias, -self.bias], dim=-1).float()  # [H, 1, 2·Dk]
+        z = torch.matmul(x.float(), weight) + bias  # [B, H, T, 2·Dk] = [z, −z]
+        halves = torch.softmax(z.unflatten(-1, (2, self.head_dim)), dim=-1)  # [B, H, T, 2, Dk]
+        return halves.flatten(-2)
 
 
 class T2RFeatureMap(_PerHeadProjection):
@@ -130,14 +134,23 @@ class TaylorFeatureMap(FeatureMap):
     outer product ``x⊗x`` (``F = 1 + Dk + Dk²``); we keep each unordered pair once, the diagonal
     ``x_i²`` scaled by ``1/√(2·Dk)`` and each ``x_i·x_j, i < j`` by ``1/√Dk``, which gives the same
     kernel with ``F = 1 + Dk + Dk(Dk+1)/2``.
+
+    Computed as the pairwise products ``x̂_i·x̂_j, i <= j`` of ``x̂ = [1, x]`` (in that order:
+    ``1``, then ``x``, then the pairs of ``x`` row by row), picked by two one-hot matmuls with the
+    scales folded into the first: ``φ = (x̂ A) ⊙ (x̂ C)``, exact in fp32 and free of Gather/Concat
+    over the ``F``-wide features.
     """
 
     def __init__(self, num_heads: int, head_dim: int, *, role: str = "query") -> None:
         super().__init__(num_heads, head_dim, role=role)
-        rows, cols = torch.triu_indices(head_dim, head_dim)
-        scale = torch.where(rows == cols, 1.0 / math.sqrt(2.0 * head_dim), 1.0 / math.sqrt(head_dim))
-        self.register_buffer("pair_index", rows * head_dim + cols, persistent=False)  # [P]
-        self.register_buffer("pair_scale", scale.float(), persistent=False)  # [P]
+        rows, cols = torch.triu_indices(head_dim + 1, head_dim + 1)  # pairs of x̂ = [1, x]
+        scale = torch.full((len(rows),), 1.0 / math.sqrt(head_dim))  # x_i·x_j, i < j
+        scale[rows == cols] = 1.0 / math.sqrt(2.0 * head_dim)  # x_i²
+        scale[rows == 0] = 1.0 / head_dim**0.25  # 1·x_j
+        scale[0] = 1.0  # 1·1
+        pick = torch.eye(head_dim + 1)
+        self.register_buffer("pick_scaled", pick[:, rows] * scale, persistent=False)  # A: [Dk+1, F]
+        self.register_buffer("pick", pick[:, cols], persistent=False)  # C: [Dk+1, F]
 
     @property
     def feature_dim(self) -> int:
@@ -145,10 +158,8 @@ class TaylorFeatureMap(FeatureMap):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)  # [B, H, T, Dk·Dk]
-        pairs = outer.index_select(-1, self.pair_index) * self.pair_scale  # [B, H, T, P]
-        ones = torch.ones_like(x[..., :1])  # [B, H, T, 1]
-        return torch.cat([ones, x / self.head_dim**0.25, pairs], dim=-1)
+        x_hat = torch.cat([torch.ones_like(x[..., :1]), x], dim=-1)  # [B, H, T, Dk+1]
+        return torch.matmul(x_hat, self.pick_scaled) * torch.matmul(x_hat, self.pick)  # [B, H, T, F]
 
 
 class PerformerFeatureMap(FeatureMap):

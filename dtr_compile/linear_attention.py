@@ -264,8 +264,12 @@ def sliding_window_linear_attention(
     """
     C = max(chunk_size, window)
     T = q.shape[-2]
-    valid = key_valid.float() if key_valid is not None else torch.ones_like(k[:1, 0, :, 0].float())
-    phi_k = phi_k.float() * valid[:, None, :, None]  # [B, H, S, F]
+    phi_k = phi_k.float()
+    if key_valid is None:
+        valid = torch.ones_like(k[:1, 0, :, 0], dtype=torch.float32)  # [1, S]
+    else:
+        valid = key_valid.float()  # [B, S]
+        phi_k = phi_k * valid[:, None, :, None]  # [B, H, S, F]
     k, v, phi_k = (_align_keys(x.float(), T) for x in (k, v, phi_k))  # [B, H, T, *]
     valid = _align_keys(valid[..., None], T)  # [B|1, T, 1]
 
