@@ -14,7 +14,7 @@ from rich.console import Console
 
 from dtr_compile import __version__
 from dtr_compile.config import CompileConfig, read_project_config
-from dtr_compile.errors import EXIT_INTERNAL, DtrError
+from dtr_compile.errors import EXIT_INTERNAL, DtrError, InputError
 
 EXIT_CODES = """\b
 Exit codes:
@@ -132,6 +132,117 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
                + (", ".join(r["module_path"] for r in rep["replaced"]) or "none"))
     click.echo(f"wrote {result.output} and {result.report_path}")
     sys.exit(result.exit_code)
+
+
+def _console() -> Console:
+    return Console(stderr=True)
+
+
+@main.command("run", epilog="""\b
+Exit codes:
+  0  evaluated
+  2  bad input: missing file, data that does not fit the model, unknown metric""")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--data", required=True, type=click.Path(path_type=str),
+              help="Dataset (.pt dict of input tensors [+ labels], as for compile).")
+@click.option("--metric", default=None,
+              help="Metric name or package.module:function (default: accuracy with labels, "
+                   "else agreement, which needs --reference).")
+@click.option("--reference", default=None, type=click.Path(path_type=str),
+              help="ONNX of the original model: the reference for agreement / cosine.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per run.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
+              help="Also write the result as JSON here.")
+@click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
+def run_cmd(model: str, data: str, metric: str | None, reference: str | None, batch_size: int,
+            threads: int | None, json_path: str | None, no_progress: bool) -> None:
+    """Evaluate MODEL (.onnx) on DATA with onnxruntime and print the metric."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dtr_compile.runtime import evaluate_onnx, write_json
+
+    console = _console()
+    try:
+        if batch_size < 1:
+            raise InputError("--batch-size must be >= 1")
+        rows = _rows(data)
+        show = not no_progress and sys.stderr.isatty() and rows > batch_size
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True,
+                      disable=not show) as prog:
+            task = prog.add_task(f"run {Path(model).name}",
+                                 total=rows * (2 if reference else 1))
+            result = evaluate_onnx(model, data, metric=metric, reference=reference,
+                                   batch_size=batch_size, threads=threads,
+                                   on_batch=lambda k: prog.advance(task, k))
+        if json_path:
+            write_json(json_path, result.to_dict())
+    except DtrError as exc:
+        _fail(exc)
+    click.echo(f"{result.metric}: {result.value:.4f} ({result.rows} rows, {result.seconds:.1f} s, "
+               f"{Path(model).name})")
+
+
+def _rows(data: str) -> int:
+    """Row count of a dataset file (0 when unreadable: the loader reports the problem)."""
+    import torch
+
+    try:
+        obj = torch.load(data, weights_only=True, map_location="cpu")
+        return int(next(iter(obj.values())).shape[0]) if isinstance(obj, dict) and obj else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _seqs(text: str) -> list[int]:
+    try:
+        seqs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--seq {text!r}: expected comma-separated lengths, e.g. 512,2048") from None
+    if not seqs:
+        raise InputError("--seq needs at least one length")
+    return seqs
+
+
+@main.command("bench", epilog="""\b
+Columns: each model's median latency (ms) and peak memory (MiB) per length T, and each later
+model's ratio to the first (B/A < 1: B is faster / smaller).
+Exit codes:
+  0  measured (cells a model cannot run say why)
+  2  bad input: missing or unloadable file, malformed --seq""")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--seq", "seq", default="512,2048", show_default=True,
+              help="Comma-separated sequence lengths.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size.")
+@click.option("--repeats", type=int, default=10, show_default=True,
+              help="Timed rounds per length; each round runs every model once, interleaved.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+@click.option("--extend-positions", is_flag=True, default=False,
+              help="Time lengths beyond a model's position table (e.g. 512) on a copy whose "
+                   "table is extended with random rows; such cells are marked *.")
+@click.option("--no-memory", is_flag=True, default=False,
+              help="Skip the peak-memory probes (one child process per model and length).")
+@click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
+              help="Also write the results as JSON here.")
+def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmup: int,
+              threads: int | None, extend_positions: bool, no_memory: bool,
+              json_path: str | None) -> None:
+    """Latency and peak memory of MODELS (.onnx, e.g. original then hybrid) in onnxruntime at
+    each sequence length, with inputs synthesised from each model's input signature."""
+    from dtr_compile.runtime import bench, bench_table, write_json
+
+    console = _console()
+    try:
+        result = bench(list(models), _seqs(seq), batch=batch, repeats=repeats, warmup=warmup,
+                       threads=threads, extend=extend_positions, memory=not no_memory,
+                       on_step=lambda msg: console.log(msg))
+        if json_path:
+            write_json(json_path, result.to_dict())
+    except DtrError as exc:
+        _fail(exc)
+    Console().print(bench_table(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

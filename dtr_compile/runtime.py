@@ -1,0 +1,619 @@
+"""Running exported ONNX models with onnxruntime: evaluation (``dtr-compile run``) and latency and
+memory benchmarks (``dtr-compile bench``).
+
+Library entry points (the CLI and ``examples/bbc_news/evaluate.py`` call these):
+
+* :func:`evaluate_onnx` — a metric of an ONNX model on a dataset file (``.pt`` dict of input
+  tensors [+ labels], as ``--data``), in batches, with an optional progress callback;
+* :func:`bench` — latency (median of interleaved runs) and peak memory of one or more ONNX models
+  at several sequence lengths, with inputs synthesised from each model's input signature;
+  :func:`bench_table` renders the result, :meth:`BenchResult.to_dict` serialises it;
+* :func:`synthesize_inputs` — token ids / masks / pixel values of a given ``(B, T)`` for a model;
+* :func:`position_limit` and :func:`extend_positions` — the longest sequence a model's learned
+  position table allows, and a copy of the model whose position table is extended with random
+  rows so that longer sequences can be timed (``bench --extend-positions``).
+
+Memory: ``peak_bytes`` is the peak resident memory that creating an onnxruntime session and
+running it once at the shape adds to a fresh Python process (weights + activations + allocator
+arenas), measured in a child process so that runs do not share a high-water mark.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtr_compile.errors import DtrError, InputError
+
+#: Metrics that compare with the original model's outputs: ``run`` needs ``--reference`` for them.
+REFERENCE_METRICS = frozenset({"agreement", "cosine"})
+
+_NP_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype, dims (int static, str named dynamic, None unnamed)."""
+
+    name: str
+    dtype: Any
+    dims: tuple[int | str | None, ...]
+
+
+class OnnxModel:
+    """An ONNX file in a CPU onnxruntime session, with its input signature.
+
+    Raises:
+        InputError: the file is missing or onnxruntime cannot load it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"ONNX file not found: {self.path}")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"{self.path}: onnxruntime cannot load it: {_first_line(exc)}") from exc
+        self.inputs = [InputSpec(i.name, _NP_DTYPES.get(i.type, np.float32),
+                                 tuple(d if isinstance(d, int) else (d or None) for d in i.shape))
+                       for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    def run(self, feed: Mapping[str, Any]) -> np.ndarray:
+        """Run on inputs by name (numpy or torch, cast to the declared types); first output."""
+        arrays = {}
+        for spec in self.inputs:
+            x = feed[spec.name]
+            arr = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+            arrays[spec.name] = arr.astype(spec.dtype, copy=False)
+        return self.session.run(self.output_names[:1], arrays)[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """A metric of an ONNX model on a dataset."""
+
+    model: str
+    data: str
+    metric: str
+    value: float
+    higher_is_better: bool
+    rows: int
+    batch_size: int
+    seconds: float
+    reference: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def predict_onnx(
+    model: OnnxModel,
+    dataset: Any,
+    *,
+    batch_size: int = 32,
+    reduce: Callable[[Any, Mapping[str, Any], Any], Any] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Any:
+    """First outputs of ``model`` over ``dataset`` (a :class:`dtr_compile.data.Dataset`), as one
+    torch tensor ``[N, ...]``; ``reduce(outputs, inputs, labels)`` is applied per batch.
+
+    Raises:
+        InputError: the data does not fit the model.
+    """
+    import torch
+
+    outs = []
+    for start in range(0, len(dataset), batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in dataset.inputs.items()}
+        labels = None if dataset.labels is None else dataset.labels[start : start + batch_size]
+        try:
+            out = torch.from_numpy(np.ascontiguousarray(model.run(batch))).float()
+        except Exception as exc:  # noqa: BLE001
+            shapes = {k: tuple(v.shape) for k, v in batch.items()}
+            raise InputError(f"{model.path}: the data does not fit the model (batch shapes "
+                             f"{shapes}): {_first_line(exc)}") from exc
+        outs.append(reduce(out, batch, labels) if reduce is not None else out)
+        if on_batch is not None:
+            on_batch(len(next(iter(batch.values()))))
+    return torch.cat(outs)
+
+
+def evaluate_onnx(
+    path: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    metric: str | None = None,
+    reference: str | os.PathLike[str] | None = None,
+    batch_size: int = 32,
+    threads: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Evaluate the ONNX model at ``path`` on the dataset file ``data`` with onnxruntime.
+
+    Args:
+        metric: a metric name (see :mod:`dtr_compile.metrics`); default accuracy with labels,
+            else agreement (which needs ``reference``).
+        reference: an ONNX model whose outputs are the metric's ``reference`` (the original
+            model, for ``agreement`` / ``cosine``). Without it, the model's own outputs are.
+        on_batch: called with each batch's row count (twice per row with ``reference``).
+
+    Raises:
+        InputError: missing files, data that does not fit, or a metric that needs ``reference``
+            without one.
+    """
+    from dtr_compile.data import load_dataset
+    from dtr_compile.metrics import get_metric
+
+    model = OnnxModel(path, threads)
+    dataset = load_dataset(data, model.input_names)
+    chosen = get_metric(metric, dataset.labels is not None)
+    if reference is None and chosen.name in REFERENCE_METRICS:
+        raise InputError(f"metric {chosen.name!r} compares with the original model's outputs: "
+                         "pass --reference ORIGINAL.onnx"
+                         + ("" if dataset.labels is None else ", or use --metric accuracy"))
+    t0 = time.perf_counter()
+    outputs = predict_onnx(model, dataset, batch_size=batch_size, reduce=chosen.reduce,
+                           on_batch=on_batch)
+    ref = outputs
+    if reference is not None:
+        ref_model = OnnxModel(reference, threads)
+        ref = predict_onnx(ref_model, dataset, batch_size=batch_size, reduce=chosen.reduce,
+                           on_batch=on_batch)
+    value = chosen(outputs, dataset.labels, ref)
+    return RunResult(str(path), str(data), chosen.name, value, chosen.higher_is_better,
+                     len(dataset), batch_size, round(time.perf_counter() - t0, 3),
+                     None if reference is None else str(reference))
+
+
+# --- synthetic inputs and position tables -----------------------------------------------------
+
+
+def _load_proto(path: str | os.PathLike[str], *, with_data: bool = False) -> Any:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=with_data)
+
+
+def _index_bound(proto: Any, input_name: str) -> int | None:
+    """Rows of the embedding table that ``input_name`` indexes (through at most one Cast)."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    names = {input_name}
+    for n in proto.graph.node:
+        if n.op_type == "Cast" and n.input and n.input[0] == input_name:
+            names.add(n.output[0])
+    for n in proto.graph.node:
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in names and n.input[0] in inits:
+            return int(inits[n.input[0]].dims[0])
+    return None
+
+
+def synthesize_inputs(
+    model: OnnxModel,
+    batch: int,
+    seq: int,
+    *,
+    seed: int = 0,
+    proto: Any = None,
+) -> dict[str, np.ndarray]:
+    """Inputs for ``model`` at ``(batch, seq)``, from its input signature.
+
+    Dims named ``batch`` (or the first dim when unnamed) get ``batch``, other dynamic dims get
+    ``seq``, static dims keep their size. Integer inputs: ``*mask*`` all ones, ``*type*`` zeros,
+    ``*position*`` ``0..T−1``, others (token ids) uniform in ``[1, V)`` with ``V`` the rows of the
+    embedding table they index. Float inputs: ``*mask*`` ones, others (pixel values, embeddings)
+    standard normal. Bool inputs: True.
+    """
+    rng = np.random.default_rng(seed)
+    proto = proto if proto is not None else _load_proto(model.path)
+    feed: dict[str, np.ndarray] = {}
+    for spec in model.inputs:
+        shape = []
+        for i, d in enumerate(spec.dims):
+            if isinstance(d, int):
+                shape.append(d)
+            elif d == "batch" or (d is None and i == 0):
+                shape.append(batch)
+            else:
+                shape.append(seq)
+        name = spec.name.lower()
+        if spec.dtype == np.bool_:
+            arr = np.ones(shape, dtype=np.bool_)
+        elif np.issubdtype(spec.dtype, np.integer):
+            if "mask" in name:
+                arr = np.ones(shape, dtype=spec.dtype)
+            elif "type" in name:
+                arr = np.zeros(shape, dtype=spec.dtype)
+            elif "position" in name:
+                arr = np.broadcast_to(np.arange(shape[-1]), shape).astype(spec.dtype)
+            else:
+                vocab = _index_bound(proto, spec.name) or 2
+                arr = rng.integers(1, max(2, vocab), size=shape).astype(spec.dtype)
+        elif "mask" in name:
+            arr = np.ones(shape, dtype=spec.dtype)
+        else:
+            arr = rng.standard_normal(shape).astype(spec.dtype)
+        feed[spec.name] = arr
+    return feed
+
+
+def _int_values(t: Any) -> np.ndarray | None:
+    import onnx
+    from onnx import numpy_helper
+
+    if t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+        return None
+    try:
+        return numpy_helper.to_array(t)
+    except Exception:  # noqa: BLE001 - external data not loaded
+        return None
+
+
+def position_limit(proto: Any) -> int | None:
+    """The longest sequence a model's learned positions allow, or None if it has no such limit.
+
+    Found as the length ``P >= 16`` of an integer ``arange(P)`` initializer of shape ``[P]`` or
+    ``[1, P]`` (Hugging Face models keep ``position_ids`` so).
+    """
+    best = None
+    for t in proto.graph.initializer:
+        dims = list(t.dims)
+        if not dims or len(dims) > 2 or (len(dims) == 2 and dims[0] != 1) or dims[-1] < 16:
+            continue
+        vals = _int_values(t)
+        if vals is not None and np.array_equal(vals.reshape(-1), np.arange(dims[-1])):
+            best = max(best or 0, dims[-1])
+    return best
+
+
+def extend_positions(proto: Any, length: int, *, seed: int = 0) -> Any:
+    """A copy of ``proto`` whose position tables hold ``length`` positions, for timing only.
+
+    With ``P`` = :func:`position_limit`: integer ``[1, P]`` / ``[P]`` initializers that are
+    ``arange(P)`` become ``arange(length)``, constant ones (``token_type_ids`` buffers) are
+    extended with their value, and float Gather tables of ``P`` rows get ``length − P`` random
+    rows drawn from a normal with the table's mean and standard deviation. Everything else,
+    including every other weight, is kept.
+
+    Raises:
+        InputError: the model has no learned position table to extend.
+    """
+    import copy
+
+    from onnx import numpy_helper
+
+    limit = position_limit(proto)
+    if limit is None:
+        raise InputError("the model has no learned position table (arange position_ids buffer) "
+                         "to extend")
+    if length <= limit:
+        return proto
+    out = copy.deepcopy(proto)
+    gather_tables = {n.input[0] for n in out.graph.node if n.op_type == "Gather" and n.input}
+    rng = np.random.default_rng(seed)
+    for i, t in enumerate(out.graph.initializer):
+        dims = list(t.dims)
+        ints = _int_values(t)
+        if ints is not None and dims and dims[-1] == limit and (len(dims) == 1 or dims[0] == 1):
+            flat = ints.reshape(-1)
+            if np.array_equal(flat, np.arange(limit)):
+                new = np.arange(length, dtype=ints.dtype)
+            elif (flat == flat[0]).all():
+                new = np.full(length, flat[0], dtype=ints.dtype)
+            else:
+                continue
+            arr = new.reshape([1, length] if len(dims) == 2 else [length])
+        elif t.name in gather_tables and dims and dims[0] == limit and ints is None:
+            table = numpy_helper.to_array(t)
+            extra = rng.normal(float(table.mean()), float(table.std()),
+                               size=(length - limit, *table.shape[1:])).astype(table.dtype)
+            arr = np.concatenate([table, extra])
+        else:
+            continue
+        out.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
+    return out
+
+
+# --- benchmark --------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchCell:
+    """One model at one sequence length. ``latency_ms`` is the median of ``runs_ms``."""
+
+    model: str
+    seq: int
+    batch: int
+    latency_ms: float | None
+    runs_ms: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    extended_positions: bool = False
+    note: str = ""
+
+
+@dataclass
+class BenchResult:
+    """Latency and memory of ``models`` (paths) at each of ``seqs``."""
+
+    models: list[str]
+    seqs: list[int]
+    batch: int
+    repeats: int
+    warmup: int
+    threads: int | None
+    cells: list[BenchCell]
+    position_limits: dict[str, int | None] = field(default_factory=dict)
+
+    def cell(self, model: str, seq: int) -> BenchCell:
+        return next(c for c in self.cells if c.model == model and c.seq == seq)
+
+    def ratios(self, seq: int) -> dict[str, dict[str, float | None]]:
+        """``{model: {"latency": m/first, "peak_bytes": m/first}}`` at ``seq`` for every model
+        after the first (None where a value is missing)."""
+        base = self.cell(self.models[0], seq)
+        out: dict[str, dict[str, float | None]] = {}
+        for m in self.models[1:]:
+            c = self.cell(m, seq)
+            out[m] = {
+                "latency": _ratio(c.latency_ms, base.latency_ms),
+                "peak_bytes": _ratio(c.peak_bytes, base.peak_bytes),
+            }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": self.models, "seqs": self.seqs, "batch": self.batch,
+            "repeats": self.repeats, "warmup": self.warmup, "threads": self.threads,
+            "position_limits": self.position_limits,
+            "cells": [asdict(c) for c in self.cells],
+            "ratios": {str(t): self.ratios(t) for t in self.seqs} if len(self.models) > 1 else {},
+        }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+_MEMORY_PROBE = r"""
+import resource, sys
+import numpy as np
+import onnxruntime as ort
+
+def hwm():
+    # VmHWM is per address space; ru_maxrss on Linux would carry the parent's peak across exec
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+path, feed_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+feed = dict(np.load(feed_path))
+base = hwm()
+opts = ort.SessionOptions()
+opts.log_severity_level = 3
+if threads:
+    opts.intra_op_num_threads = threads
+sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+sess.run(None, feed)
+print(hwm() - base)
+"""
+
+
+def measure_peak_bytes(path: str | os.PathLike[str], feed: Mapping[str, np.ndarray],
+                       threads: int | None = None, timeout_s: float = 600) -> int:
+    """Peak resident memory a session of ``path`` adds when run once on ``feed``, measured in a
+    fresh child process (see the module docstring).
+
+    Raises:
+        DtrError: the child failed.
+    """
+    with tempfile.TemporaryDirectory(prefix="dtr-bench-") as tmp:
+        feed_path = Path(tmp) / "feed.npz"
+        np.savez(feed_path, **dict(feed))
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(feed_path),
+                               str(threads or 0)], capture_output=True, text=True,
+                              timeout=timeout_s)
+    if proc.returncode != 0:
+        raise DtrError(f"memory probe of {path} failed: "
+                       f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def bench(
+    paths: Sequence[str | os.PathLike[str]],
+    seqs: Sequence[int],
+    *,
+    batch: int = 1,
+    repeats: int = 10,
+    warmup: int = 2,
+    threads: int | None = None,
+    extend: bool = False,
+    memory: bool = True,
+    seed: int = 0,
+    on_step: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Benchmark ONNX models with onnxruntime at each sequence length in ``seqs``.
+
+    For each length, every model gets ``warmup`` runs, then ``repeats`` rounds in which each model
+    runs once (the order rotates from round to round, so that no model always runs first);
+    ``latency_ms`` is each model's median. With ``memory``, each model's peak memory at the length
+    is measured in a child process (:func:`measure_peak_bytes`).
+
+    A length beyond a model's position table (:func:`position_limit`) is not run, and its cell
+    says so — unless ``extend``, which times a copy of the model with the table extended by
+    random rows (:func:`extend_positions`; ``extended_positions`` is set on the cell). A model
+    that fails at a length for another reason gets the error in its cell's ``note``.
+
+    Raises:
+        InputError: a path is missing or not loadable, or ``seqs`` is empty or has a length < 1.
+    """
+    if not seqs or any(t < 1 for t in seqs):
+        raise InputError(f"--seq needs lengths >= 1, got {list(seqs)}")
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise InputError("--batch and --repeats must be >= 1 and --warmup >= 0")
+    names = [str(p) for p in paths]
+    protos = {n: _load_proto(n) for n in names}
+    models = {n: OnnxModel(n, threads) for n in names}
+    limits = {n: position_limit(protos[n]) for n in names}
+    longest = max(seqs)
+    extended: dict[str, str] = {}
+    cells: list[BenchCell] = []
+    with tempfile.TemporaryDirectory(prefix="dtr-bench-") as tmp:
+        if extend:
+            for i, n in enumerate(names):
+                limit = limits[n]
+                if limit is not None and longest > limit:
+                    import onnx
+
+                    proto = extend_positions(_load_proto(n, with_data=True), longest, seed=seed)
+                    ext_path = Path(tmp) / f"{i}-{Path(n).stem}.extended.onnx"
+                    onnx.save(proto, str(ext_path))
+                    extended[n] = str(ext_path)
+        for seq in seqs:
+            live: dict[str, tuple[OnnxModel, dict[str, np.ndarray], str]] = {}
+            row: dict[str, BenchCell] = {}
+            for n in names:
+                limit = limits[n]
+                use_ext = limit is not None and seq > limit
+                if use_ext and n not in extended:
+                    row[n] = BenchCell(n, seq, batch, None, note=(
+                        f"T={seq} is beyond the model's {limit} positions "
+                        "(--extend-positions times it with random extra position rows)"))
+                    continue
+                model, run_path = models[n], n
+                if use_ext:
+                    run_path = extended[n]
+                    if run_path not in models:
+                        models[run_path] = OnnxModel(run_path, threads)
+                    model = models[run_path]
+                feed = synthesize_inputs(model, batch, seq, seed=seed, proto=protos[n])
+                try:
+                    for _ in range(max(1, warmup)):
+                        model.run(feed)
+                except Exception as exc:  # noqa: BLE001
+                    row[n] = BenchCell(n, seq, batch, None, note=f"fails at T={seq}: "
+                                       f"{_first_line(exc)[:200]}", extended_positions=use_ext)
+                    continue
+                row[n] = BenchCell(n, seq, batch, None, extended_positions=use_ext)
+                live[n] = (model, feed, run_path)
+            order = list(live)
+            for r in range(repeats):
+                k = r % max(1, len(order))
+                for n in order[k:] + order[:k]:
+                    model, feed, _ = live[n]
+                    t0 = time.perf_counter()
+                    model.run(feed)
+                    row[n].runs_ms.append((time.perf_counter() - t0) * 1000.0)
+            for n, (_model, feed, run_path) in live.items():
+                row[n].latency_ms = statistics.median(row[n].runs_ms)
+                if memory:
+                    try:
+                        row[n].peak_bytes = measure_peak_bytes(run_path, feed, threads)
+                    except (DtrError, subprocess.TimeoutExpired) as exc:
+                        row[n].note = f"memory probe failed: {exc}"
+                if on_step is not None:
+                    on_step(f"{Path(n).name} T={seq}: {row[n].latency_ms:.2f} ms")
+            cells.extend(row[n] for n in names)
+    return BenchResult(names, list(seqs), batch, repeats, warmup, threads, cells, limits)
+
+
+def _labels(models: Sequence[str]) -> dict[str, str]:
+    return {m: chr(ord("A") + i) if i < 26 else f"M{i}" for i, m in enumerate(models)}
+
+
+def bench_table(result: BenchResult, title: str | None = None):  # noqa: ANN201
+    """A rich renderable of ``result``: a table with, per length, each model's latency and peak
+    memory and each later model's ratio to the first (``B/A`` < 1: B is faster or smaller),
+    followed by the legend and the notes of cells that could not be measured."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    labels = _labels(result.models)
+    legend = [f"{labels[m]} = {m}" for m in result.models]
+    legend.append(f"batch {result.batch}; latency: median of {result.repeats} interleaved runs; "
+                  "memory: peak RSS a session adds")
+    if any(c.extended_positions for c in result.cells):
+        legend.append("* beyond the model's position table: timed with random extra "
+                      "position rows (latency and memory only)")
+    table = Table(title=title or "onnxruntime benchmark")
+    table.add_column("T", justify="right")
+    first = labels[result.models[0]]
+    for m in result.models:
+        table.add_column(f"{labels[m]} ms", justify="right")
+    for m in result.models[1:]:
+        table.add_column(f"{labels[m]}/{first} time", justify="right")
+    for m in result.models:
+        table.add_column(f"{labels[m]} MiB", justify="right")
+    for m in result.models[1:]:
+        table.add_column(f"{labels[m]}/{first} mem", justify="right")
+    notes: list[str] = []
+    for seq in result.seqs:
+        cells = [result.cell(m, seq) for m in result.models]
+        ratios = result.ratios(seq)
+        row = [str(seq)]
+        for c in cells:
+            mark = "*" if c.extended_positions else ""
+            row.append(f"{c.latency_ms:.2f}{mark}" if c.latency_ms is not None else "n/a")
+            if c.note:
+                notes.append(f"{labels[c.model]} T={seq}: {c.note}")
+        row += [_fmt_ratio(ratios[m]["latency"]) for m in result.models[1:]]
+        row += [f"{c.peak_bytes / 2**20:.0f}" if c.peak_bytes is not None else "n/a" for c in cells]
+        row += [_fmt_ratio(ratios[m]["peak_bytes"]) for m in result.models[1:]]
+        table.add_row(*row)
+    return Group(table, Text("\n".join(legend + notes)))
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}×"
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` (a result's ``to_dict()``) as JSON, atomically."""
+    from dtr_compile.fileio import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,142 @@
+"""onnxruntime `run` and `bench`: the metric PyTorch gives, synthesised inputs, the benchmark table
+and JSON, and lengths beyond a model's position table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dtr_compile.cli import main
+from dtr_compile.errors import InputError
+from dtr_compile.exporters.onnx import export_onnx
+from dtr_compile.metrics import get_metric
+from dtr_compile.runtime import (
+    OnnxModel,
+    bench,
+    bench_table,
+    evaluate_onnx,
+    extend_positions,
+    position_limit,
+    synthesize_inputs,
+)
+
+from .conftest import TinyClassifier, make_token_data
+
+DIMS = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A 1-layer tiny BERT classifier (64 positions) as ONNX, and data with random labels (so
+    accuracy is far from 0 and 1)."""
+    d = tmp_path_factory.mktemp("runtime")
+    model = TinyClassifier(layers=1).eval()
+    data = make_token_data(40, 16, seed=3)
+    data["labels"] = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(0))
+    torch.save(data, d / "data.pt")
+    path = export_onnx(model, {k: v[:2] for k, v in data.items() if k != "labels"},
+                       ["input_ids", "attention_mask"], DIMS, d / "tiny.onnx",
+                       axis_ranges={"sequence": (2, 64)})
+    return {"model": model, "data": data, "path": path, "data_path": d / "data.pt", "dir": d}
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
+def test_run_reproduces_pytorch_metric(tiny_onnx, metric: str) -> None:
+    data = tiny_onnx["data"]
+    with torch.no_grad():
+        logits = tiny_onnx["model"](data["input_ids"], data["attention_mask"])
+    ref = get_metric(metric, True)(logits, data["labels"], logits)
+    res = evaluate_onnx(tiny_onnx["path"], tiny_onnx["data_path"], metric=metric, batch_size=16)
+    assert res.metric == metric and res.rows == 40
+    assert res.value == pytest.approx(ref, abs=1e-12)
+    assert 0.0 < res.value < 1.0
+
+
+def test_run_cli_prints_metric_and_json(tiny_onnx, tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    res = CliRunner().invoke(main, ["run", str(tiny_onnx["path"]), "--data",
+                                    str(tiny_onnx["data_path"]), "--batch-size", "7",
+                                    "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("accuracy: ") and "40 rows" in res.output
+    assert json.loads(out.read_text())["metric"] == "accuracy"
+
+
+def test_run_agreement_needs_a_reference(tiny_onnx) -> None:
+    with pytest.raises(InputError, match="--reference"):
+        evaluate_onnx(tiny_onnx["path"], tiny_onnx["data_path"], metric="agreement")
+    res = evaluate_onnx(tiny_onnx["path"], tiny_onnx["data_path"], metric="agreement",
+                        reference=tiny_onnx["path"])
+    assert res.value == 1.0
+
+
+def test_run_rejects_data_that_does_not_fit(tiny_onnx, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    torch.save({"input_ids": torch.ones(4, 8, dtype=torch.long)}, bad)
+    res = CliRunner().invoke(main, ["run", str(tiny_onnx["path"]), "--data", str(bad)])
+    assert res.exit_code == 2 and "attention_mask" in res.output
+
+
+def test_synthesized_inputs_follow_the_signature(tiny_onnx) -> None:
+    model = OnnxModel(tiny_onnx["path"])
+    feed = synthesize_inputs(model, 3, 10, seed=1)
+    assert feed["input_ids"].shape == (3, 10) and feed["input_ids"].dtype == np.int64
+    assert 1 <= feed["input_ids"].min() and feed["input_ids"].max() < 128  # the vocabulary
+    assert (feed["attention_mask"] == 1).all()
+    assert model.run(feed).shape == (3, 4)
+
+
+def test_position_table_extension_keeps_the_model(tiny_onnx) -> None:
+    proto = onnx.load(str(tiny_onnx["path"]))
+    assert position_limit(proto) == 64
+    longer = extend_positions(proto, 100)
+    assert position_limit(longer) == 100
+    path = Path(tiny_onnx["dir"]) / "extended.onnx"
+    onnx.save(longer, str(path))
+    short = synthesize_inputs(OnnxModel(tiny_onnx["path"]), 2, 32)
+    np.testing.assert_allclose(OnnxModel(path).run(short), OnnxModel(tiny_onnx["path"]).run(short),
+                               atol=1e-6)  # positions < 64 untouched
+    assert OnnxModel(path).run(synthesize_inputs(OnnxModel(path), 1, 100)).shape == (1, 4)
+
+
+def test_bench_table_json_and_ratios(tiny_onnx, tmp_path: Path) -> None:
+    other = tmp_path / "copy.onnx"
+    other.write_bytes(Path(tiny_onnx["path"]).read_bytes())
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", str(tiny_onnx["path"]), str(other), "--seq", "8,16",
+                                    "--repeats", "3", "--warmup", "1", "--threads", "1",
+                                    "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "B/A time" in res.output and "B/A mem" in res.output and "A = " in res.output
+    report = json.loads(out.read_text())
+    assert report["seqs"] == [8, 16] and len(report["cells"]) == 4
+    for cell in report["cells"]:
+        assert cell["latency_ms"] > 0 and len(cell["runs_ms"]) == 3
+        assert cell["peak_bytes"] > 0
+    assert set(report["ratios"]["8"][str(other)]) == {"latency", "peak_bytes"}
+
+
+def test_bench_says_when_a_length_is_beyond_the_positions(tiny_onnx) -> None:
+    path = str(tiny_onnx["path"])
+    plain = bench([path], [16, 128], repeats=1, warmup=1, memory=False)
+    cell = plain.cell(path, 128)
+    assert cell.latency_ms is None and "beyond the model's 64 positions" in cell.note
+    extended = bench([path], [128], repeats=1, warmup=1, memory=False, extend=True)
+    cell = extended.cell(path, 128)
+    assert cell.latency_ms is not None and cell.extended_positions
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(bench_table(extended))
+    assert "random extra position rows" in console.export_text()
+
+
+def test_bench_rejects_bad_lengths(tiny_onnx) -> None:
+    res = CliRunner().invoke(main, ["bench", str(tiny_onnx["path"]), "--seq", "8,x"])
+    assert res.exit_code == 2 and "--seq" in res.output
