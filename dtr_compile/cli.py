@@ -14,7 +14,7 @@ from rich.console import Console
 
 from dtr_compile import __version__
 from dtr_compile.config import CompileConfig, read_project_config
-from dtr_compile.errors import EXIT_INTERNAL, DtrError, InputError
+from dtr_compile.errors import EXIT_INTERNAL, EXIT_PARITY, DtrError, InputError
 
 EXIT_CODES = """\b
 Exit codes:
@@ -243,6 +243,77 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
     except DtrError as exc:
         _fail(exc)
     Console().print(bench_table(result))
+
+
+@main.command("lint-trt", epilog="""\b
+Rules (severity): TRT001 op TensorRT does not import (reject); TRT002 op not in the table (warn);
+TRT003 CumSum axis / TopK K computed at run time (reject); TRT004 Einsum (reject with ellipsis or
+diagonal, else avoid); TRT005 CumSum/ReduceSum accumulating in fp16 (avoid); TRT006 op needing a
+recent TensorRT: Attention 10.14, RMSNormalization/RotaryEmbedding 10.15, LayerNormalization 8.6
+(warn); TRT007 opset > 20 (warn); TRT008 int64 I/O (warn); TRT009 float64 (warn); TRT010 control
+flow / data-dependent shapes (warn).
+Exit codes:
+  0  no reject/avoid finding (no finding at all with --strict)
+  4  TensorRT would reject the model or it holds something --target tensorrt avoids
+  2  bad input""")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--strict", is_flag=True, default=False, help="Fail on warnings too.")
+@click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
+              help="Also write the findings as JSON here.")
+def lint_trt_cmd(model: str, strict: bool, json_path: str | None) -> None:
+    """List what TensorRT would reject or run suspiciously in MODEL (.onnx); needs no GPU."""
+    from dtr_compile.exporters.tensorrt import blocking, findings_table, lint_trt
+    from dtr_compile.runtime import write_json
+
+    try:
+        findings = lint_trt(model)
+        if json_path:
+            write_json(json_path, [f.to_dict() for f in findings])
+    except DtrError as exc:
+        _fail(exc)
+    if findings:
+        Console().print(findings_table(findings, title=f"TensorRT lint: {Path(model).name}"))
+    failing = blocking(findings, strict=strict)
+    click.echo(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}, {len(failing)} "
+               f"blocking" + ("" if failing else ": TensorRT-ready"))
+    sys.exit(EXIT_PARITY if failing else 0)
+
+
+@main.command("inspect", epilog="""\b
+Columns: site id, module path, kind (sdpa | eager), query heads H, key/value heads Hkv, head
+dim Dk, masking (none | padding | causal | causal+padding, with the mask tensor's kind), query ×
+key length, and the FLOPs of the site's attention core (q·kᵀ and p·v) with its share of the
+model's FLOPs at the inputs shown. Look-alikes that cannot be rewritten follow, with the reason.
+Exit codes:
+  0  sites listed
+  2  bad input, a model torch.export cannot capture, or no rewritable attention site""")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--seq-len", "seq_len", type=int, default=None,
+              help="Sequence length T of the inputs (default: the archive's example length; "
+                   "128, at most the max positions, for a Hugging Face folder).")
+@click.option("--data", default=None, type=click.Path(path_type=str),
+              help="Example inputs (.pt dict of tensors) instead of ones built from the model's "
+                   "signature or config; required for a pickled model.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@click.option("--trust-pickle", is_flag=True, default=False,
+              help="Allow loading a pickled torch.save model (runs code from the file).")
+def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool,
+                trust_pickle: bool) -> None:
+    """List the attention sites of MODEL (a torch.export archive .pt/.pt2, or a Hugging Face
+    folder) with their shapes, masks and FLOPs share, and say why any look-alike is not
+    rewritable."""
+    import json
+
+    from dtr_compile.inspect import inspect_model, render
+
+    try:
+        result = inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle)
+    except DtrError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        render(result, Console())
 
 
 if __name__ == "__main__":  # pragma: no cover
