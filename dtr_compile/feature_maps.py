@@ -40,10 +40,11 @@ ROLES = ("query", "key")
 def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
     """``elu(x) + 1`` in ``x``'s own dtype, without the cancellation of ``(exp(x) − 1) + 1``.
 
-    ``elu(−8) + 1`` computed literally in bf16 is ``(−0.99966 → −1.0) + 1 = 0``; this form gives
-    ``exp(−8) = 3.4e-4``. The ``exp`` argument is clamped at 0 so the unused branch never overflows.
+    ``elu(−8) + 1`` computed literally in bf16 is ``(−0.99966 → −1.0) + 1 = 0``; this form,
+    ``relu(x) + exp(min(x, 0))``, is ``exp(x) + 0`` for ``x <= 0`` (``exp(−8) = 3.4e-4``) and
+    ``x + 1`` above, and never overflows. (No ``Where``: onnxruntime's is slow.)
     """
-    return torch.where(x > 0, x + 1, torch.exp(torch.clamp(x, max=0.0)))
+    return torch.relu(x) + torch.exp(torch.clamp(x, max=0.0))
 
 
 class FeatureMap(nn.Module):
@@ -159,7 +160,9 @@ class TaylorFeatureMap(FeatureMap):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         x_hat = torch.cat([torch.ones_like(x[..., :1]), x], dim=-1)  # [B, H, T, Dk+1]
-        return torch.matmul(x_hat, self.pick_scaled) * torch.matmul(x_hat, self.pick)  # [B, H, T, F]
+        return torch.matmul(x_hat, self.pick_scaled) * torch.matmul(
+            x_hat, self.pick
+        )  # [B, H, T, F]
 
 
 class PerformerFeatureMap(FeatureMap):
@@ -173,7 +176,9 @@ class PerformerFeatureMap(FeatureMap):
     so no key overflows and the largest is exactly ``1/√m``.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, *, role: str = "query", seed: int = 0) -> None:
+    def __init__(
+        self, num_heads: int, head_dim: int, *, role: str = "query", seed: int = 0
+    ) -> None:
         super().__init__(num_heads, head_dim, role=role)
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer("omega", torch.randn(head_dim, 2 * head_dim, generator=gen))  # [Dk, m]
@@ -202,7 +207,9 @@ FEATURE_MAPS: dict[str, type[FeatureMap]] = {
 }
 
 
-def make_feature_map(name: str, num_heads: int, head_dim: int, *, role: str = "query") -> FeatureMap:
+def make_feature_map(
+    name: str, num_heads: int, head_dim: int, *, role: str = "query"
+) -> FeatureMap:
     """Build feature map ``name`` from :data:`FEATURE_MAPS`.
 
     Raises:
@@ -211,6 +218,8 @@ def make_feature_map(name: str, num_heads: int, head_dim: int, *, role: str = "q
     try:
         cls = FEATURE_MAPS[name]
     except KeyError:
-        raise InputError(f"unknown feature map {name!r}: expected one of "
-                         f"{', '.join(FEATURE_MAPS)}; pick one with --feature-map") from None
+        raise InputError(
+            f"unknown feature map {name!r}: expected one of "
+            f"{', '.join(FEATURE_MAPS)}; pick one with --feature-map"
+        ) from None
     return cls(num_heads, head_dim, role=role)

@@ -135,7 +135,9 @@ def _unchunk(x: torch.Tensor, length: int) -> torch.Tensor:
     return x.index_select(2, index)
 
 
-def _prefix_state(phi_k: torch.Tensor, v: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prefix_state(
+    phi_k: torch.Tensor, v: torch.Tensor, shift: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """States of all chunks before ``i − shift + 1``, i.e. an exclusive prefix sum over chunks.
 
     Args:
@@ -294,7 +296,9 @@ def sliding_window_linear_attention(
 
     kv, z = _prefix_state(phi_k_c, v_c, shift=2)  # chunks < n − 1
     num = torch.matmul(a, v_l) + torch.matmul(phi_q_c, kv)  # [B, H, N, C, Dv]
-    den = a.sum(dim=-1, keepdim=True) + torch.matmul(phi_q_c, z.transpose(-1, -2))  # [B, H, N, C, 1]
+    den = a.sum(dim=-1, keepdim=True) + torch.matmul(
+        phi_q_c, z.transpose(-1, -2)
+    )  # [B, H, N, C, 1]
     return _unchunk(num / (den + eps), T)
 
 
@@ -371,7 +375,9 @@ class LinearAttention(nn.Module):
     ) -> None:
         super().__init__()
         if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+            raise ValueError(
+                f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}"
+            )
         if mask_kind not in MASK_KINDS:
             raise ValueError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
         if not eps > 0:
@@ -385,13 +391,18 @@ class LinearAttention(nn.Module):
         self.window, self.chunk_size = window, chunk_size
         self.scale = scale if scale is not None else head_dim**-0.5
         self.feature_map_name = feature_map
-        self.feature_map_q: FeatureMap = make_feature_map(feature_map, num_heads, head_dim, role="query")
-        self.feature_map_k: FeatureMap = make_feature_map(feature_map, num_heads, head_dim, role="key")
+        self.feature_map_q: FeatureMap = make_feature_map(
+            feature_map, num_heads, head_dim, role="query"
+        )
+        self.feature_map_k: FeatureMap = make_feature_map(
+            feature_map, num_heads, head_dim, role="key"
+        )
         if window:
             self.window_factor = nn.Parameter(torch.zeros(num_heads))  # γ: [H], σ(0) = 1/2
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q: [B, H, T, Dk], k: [B, Hkv, S, Dk], v: [B, Hkv, S, Dv], mask as the site's
         → [B, H, T, Dv] in q's dtype."""
         k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)  # [B, H, S, *]
@@ -399,13 +410,28 @@ class LinearAttention(nn.Module):
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)  # [B, H, T|S, F] fp32
         if self.window:
             out = sliding_window_linear_attention(
-                q, k, v, phi_q, phi_k, key_valid, window=self.window, scale=self.scale,
-                softmax_weight=torch.sigmoid(self.window_factor), eps=self.eps,
+                q,
+                k,
+                v,
+                phi_q,
+                phi_k,
+                key_valid,
+                window=self.window,
+                scale=self.scale,
+                softmax_weight=torch.sigmoid(self.window_factor),
+                eps=self.eps,
                 chunk_size=self.chunk_size,
             )
         else:
-            out = linear_attention(phi_q, phi_k, v, key_valid, causal=self.causal, eps=self.eps,
-                                   chunk_size=self.chunk_size)
+            out = linear_attention(
+                phi_q,
+                phi_k,
+                v,
+                key_valid,
+                causal=self.causal,
+                eps=self.eps,
+                chunk_size=self.chunk_size,
+            )
         return out.to(q.dtype)
 
 
@@ -415,15 +441,28 @@ class SoftmaxAttention(nn.Module):
     Equal to the original site: SDPA with the site's scale, causality and mask.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, *, scale: float, causal: bool = False) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, *, scale: float, causal: bool = False
+    ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.scale, self.causal = num_heads, num_kv_heads, scale, causal
+        self.num_heads, self.num_kv_heads, self.scale, self.causal = (
+            num_heads,
+            num_kv_heads,
+            scale,
+            causal,
+        )
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q: [B, H, T, Dk], k: [B, Hkv, S, Dk], v: [B, Hkv, S, Dv] → [B, H, T, Dv]."""
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal, scale=self.scale,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=self.causal,
+            scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
 
@@ -440,6 +479,7 @@ class SiteSwitch(nn.Module):
         self.softmax, self.linear = softmax, linear
         self.use_linear = False
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return (self.linear if self.use_linear else self.softmax)(q, k, v, mask)

@@ -43,7 +43,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float = TOL, what: s
     diff = out - ref
     max_abs = float(diff.abs().max()) if diff.numel() else 0.0
     rel_rms = float(diff.norm() / ref.norm().clamp_min(1e-30))
-    assert max_abs <= tol and rel_rms <= tol, f"{what} max_abs={max_abs:.3g} rel_rms={rel_rms:.3g} (tol {tol})"
+    assert max_abs <= tol and rel_rms <= tol, (
+        f"{what} max_abs={max_abs:.3g} rel_rms={rel_rms:.3g} (tol {tol})"
+    )
 
 
 def seeded(name: str) -> torch.Generator:
@@ -74,7 +76,9 @@ SHAPES = [
 ]
 
 
-def make_inputs(s: Shape, name: str, dtype: torch.dtype = torch.float32, *, mask_kind: str = "none"):
+def make_inputs(
+    s: Shape, name: str, dtype: torch.dtype = torch.float32, *, mask_kind: str = "none"
+):
     """q, k, v and a site mask ``[B, 1, 1, S]`` with random padding (batch 1 all padding)."""
     g = seeded(name)
     q = torch.randn(s.B, s.H, s.T, s.Dk, generator=g).to(dtype)
@@ -91,11 +95,20 @@ def make_inputs(s: Shape, name: str, dtype: torch.dtype = torch.float32, *, mask
     return q, k, v, None
 
 
-def make_module(s: Shape, feature_map: str, form: str, mask_kind: str, name: str) -> LinearAttention:
+def make_module(
+    s: Shape, feature_map: str, form: str, mask_kind: str, name: str
+) -> LinearAttention:
     """A module with its learnable weights moved away from their initial values."""
-    m = LinearAttention(s.H, s.Hkv, s.Dk, mask_kind=mask_kind, causal=form != "bidirectional",
-                        feature_map=feature_map, window=s.window if form == "window" else 0,
-                        chunk_size=s.chunk)
+    m = LinearAttention(
+        s.H,
+        s.Hkv,
+        s.Dk,
+        mask_kind=mask_kind,
+        causal=form != "bidirectional",
+        feature_map=feature_map,
+        window=s.window if form == "window" else 0,
+        chunk_size=s.chunk,
+    )
     g = seeded("weights-" + name)
     with torch.no_grad():
         for p in m.parameters():
@@ -110,8 +123,17 @@ def reference(m: LinearAttention, q, k, v, mask) -> torch.Tensor:
     phi_q, phi_k = m.feature_map_q(q), m.feature_map_k(k)
     if m.window:
         return naive_sliding_window_linear_attention(
-            q, k, v, phi_q, phi_k, key_valid, window=m.window, scale=m.scale,
-            softmax_weight=torch.sigmoid(m.window_factor), eps=m.eps)
+            q,
+            k,
+            v,
+            phi_q,
+            phi_k,
+            key_valid,
+            window=m.window,
+            scale=m.scale,
+            softmax_weight=torch.sigmoid(m.window_factor),
+            eps=m.eps,
+        )
     return naive_linear_attention(phi_q, phi_k, v, key_valid, m.causal, m.eps)
 
 
@@ -128,10 +150,30 @@ GOLDEN = {
     ],
     "t2r": [[0.0, 0.5, 2.0], [1.0, 0.0, 0.25]],
     "taylor": [
-        [1.0, -6.0786855, 3.7991784e-01, 1.5196714, 2.6127891e01, -2.3094011, -9.2376043,
-         1.0206207e-01, 5.7735027e-01, 1.6329932],
-        [1.0, 7.5983569e-01, -7.5983569e-01, 1.8995892e-01, 4.0824829e-01, -5.7735027e-01,
-         1.4433757e-01, 4.0824829e-01, -1.4433757e-01, 2.5515518e-02],
+        [
+            1.0,
+            -6.0786855,
+            3.7991784e-01,
+            1.5196714,
+            2.6127891e01,
+            -2.3094011,
+            -9.2376043,
+            1.0206207e-01,
+            5.7735027e-01,
+            1.6329932,
+        ],
+        [
+            1.0,
+            7.5983569e-01,
+            -7.5983569e-01,
+            1.8995892e-01,
+            4.0824829e-01,
+            -5.7735027e-01,
+            1.4433757e-01,
+            4.0824829e-01,
+            -1.4433757e-01,
+            2.5515518e-02,
+        ],
     ],
     "performer": [
         [3.0002242e-02, 1.0945208e-01, 7.0830525e-07, 9.2622641e-09, 4.4652809e-07, 4.0824829e-01],
@@ -145,7 +187,11 @@ GOLDEN_PERFORMER_KEY = [
 
 
 def test_registry_is_complete() -> None:
-    assert set(FEATURE_MAPS) == set(GOLDEN) == {"elu", "relu", "hedgehog", "t2r", "taylor", "performer"}
+    assert (
+        set(FEATURE_MAPS)
+        == set(GOLDEN)
+        == {"elu", "relu", "hedgehog", "t2r", "taylor", "performer"}
+    )
 
 
 @pytest.mark.parametrize("name", list(GOLDEN))
@@ -159,8 +205,9 @@ def test_feature_map_golden_values(name: str) -> None:
 
 def test_performer_key_map_uses_a_per_sequence_stabiliser() -> None:
     fm = make_feature_map("performer", 1, 3, role="key")
-    torch.testing.assert_close(fm(GOLDEN_X)[0, 0], torch.tensor(GOLDEN_PERFORMER_KEY),
-                               rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(
+        fm(GOLDEN_X)[0, 0], torch.tensor(GOLDEN_PERFORMER_KEY), rtol=1e-5, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", list(FEATURE_MAPS))
@@ -209,7 +256,9 @@ def test_unknown_feature_map_is_an_input_error() -> None:
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("feature_map", list(FEATURE_MAPS))
 @pytest.mark.parametrize("s", SHAPES, ids=lambda s: f"{s.id}-fp32")
-def test_module_matches_naive_reference(s: Shape, feature_map: str, form: str, mask_kind: str) -> None:
+def test_module_matches_naive_reference(
+    s: Shape, feature_map: str, form: str, mask_kind: str
+) -> None:
     name = f"{s.id}-{feature_map}-{form}-{mask_kind}"
     m = make_module(s, feature_map, form, mask_kind, name)
     q, k, v, mask = make_inputs(s, name, mask_kind=mask_kind)
@@ -222,8 +271,12 @@ def test_module_matches_naive_reference(s: Shape, feature_map: str, form: str, m
 
 
 # Query length T != key length S (the functional operators take H key heads).
-UNEQUAL = [Shape(2, 29, 41, 3, 3, 8, 8, chunk=8, window=4), Shape(2, 41, 29, 3, 3, 8, 8, chunk=8, window=4),
-           Shape(2, 5, 70, 3, 3, 8, 8, chunk=16, window=16), Shape(2, 70, 5, 3, 3, 8, 8, chunk=16, window=16)]
+UNEQUAL = [
+    Shape(2, 29, 41, 3, 3, 8, 8, chunk=8, window=4),
+    Shape(2, 41, 29, 3, 3, 8, 8, chunk=8, window=4),
+    Shape(2, 5, 70, 3, 3, 8, 8, chunk=16, window=16),
+    Shape(2, 70, 5, 3, 3, 8, 8, chunk=16, window=16),
+]
 
 
 @pytest.mark.parametrize("s", UNEQUAL, ids=lambda s: f"{s.id}-fp32")
@@ -232,17 +285,33 @@ def test_operators_with_unequal_lengths(s: Shape, feature_map: str) -> None:
     name = f"{s.id}-{feature_map}-unequal"
     q, k, v, _ = make_inputs(s, name)
     key_valid = (torch.rand(s.B, s.S, generator=seeded(name)) > 0.2).float()
-    fq, fk = make_feature_map(feature_map, s.H, s.Dk), make_feature_map(feature_map, s.H, s.Dk, role="key")
+    fq, fk = (
+        make_feature_map(feature_map, s.H, s.Dk),
+        make_feature_map(feature_map, s.H, s.Dk, role="key"),
+    )
     phi_q, phi_k = fq(q), fk(k)
     for causal in (False, True):
-        assert_close(linear_attention(phi_q, phi_k, v, key_valid, causal, chunk_size=s.chunk),
-                     naive_linear_attention(phi_q, phi_k, v, key_valid, causal))
+        assert_close(
+            linear_attention(phi_q, phi_k, v, key_valid, causal, chunk_size=s.chunk),
+            naive_linear_attention(phi_q, phi_k, v, key_valid, causal),
+        )
     w = torch.rand(s.H, generator=seeded(name))
     assert_close(
-        sliding_window_linear_attention(q, k, v, phi_q, phi_k, key_valid, window=s.window, scale=0.4,
-                                        softmax_weight=w, chunk_size=s.chunk),
-        naive_sliding_window_linear_attention(q, k, v, phi_q, phi_k, key_valid, window=s.window,
-                                              scale=0.4, softmax_weight=w),
+        sliding_window_linear_attention(
+            q,
+            k,
+            v,
+            phi_q,
+            phi_k,
+            key_valid,
+            window=s.window,
+            scale=0.4,
+            softmax_weight=w,
+            chunk_size=s.chunk,
+        ),
+        naive_sliding_window_linear_attention(
+            q, k, v, phi_q, phi_k, key_valid, window=s.window, scale=0.4, softmax_weight=w
+        ),
     )
 
 
@@ -261,28 +330,41 @@ def test_causal_alignment_is_sdpas(T: int, S: int) -> None:
     phi_q, phi_k = torch.rand(2, 3, T, 6, generator=g), torch.rand(2, 3, S, 6, generator=g)
     v = torch.randn(2, 3, S, 4, generator=g)
     a = (phi_q @ phi_k.transpose(-1, -2)) * mask  # [B, H, T, S]
-    assert_close(linear_attention(phi_q, phi_k, v, causal=True, chunk_size=4),
-                 (a @ v) / (a.sum(-1, keepdim=True) + 1e-6))
+    assert_close(
+        linear_attention(phi_q, phi_k, v, causal=True, chunk_size=4),
+        (a @ v) / (a.sum(-1, keepdim=True) + 1e-6),
+    )
 
 
 @pytest.mark.parametrize(("T", "S"), [(37, 37), (20, 45), (45, 20)], ids=lambda n: str(n))
 def test_window_covering_every_key_is_the_softmax_teacher(T: int, S: int) -> None:
     """With ``W >= T`` and no linear part, the window form is SDPA's causal softmax attention."""
     g = seeded(f"teacher-{T}-{S}")
-    q, k, v = torch.randn(2, 4, T, 8, generator=g), torch.randn(2, 2, S, 8, generator=g), torch.randn(2, 2, S, 8, generator=g)
+    q, k, v = (
+        torch.randn(2, 4, T, 8, generator=g),
+        torch.randn(2, 2, S, 8, generator=g),
+        torch.randn(2, 2, S, 8, generator=g),
+    )
     teacher = SoftmaxAttention(4, 2, scale=0.3, causal=True)(q, k, v)
     kr, vr = repeat_kv(k, 4), repeat_kv(v, 4)
     phi = torch.zeros(2, 4, max(T, S), 1)
-    out = sliding_window_linear_attention(q, kr, vr, phi[:, :, :T], phi[:, :, :S], window=T, scale=0.3,
-                                          eps=1e-12, chunk_size=8)
+    out = sliding_window_linear_attention(
+        q, kr, vr, phi[:, :, :T], phi[:, :, :S], window=T, scale=0.3, eps=1e-12, chunk_size=8
+    )
     assert_close(out, teacher)
 
 
 def test_repeat_kv_groups_like_sdpa_enable_gqa() -> None:
     g = seeded("gqa")
-    q, k, v = torch.randn(2, 6, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    q, k, v = (
+        torch.randn(2, 6, 5, 8, generator=g),
+        torch.randn(2, 2, 5, 8, generator=g),
+        torch.randn(2, 2, 5, 8, generator=g),
+    )
     gqa = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    torch.testing.assert_close(gqa, F.scaled_dot_product_attention(q, repeat_kv(k, 6), repeat_kv(v, 6)))
+    torch.testing.assert_close(
+        gqa, F.scaled_dot_product_attention(q, repeat_kv(k, 6), repeat_kv(v, 6))
+    )
 
 
 def test_key_valid_from_mask() -> None:
@@ -290,7 +372,9 @@ def test_key_valid_from_mask() -> None:
     additive = torch.where(valid, 0.0, torch.finfo(torch.float32).min)
     expected = valid.float()
     assert torch.equal(key_valid_from_mask(valid[:, None, None, :], "bool"), expected)
-    assert torch.equal(key_valid_from_mask(additive[:, None, None, :].expand(2, 4, 3, 3), "additive"), expected)
+    assert torch.equal(
+        key_valid_from_mask(additive[:, None, None, :].expand(2, 4, 3, 3), "additive"), expected
+    )
     assert torch.equal(key_valid_from_mask(additive[0], "additive"), expected[:1])  # [S] → [1, S]
 
 
@@ -311,10 +395,16 @@ def test_chunked_causal_has_no_per_position_state() -> None:
 
     T, F_, Dv = 8192, 64, 32
     g = seeded("blowup")
-    phi_q, phi_k, v = torch.rand(1, 1, T, F_, generator=g), torch.rand(1, 1, T, F_, generator=g), torch.randn(1, 1, T, Dv, generator=g)
+    phi_q, phi_k, v = (
+        torch.rand(1, 1, T, F_, generator=g),
+        torch.rand(1, 1, T, F_, generator=g),
+        torch.randn(1, 1, T, Dv, generator=g),
+    )
     with torch.no_grad(), LargestTensor() as mode:
         linear_attention(phi_q, phi_k, v, causal=True)
-    assert mode.numel <= 2 * T * F_, f"largest intermediate {mode.numel} elements, T·F·Dv = {T * F_ * Dv}"
+    assert mode.numel <= 2 * T * F_, (
+        f"largest intermediate {mode.numel} elements, T·F·Dv = {T * F_ * Dv}"
+    )
 
 
 # --- numerics --------------------------------------------------------------------------------
@@ -347,10 +437,14 @@ def test_state_is_fp32_for_half_inputs(form: str) -> None:
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("feature_map", list(FEATURE_MAPS))
-def test_all_padding_gives_zeros_and_finite_gradients(feature_map: str, form: str, dtype: torch.dtype) -> None:
+def test_all_padding_gives_zeros_and_finite_gradients(
+    feature_map: str, form: str, dtype: torch.dtype
+) -> None:
     s = Shape(2, 20, 20, 2, 1, 8, 8, chunk=8, window=4)
     q, k, v, _ = make_inputs(s, "pad", dtype)
     mask = torch.zeros(2, 1, 1, 20, dtype=torch.bool)
@@ -367,7 +461,10 @@ def test_all_padding_gives_zeros_and_finite_gradients(feature_map: str, form: st
 
 def test_eps_is_not_zero_in_half_precision() -> None:
     m = LinearAttention(2, 2, 8)
-    assert torch.tensor(m.eps, dtype=torch.float16) > 0 and torch.tensor(m.eps, dtype=torch.bfloat16) > 0
+    assert (
+        torch.tensor(m.eps, dtype=torch.float16) > 0
+        and torch.tensor(m.eps, dtype=torch.bfloat16) > 0
+    )
     with pytest.raises(ValueError, match="eps"):
         LinearAttention(2, 2, 8, eps=0.0)
 
@@ -406,8 +503,14 @@ class _Bundle(nn.Module):
         super().__init__()
         self.variants = nn.ModuleList(variants)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bool_mask: torch.Tensor,
-                additive_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bool_mask: torch.Tensor,
+        additive_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         masks = {"none": None, "bool": bool_mask, "additive": additive_mask}
         return tuple(m(q, k, v, masks[m.mask_kind]) for m in self.variants)
 
@@ -424,7 +527,9 @@ def tensorrt_problems(model) -> list[str]:  # noqa: ANN001
     return problems
 
 
-def export_and_compare(variants: list[LinearAttention], tmp_path, *, separate_key_length: bool = False) -> None:
+def export_and_compare(
+    variants: list[LinearAttention], tmp_path, *, separate_key_length: bool = False
+) -> None:
     """Export with dynamic B and T (and S), check the graph for TensorRT, compare every output in
     onnxruntime with PyTorch at three shapes."""
     import onnx
@@ -438,25 +543,39 @@ def export_and_compare(variants: list[LinearAttention], tmp_path, *, separate_ke
 
     def inputs(B: int, T: int, S: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         valid = torch.rand(B, 1, 1, S, generator=g) > 0.25
-        return {"q": torch.randn(B, H, T, Dk, generator=g), "k": torch.randn(B, Hkv, S, Dk, generator=g),
-                "v": torch.randn(B, Hkv, S, Dv, generator=g), "bool_mask": valid,
-                "additive_mask": torch.where(valid, 0.0, torch.finfo(torch.float32).min)}
+        return {
+            "q": torch.randn(B, H, T, Dk, generator=g),
+            "k": torch.randn(B, Hkv, S, Dk, generator=g),
+            "v": torch.randn(B, Hkv, S, Dv, generator=g),
+            "bool_mask": valid,
+            "additive_mask": torch.where(valid, 0.0, torch.finfo(torch.float32).min),
+        }
 
     g = seeded("export")
     example = inputs(2, 37, 45 if separate_key_length else 37, g)
-    dyn = {"q": {0: batch, 2: t}, "k": {0: batch, 2: s}, "v": {0: batch, 2: s},
-           "bool_mask": {0: batch, 3: s}, "additive_mask": {0: batch, 3: s}}
+    dyn = {
+        "q": {0: batch, 2: t},
+        "k": {0: batch, 2: s},
+        "v": {0: batch, 2: s},
+        "bool_mask": {0: batch, 3: s},
+        "additive_mask": {0: batch, 3: s},
+    }
     path = tmp_path / "variants.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(bundle, tuple(example.values()), dynamo=True, dynamic_shapes=dyn,
-                                 verbose=False)
+        prog = torch.onnx.export(
+            bundle, tuple(example.values()), dynamo=True, dynamic_shapes=dyn, verbose=False
+        )
     prog.save(str(path))
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert tensorrt_problems(model) == []
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    shapes = [(1, 5, 9), (3, 64, 17), (2, 130, 130)] if separate_key_length else [(1, 5, 5), (3, 64, 64), (2, 200, 200)]
+    shapes = (
+        [(1, 5, 9), (3, 64, 17), (2, 130, 130)]
+        if separate_key_length
+        else [(1, 5, 5), (3, 64, 64), (2, 200, 200)]
+    )
     for B, T, S in shapes:
         x = inputs(B, T, S, g)
         got = sess.run(None, {i.name: x[i.name].numpy() for i in sess.get_inputs()})
@@ -474,9 +593,14 @@ def export_module(feature_map: str, form: str, mask_kind: str) -> LinearAttentio
 def test_onnx_export_matches_pytorch(tmp_path) -> None:
     """One variant per form, each with a different feature map and mask kind, in one graph. The
     full matrix, one export per variant, is marked slow."""
-    export_and_compare([export_module("performer", "bidirectional", "bool"),
-                        export_module("taylor", "causal", "additive"),
-                        export_module("hedgehog", "window", "none")], tmp_path)
+    export_and_compare(
+        [
+            export_module("performer", "bidirectional", "bool"),
+            export_module("taylor", "causal", "additive"),
+            export_module("hedgehog", "window", "none"),
+        ],
+        tmp_path,
+    )
 
 
 @pytest.mark.slow
@@ -496,15 +620,28 @@ def test_tensorrt_check_sees_problems() -> None:
     """Negative test of :func:`tensorrt_problems` on a hand-written graph."""
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Einsum", ["a", "a"], ["b"], equation="ij,ij->ij", name="e"),
-             helper.make_node("Constant", [], ["axis"], value_int=0, name="c"),
-             helper.make_node("CumSum", ["b", "axis"], ["y"], name="s")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    nodes = [
+        helper.make_node("Einsum", ["a", "a"], ["b"], equation="ij,ij->ij", name="e"),
+        helper.make_node("Constant", [], ["axis"], value_int=0, name="c"),
+        helper.make_node("CumSum", ["b", "axis"], ["y"], name="s"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+    )
     assert len(tensorrt_problems(helper.make_model(graph))) == 2
 
 
 def test_feature_dims_at_benchmark_size() -> None:
     """The feature sizes ``F`` the benchmark runs with (``Dk = 32``)."""
     sizes = {n: make_feature_map(n, 12, 32).feature_dim for n in FEATURE_MAPS}
-    assert sizes == {"elu": 32, "relu": 32, "hedgehog": 64, "t2r": 32, "taylor": 561, "performer": 64}
+    assert sizes == {
+        "elu": 32,
+        "relu": 32,
+        "hedgehog": 64,
+        "t2r": 32,
+        "taylor": 561,
+        "performer": 64,
+    }
