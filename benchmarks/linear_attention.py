@@ -1,0 +1,364 @@
+"""Benchmark: every linear-attention variant against softmax attention in onnxruntime (CPU).
+
+Each variant (feature map × form) and softmax attention (the site's SDPA, exported the same way)
+is exported once with ``torch.onnx.export(dynamo=True)`` and a dynamic sequence length, then
+measured side by side in one run at ``T ∈ {512, …, 8192}``, ``B = 1``, ``H = 12``, ``Dk = Dv = 32``,
+no mask:
+
+* latency: for each ``T``, every session is warmed up, then ``--rounds`` rounds run all models in a
+  fresh random order (interleaved, so load from other processes hits all alike); one sample is
+  the mean of enough back-to-back runs to last >= 20 ms; the table shows the median sample.
+  All sessions share one onnxruntime CPU arena (``session.use_env_allocators``), so one
+  softmax session's 8192-token buffers are not held twice.
+* peak memory: one subprocess per (model, T); it builds its session (arena on, the onnxruntime
+  default) and inputs, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the
+  model once and reports ``VmHWM − VmRSS before the run``: every byte the run touched (activations,
+  arena growth, output), nothing the interpreter or the session already held.
+
+Prints the tables and writes them into ``docs/benchmarks.md`` between this benchmark's markers,
+leaving the rest of the file alone::
+
+    .venv/bin/python benchmarks/linear_attention.py            # full run, a few minutes
+    .venv/bin/python benchmarks/linear_attention.py --quick    # T ∈ {512, 1024}, no doc update
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ_LENS = (512, 1024, 2048, 4096, 8192)
+B, H, DK, DV = 1, 12, 32, 32
+WINDOW = 64
+FORMS = ("bidirectional", "causal", f"window{WINDOW}")
+BEGIN, END = "<!-- linear_attention:begin -->", "<!-- linear_attention:end -->"
+MIN_SAMPLE_S = 0.02
+# issue 4's targets
+MAX_SCALING = 9.0  # latency(8192) / latency(1024), linear variants
+MIN_SPEEDUP = 5.0  # softmax / linear latency at 8192, bidirectional variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """``feature_map`` None is softmax attention."""
+
+    feature_map: str | None
+    form: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.feature_map or 'softmax'}/{self.form}"
+
+    @property
+    def causal(self) -> bool:
+        return self.form != "bidirectional"
+
+
+def variants() -> list[Variant]:
+    from dtr_compile.feature_maps import FEATURE_MAPS
+
+    out = [Variant(None, "bidirectional"), Variant(None, "causal")]
+    return out + [Variant(fm, form) for form in FORMS for fm in FEATURE_MAPS]
+
+
+def export(v: Variant, path: Path) -> None:
+    """Export ``v`` with a dynamic sequence length (inputs q, k, v: ``[1, 12, T, 32]``)."""
+    import warnings
+
+    import torch
+    from torch.export import Dim
+
+    from dtr_compile.linear_attention import LinearAttention, SoftmaxAttention
+
+    torch.manual_seed(0)
+    if v.feature_map is None:
+        module = SoftmaxAttention(H, H, scale=DK**-0.5, causal=v.causal)
+    else:
+        module = LinearAttention(
+            H,
+            H,
+            DK,
+            causal=v.causal,
+            feature_map=v.feature_map,
+            window=WINDOW if v.form.startswith("window") else 0,
+        )
+    example = tuple(torch.randn(B, H, 100, d) for d in (DK, DK, DV))
+    t = Dim("T", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            module.eval(),
+            example,
+            dynamo=True,
+            verbose=False,
+            input_names=["q", "k", "v"],
+            dynamic_shapes=({2: t}, {2: t}, {2: t}),
+        )
+    prog.save(str(path))
+
+
+def inputs(T: int, seed: int = 0):  # noqa: ANN201
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {
+        n: rng.standard_normal((B, H, T, d), dtype=np.float32)
+        for n, d in (("q", DK), ("k", DK), ("v", DV))
+    }
+
+
+def session(path: Path, threads: int, shared_arena: bool):  # noqa: ANN201
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if shared_arena:
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def measure_latency(
+    paths: dict[str, Path], seq_lens: tuple[int, ...], rounds: int, threads: int, log
+) -> dict[str, dict[int, float]]:  # noqa: ANN001
+    """Median latency in ms, ``{variant: {T: ms}}``, interleaved as the module docstring says."""
+    import onnxruntime as ort
+
+    ort.create_and_register_allocator(
+        ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        ),
+        None,
+    )
+    sessions = {name: session(p, threads, shared_arena=True) for name, p in paths.items()}
+    rng = random.Random(0)
+    result: dict[str, dict[int, float]] = {name: {} for name in paths}
+    for T in seq_lens:
+        feed = inputs(T)
+        reps: dict[str, int] = {}
+        for name, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(None, feed)  # warm-up, also sizes the sample
+            reps[name] = max(1, min(200, round(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))))
+        samples: dict[str, list[float]] = {name: [] for name in sessions}
+        for _ in range(rounds):
+            order = list(sessions)
+            rng.shuffle(order)
+            for name in order:
+                sess, n = sessions[name], reps[name]
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    sess.run(None, feed)
+                samples[name].append((time.perf_counter() - t0) / n * 1e3)
+        for name, s in samples.items():
+            result[name][T] = statistics.median(s)
+        log(f"latency T={T}: " + ", ".join(f"{n} {result[n][T]:.2f}" for n in sessions))
+    return result
+
+
+def _rss_kib(field: str) -> int:
+    m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    assert m is not None, field
+    return int(m.group(1))
+
+
+def peak_child(path: str, T: int, threads: int) -> None:
+    """Subprocess entry: print ``{"peak_bytes": ...}`` of one run of ``path`` at length ``T``."""
+    sess = session(Path(path), threads, shared_arena=False)
+    feed = inputs(T)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _rss_kib("VmRSS")
+    out = sess.run(None, feed)
+    peak = _rss_kib("VmHWM")
+    del out
+    print(json.dumps({"peak_bytes": (peak - before) * 1024}))
+
+
+def measure_peak(
+    paths: dict[str, Path], seq_lens: tuple[int, ...], threads: int, log
+) -> dict[str, dict[int, int]]:  # noqa: ANN001
+    result: dict[str, dict[int, int]] = {name: {} for name in paths}
+    for T in seq_lens:
+        for name, p in paths.items():
+            proc = subprocess.run(
+                [sys.executable, __file__, "--peak-child", str(p), str(T), str(threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            result[name][T] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+        log(
+            f"peak memory T={T}: " + ", ".join(f"{n} {result[n][T] / 2**20:.1f} MiB" for n in paths)
+        )
+    return result
+
+
+def render(
+    latency: dict[str, dict[int, float]],
+    peak: dict[str, dict[int, int]],
+    seq_lens: tuple[int, ...],
+    meta: dict[str, str],
+) -> str:
+    """The markdown section: latency and peak memory tables, ratios, targets, how it was measured."""
+    lo, hi = (1024, 8192) if {1024, 8192} <= set(seq_lens) else (seq_lens[0], seq_lens[-1])
+    head = "| variant | " + " | ".join(f"T={T}" for T in seq_lens)
+    sep = "|---|" + "---:|" * len(seq_lens)
+
+    lines = [
+        "## Linear attention operators vs softmax attention (onnxruntime CPU)",
+        "",
+        f"B = {B}, H = {H}, Dk = Dv = {DK}, no mask, fp32; window form: W = {WINDOW}. "
+        f"Generated by `benchmarks/linear_attention.py` on {meta['date']}.",
+        "",
+        "Latency (ms, median of interleaved samples):",
+        "",
+        f"{head} | {hi}/{lo} | softmax/variant at {hi} |",
+        sep + "---:|---:|",
+    ]
+    targets = []
+    for name, row in latency.items():
+        scaling = row[hi] / row[lo]
+        teacher = "softmax/bidirectional" if name.endswith("bidirectional") else "softmax/causal"
+        speedup = latency[teacher][hi] / row[hi] if teacher in latency else math.nan
+        cells = " | ".join(f"{row[T]:.2f}" for T in seq_lens)
+        lines.append(f"| {name} | {cells} | {scaling:.2f} | {speedup:.1f}× |")
+        if not name.startswith("softmax"):
+            targets.append((name, scaling, speedup))
+    lines += [
+        "",
+        "Peak memory of one run (MiB, `VmHWM − VmRSS` before the run, one process each):",
+        "",
+        head + " |",
+        sep,
+    ]
+    for name, row in peak.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[T] / 2**20:.1f}" for T in seq_lens) + " |")
+
+    bad_scaling = [n for n, s, _ in targets if s > MAX_SCALING]
+    bad_speedup = [n for n, _, x in targets if n.endswith("bidirectional") and not x >= MIN_SPEEDUP]
+    lines += [
+        "",
+        f"Targets (issue 4): latency({hi}) / latency({lo}) ≤ {MAX_SCALING:g} for every linear "
+        f"variant: {'met' if not bad_scaling else 'missed by ' + ', '.join(bad_scaling)}; "
+        f"every bidirectional variant ≥ {MIN_SPEEDUP:g}× faster than softmax at {hi}: "
+        f"{'met' if not bad_speedup else 'missed by ' + ', '.join(bad_speedup)}.",
+        "",
+        f"Machine: {meta['machine']}; onnxruntime {meta['onnxruntime']}, torch {meta['torch']}; "
+        f"{meta['threads']} intra-op thread(s), {meta['rounds']} rounds; load average "
+        f"{meta['load_before']} before, {meta['load_after']} after (the machine is shared, so "
+        "compare rows within one run rather than across runs).",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, section: str) -> None:
+    """Replace this benchmark's section of ``doc`` (between the markers) or append it."""
+    block = f"{BEGIN}\n{section}\n{END}"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = doc.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, doc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=list(SEQ_LENS))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads (default 1: the machine is shared)",
+    )
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
+    ap.add_argument("--quick", action="store_true", help="T ∈ {512, 1024}, 3 rounds, no doc update")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--no-doc", action="store_true", help="print only")
+    ap.add_argument(
+        "--peak-child", nargs=3, metavar=("ONNX", "T", "THREADS"), help=argparse.SUPPRESS
+    )
+    args = ap.parse_args(argv)
+    if args.peak_child:
+        peak_child(args.peak_child[0], int(args.peak_child[1]), int(args.peak_child[2]))
+        return 0
+    if args.quick:
+        args.seq_lens, args.rounds, args.no_doc = [512, 1024], 3, True
+    seq_lens = tuple(sorted(args.seq_lens))
+
+    import onnxruntime
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "threads": str(args.threads),
+        "rounds": str(args.rounds),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+        f"({_cpu_model()})",
+        "load_before": _loadavg(),
+    }
+    chosen = [v for v in variants() if args.only is None or v.name in args.only]
+    with tempfile.TemporaryDirectory(prefix="dtr-bench-") as tmp:
+        paths: dict[str, Path] = {}
+        for v in chosen:
+            paths[v.name] = Path(tmp) / (v.name.replace("/", "-") + ".onnx")
+            t0 = time.perf_counter()
+            export(v, paths[v.name])
+            log(f"exported {v.name} in {time.perf_counter() - t0:.1f} s")
+        # memory first: the latency process keeps its shared arena at the largest model's peak
+        peak = measure_peak(paths, seq_lens, args.threads, log)
+        latency = measure_latency(paths, seq_lens, args.rounds, args.threads, log)
+    meta["load_after"] = _loadavg()
+    section = render(latency, peak, seq_lens, meta)
+    print(section)
+    if not args.no_doc:
+        write_section(args.doc, section)
+        log(f"wrote {args.doc}")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
