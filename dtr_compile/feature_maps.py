@@ -1,28 +1,24 @@
 """Feature maps ``φ`` of linear attention, in one registry.
 
-Every map takes ``x: [B, H, T, Dk]`` (any float dtype) and returns ``φ(x): [B, H, T, F]`` in fp32
-with ``φ(x) >= 0``, so that ``φ(q) · φ(k)`` is a non-negative attention weight. ``F`` is the
-map's ``feature_dim``. Queries and keys get separate instances (``role="query"`` / ``"key"``):
-learnable maps train separate weights for each, as in LoLCATs, and Performer stabilises the two
-differently.
+Every map takes ``x: [B, H, T, Dk]`` (any float dtype) and returns ``φ(x): [B, H, T, F]`` in fp32,
+with ``φ(q) · φ(k) >= 0`` an (unnormalised) attention weight; ``F`` is the map's ``feature_dim``.
+Queries and keys get separate instances (``role="query"`` / ``"key"``): learnable maps train
+separate weights for each, as in LoLCATs, and Performer stabilises the two differently.
+With ``d = Dk`` and, where learnable, ``W: [H, Dk, Dk] = I`` and ``b: [H, 1, Dk] = 0`` per head:
 
-========== ============================================================ ===================
-name       φ(x)                                                         F
-========== ============================================================ ===================
-elu        ``elu(x) + 1``, computed as ``x + 1 if x > 0 else exp(x)``     ``Dk``
-relu       ``relu(x)``                                                  ``Dk``
-hedgehog   ``[softmax(xW + b), softmax(−(xW + b))]``, W per head, W = I   ``2·Dk``
-t2r        ``relu(xW + b)``, W per head, W = I                          ``Dk``
-taylor     ``[1, x/d^¼, (x⊗x)/(√2·√d)]``, ``x⊗x`` de-duplicated          ``1 + Dk + Dk(Dk+1)/2``
-performer  ``exp(ωᵀx/d^¼ − ‖x‖²/(2√d) − c) / √m``, ω fixed Gaussian    ``m = 2·Dk``
-========== ============================================================ ===================
-
-(``d = Dk``; ``W: [H, Dk, Dk]`` and ``b: [H, 1, Dk]`` are learnable, initialised to the identity
-and zero.) Sources: elu — Katharopoulos et al. 2020; t2r — Kasai et al. 2021 (our ``F = Dk`` and
-identity initialisation, where T2R draws ``W`` at random); hedgehog — Zhang et al. 2024 in the
-LoLCATs form (see :class:`HedgehogFeatureMap`); taylor — the Based kernel (Arora et al. 2024);
-performer — FAVOR+ positive random features (Choromanski et al. 2021), iid (not orthogonal)
-Gaussian ``ω`` drawn from a fixed seed.
+* ``elu``: ``elu(x) + 1``, computed as ``relu(x) + exp(min(x, 0))``; ``F = Dk``
+  (Katharopoulos et al. 2020).
+* ``relu``: ``relu(x)``; ``F = Dk``.
+* ``hedgehog``: ``[softmax(xW + b), softmax(−(xW + b))]``; ``F = 2·Dk`` (Zhang et al. 2024, in
+  the LoLCATs form: see :class:`HedgehogFeatureMap`).
+* ``t2r``: ``relu(xW + b)``; ``F = Dk`` (Kasai et al. 2021, who draw ``W`` at random with their
+  own ``F``; ours starts at the identity).
+* ``taylor``: ``[1, x/d^¼, x_i²/√(2d), x_i·x_j/√d (i < j)]``, so ``φ(q)·φ(k) = 1 + s + s²/2``,
+  ``s = q·k/√d``; ``F = 1 + Dk + Dk(Dk+1)/2`` (the Based kernel, Arora et al. 2024, without
+  Based's duplicate ``x_i·x_j, x_j·x_i`` features). Its features have signs, its kernel is > 0.
+* ``performer``: ``exp(ωᵀx/d^¼ − ‖x‖²/(2√d) − c) / √m`` with ``ω: [Dk, m]`` iid Gaussian from a
+  fixed seed, ``m = F = 2·Dk`` (FAVOR+ positive random features, Choromanski et al. 2021,
+  without the orthogonalisation).
 """
 
 from __future__ import annotations
@@ -98,8 +94,8 @@ class _PerHeadProjection(FeatureMap):
 class HedgehogFeatureMap(_PerHeadProjection):
     """Hedgehog: ``φ(x) = [softmax(z), softmax(−z)]`` over the feature dim, ``z = xW + b``, ``F = 2·Dk``.
 
-    Implementations of "hedgehog" disagree; ours is the LoLCATs form (Zhang et al. 2025,
-    ``softmax_dim`` feature map): one learnable affine map per head, ``W: [H, Dk, Dk]`` initialised
+    Implementations of "hedgehog" disagree; ours is the LoLCATs form (Zhang et al. 2025, its
+    ``SoftmaxDim`` activation after a learnable per-head linear layer): one affine map per head, ``W: [H, Dk, Dk]`` initialised
     to the identity and ``b`` to zero, then a softmax over the ``Dk`` features of ``z`` and another
     over those of ``−z``. The Hedgehog paper (Zhang et al. 2024, eq. 5) writes ``[exp(z), exp(−z)]``
     without the two normalisations; the softmax divides each half by a per-token constant, which
@@ -160,9 +156,8 @@ class TaylorFeatureMap(FeatureMap):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         x_hat = torch.cat([torch.ones_like(x[..., :1]), x], dim=-1)  # [B, H, T, Dk+1]
-        return torch.matmul(x_hat, self.pick_scaled) * torch.matmul(
-            x_hat, self.pick
-        )  # [B, H, T, F]
+        scaled = torch.matmul(x_hat, self.pick_scaled)  # [B, H, T, F], x̂_i·scale
+        return scaled * torch.matmul(x_hat, self.pick)  # [B, H, T, F], · x̂_j
 
 
 class PerformerFeatureMap(FeatureMap):
@@ -173,7 +168,8 @@ class PerformerFeatureMap(FeatureMap):
     ``m = 2·Dk``. The stabiliser ``c`` cancels between numerator and normaliser (it only rescales
     ``eps``): for queries it is the row's own maximum exponent (per token); for keys the maximum
     over all positions and features of a ``(batch, head)`` (as in the Performer reference code),
-    so no key overflows and the largest is exactly ``1/√m``.
+    so no key overflows and the largest is exactly ``1/√m``. That key maximum sees every position,
+    padding and (in a causal site) later keys included, but only through the rescaled ``eps``.
     """
 
     def __init__(

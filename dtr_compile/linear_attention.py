@@ -17,7 +17,7 @@ signature (the references compute in fp64 and return fp32):
   ``ones(T, S).tril(0)``): query ``t`` sees keys ``0..t``, so keys ``s >= T`` are never attended.
   Computed in chunks of ``C`` positions: a ``[C, C]`` quadratic block inside each chunk plus an
   exclusive prefix sum of per-chunk states ``Σ φ(k_s) v_sᵀ: [F, Dv]`` across chunks, so memory is
-  ``O(T·(C + F·Dv/C))`` per head, never ``[T, F, Dv]``.
+  ``O(T·(F + Dv + C) + T/C·F·Dv)`` per head, never ``[T, F, Dv]``, and time is linear in ``T``.
 * sliding window + linear (LoLCATs, Zhang et al. 2025), causal: query ``t`` attends the last
   ``W`` keys ``t−W < s <= t`` with softmax weights and every earlier key with linear weights, in
   one normalisation::
@@ -32,9 +32,10 @@ signature (the references compute in fp64 and return fp32):
 
 Numerics: feature maps return fp32 and every state, normaliser and output is accumulated in fp32
 whatever the input dtype (so ``eps`` is an fp32 constant and never rounds to 0); a query with no
-valid key gives ``0 / eps = 0``, never NaN. The graphs use MatMul, CumSum (constant axis), Pad,
-Slice, Reshape and elementwise ops only: no Einsum, no data-dependent shapes, so they export with
-``torch.onnx.export(dynamo=True)`` for onnxruntime and TensorRT alike.
+valid key gives ``0 / eps = 0``, never NaN. The graphs are plain ONNX (MatMul, CumSum with a
+constant axis, Pad, Slice, Gather, Reshape, reductions, elementwise ops; no Einsum) and trace with
+a dynamic ``T`` without shape guards, so ``torch.onnx.export(dynamo=True)`` gives one graph that
+onnxruntime and TensorRT both accept.
 """
 
 from __future__ import annotations
@@ -296,9 +297,8 @@ def sliding_window_linear_attention(
 
     kv, z = _prefix_state(phi_k_c, v_c, shift=2)  # chunks < n − 1
     num = torch.matmul(a, v_l) + torch.matmul(phi_q_c, kv)  # [B, H, N, C, Dv]
-    den = a.sum(dim=-1, keepdim=True) + torch.matmul(
-        phi_q_c, z.transpose(-1, -2)
-    )  # [B, H, N, C, 1]
+    den = a.sum(dim=-1, keepdim=True)  # [B, H, N, C, 1]
+    den = den + torch.matmul(phi_q_c, z.transpose(-1, -2))
     return _unchunk(num / (den + eps), T)
 
 
