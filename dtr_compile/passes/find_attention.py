@@ -36,8 +36,8 @@ causal      mask        meaning
 ==========  ==========  ==============================================================
 False       None        bidirectional, nothing masked (an all-True mask is dropped)
 False       node        key padding: the mask reduces exactly to a ``[B, S]`` key mask
-True        None        causal, ``T == S`` (``is_causal=True``, or a proven causal mask
-                        tensor; replay with SDPA ``is_causal=True``)
+True        None        causal (``is_causal=True``, or a proven causal mask tensor, which is
+                        dropped; replay with SDPA ``is_causal=True``)
 True        node        causal ∧ key padding; the mask tensor carries the causality, so
                         replay it with ``is_causal=False`` (:attr:`AttentionSite.sdpa_is_causal`)
 ==========  ==========  ==============================================================
@@ -113,7 +113,8 @@ class AttentionSite:
         output: node of the site's output ``[B, H, T, Dv]``.
         internal: names of the nodes that the rewrite replaces (output included).
         num_heads, num_kv_heads, head_dim, head_dim_v: ``H``, ``Hkv``, ``Dk``, ``Dv``.
-        causal: query ``t`` sees only keys ``s <= t + S - T`` (by ``is_causal`` or by the mask).
+        causal: query ``t`` sees only keys ``s <= t``, aligned top-left as SDPA's ``is_causal``
+            (by ``is_causal`` or by the mask).
         mask_kind: ``"none"``, ``"bool"`` (True = attend) or ``"additive"`` (added to scores).
         scale: the softmax scale (``1/sqrt(Dk)`` when the graph gives none).
         layout: ``"BHTD"`` or ``"(BH)TD"`` (batch and heads merged, as ``bmm`` attention has it).
@@ -224,13 +225,6 @@ def _shape(node: object) -> tuple[int | torch.SymInt, ...] | None:
 
 def _static(d: object) -> int | None:
     return d if isinstance(d, int) else None
-
-
-def _same_size(a: object, b: object) -> bool:
-    """Provably equal sizes (equal ints, or the same symbolic expression)."""
-    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
-        return a.node.expr == b.node.expr
-    return isinstance(a, int) and isinstance(b, int) and a == b
 
 
 def _number(gm: GraphModule, x: object) -> float | None:
@@ -661,13 +655,8 @@ def _site(gm: GraphModule, core: _Core, masks: dict) -> AttentionSite | _Miss:
     if isinstance(heads, _Miss):
         return heads
     h, hkv, dk, dv, layout = heads
-    qs, ks = _shape(core.q), _shape(core.k)
-    same_len = _same_size(qs[-2], ks[-2])
     scale = dk ** -0.5 if b.scale != b.scale else b.scale  # NaN: SDPA default
     causal, mask, alts = core.causal_flag, core.mask, list(b.alts)
-    if causal and not same_len:
-        return _Miss("is_causal=True with query length T ≠ key length S: SDPA aligns that "
-                     "causal mask top-left, a causal linear replacement bottom-right")
     if mask is not None:
         key = (mask.name, core.mask_semantics)
         if key not in masks:
@@ -676,7 +665,7 @@ def _site(gm: GraphModule, core: _Core, masks: dict) -> AttentionSite | _Miss:
         if isinstance(pat, str):
             return _Miss(pat)
         causal = pat.structure == "causal"
-        if pat.masks_nothing or (causal and not pat.padding and same_len):
+        if pat.masks_nothing or (causal and not pat.padding):
             alts.append("mask:dropped" if pat.masks_nothing else "mask:causal")
             mask = None
         elif core.mask_semantics == "inverted":
