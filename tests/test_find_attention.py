@@ -384,6 +384,21 @@ def test_hf_output_attentions_is_rejected() -> None:
     assert all("also used outside the site" in r.reason for r in scan.rejected)
 
 
+def test_hf_sliding_window_is_rejected() -> None:
+    """Mistral's sliding-window mask (transformers 5 builds it as a bool tensor) is neither
+    padding nor causal: rejected with the window named, never treated as padding."""
+    from transformers import MistralConfig, MistralModel
+
+    torch.manual_seed(0)
+    model = MistralModel(MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       intermediate_size=64, sliding_window=4, use_cache=False,
+                                       max_position_embeddings=64, attn_implementation="sdpa")).eval()
+    scan = find_attention(capture(model, _inputs()))
+    assert scan.sites == () and len(scan.rejected) == 2
+    assert all("a sliding window of 4 keys" in r.reason for r in scan.rejected)
+
+
 class FloatMaskInput(nn.Module):
     """The mask is a model input: its values are unknown until run time."""
 

@@ -3,8 +3,8 @@
 The linear replacement (:mod:`dtr_compile.linear_attention`) honours two kinds of masking: a *key
 padding* mask (key ``s`` of row ``b`` is visible to every query of that row, or to none) and the
 *causal* mask (query ``t`` sees keys ``s <= t``, aligned top-left as SDPA's ``is_causal`` and
-the linear replacement align it), alone or together. A mask is accepted
-only when it is provably one of those. Everything else (sliding windows, packed-sequence or
+the linear replacement align it), alone or together. A mask is accepted only when it is provably
+one of those. Everything else (sliding windows, packed-sequence or
 block-diagonal masks, prefix-LM masks, position biases such as ALiBi or T5's, masks computed from
 activations or passed in as a float tensor) is rejected with the reason, never treated as padding.
 
@@ -18,25 +18,27 @@ the scores, or the condition of a ``masked_fill`` / ``where``):
 2. **Evaluation.** The ancestor subgraph is run on probe inputs at the export's example sizes and
    at every probed sequence length (2, 3, 4, 7, 16, 33, and ``c-1 … c+2`` around every integer
    constant ``c`` of the subgraph, so that a window of ``c`` is seen on both sides of its edge),
-   clipped to the export's range for that axis; when queries and keys have separate length
-   symbols (``T`` and ``S``), also at unequal lengths in both orders. Key inputs get all-ones, all-zeros, right-padded, left-padded and
-   random 0/1 rows; shape-only inputs get zeros.
+   clipped to the export's range for that axis and to 4096; when queries and keys have separate
+   length symbols (``T`` and ``S``), also at unequal lengths in both orders. Key inputs get
+   all-ones, all-zeros, right-padded, left-padded and random 0/1 rows; shape-only inputs zeros.
 3. **Factorisation.** On every probe the allowed set ``A[r, t, s]`` (True of a boolean mask, or an
    additive value above :data:`~dtr_compile.linear_attention.ADDITIVE_MASK_PADDING`; ``r`` runs
    over the leading dims) must equal ``P[t, s] ∧ K[r, s]``: one pattern ``P`` per length for all
    probes and rows, times a key validity ``K``. Query rows that ``P ∧ K`` leaves without any key
    and rows the mask itself leaves without any key are not compared (libraries fill or empty
-   such rows differently; their outputs belong to padded queries). An
-   additive mask must be exactly 0 where it allows a key, else it is a bias.
+   such rows differently; their outputs belong to padded queries). An additive mask must be
+   exactly 0 where it allows a key, else it is a bias.
 4. **Classification.** ``P`` all True: ``"full"`` (padding if some probe masks a key, no masking
    at all otherwise); ``P`` lower-triangular, ``s <= t``: ``"causal"``; anything else, or a
    pattern that changes class with the length, is rejected; so is a causal mask aligned
    bottom-right (``s <= t + S - T``, as with a KV cache) when ``T != S``.
 
-This is a proof by evaluation over the probed lengths, not a symbolic one: a mask whose pattern
+This is a proof by evaluation over the probed sizes, not a symbolic one: a mask whose pattern
 changes only at a length that is neither probed nor next to an integer constant of its subgraph
-would be misclassified. The masks that transformers 5, ``torch.nn`` and nanoGPT-style code build
-are all of the covered kinds.
+(or only beyond 4096) would be misclassified. The masks transformers 5 builds for BERT-, GPT-2-,
+Llama- and ViT-style models, those of ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` and
+nanoGPT's ``tril`` buffer are classified this way in the tests; sliding-window, prefix-LM and
+ALiBi-style masks are rejected there.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class MaskPattern:
         structure: ``"full"`` (no query/key pattern) or ``"causal"``.
         padding: some probe masked a key, i.e. the mask depends on a key input.
         inputs: the graph inputs whose values the mask reads (key padding inputs).
-        lengths: the sequence lengths it was verified at.
+        lengths: the sequence sizes it was verified at.
     """
 
     structure: str

@@ -538,7 +538,8 @@ def _near_product(node: Node, depth: int = 6) -> bool:
 def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
     """Match eager attention around one softmax node; None when it is no attention at all."""
     args = list(softmax.args) + [None, None]
-    dim, dtype = args[1], softmax.kwargs.get("dtype", args[2])
+    dim = args[1]
+    dtype = softmax.kwargs.get("dtype", args[2] if softmax.target == aten.softmax.int else None)
     pv = _probs_chain(b, softmax)
     if not isinstance(pv, Node):
         return pv
