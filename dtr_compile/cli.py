@@ -280,43 +280,6 @@ def lint_trt_cmd(model: str, strict: bool, json_path: str | None) -> None:
 
 
 @main.command("inspect", epilog="""\b
-Columns: site id, module path, kind (sdpa | eager), query heads H, key/value heads Hkv, head
-dim Dk, masking (none | padding | causal | causal+padding, with the mask tensor's kind), query ×
-key length, and the FLOPs of the site's attention core (q·kᵀ and p·v) with its share of the
-model's FLOPs at the inputs shown. Look-alikes that cannot be rewritten follow, with the reason.
-Exit codes:
-  0  sites listed
-  2  bad input, a model torch.export cannot capture, or no rewritable attention site""")
-@click.argument("model", type=click.Path(path_type=str))
-@click.option("--seq-len", "seq_len", type=int, default=None,
-              help="Sequence length T of the inputs (default: the archive's example length; "
-                   "128, at most the max positions, for a Hugging Face folder).")
-@click.option("--data", default=None, type=click.Path(path_type=str),
-              help="Example inputs (.pt dict of tensors) instead of ones built from the model's "
-                   "signature or config; required for a pickled model.")
-@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
-@click.option("--trust-pickle", is_flag=True, default=False,
-              help="Allow loading a pickled torch.save model (runs code from the file).")
-def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool,
-                trust_pickle: bool) -> None:
-    """List the attention sites of MODEL (a torch.export archive .pt/.pt2, or a Hugging Face
-    folder) with their shapes, masks and FLOPs share, and say why any look-alike is not
-    rewritable."""
-    import json
-
-    from dtr_compile.inspect import inspect_model, render
-
-    try:
-        result = inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle)
-    except DtrError as exc:
-        _fail(exc)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        render(result, Console())
-
-
-@main.command("inspect", epilog="""\b
 Columns: site id, module path, kind (sdpa | eager), query heads H / key-value heads Hkv / head
 dim Dk, masking (none | padding | causal | causal+padding, with the mask tensor's kind), query ×
 key length, and the FLOPs of the site's attention core (q·kᵀ and p·v) with its share of the
@@ -338,7 +301,8 @@ def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool
                 trust_pickle: bool) -> None:
     """List the attention sites of MODEL (a torch.export archive .pt/.pt2, or a Hugging Face
     folder) with their shapes, masks and FLOPs share, and say why any look-alike is not
-    rewritable."""
+    rewritable. Without --data the inputs are built: from the archive's input signature, or from
+    the folder's config.json (input_ids [2, T] and an attention_mask, or pixel_values [2, C, H, W])."""
     import json
 
     from dtr_compile.inspect import inspect_model, render
