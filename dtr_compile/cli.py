@@ -6,21 +6,32 @@ are listed by ``dtr-compile --help``.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Reproducible MKL results: the same branch for any memory alignment (set before torch loads MKL).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import click
 from rich.console import Console
 
 from dtr_compile import __version__
 from dtr_compile.config import CompileConfig, read_project_config
-from dtr_compile.errors import EXIT_INTERNAL, EXIT_PARITY, DtrError, InputError
+from dtr_compile.errors import (
+    EXIT_INTERNAL,
+    EXIT_NO_REPLACEMENT,
+    EXIT_PARITY,
+    DtrError,
+    InputError,
+)
 
 EXIT_CODES = """\b
 Exit codes:
   0  the hybrid was written and verified
   2  bad input: missing or unknown file, malformed flag or budget, data that does not fit
-  3  no site fits the budget: the original model is written instead, with the report
+  3  the budget is not met: no site fits it (the original model is written instead), or
+     --min-linear forced sites beyond it (the best such model is written); report included
   4  verification: onnxruntime disagrees with PyTorch beyond --atol (or the fp16
      tolerance), or --target tensorrt's lint found a reject/avoid op (artifacts kept)
   1  internal error"""
@@ -65,8 +76,10 @@ def main() -> None:
 @click.option("--data", default=None, help="Validation set (.pt dict of input tensors [+ labels]).")
 @click.option("--calib", default=None, help="Calibration set for distillation (default: --data).")
 @click.option("--metric", default=None,
-              help="accuracy | macro_f1 | agreement. Default: accuracy with labels, else agreement "
-                   "with the original model's predictions.")
+              help="accuracy | macro_f1 | agreement | cosine | mse | perplexity, or "
+                   "package.module:function (called as f(outputs, labels, reference) -> float; "
+                   "attributes higher_is_better, needs_labels, bounds). Default: accuracy with "
+                   "labels, else agreement with the original model's predictions.")
 @click.option("--report", default=None, help="Report JSON path (default: OUTPUT.report.json).")
 @click.option("--feature-map", default=None, help="Linear-attention feature map (default hedgehog).")
 @click.option("--distill-steps", type=int, default=None, help="Optimiser steps per site (default 300).")
@@ -76,6 +89,28 @@ def main() -> None:
 @click.option("--eval-batch", type=int, default=None, help="Batch size for evaluation (default 32).")
 @click.option("--keep", default=None, help="Comma-separated sites (id or module path) never replaced.")
 @click.option("--max-linear", type=int, default=None, help="Replace at most N sites.")
+@click.option("--min-linear", type=int, default=None,
+              help="Replace at least N sites: past the budget if need be, committing the least "
+                   "harmful ones; the report says so and the exit code is 3.")
+@click.option("--search", type=click.Choice(["greedy", "lazy", "ranked"]), default=None,
+              help="Search strategy. greedy (default, the paper's): each step tries every "
+                   "remaining site, keeps the best, L(L+1)/2 evaluations at worst. lazy: the same "
+                   "choices when sites hurt at least as much together as apart, re-measuring "
+                   "only the most promising site (L + k evaluations when degradations add up). "
+                   "ranked: one single-site pass, then sites in that order until one breaks the "
+                   "budget (L + k evaluations).")
+@click.option("--max-evals", type=int, default=None,
+              help="Stop the search after N evaluations (replayed ones count); the sites "
+                   "committed until then stand.")
+@click.option("--time-limit", default=None,
+              help="Stop the search after this long: seconds, or '90s', '15m', '1.5h'.")
+@click.option("--resume", is_flag=True, default=None,
+              help="Continue an interrupted search: replay the evaluations in the ledger "
+                   "(REPORT.ledger.jsonl) if it was written for the same model, data, distilled "
+                   "weights and metric; otherwise start afresh.")
+@click.option("--cache-mb", type=int, default=None,
+              help="Memory for the search's exact prefix cache, which skips the layers before "
+                   "each candidate site (default 1024; 0 turns it off).")
 @click.option("--atol", type=float, default=None, help="ONNX parity tolerance, max-abs (default 1e-3).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
               help="Deployment runtime. tensorrt: opset 18 (no ONNX Attention op), and the ONNX "
@@ -130,6 +165,13 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
                f"{rep['final_metric']:.4f} (threshold {rep['threshold']:.4f}, budget {rep['budget']['text']})")
     click.echo(f"linear sites ({len(rep['replaced'])}/{len(rep['sites'])}): "
                + (", ".join(r["module_path"] for r in rep["replaced"]) or "none"))
+    search = rep.get("search") or {}
+    if search:
+        click.echo(f"search {search['strategy']}: {search['evaluations']} evaluations "
+                   f"({search['evaluations_replayed']} replayed), {search['stop_reason']}")
+    if result.exit_code == EXIT_NO_REPLACEMENT:
+        click.echo("budget not met (exit 3): " + ("no site fits; the original model was written"
+                   if not rep["replaced"] else "--min-linear forced sites beyond the budget"))
     click.echo(f"wrote {result.output} and {result.report_path}")
     sys.exit(result.exit_code)
 

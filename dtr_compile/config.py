@@ -55,8 +55,8 @@ class Budget:
         if not math.isfinite(num):
             raise InputError(f"budget {text!r} is not a finite number: expected {_BUDGET_HELP}")
         if num < 0:
-            raise InputError(f"budget {text!r} is negative: it is how far the metric may get "
-                             f"worse, e.g. {str(text).replace('-', '', 1).strip()!r}")
+            raise InputError(f"budget {text!r} is negative: it must be >= 0, how far the metric "
+                             f"may get worse, e.g. {str(text).replace('-', '', 1).strip()!r}")
         if unit == "%":
             if num >= 100:
                 raise InputError(f"relative budget {text!r} must be below 100% (100% would "

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dtr_compile import __version__
 from dtr_compile.capture import capture
-from dtr_compile.config import Budget, CompileConfig
-from dtr_compile.data import load_dataset, run_model
+from dtr_compile.config import Budget, CompileConfig, parse_duration
+from dtr_compile.data import Dataset, load_dataset, run_model
 from dtr_compile.distill import DistillResult, distill_site, record_sites
 from dtr_compile.errors import (
     EXIT_NO_REPLACEMENT,
@@ -32,12 +32,22 @@ from dtr_compile.errors import (
 from dtr_compile.exporters.artifacts import ExportResult, check_export_options, export_artifacts
 from dtr_compile.exporters.onnx import parity_cases
 from dtr_compile.fileio import write_json_atomic
+from dtr_compile.ledger import (
+    Ledger,
+    fingerprint,
+    hash_path,
+    hash_tensors,
+    load_students,
+    save_students,
+)
 from dtr_compile.linear_attention import LinearAttention, SiteSwitch, SoftmaxAttention
 from dtr_compile.load import load_model
-from dtr_compile.metrics import get_metric
+from dtr_compile.metrics import Metric, get_metric
 from dtr_compile.passes.find_attention import AttentionSite, find_attention
 from dtr_compile.passes.linearize import linearize, rewrite_sites
-from dtr_compile.schedule import Evaluation, ScheduleResult, greedy_schedule
+from dtr_compile.prefix_cache import PrefixCache, SegmentedGraph
+from dtr_compile.report import report_paths, write_report
+from dtr_compile.schedule import STRATEGIES, Evaluation, ScheduleResult, schedule
 
 
 @dataclass
@@ -82,6 +92,20 @@ def _validate(config: CompileConfig) -> Budget:
         raise InputError(f"output {config.output!r} must end in .onnx")
     if config.max_linear is not None and config.max_linear < 0:
         raise InputError("--max-linear must be >= 0")
+    if config.min_linear < 0:
+        raise InputError("--min-linear must be >= 0")
+    if config.max_linear is not None and config.min_linear > config.max_linear:
+        raise InputError(f"--min-linear {config.min_linear} exceeds --max-linear "
+                         f"{config.max_linear}")
+    if config.search not in STRATEGIES:
+        raise InputError(f"unknown --search {config.search!r}; choose one of "
+                         f"{', '.join(STRATEGIES)}")
+    if config.max_evals is not None and config.max_evals < 1:
+        raise InputError("--max-evals must be >= 1")
+    if config.time_limit is not None:
+        parse_duration(config.time_limit)
+    if config.cache_mb < 0:
+        raise InputError("--cache-mb must be >= 0 (0 turns the prefix cache off)")
     check_export_options(target=config.target, opset=config.opset, engine=config.engine)
     return budget
 
@@ -100,6 +124,134 @@ def _stage(timings: dict[str, float], name: str, console: Console) -> Iterator[N
     yield
     timings[name] = round(time.perf_counter() - t0, 3)
     console.log(f"[bold]{name}[/bold] done in {timings[name]:.1f} s")
+
+
+def _input_hashes(config: CompileConfig) -> dict[str, str]:
+    """SHA-256 of the model and of the validation and calibration files."""
+    data = hash_path(config.data)  # type: ignore[arg-type]
+    return {"model": hash_path(config.model), "data": data,
+            "calib": hash_path(config.calib) if config.calib else data}
+
+
+def _reuse_students(
+    path: Path, distill_fp: str, sites: tuple[AttentionSite, ...] | list[AttentionSite],
+    config: CompileConfig, console: Console,
+) -> tuple[dict[str, LinearAttention], dict[str, DistillResult]] | None:
+    """With ``--resume``: the distilled modules of the interrupted run, if distilled from the
+    same inputs and settings (see :func:`dtr_compile.ledger.save_students`)."""
+    if not config.resume:
+        return None
+    by_id = {s.id: s for s in sites}
+
+    def build(sid: str) -> LinearAttention:
+        s = by_id[sid]
+        return LinearAttention(s.num_heads, s.num_kv_heads, s.head_dim, mask_kind=s.mask_kind,
+                               causal=s.causal, feature_map=config.feature_map)
+
+    got = load_students(path, distill_fp, build)
+    if isinstance(got, str) or set(got[0]) != set(by_id):
+        console.log(f"distilling again: {got if isinstance(got, str) else 'other sites'}")
+        return None
+    modules, results = got
+    console.log(f"resuming: distilled weights of {len(modules)} sites from {path}")
+    return ({sid: m for sid, m in modules.items()},  # type: ignore[misc]
+            {sid: DistillResult(**r) for sid, r in results.items()})
+
+
+def _search(
+    config: CompileConfig,
+    hashes: dict[str, str],
+    search_gm: torch.fx.GraphModule,
+    switches: dict[str, SiteSwitch],
+    candidates: list[str],
+    students: dict[str, LinearAttention],
+    val: Dataset,
+    names: list[str],
+    metric: Metric,
+    reference: torch.Tensor,
+    baseline: float,
+    threshold: float,
+    ledger_path: Path,
+    console: Console,
+    timings: dict[str, float],
+) -> tuple[ScheduleResult, dict[str, Any]]:
+    """Stage 6: the search, evaluated through the prefix cache and recorded in the ledger.
+
+    The ledger's fingerprint covers everything an evaluation's metric depends on, so
+    ``--resume`` replays only measurements of these exact inputs. Ctrl-C propagates after the
+    ledger is closed: every finished evaluation is on disk.
+    """
+    parts = {
+        "model": hashes["model"],
+        "data": hashes["data"],
+        "students": hash_tensors({f"{sid}.{k}": v for sid in candidates
+                                  for k, v in students[sid].state_dict().items()}),
+        "metric": metric.identity or metric.name,
+        "eval_batch": str(config.eval_batch),
+        "dtr_compile": __version__,
+        "torch": torch.__version__,
+    }
+    fp = fingerprint(parts)
+    ledger, known, note = Ledger.open(ledger_path, fp, resume=config.resume, inputs=parts)
+    console.log(note)
+    cache: PrefixCache | None = None
+    if candidates:
+        graph = SegmentedGraph(search_gm, switches, [val.inputs[n][:2] for n in names])
+        cache = PrefixCache(graph, val, names, config.eval_batch, metric,
+                            capacity_bytes=config.cache_mb << 20)
+
+    def evaluate(linear: tuple[str, ...]) -> float:
+        assert cache is not None
+        return metric(cache.outputs(linear, base=linear[:-1]), val.labels, reference)
+
+    def on_eval(ev: Evaluation) -> None:
+        if not ev.replayed:
+            ledger.append(ev, strategy=config.search)
+        mark = "✓" if ev.within_budget else "✗"
+        how = "replayed" if ev.replayed else f"{ev.seconds:.1f} s"
+        console.log(f"step {ev.step} ({ev.phase}): +{ev.candidate} → {metric.name} "
+                    f"{ev.metric:.8g} {mark} ({how})")
+
+    min_linear = min(config.min_linear, len(candidates))
+    if min_linear < config.min_linear:
+        console.log(f"[yellow]--min-linear {config.min_linear}: only {len(candidates)} sites "
+                    "distilled successfully[/yellow]")
+    time_limit_s = parse_duration(config.time_limit) if config.time_limit is not None else None
+    try:
+        with _stage(timings, "schedule", console):
+            sched = schedule(
+                candidates, evaluate, baseline=baseline, threshold=threshold,
+                higher_is_better=metric.higher_is_better, strategy=config.search,
+                max_linear=config.max_linear, min_linear=min_linear, max_evals=config.max_evals,
+                time_limit_s=time_limit_s, known=known, on_eval=on_eval)
+    except KeyboardInterrupt:
+        console.log(f"interrupted: the finished evaluations are in {ledger_path}; rerun with "
+                    "--resume to continue from them")
+        raise
+    finally:
+        ledger.close()
+    if len(sched.committed) < config.min_linear:
+        sched.min_linear = config.min_linear  # not met: `fits` is False, exit 3
+    info = {
+        "strategy": config.search,
+        "evaluations": len(sched.evaluations),
+        "evaluations_run": sched.evaluations_run,
+        "evaluations_replayed": sched.evaluations_replayed,
+        "seconds": round(sched.seconds, 3),
+        "stop_reason": sched.stop_reason,
+        "limits": {"max_linear": config.max_linear, "min_linear": config.min_linear,
+                   "max_evals": config.max_evals, "time_limit_s": time_limit_s},
+        "ledger": str(ledger_path),
+        "resume": note,
+        "fingerprint": fp,
+        "inputs": parts,
+        "cache": cache.stats.to_dict() if cache is not None else None,
+    }
+    if cache is not None:
+        st = cache.stats
+        console.log(f"prefix cache: {st.segments_run}/{st.segments_full} segment runs "
+                    f"({100 * st.saved:.0f}% saved), peak {st.peak_bytes / 2**20:.0f} MiB")
+    return sched, info
 
 
 def compile_model(config: CompileConfig, console: Console | None = None) -> CompileResult:
@@ -125,6 +277,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     calib = load_dataset(config.calib, names) if config.calib else val
     calib = calib.take(config.max_calib_samples)
     metric = get_metric(config.metric, val.labels is not None)
+    budget.check_metric(metric.name, metric.bounds)
 
     with _stage(timings, "find_attention", console):
         scan = find_attention(gm)
@@ -142,6 +295,9 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         raise InputError(f"--keep names unknown sites {unknown}; sites are "
                          f"{[s.id + '=' + s.module_path for s in sites]}")
     kept = {by_key[k].id for k in config.keep}
+    if config.min_linear > len(sites) - len(kept):
+        raise InputError(f"--min-linear {config.min_linear} exceeds the {len(sites) - len(kept)} "
+                         f"sites that may be replaced ({len(sites)} found, {len(kept)} kept)")
     for s in sites:
         console.log(f"found {s.describe()}")
     for r in scan.rejected:
@@ -149,30 +305,44 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
 
     with _progress(console, config.progress) as prog, _stage(timings, "baseline", console):
         task = prog.add_task("baseline", total=len(val), info="")
-        reference = run_model(gm, val, names, config.eval_batch, lambda k: prog.advance(task, k))
+        reference = run_model(gm, val, names, config.eval_batch, lambda k: prog.advance(task, k),
+                              reduce=metric.reduce)
     baseline = metric(reference, val.labels, reference)
+    budget.check_baseline(metric.name, baseline)
     threshold = budget.threshold(baseline, metric.higher_is_better)
-    console.log(f"baseline {metric.name} = {baseline:.6g}; budget {budget.text} → threshold "
-                f"{'>=' if metric.higher_is_better else '<='} {threshold:.6g}")
+    console.log(f"baseline {metric.name} = {baseline:.6g}; "
+                f"{budget.describe(baseline, metric.higher_is_better)}")
 
     students: dict[str, LinearAttention] = {}
     results: dict[str, DistillResult] = {}
+    paths = report_paths(report_path)
+    hashes = _input_hashes(config)
+    distill_fp = fingerprint({k: hashes[k] for k in ("model", "calib")} | {
+        k: str(getattr(config, k)) for k in ("max_calib_samples", "feature_map", "distill_steps",
+                                             "distill_lr", "distill_batch", "seed", "eval_batch")}
+        | {"dtr_compile": __version__, "torch": torch.__version__})
+    reused = _reuse_students(paths.students, distill_fp, sites, config, console)
     with _stage(timings, "distill", console):
-        records = record_sites(gm, sites, calib, names, config.eval_batch)
-        with _progress(console, config.progress) as prog:
-            for s in sites:
-                task = prog.add_task(f"distill {s.id}", total=config.distill_steps, info="")
-                module, res = distill_site(
-                    s, records[s.id], feature_map=config.feature_map, steps=config.distill_steps,
-                    lr=config.distill_lr, batch_size=config.distill_batch, seed=config.seed,
-                    on_step=lambda i, loss, t=task: prog.update(t, completed=i + 1, info=f"loss {loss:.3g}"),
-                )
-                module.eval()
-                students[s.id], results[s.id] = module, res
-                status = "ok" if res.ok else f"[red]failed[/red]: {res.reason} (kept as softmax)"
-                console.log(f"distilled {s.id}: rel. error {res.init_error:.3f} → "
-                            f"{res.final_error:.3f} in {res.seconds:.1f} s, {status}")
-        del records
+        if reused is not None:
+            students, results = reused
+        else:
+            records = record_sites(gm, sites, calib, names, config.eval_batch)
+            with _progress(console, config.progress) as prog:
+                for s in sites:
+                    task = prog.add_task(f"distill {s.id}", total=config.distill_steps, info="")
+                    module, res = distill_site(
+                        s, records[s.id], feature_map=config.feature_map, steps=config.distill_steps,
+                        lr=config.distill_lr, batch_size=config.distill_batch, seed=config.seed,
+                        on_step=lambda i, loss, t=task: prog.update(t, completed=i + 1, info=f"loss {loss:.3g}"),
+                    )
+                    module.eval()
+                    students[s.id], results[s.id] = module, res
+                    status = "ok" if res.ok else f"[red]failed[/red]: {res.reason} (kept as softmax)"
+                    console.log(f"distilled {s.id}: rel. error {res.init_error:.3f} → "
+                                f"{res.final_error:.3f} in {res.seconds:.1f} s, {status}")
+            del records
+            save_students(paths.students, distill_fp, students,
+                          {sid: r.__dict__ for sid, r in results.items()})
 
     candidates = [s.id for s in sites if s.id not in kept and results[s.id].ok]
     switches = {
@@ -181,26 +351,10 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         for s in sites if s.id in candidates
     }
     search_gm = rewrite_sites(gm, sites, switches, class_name="SearchGraph")
-
-    def evaluate(linear: tuple[str, ...]) -> float:
-        for sid, sw in switches.items():
-            sw.use_linear = sid in linear
-        try:
-            outs = run_model(search_gm, val, names, config.eval_batch)
-        finally:
-            for sw in switches.values():
-                sw.use_linear = False
-        return metric(outs, val.labels, reference)
-
-    def on_eval(ev: Evaluation) -> None:
-        mark = "✓" if ev.within_budget else "✗"
-        console.log(f"step {ev.step}: +{ev.candidate} → {metric.name} {ev.metric:.6g} {mark} "
-                    f"({ev.seconds:.1f} s)")
-
-    with _stage(timings, "schedule", console):
-        sched = greedy_schedule(candidates, evaluate, baseline=baseline, threshold=threshold,
-                                higher_is_better=metric.higher_is_better,
-                                max_linear=config.max_linear, on_eval=on_eval)
+    sched, search_info = _search(config, hashes, search_gm, switches, candidates, students, val,
+                                 names, metric, reference, baseline, threshold, paths.ledger,
+                                 console, timings)
+    search_info["students"] = {"path": str(paths.students), "reused": reused is not None}
     console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
 
     hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed})
@@ -213,16 +367,19 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             export_original=config.export_original, engine=config.engine, console=console)
     parity = exported.parity
     parity_ok = exported.ok
-    exit_code = EXIT_OK if sched.committed else EXIT_NO_REPLACEMENT
+    exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
 
     report = {
         "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
                  "python": platform.python_version()},
         "model": config.model,
-        "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path)}
+        "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
+                      "report_md": str(paths.markdown), "plot": str(paths.plot),
+                      "ledger": str(paths.ledger), "students": str(paths.students)}
                      | exported.artifacts,
-        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better},
-        "budget": {"text": budget.text, "kind": budget.kind, "value": budget.value},
+        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
+                   "bounds": metric.bounds},
+        "budget": budget.to_dict(baseline, metric.higher_is_better),
         "baseline_metric": baseline,
         "threshold": threshold,
         "final_metric": sched.final_metric,
@@ -234,6 +391,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),
                       "metric_after": m} for sid, m in zip(sched.committed, sched.metric_after_step, strict=True)],
         "schedule": sched.to_dict(),
+        "search": search_info,
         "distill": {sid: r.__dict__ for sid, r in results.items()},
         "parity": [p.__dict__ for p in parity],
         "parity_ok": parity_ok,
@@ -242,7 +400,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }
     write_json_atomic(config_path, config.to_dict())
-    write_json_atomic(report_path, report)
+    write_report(report, report_path)
     if not parity_ok:
         failures = exported.failures()
         raise ParityError(f"an exported artifact failed verification ({len(failures)} "
