@@ -20,6 +20,16 @@ from dtr_compile.schedule import STRATEGIES, schedule
 from .conftest import make_token_data
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: a second intra-op thread only adds synchronisation (and on a shared 2-core
+    machine, waits for a descheduled thread); restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def search(tiny_task):
     """The tiny 3-layer BERT's search graph with a switch per site (perturbed linear students)."""
