@@ -1,3 +1,3 @@
-from dtr_compile.cli import main
+from dtr_compile.cli import entry
 
-main()
+entry()

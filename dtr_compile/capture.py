@@ -95,10 +95,51 @@ def flat_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     input-constraint hooks. Every later stage works on this form."""
     graph = copy.deepcopy(gm.graph)
     graph._codegen = torch.fx.graph.CodeGen()
+    # torch.export's `_guards_fn` re-checks the export-time input constraints, including the
+    # aliasing of the example tensors (an example that was a view adds guards on its `_base`).
+    # Inputs are checked against the placeholders' shapes by `check_inputs` instead.
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            graph.erase_node(node)
     out = graph.output_node()
     if not isinstance(out.args[0], (tuple, list)):
         out.args = ((out.args[0],),)
     return torch.fx.GraphModule(gm, graph, class_name="CapturedGraph")
+
+
+def check_inputs(captured: CapturedModel, inputs: dict[str, torch.Tensor], source: str) -> None:
+    """Check tensors ``[N, ...]`` against the model's input signature: same rank and dtype kind,
+    static dims equal, dynamic dims within the program's range.
+
+    Raises:
+        InputError: naming the input, the expected shape and what was found.
+    """
+    for node in captured.gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        t = inputs[node.name]
+        if val is None:
+            continue
+        want = ["batch" if i == 0 and isinstance(s, torch.SymInt) else
+                captured.dynamic_dims.get(node.name, {}).get(i, str(s)) if isinstance(s, torch.SymInt)
+                else int(s) for i, s in enumerate(val.shape)]
+        problem = None
+        if t.dim() != len(want):
+            problem = f"rank {t.dim()}"
+        elif t.is_floating_point() != val.dtype.is_floating_point:
+            problem = f"dtype {t.dtype} (the model takes {val.dtype})"
+        else:
+            for i, w in enumerate(want):
+                if isinstance(w, int) and t.shape[i] != w:
+                    problem = f"size {t.shape[i]} at dim {i}"
+                elif isinstance(w, str) and w in captured.axis_ranges:
+                    lo, hi = captured.axis_ranges[w]
+                    if hi is not None and t.shape[i] > hi:
+                        problem = f"{w} {t.shape[i]} at dim {i} (the model allows at most {hi})"
+        if problem:
+            raise InputError(f"{source}: input {node.name!r} has shape {list(t.shape)}, "
+                             f"{problem}; the model expects {want}")
 
 
 def capture(loaded: LoadedModel, example: dict[str, torch.Tensor] | None = None) -> CapturedModel:

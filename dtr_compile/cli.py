@@ -359,9 +359,18 @@ def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool
         render(result, Console())
 
 
-if __name__ == "__main__":  # pragma: no cover
+def entry() -> None:
+    """Console-script entry: an unexpected exception is one line and exit 1 (set DTR_DEBUG=1 for
+    the traceback); a DtrError has already been turned into its own line and exit code."""
     try:
         main()
     except Exception as exc:  # noqa: BLE001
-        click.echo(f"dtr-compile: internal error: {exc}", err=True)
+        if os.environ.get("DTR_DEBUG"):
+            raise
+        click.echo(f"dtr-compile: internal error: {type(exc).__name__}: {exc} "
+                   "(rerun with DTR_DEBUG=1 for the traceback, and please report it)", err=True)
         sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -71,23 +71,23 @@ def _load_hf_folder(path: Path) -> LoadedModel:
     return LoadedModel(source=str(path), format="huggingface", module=module)
 
 
-def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> LoadedModel:
-    """Load ``path`` as described in the module docstring.
+def check_model_path(path: str | os.PathLike[str]) -> Path:
+    """The checks that need no loading: the path exists and has a known format.
 
     Raises:
-        InputError: the path is missing, of an unknown format, corrupt, or a pickle without
-            ``trust_pickle``.
+        InputError: missing path, a folder without config.json, an unknown suffix, or a file
+            that is not a zip archive (corrupt or wrong file).
     """
     p = Path(path)
     if not p.exists():
         raise InputError(f"model not found: {p}")
     if p.is_dir():
-        if (p / "config.json").is_file():
-            return _load_hf_folder(p)
-        raise InputError(
-            f"{p} is a folder without config.json; expected a torch.export archive (.pt/.pt2) "
-            "or a Hugging Face model folder"
-        )
+        if not (p / "config.json").is_file():
+            raise InputError(
+                f"{p} is a folder without config.json; expected a torch.export archive "
+                "(.pt/.pt2) or a Hugging Face model folder"
+            )
+        return p
     if p.suffix not in (".pt", ".pt2"):
         raise InputError(
             f"unknown model format {p.suffix or '(no suffix)'!r} for {p}; expected a torch.export "
@@ -98,6 +98,19 @@ def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> L
             f"{p} is not a torch.export archive (not a zip file; corrupt or wrong file). "
             "Write it with torch.export.save(torch.export.export(model, example_args), path)"
         )
+    return p
+
+
+def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> LoadedModel:
+    """Load ``path`` as described in the module docstring.
+
+    Raises:
+        InputError: the path is missing, of an unknown format, corrupt, or a pickle without
+            ``trust_pickle``.
+    """
+    p = check_model_path(path)
+    if p.is_dir():
+        return _load_hf_folder(p)
     if _is_pickled_module_zip(p):
         if not trust_pickle:
             raise InputError(

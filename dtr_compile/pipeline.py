@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dtr_compile import __version__
-from dtr_compile.capture import capture
+from dtr_compile.capture import capture, check_inputs
 from dtr_compile.config import Budget, CompileConfig, parse_duration
 from dtr_compile.data import Dataset, load_dataset, run_model
 from dtr_compile.distill import DistillResult, distill_site, record_sites
@@ -41,7 +41,7 @@ from dtr_compile.ledger import (
     save_students,
 )
 from dtr_compile.linear_attention import LinearAttention, SiteSwitch, SoftmaxAttention
-from dtr_compile.load import load_model
+from dtr_compile.load import check_model_path, load_model
 from dtr_compile.metrics import Metric, get_metric
 from dtr_compile.passes.find_attention import AttentionSite, find_attention
 from dtr_compile.passes.linearize import linearize, rewrite_sites
@@ -80,8 +80,7 @@ def _progress(console: Console, enabled: bool) -> Progress:
 def _validate(config: CompileConfig) -> Budget:
     """Every check that needs no model: done before anything is loaded or written."""
     budget = Budget.parse(config.budget)
-    if not Path(config.model).exists():
-        raise InputError(f"model not found: {config.model}")
+    check_model_path(config.model)
     if config.data is None:
         raise InputError("no validation data: pass --data VAL.pt or set `data = \"...\"` in "
                          "dtr.toml ([tool.dtr-compile] in pyproject.toml)")
@@ -274,7 +273,10 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         captured = capture(loaded, _example_inputs(config) if loaded.program is None else None)
     gm, names = captured.gm, captured.input_names
     val = load_dataset(config.data, names)  # type: ignore[arg-type]
+    check_inputs(captured, val.inputs, str(config.data))
     calib = load_dataset(config.calib, names) if config.calib else val
+    if config.calib:
+        check_inputs(captured, calib.inputs, str(config.calib))
     calib = calib.take(config.max_calib_samples)
     metric = get_metric(config.metric, val.labels is not None)
     budget.check_metric(metric.name, metric.bounds)

@@ -80,7 +80,7 @@ def test_same_seed_same_report(compiled, tiny_task, tmp_path) -> None:
 @pytest.mark.parametrize("args, message", [
     (["missing.pt", "--budget", "0.5%"], "model not found"),
     (["{model}", "--budget", "abc"], "malformed budget"),
-    (["{model}", "--budget", "-1%"], ">= 0"),
+    (["{model}", "--budget", "-1%"], "is negative"),
     (["{model}", "--budget", "150%"], "below 100%"),
     (["{readme}", "--budget", "1%"], "unknown model format"),
     (["{model}", "--budget", "1%", "--data", "nope.pt"], "data file not found"),

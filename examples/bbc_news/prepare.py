@@ -65,7 +65,8 @@ def export(model: nn.Module, data: dict[str, torch.Tensor]) -> torch.export.Expo
     """``torch.export`` the task model with dynamic batch and sequence dims (example 2 x 16;
     sizes >= 2 so they are not specialised). Dim.AUTO lets torch.export derive the sequence
     range from the position embeddings (2..512)."""
-    ex = {k: v[:2, :16] for k, v in data.items() if k != "labels"}
+    # clones: exporting from a view of the full split would add guards on the view's base
+    ex = {k: v[:2, :16].clone() for k, v in data.items() if k != "labels"}
     auto = torch.export.Dim.AUTO
     return torch.export.export(model, (), kwargs=ex, dynamic_shapes={
         "input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}})

@@ -1,0 +1,82 @@
+"""The demo's closing table: test accuracy of the original (PyTorch and ONNX) and of the hybrid
+(ONNX), which layers became linear, and onnxruntime latency of both ONNX models.
+
+Reads what ``make demo`` produced in ``build/bbc_news/``: ``model.pt``, ``test.pt``,
+``hybrid.onnx``, ``hybrid.original.onnx`` and ``hybrid.report.json``. Accuracy and latency are
+measured here, now, with the library's ``run`` and ``bench`` functions; nothing is copied from a
+file of expected results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from dtr_compile.capture import capture  # noqa: E402
+from dtr_compile.data import load_dataset, run_model  # noqa: E402
+from dtr_compile.load import load_model  # noqa: E402
+from dtr_compile.runtime import bench, bench_table, evaluate_onnx  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="build/bbc_news")
+    ap.add_argument("--seq", default="256,2048", help="bench lengths (demo length first)")
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    d = Path(args.dir)
+    console = Console()
+    report = json.loads((d / "hybrid.report.json").read_text())
+    original_onnx, hybrid_onnx = d / "hybrid.original.onnx", d / "hybrid.onnx"
+
+    cap = capture(load_model(d / "model.pt"))
+    test = load_dataset(d / "test.pt", cap.input_names)
+    logits = run_model(cap.gm, test, cap.input_names, 32)
+    acc_pt = (logits.argmax(-1) == test.labels).float().mean().item()
+    acc_orig = evaluate_onnx(original_onnx, d / "test.pt", metric="accuracy").value
+    acc_hyb = evaluate_onnx(hybrid_onnx, d / "test.pt", metric="accuracy").value
+
+    seqs = [int(s) for s in args.seq.split(",")]
+    res = bench([original_onnx, hybrid_onnx], seqs, batch=1, repeats=args.repeats, extend=True,
+                memory=False)
+    (d / "demo_bench.json").write_text(json.dumps(res.to_dict(), indent=2))
+
+    t = Table(title=f"BBC News topics, all-MiniLM-L6-v2, {len(test)} test articles")
+    t.add_column("model")
+    t.add_column("runtime")
+    t.add_column("test accuracy", justify="right")
+    t.add_column("linear layers")
+    for s in seqs:
+        t.add_column(f"latency T={s} (ms)", justify="right")
+    lat = {m: [res.cell(str(m), s).latency_ms for s in seqs] for m in (original_onnx, hybrid_onnx)}
+    fmt = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+    t.add_row("original", "PyTorch", f"{acc_pt:.4f}", "-", *([""] * len(seqs)))
+    t.add_row("original", "onnxruntime", f"{acc_orig:.4f}", "0", *map(fmt, lat[original_onnx]))
+    replaced = [r["module_path"] for r in report["replaced"]]
+    t.add_row("hybrid", "onnxruntime", f"{acc_hyb:.4f}", f"{len(replaced)}/{len(report['sites'])}",
+              *map(fmt, lat[hybrid_onnx]))
+    console.print(t)
+    console.print("linear layers: " + (", ".join(replaced) or "none"))
+    console.print(f"validation accuracy: original {report['baseline_metric']:.4f}, hybrid "
+                  f"{report['final_metric']:.4f}, threshold {report['threshold']:.4f} "
+                  f"(budget {report['budget']['text']})")
+    for s in seqs:
+        ratio = res.ratios(s)[str(hybrid_onnx)]["latency"]
+        ext = any(res.cell(str(m), s).extended_positions for m in (original_onnx, hybrid_onnx))
+        console.print(f"T={s}: hybrid/original latency {fmt(ratio) if ratio is None else f'{ratio:.2f}'}"
+                      + (" (position table extended with random rows beyond 512: latency only)"
+                         if ext else ""))
+    console.print(bench_table(res, title="onnxruntime latency, batch 1"))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
