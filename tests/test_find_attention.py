@@ -328,6 +328,11 @@ def _bottom_right(q, k, v, m):  # noqa: ANN001, ANN202
     return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(t, s, dtype=torch.bool).tril(s - t))
 
 
+def _einsum(q, k, v, m):  # noqa: ANN001, ANN202
+    p = torch.einsum("bhtd,bhsd->bhts", q, k).softmax(-1)
+    return torch.einsum("bhts,bhsd->bhtd", p, v)
+
+
 WHY_NOT = {
     "sliding-window": (_sliding, "a sliding window of 3 keys"),
     "causal-bottom-right-cross": (_bottom_right, "aligned bottom-right"),
@@ -337,6 +342,7 @@ WHY_NOT = {
     "two-masks": (_two_masks, "two masks"),
     "masked_fill-int-condition": (_int_condition, "no True = attend boolean counterpart"),
     "relative-position-sum": (_relative, "sum of two products"),
+    "einsum": (_einsum, "attention spelled with einsum"),
 }
 
 

@@ -487,6 +487,9 @@ def _probs_chain(b: _Build, softmax: Node) -> Node | _Miss | None:
             b.alts.append("dropout" if user.target == aten.dropout.default else "cast")
             cur = user
             continue
+        if _is(user, {aten.einsum.default}):
+            return _Miss(f"attention spelled with einsum ({user.args[0]!r}) is not matched; "
+                         "write it with matmul or F.scaled_dot_product_attention")
         return user if pv else None
 
 
