@@ -95,12 +95,25 @@ def export(v: Variant, path: Path) -> None:
             feature_map=v.feature_map,
             window=WINDOW if v.form.startswith("window") else 0,
         )
+
+    class SelfAttention(torch.nn.Module):
+        """Tells the export ``S == T``, as in a captured self-attention graph, where q and k come
+        from one sequence and share one length symbol."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.site = module
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            torch._check(k.shape[2] == q.shape[2])
+            return self.site(q, k, v)
+
     example = tuple(torch.randn(B, H, 100, d) for d in (DK, DK, DV))
     t = Dim("T", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
-            module.eval(),
+            SelfAttention().eval(),
             example,
             dynamo=True,
             verbose=False,

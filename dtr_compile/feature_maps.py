@@ -86,9 +86,12 @@ class _PerHeadProjection(FeatureMap):
         self.weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))  # [H, Dk, Dk]
         self.bias = nn.Parameter(torch.zeros(num_heads, 1, head_dim))  # [H, 1, Dk]
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [B, H, T, Dk]`` → ``xW + b: [B, H, T, Dk]`` in fp32."""
-        return torch.matmul(x.float(), self.weight.float()) + self.bias.float()
+    def project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``[x, 1] [W; b]: [B, H, T, Dout]`` in fp32 for ``weight: [H, Dk, Dout]``, ``bias: [H, 1,
+        Dout]``: the bias rides in the matmul instead of a separate pass over its output."""
+        x = x.float()
+        x1 = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # [B, H, T, Dk+1]
+        return torch.matmul(x1, torch.cat([weight, bias], dim=-2).float())
 
 
 class HedgehogFeatureMap(_PerHeadProjection):
@@ -110,9 +113,9 @@ class HedgehogFeatureMap(_PerHeadProjection):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # z and −z from one matmul with [W, −W], then one softmax over each half: no Concat
-        weight = torch.cat([self.weight, -self.weight], dim=-1).float()  # [H, Dk, 2·Dk]
-        bias = torch.cat([self.bias, -self.bias], dim=-1).float()  # [H, 1, 2·Dk]
-        z = torch.matmul(x.float(), weight) + bias  # [B, H, T, 2·Dk] = [z, −z]
+        weight = torch.cat([self.weight, -self.weight], dim=-1)  # [H, Dk, 2·Dk]
+        bias = torch.cat([self.bias, -self.bias], dim=-1)  # [H, 1, 2·Dk]
+        z = self.project(x, weight, bias)  # [B, H, T, 2·Dk] = [z, −z]
         halves = torch.softmax(z.unflatten(-1, (2, self.head_dim)), dim=-1)  # [B, H, T, 2, Dk]
         return halves.flatten(-2)
 
@@ -121,7 +124,7 @@ class T2RFeatureMap(_PerHeadProjection):
     """T2R: ``φ(x) = relu(xW + b)``, ``W: [H, Dk, Dk] = I``, ``b = 0``, ``F = Dk``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.project(x))
+        return torch.relu(self.project(x, self.weight, self.bias))
 
 
 class TaylorFeatureMap(FeatureMap):
@@ -133,9 +136,10 @@ class TaylorFeatureMap(FeatureMap):
     kernel with ``F = 1 + Dk + Dk(Dk+1)/2``.
 
     Computed as the pairwise products ``x̂_i·x̂_j, i <= j`` of ``x̂ = [1, x]`` (in that order:
-    ``1``, then ``x``, then the pairs of ``x`` row by row), picked by two one-hot matmuls with the
-    scales folded into the first: ``φ = (x̂ A) ⊙ (x̂ C)``, exact in fp32 and free of Gather/Concat
-    over the ``F``-wide features.
+    ``1``, then ``x``, then the pairs of ``x`` row by row), exact in fp32. The pairs are gathered
+    along the feature axis of ``x̂ᵀ: [Dk+1, T]``, so each gathered row is one contiguous copy
+    (onnxruntime's Gather along the innermost axis copies element by element), and returned as a
+    transposed view that the following matmuls absorb.
     """
 
     def __init__(self, num_heads: int, head_dim: int, *, role: str = "query") -> None:
@@ -145,9 +149,9 @@ class TaylorFeatureMap(FeatureMap):
         scale[rows == cols] = 1.0 / math.sqrt(2.0 * head_dim)  # x_i²
         scale[rows == 0] = 1.0 / head_dim**0.25  # 1·x_j
         scale[0] = 1.0  # 1·1
-        pick = torch.eye(head_dim + 1)
-        self.register_buffer("pick_scaled", pick[:, rows] * scale, persistent=False)  # A: [Dk+1, F]
-        self.register_buffer("pick", pick[:, cols], persistent=False)  # C: [Dk+1, F]
+        self.register_buffer("rows", rows, persistent=False)  # [F]
+        self.register_buffer("cols", cols, persistent=False)  # [F]
+        self.register_buffer("scale", scale[:, None], persistent=False)  # [F, 1]
 
     @property
     def feature_dim(self) -> int:
@@ -155,9 +159,11 @@ class TaylorFeatureMap(FeatureMap):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        x_hat = torch.cat([torch.ones_like(x[..., :1]), x], dim=-1)  # [B, H, T, Dk+1]
-        scaled = torch.matmul(x_hat, self.pick_scaled)  # [B, H, T, F], x̂_i·scale
-        return scaled * torch.matmul(x_hat, self.pick)  # [B, H, T, F], · x̂_j
+        x_hat = torch.cat([torch.ones_like(x[..., :1]), x], dim=-1).transpose(
+            -1, -2
+        )  # [B, H, Dk+1, T]
+        phi_t = x_hat.index_select(-2, self.rows) * self.scale * x_hat.index_select(-2, self.cols)
+        return phi_t.transpose(-1, -2)  # [B, H, T, F]
 
 
 class PerformerFeatureMap(FeatureMap):

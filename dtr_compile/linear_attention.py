@@ -136,22 +136,30 @@ def _unchunk(x: torch.Tensor, length: int) -> torch.Tensor:
     return x.index_select(2, index)
 
 
-def _prefix_state(
-    phi_k: torch.Tensor, v: torch.Tensor, shift: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """States of all chunks before ``i − shift + 1``, i.e. an exclusive prefix sum over chunks.
+def _with_ones(v: torch.Tensor) -> torch.Tensor:
+    """``v: [..., S, Dv]`` → ``[v, 1]: [..., S, Dv+1]``: one matmul then gives the numerator and
+    the normaliser, ``A [v, 1] = [A v, A 1]``, instead of a second pass over ``A`` or ``φ``."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def _normalise(num_den: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[..., Dv+1]`` (numerator, normaliser) → ``numerator / (normaliser + eps): [..., Dv]``."""
+    return num_den[..., :-1] / (num_den[..., -1:] + eps)
+
+
+def _prefix_state(phi_k: torch.Tensor, v1: torch.Tensor, shift: int) -> torch.Tensor:
+    """Exclusive prefix sum of chunk states: chunk ``i`` gets the keys of chunks ``< i − shift + 1``.
 
     Args:
         phi_k: ``[B, H, N, C, F]``.
-        v: ``[B, H, N, C, Dv]``.
+        v1: ``[B, H, N, C, Dv+1]``, values with a ones column.
         shift: 1 = chunks ``< i``; 2 = chunks ``< i − 1``.
 
     Returns:
-        ``kv: [B, H, N, F, Dv]`` (``Σ φ(k_s) v_sᵀ``) and ``z: [B, H, N, 1, F]`` (``Σ φ(k_s)``).
+        ``[B, H, N, F, Dv+1]``: ``Σ φ(k_s) [v_s, 1]ᵀ``, the state and the normaliser together.
     """
-    kv = torch.cumsum(torch.matmul(phi_k.transpose(-1, -2), v), dim=2)  # [B, H, N, F, Dv]
-    z = torch.cumsum(phi_k.sum(dim=-2, keepdim=True), dim=2)  # [B, H, N, 1, F]
-    return _shift_chunks(kv, shift), _shift_chunks(z, shift)
+    state = torch.matmul(phi_k.transpose(-1, -2), v1)  # [B, H, N, F, Dv+1], one chunk each
+    return _shift_chunks(torch.cumsum(state, dim=2), shift)
 
 
 # --- the operators ---------------------------------------------------------------------------
@@ -185,22 +193,24 @@ def linear_attention(
     if key_valid is not None:
         phi_k = phi_k * key_valid[:, None, :, None].float()
     if not causal:
-        kv = torch.matmul(phi_k.transpose(-1, -2), v)  # [B, H, F, Dv]
-        z = phi_k.sum(dim=-2, keepdim=True)  # [B, H, 1, F]
-        num = torch.matmul(phi_q, kv)  # [B, H, T, Dv]
-        den = torch.matmul(phi_q, z.transpose(-1, -2))  # [B, H, T, 1]
+        if phi_q.shape[-1] > 2 * (v.shape[-1] + 1):  # wide φ: read it once, for both
+            state = torch.matmul(phi_k.transpose(-1, -2), _with_ones(v))  # [B, H, F, Dv+1]
+            return _normalise(torch.matmul(phi_q, state), eps)  # [B, H, T, Dv]
+        # narrow φ: a second pass over it costs less than widening v and slicing the output
+        num = torch.matmul(phi_q, torch.matmul(phi_k.transpose(-1, -2), v))  # [B, H, T, Dv]
+        den = torch.matmul(phi_q, phi_k.sum(dim=-2, keepdim=True).transpose(-1, -2))  # [B, H, T, 1]
         return num / (den + eps)
 
     T = phi_q.shape[-2]
-    phi_k, v = _align_keys(phi_k, T), _align_keys(v, T)  # [B, H, T, *]
-    q_c, k_c, v_c = _chunk(phi_q, chunk_size), _chunk(phi_k, chunk_size), _chunk(v, chunk_size)
-    # q_c: [B, H, N, C, F], k_c: [B, H, N, C, F], v_c: [B, H, N, C, Dv]
+    v1 = _with_ones(v)  # [B, H, S, Dv+1]
+    phi_k, v1 = _align_keys(phi_k, T), _align_keys(v1, T)  # [B, H, T, *]
+    q_c, k_c, v_c = _chunk(phi_q, chunk_size), _chunk(phi_k, chunk_size), _chunk(v1, chunk_size)
+    # q_c: [B, H, N, C, F], k_c: [B, H, N, C, F], v_c: [B, H, N, C, Dv+1]
     causal_mask = torch.ones(chunk_size, chunk_size).tril()  # [C, C], query row, key column
     a = torch.matmul(q_c, k_c.transpose(-1, -2)) * causal_mask  # [B, H, N, C, C] within chunk
-    kv, z = _prefix_state(k_c, v_c, shift=1)  # earlier chunks: [B, H, N, F, Dv], [B, H, N, 1, F]
-    num = torch.matmul(q_c, kv) + torch.matmul(a, v_c)  # [B, H, N, C, Dv]
-    den = torch.matmul(q_c, z.transpose(-1, -2)) + a.sum(dim=-1, keepdim=True)  # [B, H, N, C, 1]
-    return _unchunk(num / (den + eps), T)
+    state = _prefix_state(k_c, v_c, shift=1)  # earlier chunks: [B, H, N, F, Dv+1]
+    num_den = torch.matmul(q_c, state) + torch.matmul(a, v_c)  # [B, H, N, C, Dv+1]
+    return _unchunk(_normalise(num_den, eps), T)
 
 
 def naive_linear_attention(
@@ -273,11 +283,11 @@ def sliding_window_linear_attention(
     else:
         valid = key_valid.float()  # [B, S]
         phi_k = phi_k * valid[:, None, :, None]  # [B, H, S, F]
-    k, v, phi_k = (_align_keys(x.float(), T) for x in (k, v, phi_k))  # [B, H, T, *]
+    k, v1, phi_k = (_align_keys(x, T) for x in (k.float(), _with_ones(v.float()), phi_k))
     valid = _align_keys(valid[..., None], T)  # [B|1, T, 1]
 
     q_c, phi_q_c = _chunk(q.float(), C), _chunk(phi_q.float(), C)  # [B, H, N, C, Dk | F]
-    k_c, v_c, phi_k_c = _chunk(k, C), _chunk(v, C), _chunk(phi_k, C)  # [B, H, N, C, Dk | Dv | F]
+    k_c, v_c, phi_k_c = _chunk(k, C), _chunk(v1, C), _chunk(phi_k, C)  # [B, H, N, C, Dk|Dv+1|F]
     valid_c = _chunk(valid, C).transpose(-1, -2).unsqueeze(1)  # [B|1, 1, N, 1, C]
 
     def local(x: torch.Tensor, dim: int) -> torch.Tensor:  # chunks n−1 and n side by side
@@ -295,11 +305,9 @@ def sliding_window_linear_attention(
         a_sm = a_sm * softmax_weight.float()[:, None, None, None]
     a = a_sm + torch.matmul(phi_q_c, phi_k_l.transpose(-1, -2)) * linear_mask  # [B, H, N, C, 2C]
 
-    kv, z = _prefix_state(phi_k_c, v_c, shift=2)  # chunks < n − 1
-    num = torch.matmul(a, v_l) + torch.matmul(phi_q_c, kv)  # [B, H, N, C, Dv]
-    den = a.sum(dim=-1, keepdim=True)  # [B, H, N, C, 1]
-    den = den + torch.matmul(phi_q_c, z.transpose(-1, -2))
-    return _unchunk(num / (den + eps), T)
+    state = _prefix_state(phi_k_c, v_c, shift=2)  # chunks < n − 1: [B, H, N, F, Dv+1]
+    num_den = torch.matmul(a, v_l) + torch.matmul(phi_q_c, state)  # [B, H, N, C, Dv+1]
+    return _unchunk(_normalise(num_den, eps), T)
 
 
 def naive_sliding_window_linear_attention(
