@@ -65,6 +65,8 @@ def _load_hf_folder(path: Path) -> LoadedModel:
         auto = transformers.AutoModelForCausalLM
     try:
         module = auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        if getattr(module.config, "use_cache", None):
+            module.config.use_cache = False  # a KV cache object cannot be captured
     except Exception as exc:  # noqa: BLE001 - any loader failure is an input problem
         raise InputError(f"{path}: could not load as a Hugging Face model: {exc}") from exc
     module.eval()
@@ -118,7 +120,10 @@ def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> L
                 "arbitrary code: re-save it with torch.export.save, or pass --trust-pickle if you "
                 "trust the file"
             )
-        obj = torch.load(p, weights_only=False, map_location="cpu")
+        try:
+            obj = torch.load(p, weights_only=False, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise InputError(f"{p}: could not unpickle ({type(exc).__name__}: {exc})") from exc
         if not isinstance(obj, torch.nn.Module):
             raise InputError(f"{p} unpickled to {type(obj).__name__}, not a torch.nn.Module")
         obj.eval()

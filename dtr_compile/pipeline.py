@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +21,19 @@ from dtr_compile import __version__
 from dtr_compile.capture import capture, check_inputs
 from dtr_compile.config import Budget, CompileConfig, parse_duration
 from dtr_compile.data import Dataset, load_dataset, run_model
-from dtr_compile.distill import DistillResult, distill_site, record_sites
+from dtr_compile.distill import (
+    DistillPlan,
+    DistillResult,
+    DistillSettings,
+    default_workers,
+    distill,
+    plan_distillation,
+)
+from dtr_compile.distill_cache import DistillCache
 from dtr_compile.errors import (
     EXIT_NO_REPLACEMENT,
     EXIT_OK,
     InputError,
-    NoAttentionError,
     ParityError,
 )
 from dtr_compile.exporters.artifacts import ExportResult, check_export_options, export_artifacts
@@ -40,10 +47,15 @@ from dtr_compile.ledger import (
     load_students,
     save_students,
 )
-from dtr_compile.linear_attention import LinearAttention, SiteSwitch, SoftmaxAttention
+from dtr_compile.linear_attention import SiteSwitch
 from dtr_compile.load import check_model_path, load_model
 from dtr_compile.metrics import Metric, get_metric
-from dtr_compile.passes.find_attention import AttentionSite, find_attention
+from dtr_compile.passes.find_attention import (
+    AttentionScan,
+    AttentionSite,
+    Rejected,
+    find_attention,
+)
 from dtr_compile.passes.linearize import linearize, rewrite_sites
 from dtr_compile.prefix_cache import PrefixCache, SegmentedGraph
 from dtr_compile.report import report_paths, write_report
@@ -106,7 +118,51 @@ def _validate(config: CompileConfig) -> Budget:
     if config.cache_mb < 0:
         raise InputError("--cache-mb must be >= 0 (0 turns the prefix cache off)")
     check_export_options(target=config.target, opset=config.opset, engine=config.engine)
+    _distill_settings(config).check()
+    if config.max_calib_tokens < 1:
+        raise InputError("--max-calib-tokens must be >= 1")
+    if config.workers < 0:
+        raise InputError("--workers must be >= 0 (0: one per CPU)")
     return budget
+
+
+def _distill_settings(config: CompileConfig) -> DistillSettings:
+    return DistillSettings(
+        target=config.distill_target, feature_map=config.feature_map, steps=config.distill_steps,
+        lr=config.distill_lr, block_lr=config.distill_block_lr, batch_rows=config.distill_batch,
+        query_positions=config.distill_queries, loss=config.distill_loss, seed=config.seed)
+
+
+def _distill(
+    config: CompileConfig, plan: DistillPlan, gm: torch.fx.GraphModule, calib: Dataset,
+    names: list[str], console: Console,
+) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]]:
+    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill`)."""
+    cache_dir = Path(config.cache_dir) if config.cache_dir else \
+        Path(config.output).parent / ".dtr-cache"
+    cache = None if config.no_cache else DistillCache(cache_dir)
+    workers = config.workers or default_workers(len(plan.sites))
+    steps = plan.settings.steps
+    with _progress(console, config.progress) as prog:
+        record = prog.add_task("teacher activations", total=len(calib), info="")
+        tasks = {s.id: prog.add_task(f"distill {s.id} ({plan.targets[s.id]})", total=steps,
+                                     info="") for s in plan.sites}
+
+        def on_done(sid: str, res: DistillResult) -> None:
+            prog.update(tasks[sid], completed=steps, info="cached" if res.cached else "done")
+            status = "ok" if res.ok else f"[red]failed[/red]: {res.reason} (kept as softmax)"
+            how = "from the cache" if res.cached else f"in {res.seconds:.1f} s, {res.steps} steps"
+            console.log(f"distilled {sid} ({res.target}): rel. error {res.init_error:.3f} → "
+                        f"{res.final_error:.3f} {how}, {status}"
+                        + (f" ({res.note})" if res.note else ""))
+
+        return distill(
+            gm, plan, calib, names, record_batch=config.eval_batch,
+            max_calib_tokens=config.max_calib_tokens, workers=workers, cache=cache,
+            on_record=lambda k: prog.advance(record, k),
+            on_step=lambda sid, step, loss: prog.update(tasks[sid], completed=step,
+                                                        info=f"loss {loss:.3g}"),
+            on_done=on_done)
 
 
 def _example_inputs(config: CompileConfig) -> dict[str, torch.Tensor] | None:
@@ -134,19 +190,14 @@ def _input_hashes(config: CompileConfig) -> dict[str, str]:
 
 def _reuse_students(
     path: Path, distill_fp: str, sites: tuple[AttentionSite, ...] | list[AttentionSite],
-    config: CompileConfig, console: Console,
-) -> tuple[dict[str, LinearAttention], dict[str, DistillResult]] | None:
+    config: CompileConfig, console: Console, build: Callable[[str], torch.nn.Module],
+) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]] | None:
     """With ``--resume``: the distilled modules of the interrupted run, if distilled from the
-    same inputs and settings (see :func:`dtr_compile.ledger.save_students`)."""
+    same inputs and settings (see :func:`dtr_compile.ledger.save_students`); ``build`` makes
+    a site's empty student."""
     if not config.resume:
         return None
     by_id = {s.id: s for s in sites}
-
-    def build(sid: str) -> LinearAttention:
-        s = by_id[sid]
-        return LinearAttention(s.num_heads, s.num_kv_heads, s.head_dim, mask_kind=s.mask_kind,
-                               causal=s.causal, feature_map=config.feature_map)
-
     got = load_students(path, distill_fp, build)
     if isinstance(got, str) or set(got[0]) != set(by_id):
         console.log(f"distilling again: {got if isinstance(got, str) else 'other sites'}")
@@ -163,7 +214,7 @@ def _search(
     search_gm: torch.fx.GraphModule,
     switches: dict[str, SiteSwitch],
     candidates: list[str],
-    students: dict[str, LinearAttention],
+    students: dict[str, torch.nn.Module],
     val: Dataset,
     names: list[str],
     metric: Metric,
@@ -253,6 +304,19 @@ def _search(
     return sched, info
 
 
+def _linearizable(scan: AttentionScan) -> AttentionScan:
+    """Move sites the linear module cannot take yet (the ``(BH)TD`` layout of
+    ``nn.MultiheadAttention``'s bmm path) to the rejected list, with the reason."""
+    ok = tuple(s for s in scan.sites if s.layout == "BHTD")
+    moved = tuple(Rejected(s.output, s.module_path,
+                           f"layout {s.layout}: the linear-attention module takes [B, H, T, D] "
+                           "sites only (not yet supported)")
+                  for s in scan.sites if s.layout != "BHTD")
+    if not moved:
+        return scan
+    return AttentionScan(sites=ok, rejected=scan.rejected + moved)
+
+
 def compile_model(config: CompileConfig, console: Console | None = None) -> CompileResult:
     """Compile ``config.model`` into a hybrid within ``config.budget`` and export it.
 
@@ -282,15 +346,8 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     budget.check_metric(metric.name, metric.bounds)
 
     with _stage(timings, "find_attention", console):
-        scan = find_attention(gm)
-    if not scan.sites:
-        why = "; ".join(f"{r.node} ({r.module_path}): {r.reason}" for r in scan.rejected)
-        raise NoAttentionError(
-            "no rewritable attention site in the model: searched for "
-            "aten.scaled_dot_product_attention and matmul → softmax → matmul"
-            + (f"; rejected: {why}" if why else "")
-        )
-    sites = scan.sites
+        scan = _linearizable(find_attention(gm))
+    sites = scan.require_sites()
     by_key = {s.id: s for s in sites} | {s.module_path: s for s in sites}
     unknown = [k for k in config.keep if k not in by_key]
     if unknown:
@@ -315,51 +372,34 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     console.log(f"baseline {metric.name} = {baseline:.6g}; "
                 f"{budget.describe(baseline, metric.higher_is_better)}")
 
-    students: dict[str, LinearAttention] = {}
-    results: dict[str, DistillResult] = {}
     paths = report_paths(report_path)
     hashes = _input_hashes(config)
-    distill_fp = fingerprint({k: hashes[k] for k in ("model", "calib")} | {
-        k: str(getattr(config, k)) for k in ("max_calib_samples", "feature_map", "distill_steps",
-                                             "distill_lr", "distill_batch", "seed", "eval_batch")}
-        | {"dtr_compile": __version__, "torch": torch.__version__})
-    reused = _reuse_students(paths.students, distill_fp, sites, config, console)
+    plan = plan_distillation(gm, sites, _distill_settings(config), calib, config.eval_batch)
+    for sid, note in plan.notes.items():
+        console.log(f"[yellow]{sid}[/yellow]: {note}")
+    # each site's cache key covers its teacher, settings, calibration rows and code
+    distill_fp = fingerprint({sid: plan.keys[sid] for sid in sorted(plan.keys)})
+    reused = _reuse_students(paths.students, distill_fp, sites, config, console,
+                             lambda sid: plan.empty_student(gm, sid))
     with _stage(timings, "distill", console):
         if reused is not None:
             students, results = reused
         else:
-            records = record_sites(gm, sites, calib, names, config.eval_batch)
-            with _progress(console, config.progress) as prog:
-                for s in sites:
-                    task = prog.add_task(f"distill {s.id}", total=config.distill_steps, info="")
-                    module, res = distill_site(
-                        s, records[s.id], feature_map=config.feature_map, steps=config.distill_steps,
-                        lr=config.distill_lr, batch_size=config.distill_batch, seed=config.seed,
-                        on_step=lambda i, loss, t=task: prog.update(t, completed=i + 1, info=f"loss {loss:.3g}"),
-                    )
-                    module.eval()
-                    students[s.id], results[s.id] = module, res
-                    status = "ok" if res.ok else f"[red]failed[/red]: {res.reason} (kept as softmax)"
-                    console.log(f"distilled {s.id}: rel. error {res.init_error:.3f} → "
-                                f"{res.final_error:.3f} in {res.seconds:.1f} s, {status}")
-            del records
+            students, results = _distill(config, plan, gm, calib, names, console)
             save_students(paths.students, distill_fp, students,
                           {sid: r.__dict__ for sid, r in results.items()})
 
     candidates = [s.id for s in sites if s.id not in kept and results[s.id].ok]
-    switches = {
-        s.id: SiteSwitch(SoftmaxAttention(s.num_heads, s.num_kv_heads, scale=s.scale, causal=s.causal),
-                         students[s.id])
-        for s in sites if s.id in candidates
-    }
-    search_gm = rewrite_sites(gm, sites, switches, class_name="SearchGraph")
+    switches = {sid: plan.switch(gm, sid, students[sid]) for sid in candidates}
+    search_gm = rewrite_sites(gm, sites, switches, class_name="SearchGraph", blocks=plan.blocks)
     sched, search_info = _search(config, hashes, search_gm, switches, candidates, students, val,
                                  names, metric, reference, baseline, threshold, paths.ledger,
                                  console, timings)
     search_info["students"] = {"path": str(paths.students), "reused": reused is not None}
     console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
 
-    hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed})
+    hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed},
+                       blocks=plan.blocks)
     with _stage(timings, "export", console):
         example = {k: v[: max(2, min(len(val), 2))] for k, v in val.inputs.items()}
         exported: ExportResult = export_artifacts(
