@@ -5,11 +5,11 @@ is exported once with ``torch.onnx.export(dynamo=True)`` and a dynamic sequence 
 measured side by side in one run at ``T ∈ {512, …, 8192}``, ``B = 1``, ``H = 12``, ``Dk = Dv = 32``,
 no mask:
 
-* latency: for each ``T``, every session is warmed up, then ``--rounds`` rounds run all models in a
-  fresh random order (interleaved, so load from other processes hits all alike); one sample is
-  the mean of enough back-to-back runs to last >= 20 ms; the table shows the median sample.
-  All sessions share one onnxruntime CPU arena (``session.use_env_allocators``), so one
-  softmax session's 8192-token buffers are not held twice.
+* latency: softmax attention and the variants compared with it (bidirectional; causal and
+  window) are measured as one group: for each ``T``, every session of the group is warmed up,
+  then ``--rounds`` rounds run all of them in a fresh random order (interleaved, so load from
+  other processes hits all alike); one sample is the mean of enough back-to-back runs to last
+  >= 20 ms; the table shows the median sample. onnxruntime's defaults otherwise (arena on).
 * peak memory: one subprocess per (model, T); it builds its session (arena on, the onnxruntime
   default) and inputs, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the
   model once and reports ``VmHWM − VmRSS before the run``: every byte the run touched (activations,
@@ -133,53 +133,81 @@ def inputs(T: int, seed: int = 0):  # noqa: ANN201
     }
 
 
-def session(path: Path, threads: int, shared_arena: bool):  # noqa: ANN201
+def session(path: Path, threads: int):  # noqa: ANN201
+    """A CPU session with onnxruntime's defaults (memory arena on), ``threads`` intra-op threads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    if shared_arena:
-        opts.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def measure_latency(
-    paths: dict[str, Path], seq_lens: tuple[int, ...], rounds: int, threads: int, log
-) -> dict[str, dict[int, float]]:  # noqa: ANN001
-    """Median latency in ms, ``{variant: {T: ms}}``, interleaved as the module docstring says."""
-    import onnxruntime as ort
+def _group(name: str) -> str:
+    """Models measured together: a teacher and the variants compared with it."""
+    return "bidirectional" if name.endswith("bidirectional") else "causal"
 
-    ort.create_and_register_allocator(
-        ort.OrtMemoryInfo(
-            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
-        ),
-        None,
-    )
-    sessions = {name: session(p, threads, shared_arena=True) for name, p in paths.items()}
+
+def _mem_available_bytes() -> int:
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    return int(m.group(1)) * 1024 if m else 0
+
+
+def measure_latency(
+    paths: dict[str, Path],
+    seq_lens: tuple[int, ...],
+    rounds: int,
+    threads: int,
+    peak: dict[str, dict[int, int]],
+    log,  # noqa: ANN001
+) -> dict[str, dict[int, float]]:
+    """Median latency in ms, ``{variant: {T: ms}}``, interleaved as the module docstring says.
+
+    One group at a time (softmax/bidirectional with the bidirectional variants, softmax/causal
+    with the causal and window ones): each session's arena keeps its largest run, and two
+    8192-token softmax sessions together would not fit beside other work on a 23 GiB machine.
+    Before each ``T`` the arenas' growth (from ``peak``) is checked against ``MemAvailable``.
+
+    Raises:
+        SystemExit: not enough memory for the next ``T``; nothing else is started.
+    """
     rng = random.Random(0)
     result: dict[str, dict[int, float]] = {name: {} for name in paths}
-    for T in seq_lens:
-        feed = inputs(T)
-        reps: dict[str, int] = {}
-        for name, sess in sessions.items():
-            t0 = time.perf_counter()
-            sess.run(None, feed)  # warm-up, also sizes the sample
-            reps[name] = max(1, min(200, round(MIN_SAMPLE_S / max(time.perf_counter() - t0, 1e-6))))
-        samples: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(rounds):
-            order = list(sessions)
-            rng.shuffle(order)
-            for name in order:
-                sess, n = sessions[name], reps[name]
+    for group in ("bidirectional", "causal"):
+        members = [name for name in paths if _group(name) == group]
+        sessions = {name: session(paths[name], threads) for name in members}
+        held = 0
+        for T in seq_lens:
+            need = sum(peak[name][T] for name in members) - held
+            if need + 2**30 > _mem_available_bytes():
+                raise SystemExit(
+                    f"latency T={T} ({group}): the sessions need {need / 2**30:.1f} GiB more, "
+                    f"{_mem_available_bytes() / 2**30:.1f} GiB is available; stopping here "
+                    "(rerun with --seq-lens below this T, or when the machine is quieter)"
+                )
+            held += need
+            feed = inputs(T)
+            reps: dict[str, int] = {}
+            for name, sess in sessions.items():
                 t0 = time.perf_counter()
-                for _ in range(n):
-                    sess.run(None, feed)
-                samples[name].append((time.perf_counter() - t0) / n * 1e3)
-        for name, s in samples.items():
-            result[name][T] = statistics.median(s)
-        log(f"latency T={T}: " + ", ".join(f"{n} {result[n][T]:.2f}" for n in sessions))
+                sess.run(None, feed)  # warm-up, also sizes the sample
+                elapsed = max(time.perf_counter() - t0, 1e-6)
+                reps[name] = max(1, min(200, round(MIN_SAMPLE_S / elapsed)))
+            samples: dict[str, list[float]] = {name: [] for name in sessions}
+            for _ in range(rounds):
+                order = list(sessions)
+                rng.shuffle(order)
+                for name in order:
+                    sess, n = sessions[name], reps[name]
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        sess.run(None, feed)
+                    samples[name].append((time.perf_counter() - t0) / n * 1e3)
+            for name, s in samples.items():
+                result[name][T] = statistics.median(s)
+            log(f"latency T={T}: " + ", ".join(f"{n} {result[n][T]:.2f}" for n in sessions))
+        del sessions  # frees the group's arenas before the next group starts
     return result
 
 
@@ -191,7 +219,7 @@ def _rss_kib(field: str) -> int:
 
 def peak_child(path: str, T: int, threads: int) -> None:
     """Subprocess entry: print ``{"peak_bytes": ...}`` of one run of ``path`` at length ``T``."""
-    sess = session(Path(path), threads, shared_arena=False)
+    sess = session(Path(path), threads)
     feed = inputs(T)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _rss_kib("VmRSS")
@@ -202,11 +230,27 @@ def peak_child(path: str, T: int, threads: int) -> None:
 
 
 def measure_peak(
-    paths: dict[str, Path], seq_lens: tuple[int, ...], threads: int, log
-) -> dict[str, dict[int, int]]:  # noqa: ANN001
+    paths: dict[str, Path],
+    seq_lens: tuple[int, ...],
+    threads: int,
+    log,  # noqa: ANN001
+) -> dict[str, dict[int, int]]:
+    """Peak bytes of one run, ``{variant: {T: bytes}}``, one subprocess each.
+
+    Raises:
+        SystemExit: a run would not fit in ``MemAvailable`` (guessed as 4× its peak at the
+            previous ``T``: attention memory grows at most quadratically).
+    """
     result: dict[str, dict[int, int]] = {name: {} for name in paths}
-    for T in seq_lens:
+    for i, T in enumerate(seq_lens):
         for name, p in paths.items():
+            if i:
+                guess = result[name][seq_lens[i - 1]] * (T / seq_lens[i - 1]) ** 2
+                if guess + 2**30 > _mem_available_bytes():
+                    raise SystemExit(
+                        f"peak memory of {name} at T={T} may reach {guess / 2**30:.1f} GiB, "
+                        f"{_mem_available_bytes() / 2**30:.1f} GiB is available; stopping here"
+                    )
             proc = subprocess.run(
                 [sys.executable, __file__, "--peak-child", str(p), str(T), str(threads)],
                 capture_output=True,
@@ -237,7 +281,8 @@ def render(
         f"B = {B}, H = {H}, Dk = Dv = {DK}, no mask, fp32; window form: W = {WINDOW}. "
         f"Generated by `benchmarks/linear_attention.py` on {meta['date']}.",
         "",
-        "Latency (ms, median of interleaved samples):",
+        "Latency (ms, median of samples interleaved within each group: softmax/bidirectional with the "
+        "bidirectional variants, softmax/causal with the causal and window ones):",
         "",
         f"{head} | {hi}/{lo} | softmax/variant at {hi} |",
         sep + "---:|---:|",
@@ -345,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"exported {v.name} in {time.perf_counter() - t0:.1f} s")
         # memory first: the latency process keeps its shared arena at the largest model's peak
         peak = measure_peak(paths, seq_lens, args.threads, log)
-        latency = measure_latency(paths, seq_lens, args.rounds, args.threads, log)
+        latency = measure_latency(paths, seq_lens, args.rounds, args.threads, peak, log)
     meta["load_after"] = _loadavg()
     section = render(latency, peak, seq_lens, meta)
     print(section)
