@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # Reproducible MKL results: the same branch for any memory alignment (set before torch loads MKL).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# Library deprecation notices (torch/transformers internals) are not the user's to act on.
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import click
 from rich.console import Console
@@ -81,11 +85,35 @@ def main() -> None:
                    "attributes higher_is_better, needs_labels, bounds). Default: accuracy with "
                    "labels, else agreement with the original model's predictions.")
 @click.option("--report", default=None, help="Report JSON path (default: OUTPUT.report.json).")
-@click.option("--feature-map", default=None, help="Linear-attention feature map (default hedgehog).")
-@click.option("--distill-steps", type=int, default=None, help="Optimiser steps per site (default 300).")
-@click.option("--distill-lr", type=float, default=None, help="Distillation learning rate (default 0.01).")
+@click.option("--feature-map", default=None,
+              help="Linear-attention feature map: hedgehog (default), elu, relu, t2r, taylor, "
+                   "performer.")
+@click.option("--distill-target", type=click.Choice(["site", "block"]), default=None,
+              help="What each linear attention is trained to reproduce. site (default): the "
+                   "attention core's output from the teacher's q, k, v (trains the feature map). "
+                   "block: the attention block's output after its output projection from the "
+                   "block's input hidden states (q/k/v/o weights train too, from the teacher's).")
+@click.option("--distill-loss", type=click.Choice(["mse", "mse+ce"]), default=None,
+              help="Distillation loss: output MSE (default), or with --distill-target site also "
+                   "Hedgehog's attention-weight cross-entropy.")
+@click.option("--distill-steps", type=int, default=None,
+              help="Optimiser steps per site, at most (default 200; early stopping on held-out "
+                   "calibration rows may end sooner).")
+@click.option("--distill-lr", type=float, default=None,
+              help="Learning rate of the feature maps (default 0.03; a block's q/k/v/o weights "
+                   "use 0.001).")
 @click.option("--max-calib-samples", type=int, default=None,
               help="Calibration sequences used for distillation (default 64).")
+@click.option("--max-calib-tokens", type=int, default=None,
+              help="Teacher activations of at most this many calibration tokens are held in "
+                   "memory; the rest are spilled to temporary files (default 32768).")
+@click.option("--workers", type=int, default=None,
+              help="Distillation processes, one site each at a time (default: one per CPU).")
+@click.option("--cache-dir", default=None, type=click.Path(path_type=str),
+              help="Distilled-weights cache, keyed by model, site, feature map, target, "
+                   "settings and calibration data (default: .dtr-cache beside the output).")
+@click.option("--no-cache", is_flag=True, default=None,
+              help="Distil every site afresh and write nothing to the cache.")
 @click.option("--eval-batch", type=int, default=None, help="Batch size for evaluation (default 32).")
 @click.option("--keep", default=None, help="Comma-separated sites (id or module path) never replaced.")
 @click.option("--max-linear", type=int, default=None, help="Replace at most N sites.")

@@ -11,6 +11,7 @@ Accepted inputs:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -129,6 +130,8 @@ def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> L
         obj.eval()
         return LoadedModel(source=str(p), format="pickle", module=obj)
     try:
+        # torch warns about any suffix but .pt2; .pt is ours to accept (the demo writes model.pt)
+        logging.getLogger("torch.export.pt2_archive._package").setLevel(logging.ERROR)
         program = torch.export.load(p)
     except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
         raise InputError(f"{p}: not a readable torch.export archive ({type(exc).__name__}: {exc})") from exc

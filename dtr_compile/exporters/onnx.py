@@ -32,6 +32,7 @@ same fp32 PyTorch hybrid and passes when the max-abs error is within :data:`FP16
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import warnings
@@ -46,6 +47,10 @@ from torch.fx import GraphModule
 
 from dtr_compile.errors import DtrError
 from dtr_compile.fileio import atomic_path
+
+# torch.onnx logs a warning per torchvision op it cannot register; torchvision is deliberately
+# not a dependency (no build matches the CPU torch pin).
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 #: Default opset: ONNX ``Attention`` (opset 23) is exact on fully masked rows in onnxruntime.
 DEFAULT_OPSET = 23
