@@ -31,12 +31,13 @@ same fp32 PyTorch hybrid and passes when the max-abs error is within :data:`FP16
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +286,28 @@ def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[
     return target
 
 
+@contextlib.contextmanager
+def _no_rotary_fusion() -> Iterator[None]:
+    """Turn off onnxscript's opset-23 ``RotaryEmbedding`` fusion for one export.
+
+    The fusion feeds ``cos, sin: [Bc, T, Dk/2]`` to the fused op as they are, but Hugging Face
+    RoPE models compute them from ``position_ids: [1, T]`` (``Bc = 1``) and onnxruntime's
+    ``RotaryEmbedding`` requires ``Bc == B``: the fused model fails for every batch > 1. The
+    unfused Mul/Slice/Concat form broadcasts and is exact.
+    """
+    try:
+        from onnxscript.rewriter.rules.fusion import _rotary_embedding
+    except ImportError:  # pragma: no cover - other onnxscript layouts: nothing to turn off
+        yield
+        return
+    real = _rotary_embedding.fuse_rotary_embedding
+    _rotary_embedding.fuse_rotary_embedding = lambda model, debug=False: 0  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _rotary_embedding.fuse_rotary_embedding = real
+
+
 def export_onnx(
     model: torch.nn.Module | torch.export.ExportedProgram,
     example: Mapping[str, torch.Tensor],
@@ -318,7 +341,7 @@ def export_onnx(
     target = Path(path)
     with atomic_path(target) as tmp:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _no_rotary_fusion():
                 warnings.simplefilter("ignore")
                 prog = torch.onnx.export(
                     gm, args, dynamo=True, opset_version=opset, input_names=list(input_names),
