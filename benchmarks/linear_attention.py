@@ -9,7 +9,8 @@ no mask:
   window) are measured as one group: for each ``T``, every session of the group is warmed up,
   then ``--rounds`` rounds run all of them in a fresh random order (interleaved, so load from
   other processes hits all alike); one sample is the mean of enough back-to-back runs to last
-  >= 20 ms; the table shows the median sample. onnxruntime's defaults otherwise (arena on).
+  >= 20 ms; the table shows the median sample. Fresh sessions for each ``T`` (onnxruntime's
+  defaults, arena on), so no arena carries buffers over from a shorter ``T``.
 * peak memory: one subprocess per (model, T); it builds its session (arena on, the onnxruntime
   default) and inputs, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the
   model once and reports ``VmHWM − VmRSS before the run``: every byte the run touched (activations,
@@ -165,9 +166,10 @@ def measure_latency(
     """Median latency in ms, ``{variant: {T: ms}}``, interleaved as the module docstring says.
 
     One group at a time (softmax/bidirectional with the bidirectional variants, softmax/causal
-    with the causal and window ones): each session's arena keeps its largest run, and two
-    8192-token softmax sessions together would not fit beside other work on a 23 GiB machine.
-    Before each ``T`` the arenas' growth (from ``peak``) is checked against ``MemAvailable``.
+    with the causal and window ones), with fresh sessions for each ``T``: an onnxruntime arena
+    keeps every buffer it ever grew, so sessions kept from ``T = 512`` to ``8192`` (or two
+    8192-token softmax sessions) do not fit beside other work on a 23 GiB machine. Before each
+    ``T`` the group's summed peaks (from ``peak``) are checked against ``MemAvailable``.
 
     Raises:
         SystemExit: not enough memory for the next ``T``; nothing else is started.
@@ -176,27 +178,25 @@ def measure_latency(
     result: dict[str, dict[int, float]] = {name: {} for name in paths}
     for group in ("bidirectional", "causal"):
         members = [name for name in paths if _group(name) == group]
-        sessions = {name: session(paths[name], threads) for name in members}
-        held = 0
         for T in seq_lens:
-            need = sum(peak[name][T] for name in members) - held
+            need = sum(peak[name][T] for name in members)
             if need + 2**30 > _mem_available_bytes():
                 raise SystemExit(
-                    f"latency T={T} ({group}): the sessions need {need / 2**30:.1f} GiB more, "
+                    f"latency T={T} ({group}): the sessions need {need / 2**30:.1f} GiB, "
                     f"{_mem_available_bytes() / 2**30:.1f} GiB is available; stopping here "
                     "(rerun with --seq-lens below this T, or when the machine is quieter)"
                 )
-            held += need
+            sessions = {name: session(paths[name], threads) for name in members}
             feed = inputs(T)
             reps: dict[str, int] = {}
-            for name, sess in sessions.items():
+            for name in members:
                 t0 = time.perf_counter()
-                sess.run(None, feed)  # warm-up, also sizes the sample
+                sessions[name].run(None, feed)  # warm-up, also sizes the sample
                 elapsed = max(time.perf_counter() - t0, 1e-6)
                 reps[name] = max(1, min(200, round(MIN_SAMPLE_S / elapsed)))
-            samples: dict[str, list[float]] = {name: [] for name in sessions}
+            samples: dict[str, list[float]] = {name: [] for name in members}
             for _ in range(rounds):
-                order = list(sessions)
+                order = list(members)
                 rng.shuffle(order)
                 for name in order:
                     sess, n = sessions[name], reps[name]
@@ -204,10 +204,10 @@ def measure_latency(
                     for _ in range(n):
                         sess.run(None, feed)
                     samples[name].append((time.perf_counter() - t0) / n * 1e3)
+            sess = sessions = None  # fresh sessions per T: an arena holds only this T's buffers
             for name, s in samples.items():
                 result[name][T] = statistics.median(s)
-            log(f"latency T={T}: " + ", ".join(f"{n} {result[n][T]:.2f}" for n in sessions))
-        del sessions  # frees the group's arenas before the next group starts
+            log(f"latency T={T}: " + ", ".join(f"{n} {result[n][T]:.2f}" for n in members))
     return result
 
 
