@@ -111,13 +111,13 @@ def test_config_file_supplies_data_and_metric(tiny_task, tmp_path) -> None:
     (tmp_path / "dtr.toml").write_text(
         f'data = "{tiny_task["val"]}"\nmetric = "agreement"\ndistill-steps = 5\n'
         'max-calib-samples = 8\nmax-linear = 1\n')
-    res = run_cli(tiny_task["model"], "--budget", "100pt", "-o", "h.onnx", "--no-progress",
+    res = run_cli(tiny_task["model"], "--budget", "99pt", "-o", "h.onnx", "--no-progress",
                   cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "h.report.json").read_text())
     assert report["metric"]["name"] == "agreement" and len(report["replaced"]) == 1
     # a flag overrides the file
-    res = run_cli(tiny_task["model"], "--budget", "100pt", "-o", "h2.onnx", "--max-linear", "0",
+    res = run_cli(tiny_task["model"], "--budget", "99pt", "-o", "h2.onnx", "--max-linear", "0",
                   "--no-progress", cwd=tmp_path)
     assert res.returncode == 3
     assert json.loads((tmp_path / "h2.report.json").read_text())["replaced"] == []
