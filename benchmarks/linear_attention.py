@@ -6,11 +6,11 @@ measured side by side in one run at ``T ∈ {512, …, 8192}``, ``B = 1``, ``H =
 no mask:
 
 * latency: softmax attention and the variants compared with it (bidirectional; causal and
-  window) are measured as one group: for each ``T``, every session of the group is warmed up,
-  then ``--rounds`` rounds run all of them in a fresh random order (interleaved, so load from
-  other processes hits all alike); one sample is the mean of enough back-to-back runs to last
-  >= 20 ms; the table shows the median sample. Fresh sessions for each ``T`` (onnxruntime's
-  defaults, arena on), so no arena carries buffers over from a shorter ``T``.
+  window) are measured as one group: every (model, T) pair is warmed up, then ``--rounds``
+  rounds run all pairs in a fresh random order (interleaved, so load from other processes hits
+  every model and every length alike); one sample is the mean of enough back-to-back runs to
+  last >= 20 ms; the table shows the median sample. Sessions use onnxruntime's defaults except
+  for the memory pattern (see below).
 * peak memory: one subprocess per (model, T); it builds its session (onnxruntime's defaults)
   and inputs, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the model
   twice and reports ``VmHWM − VmRSS before the runs`` after the first run and after the second:
@@ -171,48 +171,50 @@ def measure_latency(
     """Median latency in ms, ``{variant: {T: ms}}``, interleaved as the module docstring says.
 
     One group at a time (softmax/bidirectional with the bidirectional variants, softmax/causal
-    with the causal and window ones), with fresh sessions for each ``T``: an onnxruntime arena
-    keeps every buffer it ever grew, so sessions kept from ``T = 512`` to ``8192`` (or two
-    8192-token softmax sessions) do not fit beside other work on a 23 GiB machine. Before each
-    ``T`` the group's summed first-run peaks (from ``peak``), plus 25 %, are checked against
+    with the causal and window ones): two 8192-token softmax sessions do not fit beside other
+    work on a 23 GiB machine. Within a group every round runs every (model, T) pair in a fresh
+    random order, so load that comes and goes during the run hits every T alike, and the
+    ratios between lengths are measured under the same conditions. Before a group starts, its
+    summed first-run peaks at the largest ``T`` (from ``peak``), plus 25 %, are checked against
     ``MemAvailable``: without the memory pattern a session keeps about one run's buffers.
 
     Raises:
-        SystemExit: not enough memory for the next ``T``; nothing else is started.
+        SystemExit: not enough memory for the next group; nothing else is started.
     """
     rng = random.Random(0)
     result: dict[str, dict[int, float]] = {name: {} for name in paths}
+    feeds = {T: inputs(T) for T in seq_lens}
     for group in ("bidirectional", "causal"):
         members = [name for name in paths if _group(name) == group]
-        for T in seq_lens:
-            need = sum(1.25 * peak[name][T]["first_bytes"] for name in members)
-            if need + 2**30 > _mem_available_bytes():
-                raise SystemExit(
-                    f"latency T={T} ({group}): the sessions need {need / 2**30:.1f} GiB, "
-                    f"{_mem_available_bytes() / 2**30:.1f} GiB is available; stopping here "
-                    "(rerun with --seq-lens below this T, or when the machine is quieter)"
-                )
-            sessions = {name: session(paths[name], threads, mem_pattern=False) for name in members}
-            feed = inputs(T)
-            reps: dict[str, int] = {}
-            for name in members:
+        need = sum(1.25 * peak[name][seq_lens[-1]]["first_bytes"] for name in members)
+        if need + 2**30 > _mem_available_bytes():
+            raise SystemExit(
+                f"latency ({group}): the sessions need {need / 2**30:.1f} GiB, "
+                f"{_mem_available_bytes() / 2**30:.1f} GiB is available; stopping here "
+                "(rerun with smaller --seq-lens, or when the machine is quieter)"
+            )
+        sessions = {name: session(paths[name], threads, mem_pattern=False) for name in members}
+        pairs = [(name, T) for name in members for T in seq_lens]
+        reps: dict[tuple[str, int], int] = {}
+        for name, T in pairs:
+            t0 = time.perf_counter()
+            sessions[name].run(None, feeds[T])  # warm-up, also sizes the sample
+            elapsed = max(time.perf_counter() - t0, 1e-6)
+            reps[name, T] = max(1, min(200, round(MIN_SAMPLE_S / elapsed)))
+        samples: dict[tuple[str, int], list[float]] = {pair: [] for pair in pairs}
+        for r in range(rounds):
+            rng.shuffle(pairs)
+            for name, T in pairs:
+                sess, feed, n = sessions[name], feeds[T], reps[name, T]
                 t0 = time.perf_counter()
-                sessions[name].run(None, feed)  # warm-up, also sizes the sample
-                elapsed = max(time.perf_counter() - t0, 1e-6)
-                reps[name] = max(1, min(200, round(MIN_SAMPLE_S / elapsed)))
-            samples: dict[str, list[float]] = {name: [] for name in members}
-            for _ in range(rounds):
-                order = list(members)
-                rng.shuffle(order)
-                for name in order:
-                    sess, n = sessions[name], reps[name]
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        sess.run(None, feed)
-                    samples[name].append((time.perf_counter() - t0) / n * 1e3)
-            sess = sessions = None  # fresh sessions per T: an arena holds only this T's buffers
-            for name, s in samples.items():
-                result[name][T] = statistics.median(s)
+                for _ in range(n):
+                    sess.run(None, feed)
+                samples[name, T].append((time.perf_counter() - t0) / n * 1e3)
+            log(f"latency {group}: round {r + 1}/{rounds} done")
+        sess = sessions = None  # frees the group's arenas before the next group
+        for (name, T), s in samples.items():
+            result[name][T] = statistics.median(s)
+        for T in seq_lens:
             log(f"latency T={T}: " + ", ".join(f"{n} {result[n][T]:.2f}" for n in members))
     return result
 
@@ -295,8 +297,9 @@ def render(
         f"B = {B}, H = {H}, Dk = Dv = {DK}, no mask, fp32; window form: W = {WINDOW}. "
         f"Generated by `benchmarks/linear_attention.py` on {meta['date']}.",
         "",
-        "Latency (ms, median of samples interleaved within each group: softmax/bidirectional with the "
-        "bidirectional variants, softmax/causal with the causal and window ones):",
+        "Latency (ms, median of samples; every model and length interleaved within a group: "
+        "softmax/bidirectional with the bidirectional variants, softmax/causal with the causal "
+        "and window ones):",
         "",
         f"{head} | {hi}/{lo} | softmax/variant at {hi} |",
         sep + "---:|---:|",
@@ -360,7 +363,7 @@ def write_section(doc: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=list(SEQ_LENS))
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument(
         "--threads",
         type=int,
