@@ -28,7 +28,8 @@ $(BUILD)/model.pt: $(VENV)/.examples examples/bbc_news/prepare.py
 	$(BIN)/python examples/bbc_news/prepare.py --out $(BUILD)
 
 demo: $(VENV)/.examples $(BUILD)/model.pt
-	cd $(BUILD) && ../../$(BIN)/dtr-compile model.pt --budget 0.5% --data val.pt -o hybrid.onnx --export-original; \
+	cd $(BUILD) && ../../$(BIN)/dtr-compile model.pt --budget 0.5% --data val.pt --calib train.pt -o hybrid.onnx \
+	  --export-original; \
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
 	$(BIN)/python examples/bbc_news/evaluate.py --dir $(BUILD)
 
