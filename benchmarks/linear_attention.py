@@ -89,6 +89,7 @@ def export(v: Variant, path: Path) -> None:
     from dtr_compile.linear_attention import LinearAttention, SoftmaxAttention
 
     torch.manual_seed(0)
+    module: torch.nn.Module
     if v.feature_map is None:
         module = SoftmaxAttention(H, H, scale=DK**-0.5, causal=v.causal)
     else:
@@ -125,6 +126,7 @@ def export(v: Variant, path: Path) -> None:
             input_names=["q", "k", "v"],
             dynamic_shapes=({2: t}, {2: t}, {2: t}),
         )
+    assert prog is not None
     prog.save(str(path))
 
 
@@ -211,9 +213,9 @@ def measure_latency(
                     sess.run(None, feed)
                 samples[name, T].append((time.perf_counter() - t0) / n * 1e3)
             log(f"latency {group}: round {r + 1}/{rounds} done")
-        sess = sessions = None  # frees the group's arenas before the next group
-        for (name, T), s in samples.items():
-            result[name][T] = statistics.median(s)
+        del sess, sessions  # frees the group's arenas before the next group
+        for (name, T), times in samples.items():
+            result[name][T] = statistics.median(times)
         for T in seq_lens:
             log(f"latency T={T}: " + ", ".join(f"{n} {result[n][T]:.2f}" for n in members))
     return result
@@ -322,9 +324,9 @@ def render(
         head + " |",
         sep,
     ]
-    for name, row in peak.items():
+    for name, mem in peak.items():
         cells = " | ".join(
-            f"{row[T]['first_bytes'] / 2**20:.1f} / {row[T]['steady_bytes'] / 2**20:.1f}"
+            f"{mem[T]['first_bytes'] / 2**20:.1f} / {mem[T]['steady_bytes'] / 2**20:.1f}"
             for T in seq_lens
         )
         lines.append(f"| {name} | {cells} |")
@@ -363,7 +365,7 @@ def write_section(doc: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=list(SEQ_LENS))
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (>= 1)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -381,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.peak_child:
         peak_child(args.peak_child[0], int(args.peak_child[1]), int(args.peak_child[2]))
         return 0
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if args.quick:
         args.seq_lens, args.rounds, args.no_doc = [512, 1024], 3, True
     seq_lens = tuple(sorted(args.seq_lens))

@@ -142,6 +142,10 @@ class TaylorFeatureMap(FeatureMap):
     transposed view that the following matmuls absorb.
     """
 
+    rows: torch.Tensor
+    cols: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, num_heads: int, head_dim: int, *, role: str = "query") -> None:
         super().__init__(num_heads, head_dim, role=role)
         rows, cols = torch.triu_indices(head_dim + 1, head_dim + 1)  # pairs of x̂ = [1, x]
@@ -178,16 +182,20 @@ class PerformerFeatureMap(FeatureMap):
     padding and (in a causal site) later keys included, but only through the rescaled ``eps``.
     """
 
+    omega: torch.Tensor
+
     def __init__(
         self, num_heads: int, head_dim: int, *, role: str = "query", seed: int = 0
     ) -> None:
         super().__init__(num_heads, head_dim, role=role)
         gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("omega", torch.randn(head_dim, 2 * head_dim, generator=gen))  # [Dk, m]
+        self.num_features = 2 * head_dim  # m
+        omega = torch.randn(head_dim, self.num_features, generator=gen)
+        self.register_buffer("omega", omega)  # [Dk, m]
 
     @property
     def feature_dim(self) -> int:
-        return self.omega.shape[1]
+        return self.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / self.head_dim**0.25  # x̃: [B, H, T, Dk]
