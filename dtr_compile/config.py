@@ -156,10 +156,18 @@ class CompileConfig:
     metric: str | None = None
     report: str | None = None
     feature_map: str = "hedgehog"
-    distill_steps: int = 300
-    distill_lr: float = 1e-2
-    distill_batch: int = 8
+    distill_target: str = "site"  # "site" | "block" (see dtr_compile.distill)
+    distill_loss: str = "mse"  # "mse" | "mse+ce" (site only)
+    distill_steps: int = 400
+    distill_lr: float = 3e-2  # feature maps
+    distill_block_lr: float = 3e-3  # a block's q/k/v/o weights, relative to their RMS
+    distill_batch: int = 4  # calibration rows per step
+    distill_queries: int = 64  # query positions per row and step (site, bidirectional; 0: all)
     max_calib_samples: int = 64
+    max_calib_tokens: int = 32768  # teacher activations of this many tokens in memory, then disk
+    workers: int = 0  # distillation processes (0: one per CPU, at most one per site)
+    cache_dir: str | None = None  # distilled-weights cache (default: .dtr-cache beside the output)
+    no_cache: bool = False
     eval_batch: int = 32
     seed: int = 0
     atol: float = 1e-3
@@ -217,7 +225,7 @@ def read_project_config(cwd: Path) -> tuple[dict[str, Any], Path | None]:
                 raise InputError(
                     f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS))}"
                 )
-            if name in ("data", "calib", "report") and isinstance(val, str):
+            if name in ("data", "calib", "report", "cache_dir") and isinstance(val, str):
                 val = str((path.parent / val)) if not Path(val).is_absolute() else val
             values[name] = val
         return values, path

@@ -1,38 +1,105 @@
-"""Stage 5: per-site distillation reduces the site error and is deterministic."""
+"""Stage 5: distillation of sites and blocks, the teacher store, workers and the cache."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import operator
+
+import pytest
 import torch
 
 from dtr_compile.capture import capture
-from dtr_compile.data import load_dataset
-from dtr_compile.distill import distill_site, record_sites
+from dtr_compile.data import Dataset, load_dataset, run_model
+from dtr_compile.distill import (
+    ActivationStore,
+    DistillSettings,
+    distill,
+    distill_site,
+    plan_distillation,
+    record_sites,
+)
+from dtr_compile.distill_cache import DistillCache
+from dtr_compile.errors import InputError
+from dtr_compile.linear_attention import SoftmaxAttention
 from dtr_compile.load import load_model
+from dtr_compile.passes.attention_block import BlockMiss, block_module, find_block
 from dtr_compile.passes.find_attention import find_attention
+from dtr_compile.passes.linearize import linearize
+
+from .conftest import TinyClassifier, export_tiny
 
 
-def _records(tiny_task):
+@pytest.fixture(scope="module")
+def tiny(tiny_task):
+    """The tiny BERT of ``tiny_task``: ``(gm, input names, sites, 16 calibration rows)``."""
     cap = capture(load_model(tiny_task["model"]))
-    sites = find_attention(cap.gm).sites
     calib = load_dataset(tiny_task["val"], cap.input_names)
-    return sites, record_sites(cap.gm, sites, calib, cap.input_names, batch_size=16)
+    return cap.gm, cap.input_names, find_attention(cap.gm).sites, calib.take(16)
 
 
-def test_record_shapes(tiny_task) -> None:
-    sites, recs = _records(tiny_task)
+@pytest.fixture(scope="module")
+def tiny_records(tiny, tiny_task):
+    gm, names, sites, _ = tiny
+    calib = load_dataset(tiny_task["val"], names)
+    return sites, record_sites(gm, sites, calib, names, batch_size=16)
+
+
+@pytest.fixture
+def records(tiny_records):
+    """``(sites, {site id: SiteRecord})`` of all 48 rows, copies to modify at will."""
+    sites, recs = tiny_records
+    return sites, {sid: copy.deepcopy(r) for sid, r in recs.items()}
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """A tiny random-weight BERT whose layer-0 attention is sharp and learnable: queries scaled
+    up 30× (score std ≈ 1, as in trained models), and no position embeddings on inputs drawn
+    from 4 tokens, so that layer 0's keys take a few values that a feature map can separate
+    (random keys of every position would make sharp attention beyond any small kernel)."""
+    d = tmp_path_factory.mktemp("sharp")
+    model = TinyClassifier(layers=2).eval()
+    with torch.no_grad():
+        model.backbone.embeddings.position_embeddings.weight.zero_()
+        for layer in model.backbone.encoder.layer:
+            layer.attention.self.query.weight.mul_(30.0)
+            layer.attention.self.query.bias.mul_(30.0)
+    export_tiny(model, str(d / "model.pt"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 5, (48, 24), generator=g)
+    lengths = torch.randint(12, 25, (48,), generator=g)
+    mask = (torch.arange(24)[None] < lengths[:, None]).long()
+    cap = capture(load_model(str(d / "model.pt")))
+    calib = Dataset({"input_ids": ids * mask, "attention_mask": mask}, None)
+    return cap.gm, cap.input_names, find_attention(cap.gm).sites, calib
+
+
+def _run(gm, names, sites, calib, settings, **kw):
+    plan = plan_distillation(gm, sites, settings, calib, 16)
+    kw.setdefault("max_calib_tokens", 1 << 20)
+    students, results = distill(gm, plan, calib, names, record_batch=16, **kw)
+    return plan, students, results
+
+
+def _bytes(state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    return {k: v.contiguous().view(torch.uint8).numpy().tobytes() for k, v in state.items()}
+
+
+def test_record_shapes(records) -> None:
+    sites, recs = records
     r = recs[sites[0].id]
     assert r.q.shape == (48, 4, 24, 8) and r.out.shape == (48, 4, 24, 8)
     assert r.mask is not None and r.mask.dtype == torch.bool
 
 
-def test_distillation_reduces_error_and_is_deterministic(tiny_task) -> None:
-    sites, recs = _records(tiny_task)
+def test_distillation_reduces_error_and_is_deterministic(records) -> None:
+    sites, recs = records
     site = sites[0]
     # random-weight attention is near uniform; sharpen the teacher so there is something to learn
     rec = recs[site.id]
     rec.q.mul_(6.0)
-    from dtr_compile.linear_attention import SoftmaxAttention
-
     rec.out.copy_(SoftmaxAttention(4, 4, scale=site.scale)(rec.q, rec.k, rec.v, rec.mask))
     m1, r1 = distill_site(site, rec, steps=150, lr=2e-2, seed=3)
     m2, r2 = distill_site(site, rec, steps=150, lr=2e-2, seed=3)
@@ -41,10 +108,186 @@ def test_distillation_reduces_error_and_is_deterministic(tiny_task) -> None:
         assert torch.equal(a, b)
 
 
-def test_nan_loss_marks_site_failed(tiny_task) -> None:
-    sites, recs = _records(tiny_task)
+def test_nan_loss_marks_site_failed(records) -> None:
+    sites, recs = records
     rec = recs[sites[0].id]
-    rec.out[0, 0, 0, 0] = float("nan")
     rec.out[:] = float("nan")
     _, res = distill_site(sites[0], rec, steps=5)
     assert not res.ok and "loss" in res.reason
+
+
+def test_site_error_falls_tenfold_from_weight_transfer(sharp) -> None:
+    gm, names, sites, calib = sharp
+    _, students, results = _run(gm, names, sites[:1], calib, DistillSettings())
+    r = results[sites[0].id]
+    assert r.ok and r.target == "site" and r.init_error > 0.1  # non-trivial attention
+    assert r.final_error * 10 <= r.init_error, r
+
+
+def test_block_trains_its_own_weights_on_teacher_inputs(sharp) -> None:
+    gm, names, sites, calib = sharp
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    settings = DistillSettings(target="block", steps=60)
+    plan, students, results = _run(gm, names, sites, calib, settings, workers=1)
+    block = plan.blocks[sites[1].id]
+    assert block.owner.endswith("encoder.layer.1.attention")
+    assert block.projection.endswith("attention.output.dense") and len(block.weights) == 8
+    for r in results.values():
+        assert r.ok and r.target == "block" and r.final_error < r.init_error, r
+    # the teacher is untouched and received no gradient: each block trained on recorded inputs
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+    assert all(p.grad is None for p in gm.parameters())
+    teacher_ptrs = {p.data_ptr() for p in gm.parameters()}
+    assert not teacher_ptrs & {p.data_ptr() for m in students.values() for p in m.parameters()}
+    # blocks are independent: distilling one alone gives the very same weights
+    _, alone, _ = _run(gm, names, sites[1:], calib, settings, workers=1)
+    assert _bytes(alone[sites[1].id].state_dict()) == _bytes(students[sites[1].id].state_dict())
+    # its q weight moved away from the teacher's
+    q_name = next(n for n in block.weights if "query_weight" in n)
+    teacher_q = operator.attrgetter(next(n.target for n in gm.graph.nodes if n.name == q_name))(gm)
+    assert not torch.equal(getattr(students[sites[1].id], q_name), teacher_q)
+
+
+def test_block_rewrite_is_exact_with_the_teacher_block_and_drops_its_weights(sharp) -> None:
+    gm, names, sites, calib = sharp
+    site = sites[1]
+    block = find_block(gm, site)
+    assert not isinstance(block, BlockMiss)
+    ref = run_model(gm, calib, names, 16)
+    same = linearize(gm, sites, {site.id: block_module(gm, block, site)}, blocks={site.id: block})
+    assert torch.equal(run_model(same, calib, names, 16), ref)
+    plan, students, _ = _run(gm, names, sites[1:], calib,
+                             DistillSettings(target="block", steps=5), workers=1)
+    hybrid = linearize(gm, sites, students, blocks=plan.blocks)
+    targets = {str(n.target) for n in hybrid.graph.nodes if n.op == "get_attr"}
+    assert not any("layer.1.attention.self" in t for t in targets)  # the student's own weights
+    assert any("layer.0.attention.self" in t for t in targets)
+    assert run_model(hybrid, calib, names, 16).shape == ref.shape
+
+
+def test_block_without_output_projection_falls_back_to_site(tmp_path) -> None:
+    class NoProjection(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).sum(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 16)
+    prog = torch.export.export(NoProjection().eval(), (x,))
+    from dtr_compile.capture import flat_graph_module
+
+    gm = flat_graph_module(prog.module())
+    sites = find_attention(gm).sites
+    assert isinstance(find_block(gm, sites[0]), BlockMiss)
+    calib = Dataset({"x": x}, None)
+    plan = plan_distillation(gm, sites, DistillSettings(target="block", steps=3), calib, 4)
+    assert plan.targets[sites[0].id] == "site" and "no attention block" in plan.notes[sites[0].id]
+
+
+def test_cache_hit_gives_byte_identical_weights(tiny, tmp_path, monkeypatch) -> None:
+    gm, names, sites, calib = tiny
+    cache = DistillCache(tmp_path / "cache")
+    settings = DistillSettings(steps=30)
+    plan, first, r1 = _run(gm, names, sites, calib, settings, cache=cache)
+    assert not any(r.cached for r in r1.values())
+    files = sorted((tmp_path / "cache" / "distill").glob("*.safetensors"))
+    assert [f.stem for f in files] == sorted(plan.keys.values())
+
+    import dtr_compile.distill as distill_mod
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a full cache hit must not run the teacher")
+
+    monkeypatch.setattr(distill_mod, "record_teacher", no_teacher)
+    _, second, r2 = _run(gm, names, sites, calib, settings, cache=cache)
+    assert all(r.cached for r in r2.values())
+    for sid in plan.keys:
+        assert _bytes(second[sid].state_dict()) == _bytes(first[sid].state_dict())
+        assert dataclasses.replace(r2[sid], cached=False) == r1[sid]
+    meta = json.loads(json.dumps(plan.key_parts[sites[0].id]))
+    assert set(meta) >= {"teacher", "settings", "calib", "code", "site"}
+
+
+def test_cache_key_changes_only_with_what_a_site_depends_on(tiny) -> None:
+    gm, names, sites, calib = tiny
+    settings = DistillSettings(steps=30)
+    keys = plan_distillation(gm, sites, settings, calib, 16).keys
+    # the last layer's attention weights: only the last site's teacher changed
+    last = copy.deepcopy(gm)
+    with torch.no_grad():
+        last.get_parameter("backbone.encoder.layer.2.attention.self.value.weight").add_(0.01)
+    changed = plan_distillation(last, sites, settings, calib, 16).keys
+    assert [keys[s.id] == changed[s.id] for s in sites] == [True, True, False]
+    # the feature map, the calibration rows, the target: every site
+    for other in (plan_distillation(gm, sites, dataclasses.replace(settings, feature_map="t2r"),
+                                    calib, 16),
+                  plan_distillation(gm, sites, settings, calib.take(15), 16),
+                  plan_distillation(gm, sites, dataclasses.replace(settings, target="block"),
+                                    calib, 16)):
+        assert all(other.keys[s.id] != keys[s.id] for s in sites)
+
+
+def test_spill_and_workers_do_not_change_the_weights(tiny, tmp_path) -> None:
+    gm, names, sites, calib = tiny
+    settings = DistillSettings(steps=20)
+    _, ref, _ = _run(gm, names, sites, calib, settings, workers=1)
+    seen: list[str] = []
+    _, got, res = _run(gm, names, sites, calib, settings, workers=2, max_calib_tokens=24,
+                       spill_dir=tmp_path, on_step=lambda sid, step, loss: seen.append(sid))
+    assert set(seen) == {s.id for s in sites}  # progress from the worker processes
+    for sid in ref:
+        assert _bytes(got[sid].state_dict()) == _bytes(ref[sid].state_dict())
+    assert list(tmp_path.iterdir()) == []  # spill files removed
+
+
+def test_activation_store_spills_beyond_its_token_cap(tmp_path) -> None:
+    store = ActivationStore(max_tokens=20, spill_dir=tmp_path)
+    x = torch.arange(6 * 10, dtype=torch.float32).reshape(6, 10)
+    const = torch.ones(1, 10)
+    for i in range(0, 6, 2):
+        store.append({"x": x[i:i + 2], "m": const}, rows=2, tokens=20)
+    assert store.spilled and store.tokens_in_memory == 20 and store.rows == 6
+    idx = torch.tensor([5, 0, 3])
+    assert torch.equal(store.get("x", idx), x[idx]) and store.get("m", idx) is store.constants["m"]
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_feature_map_without_parameters_has_nothing_to_distill(tiny) -> None:
+    gm, names, sites, calib = tiny
+    _, _, results = _run(gm, names, sites[:1], calib, DistillSettings(feature_map="elu"))
+    r = results[sites[0].id]
+    assert r.ok and r.steps == 0 and r.final_error == r.init_error
+    assert "no trainable parameters" in r.note
+
+
+def test_failed_sites_are_reported_and_not_cached(tiny, tmp_path, monkeypatch) -> None:
+    gm, names, sites, calib = tiny
+    import dtr_compile.distill as distill_mod
+
+    real = distill_mod._SiteTask.loss
+
+    def nan_loss(self, idx, gen):
+        return real(self, idx, gen) * float("nan")
+
+    monkeypatch.setattr(distill_mod._SiteTask, "loss", nan_loss)
+    cache = DistillCache(tmp_path)
+    _, _, results = _run(gm, names, sites[:1], calib, DistillSettings(steps=5), cache=cache)
+    r = results[sites[0].id]
+    assert not r.ok and "loss became nan" in r.reason
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(target="layer"), "unknown distillation target"),
+    (dict(feature_map="cosine"), "unknown feature map"),
+    (dict(loss="mse+ce", target="block"), "needs --distill-target site"),
+    (dict(batch_rows=0), "batch rows must be >= 1"),
+])
+def test_bad_settings_are_input_errors(bad, message) -> None:
+    with pytest.raises(InputError, match=message):
+        DistillSettings(**bad).check()

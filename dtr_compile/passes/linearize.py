@@ -4,6 +4,11 @@ Functional: the input GraphModule is never mutated. The result shares every para
 input (no weight copies) and adds the replacement modules under ``dtr.<site id>``. Each site's
 output node is replaced by ``call_module dtr.<id>(q, k, v[, mask])``, which keeps the output node's
 ``meta`` (shapes, ``nn_module_stack``); the site's internal nodes are erased.
+
+A site given with its attention block (``blocks``, see
+:mod:`dtr_compile.passes.attention_block`) is replaced as a whole block instead: the block's
+output node becomes ``call_module dtr.<id>(*block inputs)`` and every node of the block is
+erased, with the teacher weights only the block read; the module carries its own weights.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from dtr_compile.errors import PassError
+from dtr_compile.passes.attention_block import AttentionBlock
 from dtr_compile.passes.find_attention import AttentionSite
 
 MODULE_PREFIX = "dtr"
@@ -32,6 +38,7 @@ def rewrite_sites(
     modules: Mapping[str, nn.Module],
     *,
     class_name: str = "HybridGraph",
+    blocks: Mapping[str, AttentionBlock] | None = None,
 ) -> GraphModule:
     """Return a copy of ``gm`` where each site whose id is in ``modules`` calls that module.
 
@@ -40,6 +47,8 @@ def rewrite_sites(
         sites: sites found in ``gm`` by :func:`find_attention`.
         modules: ``{site id: module}``; each module maps ``(q, k, v[, mask])`` to the site output
             ``[B, H, T, Dv]``. Sites not in the mapping stay as they are.
+        blocks: ``{site id: block}`` for sites whose module replaces the whole block, mapping
+            ``(*block.inputs)`` to the block's output.
 
     Raises:
         PassError: a site's nodes are not in ``gm`` (the sites came from another graph).
@@ -49,6 +58,11 @@ def rewrite_sites(
     new_targets: dict[str, nn.Module] = {}
     for site in sites:
         if site.id not in modules:
+            continue
+        block = (blocks or {}).get(site.id)
+        if block is not None:
+            _rewrite_block(graph, nodes, site, block, f"{MODULE_PREFIX}.{site.id}")
+            new_targets[f"{MODULE_PREFIX}.{site.id}"] = modules[site.id]
             continue
         names = [site.q, site.k, site.v, site.output] + ([site.mask] if site.mask else [])
         missing = [n for n in names if n not in nodes]
@@ -78,11 +92,34 @@ def rewrite_sites(
     return GraphModule(root, graph, class_name=class_name)
 
 
+def _rewrite_block(graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], site: AttentionSite,
+                   block: AttentionBlock, target: str) -> None:
+    """Replace ``block``'s nodes in ``graph`` by ``call_module target(*block.inputs)``."""
+    missing = [n for n in (*block.inputs, *block.nodes) if n not in nodes]
+    if missing:
+        raise PassError(f"linearize: the block of {site.id} ({block.owner}) refers to nodes "
+                        f"{missing} that are not in the graph")
+    out = nodes[block.output]
+    with graph.inserting_before(out):
+        call = graph.call_module(target, tuple(nodes[n] for n in block.inputs))
+    call.meta = dict(out.meta)
+    out.replace_all_uses_with(call)
+    inside = set(block.nodes)
+    for node in reversed(list(graph.nodes)):
+        if node.name in inside and not node.users:
+            graph.erase_node(node)
+    for name in block.weights:  # teacher weights only the block read
+        if not nodes[name].users:
+            graph.erase_node(nodes[name])
+
+
 def linearize(
-    gm: GraphModule, sites: Sequence[AttentionSite], modules: Mapping[str, nn.Module]
+    gm: GraphModule, sites: Sequence[AttentionSite], modules: Mapping[str, nn.Module],
+    *, blocks: Mapping[str, AttentionBlock] | None = None,
 ) -> GraphModule:
-    """The hybrid: ``gm`` with the given sites replaced by their linear-attention modules."""
-    return rewrite_sites(gm, sites, modules, class_name="HybridGraph")
+    """The hybrid: ``gm`` with the given sites (or their blocks, for those in ``blocks``)
+    replaced by their linear-attention modules."""
+    return rewrite_sites(gm, sites, modules, class_name="HybridGraph", blocks=blocks)
 
 
 def hybrid_parameters(gm: GraphModule) -> dict[str, torch.Tensor]:
