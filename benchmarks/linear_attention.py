@@ -44,12 +44,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _common import cpu_model, loadavg, write_section
+
 ROOT = Path(__file__).resolve().parent.parent
 SEQ_LENS = (512, 1024, 2048, 4096, 8192)
 B, H, DK, DV = 1, 12, 32, 32
 WINDOW = 64
 FORMS = ("bidirectional", "causal", f"window{WINDOW}")
-BEGIN, END = "<!-- linear_attention:begin -->", "<!-- linear_attention:end -->"
 MIN_SAMPLE_S = 0.02
 # issue 4's targets
 MAX_SCALING = 9.0  # latency(8192) / latency(1024), linear variants
@@ -348,20 +349,6 @@ def render(
     return "\n".join(lines)
 
 
-def write_section(doc: Path, section: str) -> None:
-    """Replace this benchmark's section of ``doc`` (between the markers) or append it."""
-    block = f"{BEGIN}\n{section}\n{END}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=list(SEQ_LENS))
@@ -404,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": str(args.threads),
         "rounds": str(args.rounds),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"({_cpu_model()})",
-        "load_before": _loadavg(),
+        f"({cpu_model()})",
+        "load_before": loadavg(),
     }
     chosen = [v for v in variants() if args.only is None or v.name in args.only]
     with tempfile.TemporaryDirectory(prefix="dtr-bench-") as tmp:
@@ -418,30 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         # memory first: it sizes the latency phase's memory check
         peak = measure_peak(paths, seq_lens, args.threads, log)
         latency = measure_latency(paths, seq_lens, args.rounds, args.threads, peak, log)
-    meta["load_after"] = _loadavg()
+    meta["load_after"] = loadavg()
     section = render(latency, peak, seq_lens, meta)
     print(section)
     if not args.no_doc:
-        write_section(args.doc, section)
+        write_section(args.doc, "linear_attention", section)
         log(f"wrote {args.doc}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":

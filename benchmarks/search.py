@@ -29,46 +29,16 @@ import sys
 import time
 from pathlib import Path
 
+from _common import cpu_model, loadavg, write_section
+
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def write_section(doc: Path, section: str) -> None:
-    """Replace this benchmark's section of ``doc`` (between the markers) or append it."""
-    block = f"{BEGIN}\n{section}\n{END}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_suffix(".md.search.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(defaults.seed)
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "threads": args.threads, "load_before": _loadavg(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({_cpu_model()})"}
+            "threads": args.threads, "load_before": loadavg(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores ({cpu_model()})"}
     t_all = time.perf_counter()
     captured = capture(load_model(str(args.build / "model.pt")))
     gm, names = captured.gm, captured.input_names
@@ -216,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  without cache: {list(e.linear)} → {m:.4f} ({time.perf_counter() - t0:.1f} s)")
         step1 = (len(first), sum(e.seconds for e in first), plain_s)
         log(f"greedy step 1: {step1[1]:.0f} s cached, {plain_s:.0f} s without; same: {same}")
-    meta["load_after"] = _loadavg()
+    meta["load_after"] = loadavg()
     meta["total_min"] = (time.perf_counter() - t_all) / 60
     section = render(rows, meta, baseline, baseline_test, threshold, budget.text, len(ids),
                      len(val), len(test), distill_s, full_eval_s, same, step1)
     print(section)
     if not args.no_doc:
-        write_section(args.doc, section)
+        write_section(args.doc, "search", section)
         log(f"wrote {args.doc}")
     return 0
 
