@@ -75,6 +75,7 @@ from dtr_compile.linear_attention import (
     sliding_window_linear_attention,
 )
 from dtr_compile.passes.attention_block import (
+    ATTENTION_MODULE,
     AttentionBlock,
     BlockMiss,
     BlockSwitch,
@@ -447,7 +448,7 @@ class _BlockTask:
     def param_groups(self) -> list[dict[str, Any]]:
         fmap, weights = [], []
         for name, p in self.module.named_parameters():
-            (fmap if name.startswith("attention.") else weights).append(p)
+            (fmap if name.startswith(ATTENTION_MODULE + ".") else weights).append(p)
         groups = [{"params": fmap, "lr": self.settings.lr}] if fmap else []
         matrices = [p for p in weights if p.dim() >= 2]
         if matrices and self.settings.block_lr > 0:

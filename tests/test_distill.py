@@ -145,7 +145,7 @@ def test_block_trains_its_own_weights_on_teacher_inputs(sharp) -> None:
     # its q weight moved away from the teacher's
     q_name = next(n for n in block.weights if "query_weight" in n)
     teacher_q = operator.attrgetter(next(n.target for n in gm.graph.nodes if n.name == q_name))(gm)
-    assert not torch.equal(getattr(students[sites[1].id], q_name), teacher_q)
+    assert not torch.equal(students[sites[1].id].get_parameter("weights." + q_name), teacher_q)
 
 
 def test_block_rewrite_is_exact_with_the_teacher_block_and_drops_its_weights(sharp) -> None:
@@ -291,3 +291,21 @@ def test_failed_sites_are_reported_and_not_cached(tiny, tmp_path, monkeypatch) -
 def test_bad_settings_are_input_errors(bad, message) -> None:
     with pytest.raises(InputError, match=message):
         DistillSettings(**bad).check()
+
+
+def test_compile_with_block_target_exports_and_hits_the_cache(tiny_task, tmp_path) -> None:
+    from dtr_compile.config import CompileConfig
+    from dtr_compile.pipeline import compile_model
+
+    config = CompileConfig(model=tiny_task["model"], output=str(tmp_path / "h.onnx"),
+                           data=tiny_task["val"], metric="agreement", budget="50%", fp16=True,
+                           distill_target="block", distill_steps=20, max_calib_samples=16,
+                           max_linear=1, progress=False)
+    first = compile_model(config)
+    assert first.report["parity_ok"] and len(first.report["replaced"]) == 1
+    assert all(r["target"] == "block" and not r["cached"] for r in first.report["distill"].values())
+    assert (tmp_path / ".dtr-cache" / "distill").is_dir()
+    again = compile_model(dataclasses.replace(config, output=str(tmp_path / "again.onnx"),
+                                              fp16=False))
+    assert all(r["cached"] for r in again.report["distill"].values())
+    assert again.report["replaced"] == first.report["replaced"]

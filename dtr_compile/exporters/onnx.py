@@ -48,6 +48,7 @@ from torch.fx import GraphModule
 
 from dtr_compile.errors import DtrError
 from dtr_compile.fileio import atomic_path
+from dtr_compile.passes.attention_block import ATTENTION_MODULE
 
 # torch.onnx logs a warning per torchvision op it cannot register; torchvision is deliberately
 # not a dependency (no build matches the CPU torch pin).
@@ -213,7 +214,12 @@ def to_half(gm: GraphModule, *, keep_fp32: Sequence[str] = ("dtr.",)) -> GraphMo
             root[str(node.target)] = obj
         elif node.op == "call_module":
             mod = _resolve(gm, str(node.target))
-            if not any(str(node.target).startswith(p) for p in keep_fp32):
+            keep = any(str(node.target).startswith(p) for p in keep_fp32)
+            if keep and isinstance(mod, GraphModule):
+                # a whole attention block (--distill-target block): fp16 weights around its
+                # linear-attention module, which keeps fp32 as above
+                mod = to_half(mod, keep_fp32=(ATTENTION_MODULE,))
+            elif not keep:
                 mod = copy.deepcopy(mod).half()  # type: ignore[union-attr]
             root[str(node.target)] = mod
     graph.lint()

@@ -48,6 +48,9 @@ _PROJECTIONS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2), aten.mm
                 aten.matmul.default: (0, 1)}
 _WEIGHT_VIEWS = {aten.t.default, aten.transpose.int, aten.permute.default}
 _MAX_LAYOUT_HOPS = 8
+#: Where a student block keeps its replacement of the site, and the prefix of its own weights.
+ATTENTION_MODULE = "attention"
+WEIGHTS_PREFIX = "weights."
 
 
 class BlockMiss(str):
@@ -243,7 +246,8 @@ def block_module(
         block: from :func:`find_block`.
         site: the site inside the block.
         attention: replaces the site (called as ``attention(q, k, v[, mask])``, registered as
-            submodule ``attention``); None keeps the teacher's own attention nodes.
+            submodule ``attention``); None keeps the teacher's own attention nodes. The weights
+            are attributes ``weights.<get_attr node name>``.
         copy_weights: give the module its own copies of the weights (as trainable
             ``nn.Parameter``s where the teacher's are parameters); otherwise the module shares
             the teacher's tensors, which must then never be trained or changed in place.
@@ -263,12 +267,12 @@ def block_module(
         if copy_weights and isinstance(value, torch.Tensor):
             copied = value.detach().clone()
             value = nn.Parameter(copied) if isinstance(value, nn.Parameter) else copied
-        root[name] = value
-        env[name] = graph.get_attr(name)
+        root[WEIGHTS_PREFIX + name] = value
+        env[name] = graph.get_attr(WEIGHTS_PREFIX + name)
         env[name].meta = dict(nodes[name].meta)
     internal = set(site.internal) | {site.output}
     if attention is not None:
-        root["attention"] = attention
+        root[ATTENTION_MODULE] = attention
     for name in block.nodes:
         n = nodes[name]
         if attention is not None and name in internal:
@@ -276,7 +280,7 @@ def block_module(
                 args = [env[site.q], env[site.k], env[site.v]]
                 if site.mask:
                     args.append(env[site.mask])
-                env[name] = graph.call_module("attention", tuple(args))
+                env[name] = graph.call_module(ATTENTION_MODULE, tuple(args))
                 env[name].meta = dict(n.meta)
             continue
         env[name] = graph.node_copy(n, lambda a: env[a.name])
