@@ -446,7 +446,8 @@ class _BlockTask:
                                    copy_weights=True)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        fmap, weights = [], []
+        fmap: list[nn.Parameter] = []
+        weights: list[nn.Parameter] = []
         for name, p in self.module.named_parameters():
             (fmap if name.startswith(ATTENTION_MODULE + ".") else weights).append(p)
         groups = [{"params": fmap, "lr": self.settings.lr}] if fmap else []
@@ -673,9 +674,9 @@ def _task(ctx: _Context, site_id: str) -> _SiteTask | _BlockTask:
     if block is None:
         names = {"q": site.q, "k": site.k, "v": site.v, "out": site.output, "key_valid": kv}
         return _SiteTask(site, settings, _StoreData(ctx.store, names))
-    names = {f"in{i}": n for i, n in enumerate(block.inputs)} | {"out": block.output,
-                                                                  "key_valid": kv}
-    return _BlockTask(ctx.gm, site, block, settings, _StoreData(ctx.store, names))
+    inputs: dict[str, str | None] = {f"in{i}": n for i, n in enumerate(block.inputs)}
+    return _BlockTask(ctx.gm, site, block, settings,
+                      _StoreData(ctx.store, inputs | {"out": block.output, "key_valid": kv}))
 
 
 @contextlib.contextmanager
@@ -896,12 +897,14 @@ def distill_site(
 
     ``settings`` gives every hyper-parameter; the keyword arguments override its fields.
     """
-    s = settings or DistillSettings(feature_map=feature_map)
-    over = {k: v for k, v in (("steps", steps), ("lr", lr), ("batch_rows", batch_size))
-            if v is not None}
-    s = dataclasses.replace(s, target="site", seed=seed, **over)
-    if settings is None:
-        s = dataclasses.replace(s, feature_map=feature_map)
+    s = dataclasses.replace(settings or DistillSettings(feature_map=feature_map), target="site",
+                            seed=seed)
+    if steps is not None:
+        s = dataclasses.replace(s, steps=steps)
+    if lr is not None:
+        s = dataclasses.replace(s, lr=lr)
+    if batch_size is not None:
+        s = dataclasses.replace(s, batch_rows=batch_size)
     s.check()
     task = _SiteTask(site, s, _RecordData(rec, site.mask_kind))
     with _threads(1):
