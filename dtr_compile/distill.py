@@ -283,10 +283,12 @@ def record_teacher(
         masks.update({name: site.mask_kind for name in m})
     for batch in calib.batches(batch_size):
         rec = record_nodes(gm, [batch[n] for n in input_names], raw | set(masks))
-        first = batch[input_names[0]]
-        rows = int(first.shape[0])
-        tokens = rows * (int(first.shape[1]) if first.dim() > 1 else 1)
+        rows = int(batch[input_names[0]].shape[0])
         values = {n: rec[n] for n in raw}
+        # tokens = rows × the longest sequence among the recorded activations (q: [B, H, T, Dk],
+        # a block's output: [B, T, C]), whatever the model's inputs are (ids, pixels)
+        tokens = rows * max((int(t.shape[-2]) for t in values.values() if t.dim() >= 3),
+                            default=1)
         for name, kind in masks.items():
             values[_key_valid_name(name, kind)] = key_valid_from_mask(rec[name], kind)  # [B|1, S]
         store.append(values, rows, tokens)
