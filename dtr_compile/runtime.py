@@ -575,8 +575,9 @@ def bench_table(result: BenchResult, title: str | None = None):  # noqa: ANN201
 
     labels = _labels(result.models)
     legend = [f"{labels[m]} = {m}" for m in result.models]
-    legend.append(f"batch {result.batch}; latency: median of {result.repeats} interleaved runs; "
-                  "memory: peak RSS a session adds")
+    with_memory = any(c.peak_bytes is not None for c in result.cells)  # bench(memory=False): none
+    legend.append(f"batch {result.batch}; latency: median of {result.repeats} interleaved runs"
+                  + ("; memory: peak RSS a session adds" if with_memory else ""))
     if any(c.extended_positions for c in result.cells):
         legend.append("* beyond the model's position table: timed with random extra "
                       "position rows (latency and memory only)")
@@ -587,10 +588,11 @@ def bench_table(result: BenchResult, title: str | None = None):  # noqa: ANN201
         table.add_column(f"{labels[m]} ms", justify="right")
     for m in result.models[1:]:
         table.add_column(f"{labels[m]}/{first} time", justify="right")
-    for m in result.models:
-        table.add_column(f"{labels[m]} MiB", justify="right")
-    for m in result.models[1:]:
-        table.add_column(f"{labels[m]}/{first} mem", justify="right")
+    if with_memory:
+        for m in result.models:
+            table.add_column(f"{labels[m]} MiB", justify="right")
+        for m in result.models[1:]:
+            table.add_column(f"{labels[m]}/{first} mem", justify="right")
     notes: list[str] = []
     for seq in result.seqs:
         cells = [result.cell(m, seq) for m in result.models]
@@ -602,8 +604,10 @@ def bench_table(result: BenchResult, title: str | None = None):  # noqa: ANN201
             if c.note:
                 notes.append(f"{labels[c.model]} T={seq}: {c.note}")
         row += [_fmt_ratio(ratios[m]["latency"]) for m in result.models[1:]]
-        row += [f"{c.peak_bytes / 2**20:.0f}" if c.peak_bytes is not None else "n/a" for c in cells]
-        row += [_fmt_ratio(ratios[m]["peak_bytes"]) for m in result.models[1:]]
+        if with_memory:
+            row += [f"{c.peak_bytes / 2**20:.0f}" if c.peak_bytes is not None else "n/a"
+                    for c in cells]
+            row += [_fmt_ratio(ratios[m]["peak_bytes"]) for m in result.models[1:]]
         table.add_row(*row)
     return Group(table, Text("\n".join(legend + notes)))
 

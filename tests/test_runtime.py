@@ -134,7 +134,9 @@ def test_bench_says_when_a_length_is_beyond_the_positions(tiny_onnx) -> None:
 
     console = Console(record=True, width=200)
     console.print(bench_table(extended))
-    assert "random extra position rows" in console.export_text()
+    text = console.export_text()
+    assert "random extra position rows" in text
+    assert "MiB" not in text and "peak RSS" not in text  # memory=False: no memory columns
 
 
 def test_bench_rejects_bad_lengths(tiny_onnx) -> None:
