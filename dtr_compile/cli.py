@@ -102,6 +102,10 @@ def main() -> None:
 @click.option("--distill-lr", type=float, default=None,
               help="Learning rate of the feature maps (default 0.03; a block's q/k/v/o weights "
                    "move by 0.003 of their RMS per step).")
+@click.option("--window", type=int, default=None,
+              help="Causal sites: keep softmax over the last W keys beside the linear attention "
+                   "(LoLCATs' sliding window; costs O(T·W) more; bidirectional sites ignore it). "
+                   "Default 0: off.")
 @click.option("--max-calib-samples", type=int, default=None,
               help="Calibration sequences used for distillation (default 64).")
 @click.option("--max-calib-tokens", type=int, default=None,

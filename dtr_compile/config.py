@@ -163,6 +163,7 @@ class CompileConfig:
     distill_block_lr: float = 3e-3  # a block's q/k/v/o weights, relative to their RMS
     distill_batch: int = 4  # calibration rows per step
     distill_queries: int = 64  # query positions per row and step (site, bidirectional; 0: all)
+    window: int = 0  # causal sites: softmax over the last W keys beside linear attention (0: off)
     max_calib_samples: int = 64
     max_calib_tokens: int = 32768  # teacher activations of this many tokens in memory, then disk
     workers: int = 0  # distillation processes (0: one per CPU, at most one per site)

@@ -109,6 +109,9 @@ class DistillSettings:
         eval_every: steps between held-out evaluations.
         patience: held-out evaluations without improvement before stopping (0: never stop).
         seed: random seed.
+        window: ``W > 0``: causal sites keep softmax over their last ``W`` keys beside the linear
+            attention (LoLCATs' sliding window, :func:`~dtr_compile.linear_attention.
+            sliding_window_linear_attention`); bidirectional sites ignore it.
     """
 
     target: str = "site"
@@ -122,6 +125,7 @@ class DistillSettings:
     eval_every: int = 50
     patience: int = 3
     seed: int = 0
+    window: int = 0
 
     def check(self) -> None:
         """Raises :class:`InputError` naming the bad setting."""
@@ -137,7 +141,7 @@ class DistillSettings:
         if self.loss != "mse" and self.target != "site":
             raise InputError(f"--distill-loss {self.loss} needs --distill-target site (the "
                              "block's attention weights are not the teacher's)")
-        for name in ("steps", "query_positions", "patience"):
+        for name in ("steps", "query_positions", "patience", "window"):
             if getattr(self, name) < 0:
                 raise InputError(f"distillation {name.replace('_', ' ')} must be >= 0")
         for name in ("batch_rows", "eval_every"):
@@ -341,10 +345,12 @@ def _query_weights(key_valid: torch.Tensor | None, rows: int, t: int) -> torch.T
 # --- students and their forward passes -------------------------------------------------------
 
 
-def _new_linear(site: AttentionSite, feature_map: str) -> LinearAttention:
+def _new_linear(site: AttentionSite, settings: DistillSettings) -> LinearAttention:
+    """The untrained student of ``site``; ``settings.window`` applies to causal sites only."""
     return LinearAttention(site.num_heads, site.num_kv_heads, site.head_dim,
-                           mask_kind=site.mask_kind, causal=site.causal, feature_map=feature_map,
-                           scale=site.scale)
+                           mask_kind=site.mask_kind, causal=site.causal,
+                           feature_map=settings.feature_map, scale=site.scale,
+                           window=settings.window if site.causal else 0)
 
 
 def _site_forward(m: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -396,7 +402,7 @@ class _SiteTask:
 
     def __init__(self, site: AttentionSite, settings: DistillSettings, data: _Data) -> None:
         self.site, self.settings, self.data = site, settings, data
-        self.module = _new_linear(site, settings.feature_map)
+        self.module = _new_linear(site, settings)
         self.subsample = (settings.query_positions > 0 and not site.causal
                           and not self.module.window)
 
@@ -444,7 +450,7 @@ class _BlockTask:
     def __init__(self, gm: GraphModule, site: AttentionSite, block: AttentionBlock,
                  settings: DistillSettings, data: _Data) -> None:
         self.site, self.block, self.settings, self.data = site, block, settings, data
-        self.module = block_module(gm, block, site, _new_linear(site, settings.feature_map),
+        self.module = block_module(gm, block, site, _new_linear(site, settings),
                                    copy_weights=True)
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -591,7 +597,7 @@ class DistillPlan:
     def empty_student(self, gm: GraphModule, site_id: str) -> nn.Module:
         """An untrained student of ``site_id`` (to load saved weights into)."""
         site = self.site(site_id)
-        lin = _new_linear(site, self.settings.feature_map)
+        lin = _new_linear(site, self.settings)
         block = self.blocks.get(site_id)
         return lin if block is None else block_module(gm, block, site, lin, copy_weights=True)
 
@@ -643,10 +649,11 @@ def plan_distillation(
             teacher = [hashes[n] for n in (*block.inputs, block.output)] + [block.owner]
         if site.mask:
             teacher.append(hashes[site.mask])
+        own = dataclasses.asdict(settings.for_target(targets[site.id]))
+        if not (site.causal and own["window"]):
+            del own["window"]  # no window here: the key stays that of a run without --window
         p = dict(common, teacher=hashlib.sha256("|".join(teacher).encode()).hexdigest(),
-                 site=json.dumps(shape, sort_keys=True),
-                 settings=json.dumps(dataclasses.asdict(settings.for_target(targets[site.id])),
-                                     sort_keys=True))
+                 site=json.dumps(shape, sort_keys=True), settings=json.dumps(own, sort_keys=True))
         parts[site.id], keys[site.id] = p, cache_key(p)
     return DistillPlan(tuple(sites), settings, targets, blocks, notes, keys, parts)
 

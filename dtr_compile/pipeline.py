@@ -130,7 +130,8 @@ def _distill_settings(config: CompileConfig) -> DistillSettings:
     return DistillSettings(
         target=config.distill_target, feature_map=config.feature_map, steps=config.distill_steps,
         lr=config.distill_lr, block_lr=config.distill_block_lr, batch_rows=config.distill_batch,
-        query_positions=config.distill_queries, loss=config.distill_loss, seed=config.seed)
+        query_positions=config.distill_queries, loss=config.distill_loss, seed=config.seed,
+        window=config.window)
 
 
 def _distill(

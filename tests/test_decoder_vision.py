@@ -18,6 +18,7 @@ import torch
 
 from dtr_compile.config import CompileConfig
 from dtr_compile.exporters.onnx import ort_session
+from dtr_compile.linear_attention import LinearAttention
 from dtr_compile.pipeline import compile_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,8 @@ def _ort(path: Path, feed: dict[str, torch.Tensor]) -> np.ndarray:
     return sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]
 
 
-def test_causal_decoder_gqa_rope_end_to_end(tmp_path):
+@pytest.mark.parametrize("window", [0, 8], ids=["linear", "window8"])
+def test_causal_decoder_gqa_rope_end_to_end(tmp_path, window):
     model = TinyCausalLM()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (16, 32), generator=g)
@@ -85,11 +87,13 @@ def test_causal_decoder_gqa_rope_end_to_end(tmp_path):
     # a budget no site misses: every layer becomes causal linear attention
     res = compile_model(CompileConfig(model=str(tmp_path / "model.pt"), output=str(out),
                                       data=str(tmp_path / "val.pt"), metric="perplexity",
-                                      budget="99%", **FAST))
+                                      budget="99%", window=window, **FAST))
     rep = res.report
     assert len(rep["sites"]) == 2
     assert all(s["causal"] and s["num_kv_heads"] == 2 for s in rep["sites"])  # GQA, causal
     assert len(rep["replaced"]) == 2, rep["replaced"]
+    students = [m for m in res.hybrid.modules() if isinstance(m, LinearAttention)]
+    assert len(students) == 2 and all(m.window == window for m in students)
     assert rep["baseline_metric"] > 1.0 and rep["final_metric"] > 1.0
     assert res.hybrid is not None
 

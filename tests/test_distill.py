@@ -229,6 +229,9 @@ def test_cache_key_changes_only_with_what_a_site_depends_on(tiny) -> None:
                   plan_distillation(gm, sites, dataclasses.replace(settings, target="block"),
                                     calib, 16)):
         assert all(other.keys[s.id] != keys[s.id] for s in sites)
+    # a sliding window: only causal sites have one, so these bidirectional keys stay
+    windowed = plan_distillation(gm, sites, dataclasses.replace(settings, window=8), calib, 16)
+    assert windowed.keys == keys
 
 
 def test_spill_and_workers_do_not_change_the_weights(tiny, tmp_path) -> None:
