@@ -4,7 +4,8 @@
 Reads what ``make demo`` produced in ``build/bbc_news/``: ``model.pt``, ``test.pt``,
 ``hybrid.onnx``, ``hybrid.original.onnx`` and ``hybrid.report.json``. Accuracy and latency are
 measured here, now, with the library's ``run`` and ``bench`` functions; nothing is copied from a
-file of expected results.
+file of expected results. Writes ``demo_bench.json`` (latency) and ``demo_eval.json`` (test
+accuracies, linear layers) beside them, for CI to keep.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def main() -> None:
     res = bench([original_onnx, hybrid_onnx], seqs, batch=1, repeats=args.repeats, extend=True,
                 memory=False)
     (d / "demo_bench.json").write_text(json.dumps(res.to_dict(), indent=2))
+    (d / "demo_eval.json").write_text(json.dumps({
+        "test_rows": len(test), "test_accuracy": {"original_pytorch": acc_pt,
+                                                  "original_onnx": acc_orig, "hybrid_onnx": acc_hyb},
+        "linear": [r["module_path"] for r in report["replaced"]]}, indent=2))
 
     t = Table(title=f"BBC News topics, all-MiniLM-L6-v2, {len(test)} test articles")
     t.add_column("model")

