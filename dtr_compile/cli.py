@@ -17,12 +17,13 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-import click
-from rich.console import Console
+# the imports below come after the environment and filters above, on purpose
+import click  # noqa: E402
+from rich.console import Console  # noqa: E402
 
-from dtr_compile import __version__
-from dtr_compile.config import CompileConfig, read_project_config
-from dtr_compile.errors import (
+from dtr_compile import __version__  # noqa: E402
+from dtr_compile.config import CompileConfig, read_project_config  # noqa: E402
+from dtr_compile.errors import (  # noqa: E402
     EXIT_INTERNAL,
     EXIT_NO_REPLACEMENT,
     EXIT_PARITY,

@@ -227,7 +227,7 @@ def read_project_config(cwd: Path) -> tuple[dict[str, Any], Path | None]:
                     f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS))}"
                 )
             if name in ("data", "calib", "report", "cache_dir") and isinstance(val, str):
-                val = str((path.parent / val)) if not Path(val).is_absolute() else val
+                val = str(path.parent / val) if not Path(val).is_absolute() else val
             values[name] = val
         return values, path
     return {}, None
