@@ -294,8 +294,9 @@ def _examples(loaded: LoadedModel, seq_len: int | None, data: str | None) -> dic
         return _example_from_data(data, seq_len)
     if loaded.format == "huggingface":
         assert loaded.module is not None
-        if hasattr(getattr(loaded.module, "config", None), "use_cache"):
-            loaded.module.config.use_cache = False
+        config = getattr(loaded.module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
         return example_from_config(loaded.module, seq_len)
     if loaded.format == "pickle":
         raise InputError(f"{loaded.source} is a pickled module: pass --data with example inputs")

@@ -16,10 +16,14 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dtr_compile.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 
 @dataclass
@@ -57,7 +61,7 @@ def _load_hf_folder(path: Path) -> LoadedModel:
         )
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     archs = config.get("architectures") or []
-    auto = transformers.AutoModel
+    auto: type[_BaseAutoModelClass] = transformers.AutoModel
     if any(a.endswith("ForSequenceClassification") for a in archs):
         auto = transformers.AutoModelForSequenceClassification
     elif any(a.endswith("ForImageClassification") for a in archs):

@@ -220,7 +220,7 @@ def _import_metric(spec: str) -> Metric:
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to fix
         raise InputError(f"metric {spec!r}: cannot import {mod_name!r} ({type(exc).__name__}: "
                          f"{exc}); is it installed or in the working directory?") from exc
-    obj = module
+    obj: object = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:

@@ -63,12 +63,13 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
     search = report.get("search", {})
     budget = report.get("budget", {})
     code = report.get("exit_code")
+    meaning = EXIT_MEANING.get(code, "") if code is not None else ""
     sites = report.get("sites", [])
     replaced = report.get("replaced", [])
     lines = ["# dtr-compile report", ""]
     lines += [f"- model: `{report.get('model', '')}`",
               f"- output: `{report.get('artifacts', {}).get('onnx', '')}`",
-              f"- exit code: **{code}** — {EXIT_MEANING.get(code, 'see dtr-compile --help')}",
+              f"- exit code: **{code}** — {meaning or 'see dtr-compile --help'}",
               f"- linear sites: **{len(replaced)} of {len(sites)}**"
               + (": " + ", ".join(f"`{r['module_path'] or r['site']}`" for r in replaced)
                  if replaced else ""),

@@ -453,7 +453,8 @@ def measure_peak_bytes(path: str | os.PathLike[str], feed: Mapping[str, np.ndarr
     """
     with tempfile.TemporaryDirectory(prefix="dtr-bench-") as tmp:
         feed_path = Path(tmp) / "feed.npz"
-        np.savez(feed_path, **dict(feed))
+        # numpy's stub: **feed could fill savez's allow_pickle: bool (an input of that name would)
+        np.savez(feed_path, **dict(feed))  # type: ignore[arg-type]
         proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(feed_path),
                                str(threads or 0)], capture_output=True, text=True,
                               timeout=timeout_s)

@@ -40,11 +40,13 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch.export import Dim
 from torch.fx import GraphModule
+from torch.fx.node import Argument
 
 from dtr_compile.errors import DtrError
 from dtr_compile.fileio import atomic_path
@@ -164,7 +166,7 @@ def prepare_for_export(gm: GraphModule, opset: int) -> GraphModule:
         if _static(mval.shape[-2]) == 1 and _static(T) != 1:
             with graph.inserting_before(node):
                 q_len = graph.call_function(torch.ops.aten.sym_size.int, (args[0], qval.dim() - 2))
-                sizes = [-1] * (mval.dim() - 2) + [q_len, -1]
+                sizes: list[Argument] = [-1] * (mval.dim() - 2) + [q_len, -1]
                 expanded = graph.call_function(torch.ops.aten.expand.default, (mask, sizes))
             expanded.meta = dict(mask.meta)
             expanded.meta["val"] = mval.expand(*mval.shape[:-2], T, mval.shape[-1])
@@ -220,7 +222,8 @@ def to_half(gm: GraphModule, *, keep_fp32: Sequence[str] = ("dtr.",)) -> GraphMo
                 # linear-attention module, which keeps fp32 as above
                 mod = to_half(mod, keep_fp32=(ATTENTION_MODULE,))
             elif not keep:
-                mod = copy.deepcopy(mod).half()  # type: ignore[union-attr]
+                # a call_module target names a submodule
+                mod = copy.deepcopy(cast(torch.nn.Module, mod)).half()
             root[str(node.target)] = mod
     graph.lint()
     return GraphModule(root, graph, class_name=type(gm).__name__)

@@ -169,7 +169,8 @@ _EINSUM_OPERAND = re.compile(r"[a-zA-Z.]+")
 
 
 def _einsum(g: _Graph) -> Iterable[Finding]:
-    rejected, avoided = [], []
+    rejected: list[Any] = []
+    avoided: list[Any] = []
     for n in g.by_op.get("Einsum", []):
         eq = next((a.s.decode() for a in n.attribute if a.name == "equation"), "")
         lhs = eq.split("->")[0]

@@ -144,7 +144,9 @@ def _bound(x: object, default: int) -> int:
 
 def _symbols(placeholders: list[Node]) -> tuple[dict, dict, dict]:
     """``(batch symbols, length symbols, {symbol: (lo, hi, hint)})`` of the inputs' dims."""
-    batch, length, info = {}, {}, {}
+    batch: dict[object, bool] = {}
+    length: dict[object, bool] = {}
+    info: dict[object, tuple[int, int, int]] = {}
     for p in placeholders:
         for i, d in enumerate(getattr(p.meta.get("val"), "shape", ())):
             if not isinstance(d, torch.SymInt):

@@ -54,9 +54,11 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field, replace
+from typing import SupportsFloat, SupportsInt, TypeGuard, cast
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.node import Argument
 
 from dtr_compile.errors import NoAttentionError
 from dtr_compile.linear_attention import ADDITIVE_MASK_PADDING
@@ -210,12 +212,46 @@ class _Miss(str):
     """A failed match, carrying the reason (``isinstance(x, _Miss)`` tells it from a match)."""
 
 
-def _is(node: object, targets: set) -> bool:
+def _is(node: object, targets: set) -> TypeGuard[Node]:
     return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
 
 def _val(node: object) -> object:
     return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def _is_bool(node: object) -> TypeGuard[Node]:
+    """``node`` is a node whose value is a boolean tensor."""
+    return getattr(_val(node), "dtype", None) == torch.bool
+
+
+def _mask_kind(mask: Node) -> str:
+    """``"bool"`` or ``"additive"``, by the dtype of ``mask``'s value (which it must carry)."""
+    val = _val(mask)
+    if not isinstance(val, torch.Tensor):
+        raise TypeError(f"the mask {mask.name} has no tensor value (meta['val'] = {val!r})")
+    return "bool" if val.dtype == torch.bool else "additive"
+
+
+def _float(x: object) -> float:
+    """``float(x)`` of an argument the op's schema makes a number."""
+    if not isinstance(x, SupportsFloat):
+        raise TypeError(f"float() argument must be a real number, not {type(x).__name__!r}")
+    return float(x)
+
+
+def _int(x: object) -> int:
+    """``int(x)`` of an argument the op's schema makes an integer (a dim)."""
+    if not isinstance(x, SupportsInt):
+        raise TypeError(f"int() argument must be a real number, not {type(x).__name__!r}")
+    return int(x)
+
+
+def _seq(x: object) -> list | tuple:
+    """An argument the op's schema makes a list (``permute``'s dims)."""
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(f"{type(x).__name__!r} object is not iterable")
+    return x
 
 
 def _shape(node: object) -> tuple[int | torch.SymInt, ...] | None:
@@ -234,13 +270,13 @@ def _number(gm: GraphModule, x: object) -> float | None:
     if isinstance(x, (int, float)):
         return float(x)
     if isinstance(x, Node) and x.op == "get_attr":
-        t = operator.attrgetter(x.target)(gm)
+        t = operator.attrgetter(cast(str, x.target))(gm)  # a get_attr target is an attribute path
         if isinstance(t, torch.Tensor) and t.numel() == 1:
             return float(t)
     return None
 
 
-def _scale_of(gm: GraphModule, node: Node) -> tuple[Node, float] | None:
+def _scale_of(gm: GraphModule, node: Argument) -> tuple[Node, float] | None:
     """``node = x × c``, ``c × x`` or ``x ÷ c`` with ``c`` a number → ``(x, factor)``."""
     if not _is(node, _SCALE) or len(node.args) < 2:
         return None
@@ -276,16 +312,16 @@ class _Build:
     alts: list[str] = field(default_factory=list)
     scale: float = 1.0
 
-    def keep(self, node: Node) -> Node:
+    def keep(self, node: Argument) -> Argument:
         """Skip ``keep`` ops upward from ``node`` (recording them)."""
         while _is(node, _KEEP):
             self.nodes.append(node)
             node = node.args[0]
         return node
 
-    def unscale(self, node: Node) -> Node:
+    def unscale(self, node: Argument) -> Argument:
         """Skip constant scalings upward from ``node``, folding them into ``scale``."""
-        while (m := _scale_of(self.gm, node)) is not None:
+        while isinstance(node, Node) and (m := _scale_of(self.gm, node)) is not None:
             self.nodes.append(node)
             node, c = m
             self.scale *= c
@@ -312,7 +348,7 @@ class _Build:
         return tuple(n.name for n in output.graph.nodes if n in cands)
 
 
-def _unrepeat(node: Node) -> tuple[Node, int, list[Node]]:
+def _unrepeat(node: Argument) -> tuple[Argument, int, list[Node]]:
     """Undo a repeat of key/value heads on dim 1: ``(x, repeats, nodes)`` with ``x`` the
     ``[B, Hkv, S, D]`` tensor, or ``(node, 1, [])`` when ``node`` is no such repeat."""
     shape = _shape(node)
@@ -337,7 +373,7 @@ def _unrepeat(node: Node) -> tuple[Node, int, list[Node]]:
     nodes.append(e)
     u = e.args[0]
 
-    def full_slice(n: object) -> bool:
+    def full_slice(n: object) -> TypeGuard[Node]:
         return (_is(n, {aten.slice.Tensor}) and len(n.args) >= 4 and n.args[2] in (0, None)
                 and isinstance(n.args[3], int) and n.args[3] >= 2**62)
 
@@ -359,7 +395,7 @@ def _unrepeat(node: Node) -> tuple[Node, int, list[Node]]:
     return x, rep, nodes
 
 
-def _heads_merged(node: Node, d: int) -> int | None:
+def _heads_merged(node: Node | None, d: int) -> int | None:
     """Heads ``H`` of a ``[B·H, T, D]`` tensor: found at the reshape that split ``H·D`` into
     ``D`` on the way from the projection."""
     for _ in range(12):
@@ -374,11 +410,15 @@ def _heads_merged(node: Node, d: int) -> int | None:
     return None
 
 
+#: Why a site whose q, k or v has no shape is rejected (a literal has none).
+_NO_SHAPE = "q/k/v have no shape metadata"
+
+
 def _heads(q: Node, k: Node, v: Node) -> tuple[int, int, int, int, str] | _Miss:
     """``(H, Hkv, Dk, Dv, layout)`` from the shapes of q, k, v."""
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     if qs is None or ks is None or vs is None:
-        return _Miss("q/k/v have no shape metadata")
+        return _Miss(_NO_SHAPE)
     if not (len(qs) == len(ks) == len(vs) and len(qs) in (3, 4)):
         return _Miss(f"q/k/v are not all [B, H, T, D] or [B·H, T, D] (ranks {len(qs)}, {len(ks)}, {len(vs)})")
     dk, dv = _static(qs[-1]), _static(vs[-1])
@@ -396,7 +436,7 @@ def _heads(q: Node, k: Node, v: Node) -> tuple[int, int, int, int, str] | _Miss:
     return h, hkv, dk, dv, "BHTD"
 
 
-def _kv(b: _Build, k: Node, v: Node) -> tuple[Node, Node]:
+def _kv(b: _Build, k: Argument, v: Argument) -> tuple[Argument, Argument]:
     """Undo ``repeat_kv`` on k and v together (both or neither)."""
     k0, nk, k_nodes = _unrepeat(k)
     v0, nv, v_nodes = _unrepeat(v)
@@ -409,12 +449,11 @@ def _kv(b: _Build, k: Node, v: Node) -> tuple[Node, Node]:
 
 def _attend_mask(node: Node) -> Node | None:
     """A boolean True = attend node whose negation is ``node`` (a True = masked condition)."""
-    if _is(node, _ops("logical_not", "bitwise_not")) and _val(node.args[0]) is not None \
-            and _val(node.args[0]).dtype == torch.bool:
-        return node.args[0]
+    if _is(node, _ops("logical_not", "bitwise_not")) and _is_bool(x := node.args[0]):
+        return x
     if _is(node, _ops("eq.Scalar")) and node.args[1] in (0, False):
         a = node.args[0]
-        if _val(a) is not None and _val(a).dtype == torch.bool:
+        if _is_bool(a):
             return a
     return None
 
@@ -456,12 +495,13 @@ def _match_sdpa(b: _Build, node: Node) -> _Core | _Miss:
         b.alts.append("is_causal")
     if scale is not None:
         b.alts.append("scale")
-    b.scale = float(scale) if scale is not None else float("nan")
+    b.scale = _float(scale) if scale is not None else float("nan")
     b.nodes.append(node)
     k, v = _kv(b, k, v)
+    if not (isinstance(q, Node) and isinstance(k, Node) and isinstance(v, Node)):
+        return _Miss(_NO_SHAPE)
     return _Core("sdpa", node, q, k, v, node, mask if isinstance(mask, Node) else None,
-                 "bool" if isinstance(mask, Node) and _val(mask).dtype == torch.bool else "additive",
-                 causal, b)
+                 _mask_kind(mask) if isinstance(mask, Node) else "additive", causal, b)
 
 
 def _probs_chain(b: _Build, softmax: Node) -> Node | _Miss | None:
@@ -515,7 +555,7 @@ def _add_operands(b: _Build, node: Node) -> tuple[Node, Node] | None:
     return None
 
 
-def _reaches_product(gm: GraphModule, node: Node) -> bool:
+def _reaches_product(gm: GraphModule, node: Argument) -> bool:
     for _ in range(8):
         if _is(node, _MATMULS | {aten.baddbmm.default}):
             return True
@@ -552,13 +592,15 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
         return _Miss(f"softmax over dim {dim}, not the key dim")
     b.alts.insert(0, "softmax(dtype)" if dtype is not None else "softmax")
     # upward: masked := scaled [+ m | masked_fill | where]; scaled := scores × c …
-    x, mask, semantics, scaled_above_mask = softmax.args[0], None, "additive", False
+    x, semantics, scaled_above_mask = softmax.args[0], "additive", False
+    mask: Argument = None
+    scores: Argument
     while True:
         x = b.keep(x)
-        if (m := _scale_of(b.gm, x)) is not None:
+        if isinstance(x, Node) and (m := _scale_of(b.gm, x)) is not None:
             b.nodes.append(x)
-            x, c = m
-            b.scale *= c
+            x, factor = m
+            b.scale *= factor
             b.alts.append("scale:scores")
             scaled_above_mask = scaled_above_mask or mask is None
             continue
@@ -602,7 +644,7 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
         if mask is not None:
             return _Miss("two masks are applied to the scores; SDPA takes one")
         mask, semantics = x.args[0], "additive"
-        b.scale *= float(alpha)
+        b.scale *= _float(alpha)
         b.alts.insert(0, "baddbmm")
         qk_args = (x.args[1], x.args[2])
     elif _is(x, _MATMULS):
@@ -623,9 +665,9 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
         return _Miss("the second operand of the scores product is not a transposed key tensor")
     r = len(_shape(kt) or ())
     if kt.target == aten.transpose.int:
-        swapped = sorted(int(d) % r for d in kt.args[1:3]) == [r - 2, r - 1]
+        swapped = sorted(_int(d) % r for d in kt.args[1:3]) == [r - 2, r - 1]
     else:
-        swapped = [int(d) % r for d in kt.args[1]] == [*range(r - 2), r - 1, r - 2]
+        swapped = [_int(d) % r for d in _seq(kt.args[1])] == [*range(r - 2), r - 1, r - 2]
     if not swapped:
         return _Miss(f"the key is permuted by {list(kt.args[1:])}, not a swap of its last two "
                      "dims; there is no [B, Hkv, S, Dk] key tensor to hand to a replacement")
@@ -635,6 +677,10 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
         b.alts.append("scale:k")
     v = pv.args[1]
     k, v = _kv(b, k, v)
+    if not (isinstance(q, Node) and isinstance(k, Node) and isinstance(v, Node)):
+        return _Miss(_NO_SHAPE)
+    if mask is not None and not isinstance(mask, Node):
+        return _Miss(f"the mask {mask!r} is not a tensor of the graph")
     return _Core("eager", softmax, q, k, v, pv, mask, semantics, False, b)
 
 
@@ -679,7 +725,7 @@ def _site(gm: GraphModule, core: _Core, masks: dict) -> AttentionSite | _Miss:
                              "boolean counterpart in the graph to hand to the replacement")
         alts.append("masking:" + ("+".join(["causal"] * causal + ["padding"] * pat.padding)
                                   or "none"))
-    mask_kind = "none" if mask is None else ("bool" if _val(mask).dtype == torch.bool else "additive")
+    mask_kind = "none" if mask is None else _mask_kind(mask)
     return AttentionSite(
         id="", module_path=module_path(core.node), kind=core.kind, q=core.q.name, k=core.k.name,
         v=core.v.name, mask=mask.name if mask is not None else None, output=core.output.name,
@@ -701,7 +747,7 @@ def find_attention(gm: GraphModule) -> AttentionScan:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node not in live:
             continue
-        res: _Core | _Miss | None = None
+        res: _Core | AttentionSite | _Miss | None = None
         if node.target == SDPA:
             res = _match_sdpa(_Build(gm, live), node)
         elif node.target in _SOFTMAX:
