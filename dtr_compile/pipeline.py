@@ -362,6 +362,9 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         console.log(f"found {s.describe()}")
     for r in scan.rejected:
         console.log(f"[yellow]not rewritten[/yellow] {r.node} ({r.module_path}): {r.reason}")
+    if config.window and not any(s.causal for s in sites):
+        console.log(f"[yellow]--window {config.window} has no effect[/yellow]: it applies to "
+                    "causal sites, and every site here is bidirectional")
 
     with _progress(console, config.progress) as prog, _stage(timings, "baseline", console):
         task = prog.add_task("baseline", total=len(val), info="")
