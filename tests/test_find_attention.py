@@ -527,3 +527,31 @@ def test_real_smollm2() -> None:
         assert s.masking == "causal+padding"
         assert (s.num_heads, s.num_kv_heads) == (cfg.num_attention_heads, cfg.num_key_value_heads)
     assert_replays(gm, scan, [example])
+
+
+def _meta(node: torch.fx.Node, *shape: int) -> torch.fx.Node:
+    node.meta["val"] = torch.empty(shape)
+    return node
+
+
+def test_hand_built_graphs_get_reasons_not_crashes() -> None:
+    """Graphs from other tools may lack metadata or compute constants at run time: each such
+    site is a why-not record, never an exception."""
+    # SDPA whose scale is computed in the graph (a node), not a constant
+    graph = torch.fx.Graph()
+    q, k, v = (_meta(graph.placeholder(n), 2, 4, 8, 16) for n in "qkv")
+    s = graph.placeholder("s")
+    out = graph.call_function(aten.scaled_dot_product_attention.default, (q, k, v),
+                              {"scale": s})
+    graph.output((out,))
+    scan = find_attention(torch.fx.GraphModule(nn.Module(), graph))
+    assert scan.sites == () and "computed in the graph" in scan.rejected[0].reason
+    # eager scores with a transposed key that carries no shape metadata
+    graph = torch.fx.Graph()
+    q, k, v = (_meta(graph.placeholder(n), 2, 4, 8, 16) for n in "qkv")
+    kt = graph.call_function(aten.transpose.int, (k, -2, -1))  # no meta["val"]
+    scores = graph.call_function(aten.matmul.default, (q, kt))
+    probs = graph.call_function(aten._softmax.default, (scores, -1, False))
+    graph.output((graph.call_function(aten.matmul.default, (probs, v)),))
+    scan = find_attention(torch.fx.GraphModule(nn.Module(), graph))
+    assert scan.sites == () and "no shape metadata" in scan.rejected[0].reason

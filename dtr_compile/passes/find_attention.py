@@ -412,6 +412,7 @@ def _heads_merged(node: Node | None, d: int) -> int | None:
 
 #: Why a site whose q, k or v has no shape is rejected (a literal has none).
 _NO_SHAPE = "q/k/v have no shape metadata"
+_NO_MASK_META = "the mask has no tensor metadata (meta['val'])"
 
 
 def _heads(q: Node, k: Node, v: Node) -> tuple[int, int, int, int, str] | _Miss:
@@ -495,11 +496,15 @@ def _match_sdpa(b: _Build, node: Node) -> _Core | _Miss:
         b.alts.append("is_causal")
     if scale is not None:
         b.alts.append("scale")
-    b.scale = _float(scale) if scale is not None else float("nan")
+    if scale is not None and _number(b.gm, scale) is None:
+        return _Miss(f"the SDPA scale {scale} is computed in the graph, not a constant")
+    b.scale = _float(_number(b.gm, scale)) if scale is not None else float("nan")
     b.nodes.append(node)
     k, v = _kv(b, k, v)
     if not (isinstance(q, Node) and isinstance(k, Node) and isinstance(v, Node)):
         return _Miss(_NO_SHAPE)
+    if isinstance(mask, Node) and not isinstance(_val(mask), torch.Tensor):
+        return _Miss(_NO_MASK_META)
     return _Core("sdpa", node, q, k, v, node, mask if isinstance(mask, Node) else None,
                  _mask_kind(mask) if isinstance(mask, Node) else "additive", causal, b)
 
@@ -639,12 +644,13 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
     if _is(x, {aten.baddbmm.default}):
         beta = x.kwargs.get("beta", x.args[3] if len(x.args) > 3 else 1)
         alpha = x.kwargs.get("alpha", x.args[4] if len(x.args) > 4 else 1)
-        if beta != 1 or _number(b.gm, alpha) is None:
+        factor = _number(b.gm, alpha)
+        if beta != 1 or factor is None:
             return _Miss(f"baddbmm with beta={beta}, alpha={alpha}")
         if mask is not None:
             return _Miss("two masks are applied to the scores; SDPA takes one")
         mask, semantics = x.args[0], "additive"
-        b.scale *= _float(alpha)
+        b.scale *= factor
         b.alts.insert(0, "baddbmm")
         qk_args = (x.args[1], x.args[2])
     elif _is(x, _MATMULS):
@@ -664,6 +670,8 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
     if not _is(kt, {aten.transpose.int, aten.permute.default}):
         return _Miss("the second operand of the scores product is not a transposed key tensor")
     r = len(_shape(kt) or ())
+    if r < 2:
+        return _Miss(_NO_SHAPE)
     if kt.target == aten.transpose.int:
         swapped = sorted(_int(d) % r for d in kt.args[1:3]) == [r - 2, r - 1]
     else:
@@ -725,6 +733,8 @@ def _site(gm: GraphModule, core: _Core, masks: dict) -> AttentionSite | _Miss:
                              "boolean counterpart in the graph to hand to the replacement")
         alts.append("masking:" + ("+".join(["causal"] * causal + ["padding"] * pat.padding)
                                   or "none"))
+    if mask is not None and not isinstance(_val(mask), torch.Tensor):
+        return _Miss(_NO_MASK_META)
     mask_kind = "none" if mask is None else _mask_kind(mask)
     return AttentionSite(
         id="", module_path=module_path(core.node), kind=core.kind, q=core.q.name, k=core.k.name,
