@@ -605,7 +605,7 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
         if isinstance(x, Node) and (m := _scale_of(b.gm, x)) is not None:
             b.nodes.append(x)
             x, factor = m
-            b.scale *= factor
+            b.scale *= alpha_value
             b.alts.append("scale:scores")
             scaled_above_mask = scaled_above_mask or mask is None
             continue
@@ -644,13 +644,13 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
     if _is(x, {aten.baddbmm.default}):
         beta = x.kwargs.get("beta", x.args[3] if len(x.args) > 3 else 1)
         alpha = x.kwargs.get("alpha", x.args[4] if len(x.args) > 4 else 1)
-        factor = _number(b.gm, alpha)
-        if beta != 1 or factor is None:
+        alpha_value = _number(b.gm, alpha)
+        if beta != 1 or alpha_value is None:
             return _Miss(f"baddbmm with beta={beta}, alpha={alpha}")
         if mask is not None:
             return _Miss("two masks are applied to the scores; SDPA takes one")
         mask, semantics = x.args[0], "additive"
-        b.scale *= factor
+        b.scale *= alpha_value
         b.alts.insert(0, "baddbmm")
         qk_args = (x.args[1], x.args[2])
     elif _is(x, _MATMULS):
