@@ -605,7 +605,7 @@ def _match_eager(b: _Build, softmax: Node) -> _Core | _Miss | None:
         if isinstance(x, Node) and (m := _scale_of(b.gm, x)) is not None:
             b.nodes.append(x)
             x, factor = m
-            b.scale *= alpha_value
+            b.scale *= factor
             b.alts.append("scale:scores")
             scaled_above_mask = scaled_above_mask or mask is None
             continue
