@@ -430,8 +430,10 @@ def hwm():
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 
+import json
 path, feed_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-feed = dict(np.load(feed_path))
+stored = np.load(feed_path)  # arr_0, arr_1, … in the order of the names in argv[4]
+feed = {name: stored[f"arr_{i}"] for i, name in enumerate(json.loads(sys.argv[4]))}
 base = hwm()
 opts = ort.SessionOptions()
 opts.log_severity_level = 3
@@ -453,11 +455,12 @@ def measure_peak_bytes(path: str | os.PathLike[str], feed: Mapping[str, np.ndarr
     """
     with tempfile.TemporaryDirectory(prefix="dtr-bench-") as tmp:
         feed_path = Path(tmp) / "feed.npz"
-        # numpy's stub: **feed could fill savez's allow_pickle: bool (an input of that name would)
-        np.savez(feed_path, **dict(feed))  # type: ignore[arg-type]
+        # positional arrays, names apart: an input named "file" or "allow_pickle" would
+        # otherwise be taken for one of savez's own arguments
+        np.savez(feed_path, *feed.values())
         proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(feed_path),
-                               str(threads or 0)], capture_output=True, text=True,
-                              timeout=timeout_s)
+                               str(threads or 0), json.dumps(list(feed))],
+                              capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise DtrError(f"memory probe of {path} failed: "
                        f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -142,3 +142,20 @@ def test_bench_says_when_a_length_is_beyond_the_positions(tiny_onnx) -> None:
 def test_bench_rejects_bad_lengths(tiny_onnx) -> None:
     res = CliRunner().invoke(main, ["bench", str(tiny_onnx["path"]), "--seq", "8,x"])
     assert res.exit_code == 2 and "--seq" in res.output
+
+
+def test_memory_probe_takes_inputs_named_like_savez_arguments(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from dtr_compile.runtime import measure_peak_bytes
+
+    names = ["file", "allow_pickle"]
+    graph = helper.make_graph(
+        [helper.make_node("Add", names, ["y"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [256, 1024]) for n in names],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 1024])])
+    path = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    rng = np.random.default_rng(0)
+    feed = {n: rng.standard_normal((256, 1024), dtype=np.float32) for n in names}
+    assert measure_peak_bytes(path, feed, threads=1) >= 256 * 1024 * 4  # the output, at least
