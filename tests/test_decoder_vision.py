@@ -154,8 +154,8 @@ def _run(args: list[str], cwd: Path = ROOT) -> None:
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs the Debian package dataset-fashion-mnist")
 def test_fashion_mnist_vit_demo(tmp_path):
-    _run(["examples/fashion_mnist/prepare.py", "--out", str(tmp_path), "--minutes", "2",
-          "--val", "300", "--test", "1000"])
+    _run(["examples/fashion_mnist/prepare.py", "--out", str(tmp_path), "--steps", "1000",
+          "--minutes", "4", "--val", "300", "--test", "1000"])
     task = json.loads((tmp_path / "task.json").read_text())
     assert task["tokens"] >= 196 and task["accuracy"]["test"] > 0.6
     res = compile_model(CompileConfig(model=str(tmp_path / "model.pt"),
