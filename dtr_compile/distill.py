@@ -141,9 +141,12 @@ class DistillSettings:
         if self.loss != "mse" and self.target != "site":
             raise InputError(f"--distill-loss {self.loss} needs --distill-target site (the "
                              "block's attention weights are not the teacher's)")
-        for name in ("steps", "query_positions", "patience", "window"):
+        for name in ("steps", "query_positions", "patience"):
             if getattr(self, name) < 0:
                 raise InputError(f"distillation {name.replace('_', ' ')} must be >= 0")
+        if self.window < 0:
+            raise InputError(f"--window {self.window}: the sliding window must be >= 0 tokens "
+                             "(0: none)")
         for name in ("batch_rows", "eval_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"distillation {name.replace('_', ' ')} must be >= 1")

@@ -290,6 +290,7 @@ def test_failed_sites_are_reported_and_not_cached(tiny, tmp_path, monkeypatch) -
     (dict(feature_map="cosine"), "unknown feature map"),
     (dict(loss="mse+ce", target="block"), "needs --distill-target site"),
     (dict(batch_rows=0), "batch rows must be >= 1"),
+    (dict(window=-1), "--window -1: the sliding window must be >= 0"),
 ])
 def test_bad_settings_are_input_errors(bad, message) -> None:
     with pytest.raises(InputError, match=message):
