@@ -30,50 +30,21 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from _common import cpu_model, loadavg, write_section
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- distill:begin -->", "<!-- distill:end -->"
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def write_section(doc: Path, section: str) -> None:
-    """Replace this benchmark's section of ``doc`` (between the markers) or append it."""
-    block = f"{BEGIN}\n{section}\n{END}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_suffix(".md.distill.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, doc)
-
-
-_EVAL = {}
+_EVAL: dict[str, Any] = {}
 
 
 def _accuracy(split: str) -> float:
@@ -148,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             config = dataclasses.replace(defaults, feature_map=fmap, distill_target=target,
                                          **overrides)
             settings = _distill_settings(config)
-            load_before = _loadavg()
+            load_before = loadavg()
             t0 = time.perf_counter()
             plan = plan_distillation(gm, sites, settings, calib, config.eval_batch)
             students, results = distill(
                 gm, plan, calib, names, record_batch=config.eval_batch,
                 max_calib_tokens=config.max_calib_tokens, workers=workers, cache=None)
             seconds = time.perf_counter() - t0
-            load_after = _loadavg()
+            load_after = loadavg()
             errs = [results[s.id].final_error for s in sites]
             init = [results[s.id].init_error for s in sites]
             ok = all(results[s.id].ok for s in sites)
@@ -173,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                      len(val), len(test), workers)
     print(section)
     if not args.no_doc:
-        write_section(args.doc, section)
+        write_section(args.doc, "distill", section)
         log(f"wrote {args.doc}")
     return 0
 
@@ -212,7 +183,7 @@ def render(rows, defaults, overrides, base_val, base_test, n_calib, calib_name, 
                      f"{r['val']:.4f} | {r['test']:.4f} | {r['test'] / base_test:.1%} | "
                      f"{sum(r['steps']) / len(r['steps']):.0f} | {r['seconds']:.0f} | "
                      f"{r['load']} |")
-    lines += ["", f"Machine: {_cpu_model()}, {os.cpu_count()} CPUs, Python "
+    lines += ["", f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, Python "
               f"{platform.python_version()}; `benchmarks/distill.py`, {time.strftime('%Y-%m-%d')}."]
     return "\n".join(lines)
 
