@@ -13,18 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
-from dtr_compile.capture import capture  # noqa: E402
-from dtr_compile.data import load_dataset, run_model  # noqa: E402
-from dtr_compile.load import load_model  # noqa: E402
 from dtr_compile.runtime import bench, bench_table, evaluate_onnx  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _demo import print_outcome, pytorch_accuracy, results_table  # noqa: E402
 
 
 def main() -> None:
@@ -38,10 +38,7 @@ def main() -> None:
     report = json.loads((d / "hybrid.report.json").read_text())
     original_onnx, hybrid_onnx = d / "hybrid.original.onnx", d / "hybrid.onnx"
 
-    cap = capture(load_model(d / "model.pt"))
-    test = load_dataset(d / "test.pt", cap.input_names)
-    logits = run_model(cap.gm, test, cap.input_names, 32)
-    acc_pt = (logits.argmax(-1) == test.labels).float().mean().item()
+    acc_pt, rows = pytorch_accuracy(d, 32)
     acc_orig = evaluate_onnx(original_onnx, d / "test.pt", metric="accuracy").value
     acc_hyb = evaluate_onnx(hybrid_onnx, d / "test.pt", metric="accuracy").value
 
@@ -50,29 +47,19 @@ def main() -> None:
                 memory=False)
     (d / "demo_bench.json").write_text(json.dumps(res.to_dict(), indent=2))
     (d / "demo_eval.json").write_text(json.dumps({
-        "test_rows": len(test), "test_accuracy": {"original_pytorch": acc_pt,
+        "test_rows": rows, "test_accuracy": {"original_pytorch": acc_pt,
                                                   "original_onnx": acc_orig, "hybrid_onnx": acc_hyb},
         "linear": [r["module_path"] for r in report["replaced"]]}, indent=2))
 
-    t = Table(title=f"BBC News topics, all-MiniLM-L6-v2, {len(test)} test articles")
-    t.add_column("model")
-    t.add_column("runtime")
-    t.add_column("test accuracy", justify="right")
-    t.add_column("linear layers")
-    for s in seqs:
-        t.add_column(f"latency T={s} (ms)", justify="right")
     lat = {m: [res.cell(str(m), s).latency_ms for s in seqs] for m in (original_onnx, hybrid_onnx)}
     fmt = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
-    t.add_row("original", "PyTorch", f"{acc_pt:.4f}", "-", *([""] * len(seqs)))
-    t.add_row("original", "onnxruntime", f"{acc_orig:.4f}", "0", *map(fmt, lat[original_onnx]))
-    replaced = [r["module_path"] for r in report["replaced"]]
-    t.add_row("hybrid", "onnxruntime", f"{acc_hyb:.4f}", f"{len(replaced)}/{len(report['sites'])}",
-              *map(fmt, lat[hybrid_onnx]))
-    console.print(t)
-    console.print("linear layers: " + (", ".join(replaced) or "none"))
-    console.print(f"validation accuracy: original {report['baseline_metric']:.4f}, hybrid "
-                  f"{report['final_metric']:.4f}, threshold {report['threshold']:.4f} "
-                  f"(budget {report['budget']['text']})")
+    console.print(results_table(
+        f"BBC News topics, all-MiniLM-L6-v2, {rows} test articles", "test accuracy",
+        [f"latency T={s} (ms)" for s in seqs], report,
+        [("original", "PyTorch", f"{acc_pt:.4f}", [""] * len(seqs)),
+         ("original", "onnxruntime", f"{acc_orig:.4f}", [*map(fmt, lat[original_onnx])]),
+         ("hybrid", "onnxruntime", f"{acc_hyb:.4f}", [*map(fmt, lat[hybrid_onnx])])]))
+    print_outcome(console, report, "accuracy")
     for s in seqs:
         ratio = res.ratios(s)[str(hybrid_onnx)]["latency"]
         ext = any(res.cell(str(m), s).extended_positions for m in (original_onnx, hybrid_onnx))

@@ -14,18 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
-from dtr_compile.capture import capture  # noqa: E402
-from dtr_compile.data import load_dataset, run_model  # noqa: E402
-from dtr_compile.load import load_model  # noqa: E402
 from dtr_compile.runtime import bench, evaluate_onnx  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _demo import print_outcome, pytorch_accuracy, results_table  # noqa: E402
 
 
 def main() -> None:
@@ -41,10 +41,7 @@ def main() -> None:
     tokens = task["tokens"]
     original_onnx, hybrid_onnx = d / "hybrid.original.onnx", d / "hybrid.onnx"
 
-    cap = capture(load_model(d / "model.pt"))
-    test = load_dataset(d / "test.pt", cap.input_names)
-    logits = run_model(cap.gm, test, cap.input_names, 64)
-    acc_pt = (logits.argmax(-1) == test.labels).float().mean().item()
+    acc_pt, rows = pytorch_accuracy(d, 64)
     acc_orig = evaluate_onnx(original_onnx, d / "test.pt", metric="accuracy", batch_size=64).value
     acc_hyb = evaluate_onnx(hybrid_onnx, d / "test.pt", metric="accuracy", batch_size=64).value
 
@@ -54,27 +51,16 @@ def main() -> None:
     (d / "demo_bench.json").write_text(json.dumps({b: r.to_dict() for b, r in res.items()},
                                                   indent=2))
 
-    t = Table(title=f"Fashion-MNIST, ViT {task['layers']} layers x {task['hidden']} "
-                    f"({tokens} tokens), {len(test)} test images")
-    t.add_column("model")
-    t.add_column("runtime")
-    t.add_column("test accuracy", justify="right")
-    t.add_column("linear layers")
-    for b in batches:
-        t.add_column(f"latency B={b} (ms)", justify="right")
     lat = {m: [res[b].cell(str(m), tokens).latency_ms for b in batches]
            for m in (original_onnx, hybrid_onnx)}
     fmt = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
-    t.add_row("original", "PyTorch", f"{acc_pt:.4f}", "-", *([""] * len(batches)))
-    t.add_row("original", "onnxruntime", f"{acc_orig:.4f}", "0", *map(fmt, lat[original_onnx]))
-    replaced = [r["module_path"] for r in report["replaced"]]
-    t.add_row("hybrid", "onnxruntime", f"{acc_hyb:.4f}", f"{len(replaced)}/{len(report['sites'])}",
-              *map(fmt, lat[hybrid_onnx]))
-    console.print(t)
-    console.print("linear layers: " + (", ".join(replaced) or "none"))
-    console.print(f"validation accuracy: original {report['baseline_metric']:.4f}, hybrid "
-                  f"{report['final_metric']:.4f}, threshold {report['threshold']:.4f} "
-                  f"(budget {report['budget']['text']})")
+    console.print(results_table(
+        f"Fashion-MNIST, ViT {task['layers']} layers x {task['hidden']} ({tokens} tokens), "
+        f"{rows} test images", "test accuracy", [f"latency B={b} (ms)" for b in batches], report,
+        [("original", "PyTorch", f"{acc_pt:.4f}", [""] * len(batches)),
+         ("original", "onnxruntime", f"{acc_orig:.4f}", [*map(fmt, lat[original_onnx])]),
+         ("hybrid", "onnxruntime", f"{acc_hyb:.4f}", [*map(fmt, lat[hybrid_onnx])])]))
+    print_outcome(console, report, "accuracy")
     for b in batches:
         ratio = res[b].ratios(tokens)[str(hybrid_onnx)]["latency"]
         console.print(f"B={b}, T={tokens}: hybrid/original latency "

@@ -13,15 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 from dtr_compile.runtime import bench, bench_table, evaluate_onnx  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _demo import print_outcome, results_table  # noqa: E402
 
 
 def main() -> None:
@@ -47,25 +50,16 @@ def main() -> None:
     (d / "demo_eval.json").write_text(json.dumps({str(m): r.to_dict() for m, r in ppl.items()},
                                                  indent=2))
 
-    t = Table(title=f"SmolLM2-135M, BBC News test text ({rows[0]} x {rows[1]} tokens)")
-    t.add_column("model")
-    t.add_column("runtime")
-    t.add_column("test perplexity", justify="right")
-    t.add_column("linear layers")
-    for s in seqs:
-        t.add_column(f"prefill T={s} (ms)", justify="right")
     fmt = lambda x: "n/a" if x is None else f"{x:.0f}"  # noqa: E731
     lat = {m: [res.cell(str(m), s).latency_ms for s in seqs] for m in (original_onnx, hybrid_onnx)}
-    replaced = [r["module_path"] for r in report["replaced"]]
-    t.add_row("original", "onnxruntime", f"{ppl[original_onnx].value:.3f}", "0",
-              *map(fmt, lat[original_onnx]))
-    t.add_row("hybrid", "onnxruntime", f"{ppl[hybrid_onnx].value:.3f}",
-              f"{len(replaced)}/{len(report['sites'])}", *map(fmt, lat[hybrid_onnx]))
-    console.print(t)
-    console.print("linear layers: " + (", ".join(replaced) or "none"))
-    console.print(f"validation perplexity: original {report['baseline_metric']:.4f}, hybrid "
-                  f"{report['final_metric']:.4f}, threshold {report['threshold']:.4f} "
-                  f"(budget {report['budget']['text']})")
+    console.print(results_table(
+        f"SmolLM2-135M, BBC News test text ({rows[0]} x {rows[1]} tokens)", "test perplexity",
+        [f"prefill T={s} (ms)" for s in seqs], report,
+        [("original", "onnxruntime", f"{ppl[original_onnx].value:.3f}",
+          [*map(fmt, lat[original_onnx])]),
+         ("hybrid", "onnxruntime", f"{ppl[hybrid_onnx].value:.3f}",
+          [*map(fmt, lat[hybrid_onnx])])]))
+    print_outcome(console, report, "perplexity")
     for s in seqs:
         ratio = res.ratios(s)[str(hybrid_onnx)]["latency"]
         console.print(f"T={s}: hybrid/original prefill latency "
