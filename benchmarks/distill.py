@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     from dtr_compile.capture import capture
     from dtr_compile.config import CompileConfig
     from dtr_compile.data import load_dataset
-    from dtr_compile.distill import default_workers, distill, plan_distillation
+    from dtr_compile.distill.execute import default_workers
+    from dtr_compile.distill.plan import plan_distillation
+    from dtr_compile.distill.run import distill
     from dtr_compile.load import load_model
     from dtr_compile.passes.find_attention import find_attention
     from dtr_compile.passes.linearize import linearize

@@ -78,7 +78,7 @@ class Variant:
 
 
 def variants() -> list[Variant]:
-    from dtr_compile.feature_maps import FEATURE_MAPS
+    from dtr_compile.linear.feature_maps import FEATURE_MAPS
 
     out = [Variant(None, "bidirectional"), Variant(None, "causal"), Variant(None, "floor")]
     return out + [Variant(fm, form) for form in FORMS for fm in FEATURE_MAPS]
@@ -91,7 +91,7 @@ def export(v: Variant, path: Path) -> None:
     import torch
     from torch.export import Dim
 
-    from dtr_compile.linear_attention import LinearAttention, SoftmaxAttention
+    from dtr_compile.linear.kernel import LinearAttention, SoftmaxAttention
 
     torch.manual_seed(0)
     module: torch.nn.Module

@@ -66,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from dtr_compile.capture import capture
     from dtr_compile.data import load_dataset, run_model
-    from dtr_compile.distill import distill_site, record_sites
-    from dtr_compile.linear_attention import SiteSwitch, SoftmaxAttention
+    from dtr_compile.distill.activations import record_sites
+    from dtr_compile.distill.train import distill_site
+    from dtr_compile.linear.kernel import SiteSwitch, SoftmaxAttention
     from dtr_compile.load import load_model
     from dtr_compile.metrics import METRICS
     from dtr_compile.passes.find_attention import find_attention
     from dtr_compile.passes.linearize import rewrite_sites
-    from dtr_compile.prefix_cache import PrefixCache, SegmentedGraph
-    from dtr_compile.schedule import schedule
+    from dtr_compile.search.prefix_cache import PrefixCache, SegmentedGraph
+    from dtr_compile.search.schedule import schedule
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(defaults.seed)

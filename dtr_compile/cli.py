@@ -235,7 +235,7 @@ def run_cmd(model: str, data: str, metric: str | None, reference: str | None, ba
     """Evaluate MODEL (.onnx) on DATA with onnxruntime and print the metric."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from dtr_compile.runtime import evaluate_onnx, write_json
+    from dtr_compile.runtime.evaluate import evaluate_onnx, write_json
 
     console = _console()
     try:
@@ -306,7 +306,8 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
               json_path: str | None) -> None:
     """Latency and peak memory of MODELS (.onnx, e.g. original then hybrid) in onnxruntime at
     each sequence length, with inputs synthesised from each model's input signature."""
-    from dtr_compile.runtime import bench, bench_table, write_json
+    from dtr_compile.runtime.bench import bench, bench_table
+    from dtr_compile.runtime.evaluate import write_json
 
     console = _console()
     try:
@@ -338,7 +339,7 @@ Exit codes:
 def lint_trt_cmd(model: str, strict: bool, json_path: str | None) -> None:
     """List what TensorRT would reject or run suspiciously in MODEL (.onnx); needs no GPU."""
     from dtr_compile.exporters.tensorrt import blocking, findings_table, lint_trt
-    from dtr_compile.runtime import write_json
+    from dtr_compile.runtime.evaluate import write_json
 
     try:
         findings = lint_trt(model)

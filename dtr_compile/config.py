@@ -181,7 +181,7 @@ class CompileConfig:
     keep: tuple[str, ...] = ()
     max_linear: int | None = None
     min_linear: int = 0  # commit at least N sites, beyond the budget if need be (then exit 3)
-    search: str = "greedy"  # "greedy" | "lazy" | "ranked" (see dtr_compile.schedule)
+    search: str = "greedy"  # "greedy" | "lazy" | "ranked" (see dtr_compile.search.schedule)
     max_evals: int | None = None  # stop the search after N evaluations
     time_limit: str | float | None = None  # stop the search after this long: 900, "90s", "15m"
     resume: bool = False  # replay the search ledger of an interrupted run with the same inputs

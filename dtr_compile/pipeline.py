@@ -21,15 +21,10 @@ from dtr_compile import __version__
 from dtr_compile.capture import capture, check_inputs
 from dtr_compile.config import Budget, CompileConfig, parse_duration
 from dtr_compile.data import Dataset, load_dataset, run_model
-from dtr_compile.distill import (
-    DistillPlan,
-    DistillResult,
-    DistillSettings,
-    default_workers,
-    distill,
-    plan_distillation,
-)
-from dtr_compile.distill_cache import DistillCache
+from dtr_compile.distill.cache import DistillCache
+from dtr_compile.distill.execute import default_workers
+from dtr_compile.distill.plan import DistillPlan, DistillResult, DistillSettings, plan_distillation
+from dtr_compile.distill.run import distill
 from dtr_compile.errors import (
     EXIT_NO_REPLACEMENT,
     EXIT_OK,
@@ -39,15 +34,7 @@ from dtr_compile.errors import (
 from dtr_compile.exporters.artifacts import ExportResult, check_export_options, export_artifacts
 from dtr_compile.exporters.onnx import parity_cases
 from dtr_compile.fileio import write_json_atomic
-from dtr_compile.ledger import (
-    Ledger,
-    fingerprint,
-    hash_path,
-    hash_tensors,
-    load_students,
-    save_students,
-)
-from dtr_compile.linear_attention import SiteSwitch
+from dtr_compile.linear.kernel import SiteSwitch
 from dtr_compile.load import check_model_path, load_model
 from dtr_compile.metrics import Metric, get_metric
 from dtr_compile.passes.find_attention import (
@@ -57,9 +44,17 @@ from dtr_compile.passes.find_attention import (
     find_attention,
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
-from dtr_compile.prefix_cache import PrefixCache, SegmentedGraph
 from dtr_compile.report import report_paths, write_report
-from dtr_compile.schedule import STRATEGIES, Evaluation, ScheduleResult, schedule
+from dtr_compile.search.ledger import (
+    Ledger,
+    fingerprint,
+    hash_path,
+    hash_tensors,
+    load_students,
+    save_students,
+)
+from dtr_compile.search.prefix_cache import PrefixCache, SegmentedGraph
+from dtr_compile.search.schedule import STRATEGIES, Evaluation, ScheduleResult, schedule
 
 
 @dataclass
@@ -138,7 +133,7 @@ def _distill(
     config: CompileConfig, plan: DistillPlan, gm: torch.fx.GraphModule, calib: Dataset,
     names: list[str], console: Console,
 ) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]]:
-    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill`)."""
+    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill.run`)."""
     cache_dir = Path(config.cache_dir) if config.cache_dir else \
         Path(config.output).parent / ".dtr-cache"
     cache = None if config.no_cache else DistillCache(cache_dir)
@@ -194,7 +189,7 @@ def _reuse_students(
     config: CompileConfig, console: Console, build: Callable[[str], torch.nn.Module],
 ) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]] | None:
     """With ``--resume``: the distilled modules of the interrupted run, if distilled from the
-    same inputs and settings (see :func:`dtr_compile.ledger.save_students`); ``build`` makes
+    same inputs and settings (see :func:`dtr_compile.search.ledger.save_students`); ``build`` makes
     a site's empty student."""
     if not config.resume:
         return None

@@ -18,7 +18,7 @@ import torch
 
 from dtr_compile.config import CompileConfig
 from dtr_compile.exporters.onnx import ort_session
-from dtr_compile.linear_attention import LinearAttention
+from dtr_compile.linear.kernel import LinearAttention
 from dtr_compile.pipeline import compile_model
 
 ROOT = Path(__file__).resolve().parents[1]

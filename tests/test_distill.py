@@ -12,17 +12,13 @@ import torch
 
 from dtr_compile.capture import capture
 from dtr_compile.data import Dataset, load_dataset, run_model
-from dtr_compile.distill import (
-    ActivationStore,
-    DistillSettings,
-    distill,
-    distill_site,
-    plan_distillation,
-    record_sites,
-)
-from dtr_compile.distill_cache import DistillCache
+from dtr_compile.distill.activations import ActivationStore, record_sites
+from dtr_compile.distill.cache import DistillCache
+from dtr_compile.distill.plan import DistillSettings, plan_distillation
+from dtr_compile.distill.run import distill
+from dtr_compile.distill.train import distill_site
 from dtr_compile.errors import InputError
-from dtr_compile.linear_attention import SoftmaxAttention
+from dtr_compile.linear.kernel import SoftmaxAttention
 from dtr_compile.load import load_model
 from dtr_compile.passes.attention_block import BlockMiss, block_module, find_block
 from dtr_compile.passes.find_attention import find_attention
@@ -197,7 +193,7 @@ def test_cache_hit_gives_byte_identical_weights(tiny, tmp_path, monkeypatch) -> 
     files = sorted((tmp_path / "cache" / "distill").glob("*.safetensors"))
     assert [f.stem for f in files] == sorted(plan.keys.values())
 
-    import dtr_compile.distill as distill_mod
+    import dtr_compile.distill.run as distill_mod
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("a full cache hit must not run the teacher")
@@ -270,14 +266,14 @@ def test_feature_map_without_parameters_has_nothing_to_distill(tiny) -> None:
 
 def test_failed_sites_are_reported_and_not_cached(tiny, tmp_path, monkeypatch) -> None:
     gm, names, sites, calib = tiny
-    import dtr_compile.distill as distill_mod
+    import dtr_compile.distill.train as train_mod
 
-    real = distill_mod._SiteTask.loss
+    real = train_mod.SiteTask.loss
 
     def nan_loss(self, idx, gen):
         return real(self, idx, gen) * float("nan")
 
-    monkeypatch.setattr(distill_mod._SiteTask, "loss", nan_loss)
+    monkeypatch.setattr(train_mod.SiteTask, "loss", nan_loss)
     cache = DistillCache(tmp_path)
     _, _, results = _run(gm, names, sites[:1], calib, DistillSettings(steps=5), cache=cache)
     r = results[sites[0].id]

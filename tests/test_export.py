@@ -28,7 +28,7 @@ from dtr_compile.exporters.onnx import (
     prepare_for_export,
     to_half,
 )
-from dtr_compile.linear_attention import LinearAttention
+from dtr_compile.linear.kernel import LinearAttention
 from dtr_compile.load import LoadedModel
 from dtr_compile.passes.find_attention import find_attention
 from dtr_compile.passes.linearize import linearize

@@ -20,7 +20,7 @@ from torch import nn
 
 from dtr_compile.capture import export_module, flat_graph_module
 from dtr_compile.errors import NoAttentionError
-from dtr_compile.linear_attention import SoftmaxAttention
+from dtr_compile.linear.kernel import SoftmaxAttention
 from dtr_compile.passes.find_attention import AttentionScan, AttentionSite, find_attention
 from dtr_compile.passes.linearize import rewrite_sites
 from tests.model_matrix import VOCAB, Case, all_cases

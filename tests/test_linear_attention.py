@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtr_compile.errors import InputError
-from dtr_compile.feature_maps import FEATURE_MAPS, elu_plus_one, make_feature_map
-from dtr_compile.linear_attention import (
+from dtr_compile.linear.feature_maps import FEATURE_MAPS, elu_plus_one, make_feature_map
+from dtr_compile.linear.kernel import (
     LinearAttention,
     SiteSwitch,
     SoftmaxAttention,

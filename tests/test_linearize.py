@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dtr_compile.capture import capture
-from dtr_compile.linear_attention import LinearAttention, SoftmaxAttention
+from dtr_compile.linear.kernel import LinearAttention, SoftmaxAttention
 from dtr_compile.load import load_model
 from dtr_compile.passes.find_attention import find_attention
 from dtr_compile.passes.linearize import linearize, rewrite_sites

@@ -9,13 +9,13 @@ import torch
 
 from dtr_compile.capture import capture
 from dtr_compile.data import Dataset, run_model
-from dtr_compile.linear_attention import LinearAttention, SiteSwitch, SoftmaxAttention
+from dtr_compile.linear.kernel import LinearAttention, SiteSwitch, SoftmaxAttention
 from dtr_compile.load import load_model
 from dtr_compile.metrics import METRICS, Metric
 from dtr_compile.passes.find_attention import find_attention
 from dtr_compile.passes.linearize import rewrite_sites
-from dtr_compile.prefix_cache import PrefixCache, SegmentedGraph
-from dtr_compile.schedule import STRATEGIES, schedule
+from dtr_compile.search.prefix_cache import PrefixCache, SegmentedGraph
+from dtr_compile.search.schedule import STRATEGIES, schedule
 
 from .conftest import make_token_data
 

@@ -16,10 +16,9 @@ from dtr_compile.cli import main
 from dtr_compile.errors import InputError
 from dtr_compile.exporters.onnx import export_onnx
 from dtr_compile.metrics import get_metric
-from dtr_compile.runtime import (
+from dtr_compile.runtime.bench import bench, bench_table
+from dtr_compile.runtime.evaluate import (
     OnnxModel,
-    bench,
-    bench_table,
     evaluate_onnx,
     extend_positions,
     position_limit,
@@ -147,7 +146,7 @@ def test_bench_rejects_bad_lengths(tiny_onnx) -> None:
 def test_memory_probe_takes_inputs_named_like_savez_arguments(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
-    from dtr_compile.runtime import measure_peak_bytes
+    from dtr_compile.runtime.bench import measure_peak_bytes
 
     names = ["file", "allow_pickle"]
     graph = helper.make_graph(

@@ -13,8 +13,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
-from dtr_compile.ledger import Ledger, fingerprint, read_ledger
-from dtr_compile.schedule import STRATEGIES, Evaluation, ScheduleResult, greedy_schedule, schedule
+from dtr_compile.search.ledger import Ledger, fingerprint, read_ledger
+from dtr_compile.search.schedule import (
+    STRATEGIES,
+    Evaluation,
+    ScheduleResult,
+    greedy_schedule,
+    schedule,
+)
 
 BASE = 0.75
 U = 1 / 64

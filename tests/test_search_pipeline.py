@@ -10,10 +10,10 @@ from click.testing import CliRunner
 
 from dtr_compile.cli import main
 from dtr_compile.config import CompileConfig
-from dtr_compile.ledger import read_ledger
 from dtr_compile.pipeline import compile_model
-from dtr_compile.prefix_cache import PrefixCache
 from dtr_compile.report import report_paths
+from dtr_compile.search.ledger import read_ledger
+from dtr_compile.search.prefix_cache import PrefixCache
 
 FAST = dict(distill_steps=10, max_calib_samples=8, progress=False)
 FAST_FLAGS = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress"]

@@ -85,7 +85,7 @@ def test_rule_table_is_documented() -> None:
 
 def test_tensorrt_target_export_has_no_blocking_finding(tmp_path: Path) -> None:
     from dtr_compile.capture import capture
-    from dtr_compile.linear_attention import LinearAttention
+    from dtr_compile.linear.kernel import LinearAttention
     from dtr_compile.load import LoadedModel
     from dtr_compile.passes.find_attention import find_attention
     from dtr_compile.passes.linearize import linearize

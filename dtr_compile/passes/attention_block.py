@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from dtr_compile.linear_attention import SiteSwitch
+from dtr_compile.linear.kernel import SiteSwitch
 from dtr_compile.passes.find_attention import AttentionSite
 
 aten = torch.ops.aten

@@ -1,6 +1,6 @@
 """What an attention site's mask does, proven by evaluating where it comes from.
 
-The linear replacement (:mod:`dtr_compile.linear_attention`) honours two kinds of masking: a *key
+The linear replacement (:mod:`dtr_compile.linear.kernel`) honours two kinds of masking: a *key
 padding* mask (key ``s`` of row ``b`` is visible to every query of that row, or to none) and the
 *causal* mask (query ``t`` sees keys ``s <= t``, aligned top-left as SDPA's ``is_causal`` and
 the linear replacement align it), alone or together. A mask is accepted only when it is provably
@@ -22,7 +22,7 @@ the scores, or the condition of a ``masked_fill`` / ``where``):
    length symbols (``T`` and ``S``), also at unequal lengths in both orders. Key inputs get
    all-ones, all-zeros, right-padded, left-padded and random 0/1 rows; shape-only inputs zeros.
 3. **Factorisation.** On every probe the allowed set ``A[r, t, s]`` (True of a boolean mask, or an
-   additive value above :data:`~dtr_compile.linear_attention.ADDITIVE_MASK_PADDING`; ``r`` runs
+   additive value above :data:`~dtr_compile.linear.kernel.ADDITIVE_MASK_PADDING`; ``r`` runs
    over the leading dims) must equal ``P[t, s] ∧ K[r, s]``: one pattern ``P`` per length for all
    probes and rows, times a key validity ``K``. Query rows that ``P ∧ K`` leaves without any key
    and rows the mask itself leaves without any key are not compared (libraries fill or empty
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from dtr_compile.linear_attention import ADDITIVE_MASK_PADDING
+from dtr_compile.linear.kernel import ADDITIVE_MASK_PADDING
 
 aten = torch.ops.aten
 

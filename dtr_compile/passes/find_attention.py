@@ -22,7 +22,7 @@ named alternatives covers the spellings; each rule reads ``name := alternative |
     kᵀ      := transpose(k × c?, -2, -1) | permute(k × c?, [0, 1, 3, 2])
     k, v    := repeat_kv(x) | x          # expand+reshape (Llama) or repeat_interleave on dim 1
 
-``-big`` is any value at or below :data:`~dtr_compile.linear_attention.ADDITIVE_MASK_PADDING`.
+``-big`` is any value at or below :data:`~dtr_compile.linear.kernel.ADDITIVE_MASK_PADDING`.
 A repeated key/value (GQA) is undone: the site's ``k``/``v`` are the ``Hkv``-head tensors and
 ``num_kv_heads < num_heads``; SDPA's ``enable_gqa`` grouping (head ``h`` reads kv head
 ``h // (H / Hkv)``) is the one ``repeat_kv`` spells out.
@@ -61,7 +61,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import Argument
 
 from dtr_compile.errors import NoAttentionError
-from dtr_compile.linear_attention import ADDITIVE_MASK_PADDING
+from dtr_compile.linear.kernel import ADDITIVE_MASK_PADDING
 from dtr_compile.passes.attention_mask import MaskPattern, classify_mask
 
 aten = torch.ops.aten

@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from dtr_compile.runtime import bench, bench_table, evaluate_onnx  # noqa: E402
+from dtr_compile.runtime.bench import bench, bench_table  # noqa: E402
+from dtr_compile.runtime.evaluate import evaluate_onnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _demo import print_outcome, pytorch_accuracy, results_table  # noqa: E402

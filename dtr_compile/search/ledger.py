@@ -8,7 +8,7 @@ the tool's version). Each further line is one evaluation::
 
 Lines are flushed and fsynced one by one, so an interrupted search (Ctrl-C, a killed CI job) loses
 at most the evaluation in flight. ``--resume`` reads the ledger back and replays its measurements
-(:func:`dtr_compile.schedule.schedule`'s ``known``) when the fingerprint matches; a ledger written
+(:func:`dtr_compile.search.schedule.schedule`'s ``known``) when the fingerprint matches; a ledger written
 for other inputs is never reused. Since a metric depends only on the set of linear sites, a
 ledger can be resumed with another budget, strategy or limit.
 
@@ -28,7 +28,7 @@ from typing import IO, Any
 import torch
 
 from dtr_compile.fileio import atomic_path, write_text_atomic
-from dtr_compile.schedule import Evaluation
+from dtr_compile.search.schedule import Evaluation
 
 LEDGER_FORMAT = "dtr-compile search ledger"
 LEDGER_VERSION = 1

@@ -33,8 +33,7 @@ from torch.fx import GraphModule, Node
 from dtr_compile.fileio import atomic_path
 
 CACHE_FORMAT = "dtr-compile distilled weights v1"
-_CODE_MODULES = ("distill.py", "distill_cache.py", "linear_attention.py", "feature_maps.py",
-                 "passes/attention_block.py")
+_CODE_MODULES = ("distill/*.py", "linear/*.py", "passes/attention_block.py")
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -94,10 +93,11 @@ def node_hashes(gm: GraphModule) -> dict[str, str]:
 
 def code_digest() -> str:
     """SHA-256 of the sources that define distillation and the student modules."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256(torch.__version__.encode())
-    for rel in _CODE_MODULES:
-        h.update(rel.encode() + b"\0" + (root / rel).read_bytes())
+    for pattern in _CODE_MODULES:
+        for path in sorted(root.glob(pattern)):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 

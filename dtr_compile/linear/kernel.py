@@ -1,7 +1,7 @@
 """Linear-attention operators that replace softmax attention sites.
 
 Shapes use a fixed letter set: ``q: [B, H, T, Dk]``, ``k: [B, Hkv, S, Dk]``, ``v: [B, Hkv, S, Dv]``,
-feature maps ``φ(x): [..., F]`` (see :mod:`dtr_compile.feature_maps`), output ``[B, H, T, Dv]``.
+feature maps ``φ(x): [..., F]`` (see :mod:`dtr_compile.linear.feature_maps`), output ``[B, H, T, Dv]``.
 Key/value heads are repeated to ``H`` as ``repeat_interleave`` (the grouping SDPA's
 ``enable_gqa`` uses); the functional operators below take ``H`` key heads.
 
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from dtr_compile.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
+from dtr_compile.linear.base import LinearStudent
+from dtr_compile.linear.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
 
 __all__ = [
     "ADDITIVE_MASK_PADDING",
@@ -346,8 +347,8 @@ def naive_sliding_window_linear_attention(
 # --- modules ---------------------------------------------------------------------------------
 
 
-class LinearAttention(nn.Module):
-    """A drop-in for one softmax attention site: ``(q, k, v[, mask]) → [B, H, T, Dv]``.
+class LinearAttention(LinearStudent):
+    """Feature-map linear attention, a drop-in for one softmax attention site: ``(q, k, v[, mask]) → [B, H, T, Dv]``.
 
     Args:
         num_heads: ``H``.

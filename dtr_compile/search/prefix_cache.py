@@ -1,6 +1,6 @@
 """Exact prefix cache for the schedule stage: run only what a candidate changes.
 
-The search graph holds one :class:`~dtr_compile.linear_attention.SiteSwitch` per candidate site.
+The search graph holds one :class:`~dtr_compile.linear.kernel.SiteSwitch` per candidate site.
 :class:`SegmentedGraph` cuts it just before each switch, at the point between the previous switch
 and this one where the fewest switch-dependent bytes are live (for a transformer: the residual
 stream between two layers), and compiles each stretch into its own fx ``GraphModule``::

@@ -1,0 +1,226 @@
+"""What each site of stage 5 trains as, with which settings, under which cache key.
+
+:class:`DistillSettings` holds every hyper-parameter (all of them enter the cache key),
+:func:`plan_distillation` picks each site's target (``site`` or ``block``, see
+:mod:`dtr_compile.distill.run`) and computes its key, and :func:`new_student` builds a site's
+untrained linear attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.fx import GraphModule
+
+from dtr_compile.data import Dataset
+from dtr_compile.distill.cache import cache_key, code_digest, node_hashes
+from dtr_compile.errors import InputError
+from dtr_compile.linear.feature_maps import FEATURE_MAPS
+from dtr_compile.linear.kernel import LinearAttention, SiteSwitch, SoftmaxAttention
+from dtr_compile.passes.attention_block import (
+    AttentionBlock,
+    BlockMiss,
+    BlockSwitch,
+    block_module,
+    find_block,
+)
+from dtr_compile.passes.find_attention import AttentionSite
+from dtr_compile.search.ledger import hash_tensors
+
+TARGETS = ("site", "block")
+LOSSES = ("mse", "mse+ce")
+#: Held-out rows are the last ``N // 8`` calibration rows, at most this many.
+MAX_HOLDOUT_ROWS = 16
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """Everything a site's training depends on besides its teacher and data (all in the cache key).
+
+    Attributes:
+        target: ``"site"`` or ``"block"``.
+        feature_map: a name in :data:`~dtr_compile.linear.feature_maps.FEATURE_MAPS`.
+        steps: optimiser steps per site (at most; early stopping may end sooner).
+        lr: Adam learning rate of the feature map's parameters (cosine-annealed).
+        block_lr: learning rate of a block's teacher-initialised weights (q/k/v/o), relative to
+            their RMS (Adam moves each weight by about ``block_lr · RMS`` per step).
+        batch_rows: calibration rows per step.
+        query_positions: query positions per row and step for bidirectional ``site`` training
+            (0: all); keys are always complete.
+        loss: ``"mse"`` or ``"mse+ce"`` (``site`` only).
+        eval_every: steps between held-out evaluations.
+        patience: held-out evaluations without improvement before stopping (0: never stop).
+        seed: random seed.
+        window: ``W > 0``: causal sites keep softmax over their last ``W`` keys beside the linear
+            attention (LoLCATs' sliding window, :func:`~dtr_compile.linear.kernel.
+            sliding_window_linear_attention`); bidirectional sites ignore it.
+    """
+
+    target: str = "site"
+    feature_map: str = "hedgehog"
+    steps: int = 400
+    lr: float = 3e-2
+    block_lr: float = 3e-3
+    batch_rows: int = 4
+    query_positions: int = 64
+    loss: str = "mse"
+    eval_every: int = 50
+    patience: int = 3
+    seed: int = 0
+    window: int = 0
+
+    def check(self) -> None:
+        """Raises :class:`InputError` naming the bad setting."""
+        if self.target not in TARGETS:
+            raise InputError(f"unknown distillation target {self.target!r}: expected one of "
+                             f"{', '.join(TARGETS)}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise InputError(f"unknown feature map {self.feature_map!r}: expected one of "
+                             f"{', '.join(FEATURE_MAPS)}; pick one with --feature-map")
+        if self.loss not in LOSSES:
+            raise InputError(f"unknown distillation loss {self.loss!r}: expected one of "
+                             f"{', '.join(LOSSES)}")
+        if self.loss != "mse" and self.target != "site":
+            raise InputError(f"--distill-loss {self.loss} needs --distill-target site (the "
+                             "block's attention weights are not the teacher's)")
+        for name in ("steps", "query_positions", "patience"):
+            if getattr(self, name) < 0:
+                raise InputError(f"distillation {name.replace('_', ' ')} must be >= 0")
+        if self.window < 0:
+            raise InputError(f"--window {self.window}: the sliding window must be >= 0 tokens "
+                             "(0: none)")
+        for name in ("batch_rows", "eval_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"distillation {name.replace('_', ' ')} must be >= 1")
+        if not (self.lr > 0 and self.block_lr >= 0):
+            raise InputError("distillation learning rates must be > 0")
+
+    def for_target(self, target: str) -> DistillSettings:
+        return dataclasses.replace(self, target=target,
+                                   loss=self.loss if target == "site" else "mse")
+
+
+@dataclass
+class DistillResult:
+    """Outcome for one site. Errors are relative RMS ``‖y − ŷ‖₂ / ‖y‖₂`` on held-out rows, of
+    the site's output (target ``site``) or of the block's output (target ``block``)."""
+
+    site_id: str
+    ok: bool
+    init_error: float
+    final_error: float
+    final_loss: float
+    steps: int
+    seconds: float
+    reason: str = ""
+    loss_history: list[float] = field(default_factory=list)
+    target: str = "site"
+    best_step: int = 0
+    cached: bool = False
+    note: str = ""
+
+
+def new_student(site: AttentionSite, settings: DistillSettings) -> LinearAttention:
+    """The untrained student of ``site``; ``settings.window`` applies to causal sites only."""
+    return LinearAttention(site.num_heads, site.num_kv_heads, site.head_dim,
+                           mask_kind=site.mask_kind, causal=site.causal,
+                           feature_map=settings.feature_map, scale=site.scale,
+                           window=settings.window if site.causal else 0)
+
+
+
+# --- the plan: what each site trains, and its cache key --------------------------------------
+
+
+@dataclass
+class DistillPlan:
+    """What each site is trained as (target, block) and its cache key.
+
+    Attributes:
+        sites: every site.
+        settings: as requested; a site's own settings are ``settings.for_target(targets[id])``.
+        targets: effective target per site (``block`` falls back to ``site`` without a block).
+        blocks: the block of each ``block``-target site.
+        notes: why a site does not train as requested.
+        keys: cache key per site; ``key_parts``: what each key hashes.
+    """
+
+    sites: tuple[AttentionSite, ...]
+    settings: DistillSettings
+    targets: dict[str, str]
+    blocks: dict[str, AttentionBlock]
+    notes: dict[str, str]
+    keys: dict[str, str]
+    key_parts: dict[str, dict[str, str]]
+
+    def site(self, site_id: str) -> AttentionSite:
+        return next(s for s in self.sites if s.id == site_id)
+
+    def empty_student(self, gm: GraphModule, site_id: str) -> nn.Module:
+        """An untrained student of ``site_id`` (to load saved weights into)."""
+        site = self.site(site_id)
+        lin = new_student(site, self.settings)
+        block = self.blocks.get(site_id)
+        return lin if block is None else block_module(gm, block, site, lin, copy_weights=True)
+
+    def switch(self, gm: GraphModule, site_id: str, student: nn.Module) -> SiteSwitch:
+        """The search's switch between a site's teacher and ``student``: the softmax core
+        (``site``) or the teacher's own block sharing its weights (``block``)."""
+        site = self.site(site_id)
+        block = self.blocks.get(site_id)
+        if block is None:
+            return SiteSwitch(SoftmaxAttention(site.num_heads, site.num_kv_heads, scale=site.scale,
+                                               causal=site.sdpa_is_causal), student)  # type: ignore[arg-type]
+        return BlockSwitch(block_module(gm, block, site), student)  # type: ignore[arg-type]
+
+
+def plan_distillation(
+    gm: GraphModule,
+    sites: Sequence[AttentionSite],
+    settings: DistillSettings,
+    calib: Dataset,
+    record_batch: int,
+) -> DistillPlan:
+    """Find each site's block (target ``block``) and compute every site's cache key."""
+    settings.check()
+    targets, blocks, notes = {}, {}, {}
+    for site in sites:
+        target = settings.target
+        if site.layout != "BHTD":
+            notes[site.id] = f"layout {site.layout} is not supported by LinearAttention"
+        if target == "block":
+            found = find_block(gm, site)
+            if isinstance(found, BlockMiss):
+                target = "site"
+                notes[site.id] = f"no attention block ({found}); distilled as target site"
+            else:
+                blocks[site.id] = found
+        targets[site.id] = target
+    hashes = node_hashes(gm)
+    common = {"code": code_digest(), "calib": hash_tensors(calib.inputs),
+              "record_batch": str(record_batch)}
+    keys, parts = {}, {}
+    for site in sites:
+        block = blocks.get(site.id)
+        shape = {k: v for k, v in dataclasses.asdict(site).items()
+                 if k in ("num_heads", "num_kv_heads", "head_dim", "head_dim_v", "causal",
+                          "mask_kind", "scale", "layout", "kind")}
+        if block is None:
+            teacher = [hashes[n] for n in (site.q, site.k, site.v, site.output)]
+        else:
+            teacher = [hashes[n] for n in (*block.inputs, block.output)] + [block.owner]
+        if site.mask:
+            teacher.append(hashes[site.mask])
+        own = dataclasses.asdict(settings.for_target(targets[site.id]))
+        if not (site.causal and own["window"]):
+            del own["window"]  # no window here: the key stays that of a run without --window
+        p = dict(common, teacher=hashlib.sha256("|".join(teacher).encode()).hexdigest(),
+                 site=json.dumps(shape, sort_keys=True), settings=json.dumps(own, sort_keys=True))
+        parts[site.id], keys[site.id] = p, cache_key(p)
+    return DistillPlan(tuple(sites), settings, targets, blocks, notes, keys, parts)
+
