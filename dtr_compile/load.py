@@ -48,6 +48,59 @@ def _is_pickled_module_zip(path: Path) -> bool:
         return False
 
 
+_PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")  # torch.export's non-tensor constants
+
+
+def check_archive_pickles(path: Path) -> None:
+    """Refuse a ``torch.export`` archive whose loading would unpickle (and so run) code.
+
+    :func:`torch.export.load` calls ``torch.load(weights_only=False)`` or ``pickle.loads`` on:
+    weights and constants marked ``use_pickle: true`` in ``data/{weights,constants}/
+    *_config.json`` (tensor subclasses), ``custom_obj_*`` / ``opaque_obj_*`` constants (script
+    and opaque objects), legacy ``data/weights/<model>.pt`` / ``data/constants/<model>.pt``
+    files, and the sample inputs when a weights-only load of them fails. A plain exported model
+    has none of these; this reads the configs (zip members, nothing unpickled) and loads the
+    sample inputs weights-only first.
+
+    Raises:
+        InputError: such an entry exists (names it), or a config is not valid JSON.
+    """
+    import io
+
+    def refuse(what: str) -> InputError:
+        return InputError(f"{path}: {what}; loading it runs code from the file (unpickling). "
+                          "Re-export it from plain tensors, or pass --trust-pickle if you trust "
+                          "the file")
+
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        for name in names:
+            rel = name.split("/", 1)[1] if "/" in name else name
+            if rel.startswith("data/aotinductor/"):
+                raise refuse(f"the archive holds compiled AOTInductor code ({name})")
+            folder, _, leaf = rel.rpartition("/")
+            if folder in ("data/weights", "data/constants") and leaf.endswith(".pt"):
+                raise refuse(f"the archive holds a legacy pickled {folder[5:]} file ({name})")
+            if folder in ("data/weights", "data/constants") and leaf.endswith("_config.json"):
+                try:
+                    config = json.loads(zf.read(name)).get("config", {})
+                except (ValueError, AttributeError) as exc:
+                    raise InputError(f"{path}: {name} is not a valid payload config ({exc})") \
+                        from None
+                for fqn, meta in (config.items() if isinstance(config, dict) else []):
+                    meta = meta if isinstance(meta, dict) else {}
+                    if meta.get("use_pickle"):
+                        raise refuse(f"{folder[5:]} entry {fqn!r} is stored as a pickle "
+                                     "(use_pickle: true)")
+                    if str(meta.get("path_name", "")).startswith(_PICKLED_PREFIXES):
+                        raise refuse(f"constant {fqn!r} is a pickled custom or opaque object")
+            if folder == "data/sample_inputs" and leaf.endswith(".pt"):
+                try:  # torch.export.load retries a failed weights-only load with full unpickling
+                    torch.load(io.BytesIO(zf.read(name)), weights_only=True, map_location="cpu")
+                except Exception:  # noqa: BLE001 - anything but plain tensors and containers
+                    raise refuse(f"its sample inputs ({name}) are not plain tensors") from None
+
+
 def _load_hf_folder(path: Path) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -133,6 +186,8 @@ def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> L
             raise InputError(f"{p} unpickled to {type(obj).__name__}, not a torch.nn.Module")
         obj.eval()
         return LoadedModel(source=str(p), format="pickle", module=obj)
+    if not trust_pickle:
+        check_archive_pickles(p)
     try:
         # torch warns about any suffix but .pt2; .pt is ours to accept (the demo writes model.pt)
         logging.getLogger("torch.export.pt2_archive._package").setLevel(logging.ERROR)
