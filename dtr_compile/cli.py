@@ -10,8 +10,10 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 # Reproducible MKL results: the same branch for any memory alignment (set before torch loads MKL).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
@@ -201,7 +203,7 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
         config = CompileConfig(model=model, output=output, **values)
         from dtr_compile.pipeline import compile_model
 
-        result = compile_model(config, Console(stderr=True))
+        result = compile_model(config, _console())
     except DtrError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:
@@ -226,8 +228,18 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
     sys.exit(result.exit_code)
 
 
+class _PlainLog(Console):
+    """The log console when stderr is not a terminal (CI): one line per message, ``[HH:MM:SS]``
+    then the text, never wrapped or padded, no source locations; greppable."""
+
+    def log(self, *objects: Any, **kwargs: Any) -> None:  # noqa: ARG002 - rich's signature
+        self.print(time.strftime("[%H:%M:%S]"), *objects, soft_wrap=True)
+
+
 def _console() -> Console:
-    return Console(stderr=True)
+    """The stderr console: rich's log (time, message, source column) on a terminal, else
+    :class:`_PlainLog`."""
+    return Console(stderr=True) if sys.stderr.isatty() else _PlainLog(stderr=True)
 
 
 @main.command("run", epilog="""\b

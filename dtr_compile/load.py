@@ -10,9 +10,11 @@ Accepted inputs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,49 @@ def check_archive_pickles(path: Path) -> None:
                     torch.load(io.BytesIO(zf.read(name)), weights_only=True, map_location="cpu")
                 except Exception:  # noqa: BLE001 - anything but plain tensors and containers
                     raise refuse(f"its sample inputs ({name}) are not plain tensors") from None
+
+
+_TYPE_RE = re.compile(r'\\"type\\": \\"([A-Za-z_][\w.]*)\\"')
+
+
+def _pytree_types(path: Path) -> set[str]:
+    """Serialized pytree type names in the archive's input/output specs (e.g.
+    ``transformers.modeling_outputs.SequenceClassifierOutput``)."""
+    found: set[str] = set()
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            rel = name.split("/", 1)[1] if "/" in name else name
+            if rel.startswith("models/") and rel.endswith(".json"):
+                found |= set(_TYPE_RE.findall(zf.read(name).decode("utf-8", "replace")))
+    return found
+
+
+def register_output_types(path: Path) -> list[str]:
+    """Import the ``transformers`` modules that define the archive's input/output pytree types.
+
+    A Hugging Face model exported with ``torch.export`` returns a ``ModelOutput`` dataclass;
+    ``torch.export.load`` can rebuild the output spec only if that class is registered as a
+    pytree node, which happens when its module is imported. Only modules under
+    ``transformers.`` are imported (installed code, never code from the file).
+
+    Returns:
+        The pytree type names that remain unregistered (for the error message).
+    """
+    import importlib
+
+    from torch.utils import _pytree
+
+    missing = []
+    for type_name in sorted(_pytree_types(path)):
+        if type_name in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue
+        module = type_name.rpartition(".")[0]
+        if module.startswith("transformers."):
+            with contextlib.suppress(Exception):
+                importlib.import_module(module)
+        if type_name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            missing.append(type_name)
+    return missing
 
 
 def _load_hf_folder(path: Path) -> LoadedModel:
@@ -189,9 +234,19 @@ def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> L
     if not trust_pickle:
         check_archive_pickles(p)
     try:
+        missing = register_output_types(p)
+    except (zipfile.BadZipFile, OSError):
+        missing = []
+    try:
         # torch warns about any suffix but .pt2; .pt is ours to accept (the demo writes model.pt)
         logging.getLogger("torch.export.pt2_archive._package").setLevel(logging.ERROR)
         program = torch.export.load(p)
     except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
+        if missing:
+            raise InputError(
+                f"{p}: its inputs/outputs use the pytree type(s) {', '.join(missing)}, which "
+                "are not registered in this Python: install the package that defines them (for "
+                "transformers outputs, `transformers`), or export a model that returns tensors "
+                "or tuples") from exc
         raise InputError(f"{p}: not a readable torch.export archive ({type(exc).__name__}: {exc})") from exc
     return LoadedModel(source=str(p), format="torch.export", program=program)
