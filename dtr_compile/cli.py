@@ -7,9 +7,13 @@ are listed by ``dtr-compile --help``.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 # Reproducible MKL results: the same branch for any memory alignment (set before torch loads MKL).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
@@ -39,6 +43,7 @@ Exit codes:
      --min-linear forced sites beyond it (the best such model is written); report included
   4  verification: onnxruntime disagrees with PyTorch beyond --atol (or the fp16
      tolerance), or --target tensorrt's lint found a reject/avoid op (artifacts kept)
+  130 / 143  interrupted by Ctrl-C / SIGTERM: nothing half-written; --resume continues
   1  internal error"""
 
 
@@ -58,6 +63,15 @@ class _DefaultGroup(click.Group):
             cmd.format_options(sub, formatter)
             cmd.format_epilog(sub, formatter)
         self.format_commands(ctx, formatter)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job cancelled), raised where Ctrl-C would be: the same clean-up and the same
+    ``--resume`` hint run; the CLI then exits 143 (128 + SIGTERM) instead of Ctrl-C's 130."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def _fail(exc: DtrError) -> None:
@@ -170,6 +184,8 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
     """Compile MODEL (a torch.export archive .pt/.pt2, or a Hugging Face folder) into a hybrid
     ONNX within the budget. Data and metric may also come from dtr.toml or [tool.dtr-compile]
     in pyproject.toml in the working directory; flags override the file."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         file_values, _src = read_project_config(Path.cwd())
         values = dict(file_values)
@@ -182,17 +198,20 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
             values["keep"] = tuple(k.strip() for k in str(values["keep"]).split(",") if k.strip())
         elif "keep" in values:
             values["keep"] = tuple(values["keep"])
-        values["trust_pickle"] = bool(flags["trust_pickle"]) or bool(values.get("trust_pickle"))
+        values["trust_pickle"] = bool(flags["trust_pickle"])  # command line only
         values["progress"] = not flags["no_progress"] and sys.stderr.isatty()
         config = CompileConfig(model=model, output=output, **values)
         from dtr_compile.pipeline import compile_model
 
-        result = compile_model(config, Console(stderr=True))
+        result = compile_model(config, _console())
     except DtrError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        click.echo("dtr-compile: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        click.echo(f"dtr-compile: {'terminated (SIGTERM)' if term else 'interrupted'}; rerun the "
+                   "same command with --resume to continue from the finished search "
+                   "evaluations", err=True)
+        sys.exit(143 if term else 130)
     rep = result.report
     click.echo(f"{rep['metric']['name']}: original {rep['baseline_metric']:.4f} → hybrid "
                f"{rep['final_metric']:.4f} (threshold {rep['threshold']:.4f}, budget {rep['budget']['text']})")
@@ -209,8 +228,18 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
     sys.exit(result.exit_code)
 
 
+class _PlainLog(Console):
+    """The log console when stderr is not a terminal (CI): one line per message, ``[HH:MM:SS]``
+    then the text, never wrapped or padded, no source locations; greppable."""
+
+    def log(self, *objects: Any, **kwargs: Any) -> None:  # noqa: ARG002 - rich's signature
+        self.print(time.strftime("[%H:%M:%S]"), *objects, soft_wrap=True)
+
+
 def _console() -> Console:
-    return Console(stderr=True)
+    """The stderr console: rich's log (time, message, source column) on a terminal, else
+    :class:`_PlainLog`."""
+    return Console(stderr=True) if sys.stderr.isatty() else _PlainLog(stderr=True)
 
 
 @main.command("run", epilog="""\b
@@ -241,6 +270,7 @@ def run_cmd(model: str, data: str, metric: str | None, reference: str | None, ba
     try:
         if batch_size < 1:
             raise InputError("--batch-size must be >= 1")
+        _check_threads(threads)
         rows = _rows(data)
         show = not no_progress and sys.stderr.isatty() and rows > batch_size
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -257,6 +287,12 @@ def run_cmd(model: str, data: str, metric: str | None, reference: str | None, ba
         _fail(exc)
     click.echo(f"{result.metric}: {result.value:.4f} ({result.rows} rows, {result.seconds:.1f} s, "
                f"{Path(model).name})")
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: must be >= 1 (leave it out for onnxruntime's "
+                         "default)")
 
 
 def _rows(data: str) -> int:
@@ -311,6 +347,7 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
 
     console = _console()
     try:
+        _check_threads(threads)
         result = bench(list(models), _seqs(seq), batch=batch, repeats=repeats, warmup=warmup,
                        threads=threads, extend=extend_positions, memory=not no_memory,
                        on_step=lambda msg: console.log(msg))

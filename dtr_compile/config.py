@@ -195,6 +195,47 @@ class CompileConfig:
 
 
 CONFIG_KEYS = {f.name for f in dataclasses.fields(CompileConfig)} - {"model", "output", "extra"}
+# Keys a config file may not set: a dtr.toml can arrive with a pull request, and these switch a
+# safety off (unpickling runs code) or describe the terminal, not the project.
+COMMAND_LINE_ONLY = {"trust_pickle": "--trust-pickle", "progress": "--no-progress"}
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(CompileConfig)}
+
+
+def _check_type(path: Path, key: str, name: str, val: Any) -> Any:
+    """``val`` if it has the type of ``CompileConfig.<name>`` (ints accepted for floats; a
+    string or a list of strings for ``keep``).
+
+    Raises:
+        InputError: naming the key, the value and the expected type.
+    """
+    kind = _FIELD_TYPES[name]
+    optional = "None" in kind
+    base = kind.replace(" | None", "")
+    ok: bool
+    if name == "budget":  # budget = 0.005 (absolute) reads as well as budget = "0.5%"
+        ok = isinstance(val, (str, int, float)) and not isinstance(val, bool)
+        expected = "a string such as \"0.5%\" or a number"
+    elif name == "keep":
+        ok = isinstance(val, str) or (isinstance(val, list) and all(isinstance(v, str) for v in val))
+        expected = "a string or a list of strings"
+    elif base == "bool":
+        ok, expected = isinstance(val, bool), "true or false (a TOML boolean, unquoted)"
+    elif base == "int":
+        ok, expected = isinstance(val, int) and not isinstance(val, bool), "an integer"
+    elif base == "float":
+        ok = isinstance(val, (int, float)) and not isinstance(val, bool)
+        expected = "a number"
+    elif base == "str":
+        ok, expected = isinstance(val, str), "a string (quoted)"
+    elif base == "str | float":
+        ok = isinstance(val, (str, int, float)) and not isinstance(val, bool)
+        expected = "a number of seconds or a string such as \"15m\""
+    else:  # pragma: no cover - a new field type: accept, the config validates it later
+        ok, expected = True, base
+    if not ok:
+        raise InputError(f"{path}: {key} = {val!r} has the wrong type: expected {expected}"
+                         + (" (or leave it out)" if optional else ""))
+    return val
 
 
 def read_project_config(cwd: Path) -> tuple[dict[str, Any], Path | None]:
@@ -203,8 +244,12 @@ def read_project_config(cwd: Path) -> tuple[dict[str, Any], Path | None]:
     Keys use the CLI flag names with ``-`` or ``_`` (``data``, ``metric``, ``max-calib-samples``).
     Relative paths in the file are resolved against the file's folder.
 
+    ``trust_pickle`` (and ``progress``) are command-line only: a config file that sets them is
+    refused, so a file arriving with a pull request cannot switch the pickle guard off.
+
     Raises:
-        InputError: the file is not valid TOML or names an unknown key.
+        InputError: the file is not valid TOML, names an unknown or command-line-only key, or
+            gives a value of the wrong type (``export_original = "no"``).
     """
     candidates = [(cwd / "dtr.toml", None), (cwd / "pyproject.toml", ("tool", "dtr-compile"))]
     for path, table in candidates:
@@ -222,10 +267,16 @@ def read_project_config(cwd: Path) -> tuple[dict[str, Any], Path | None]:
         values: dict[str, Any] = {}
         for key, val in doc.items():
             name = key.replace("-", "_")
+            if name in COMMAND_LINE_ONLY:
+                raise InputError(
+                    f"{path}: {key!r} may only be given on the command line "
+                    f"({COMMAND_LINE_ONLY[name]}): a config file must not switch it; remove it")
             if name not in CONFIG_KEYS:
                 raise InputError(
-                    f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(CONFIG_KEYS))}"
+                    f"{path}: unknown key {key!r}; known keys: "
+                    f"{', '.join(sorted(CONFIG_KEYS - set(COMMAND_LINE_ONLY)))}"
                 )
+            val = _check_type(path, key, name, val)
             if name in ("data", "calib", "report", "cache_dir") and isinstance(val, str):
                 val = str(path.parent / val) if not Path(val).is_absolute() else val
             values[name] = val

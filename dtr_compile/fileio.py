@@ -1,24 +1,48 @@
-"""Atomic file writes: every artifact is written to a temporary file and renamed into place.
+"""Safe file writes: atomic artifacts with the user's umask, a staged set of artifacts moved into
+place together, the output lock, and the up-front check of every path a run will write.
 
 An interrupted or failed run therefore never leaves a truncated artifact where the previous good
-one stood.
+one stood, never a mix of two runs' artifacts, and never writes over one of its own inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
+import socket
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from dtr_compile.errors import InputError
+
+
+def _umask() -> int:
+    """The process umask (read without changing it for longer than two system calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(target: Path) -> int:
+    """The mode a new artifact at ``target`` gets: the replaced file's, else ``0o666 & ~umask``."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
+    The file gets the mode of the file it replaces, or ``0o666`` less the umask for a new one
+    (``mkstemp`` alone would leave 0600, unreadable to a model server under another uid).
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
     target = Path(path)
@@ -28,6 +52,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _final_mode(target))
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -43,3 +68,225 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# --- the path plan ---------------------------------------------------------------------------
+
+
+def _resolve(path: Path, what: str) -> Path:
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # symlink loop (RuntimeError before Python 3.13)
+        raise InputError(f"{what} {str(path)!r} cannot be resolved ({exc}); is it a symlink "
+                         "loop?") from None
+
+
+def _same(a: Path, ra: Path, b: Path, rb: Path) -> bool:
+    if ra == rb:
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _writable_folder(folder: Path, what: str, path: Path) -> None:
+    """``folder`` (to be created if missing) can hold a new file: its nearest existing ancestor
+    is a writable folder."""
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link
+            raise InputError(f"{what} {str(path)!r}: {probe} is a broken symlink")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{what} {str(path)!r}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {str(path)!r}: the folder {probe} is not writable")
+
+
+def check_write_plan(writes: Mapping[str, Path], inputs: Mapping[str, Path | None]) -> None:
+    """Refuse a run whose artifacts would overwrite an input or each other, or cannot be written.
+
+    Args:
+        writes: every path the run may write, by a name for messages (``report``, ``pt2``…).
+        inputs: every path the run reads (model, ``--data``, ``--calib``, ``--test``…), by flag;
+            None entries are ignored.
+
+    Raises:
+        InputError: two paths are the same file (compared resolved, and with
+            :func:`os.path.samefile` for hard links), a path to write is a folder or a symlink
+            loop, or its folder is a file or not writable.
+    """
+    resolved_in = {k: (p, _resolve(p, k)) for k, p in inputs.items() if p is not None}
+    seen: dict[Path, str] = {}
+    for name, p in writes.items():
+        rp = _resolve(p, name)
+        for flag, (ip, rip) in resolved_in.items():
+            if _same(p, rp, ip, rip):
+                raise InputError(f"the {name} path {str(p)!r} is the {flag} {str(ip)!r}: the run "
+                                 "would overwrite its own input; choose another -o / --report")
+            if ip.is_dir() and rp.is_relative_to(rip):
+                raise InputError(f"the {name} path {str(p)!r} lies inside the {flag} folder "
+                                 f"{str(ip)!r}: write the artifacts elsewhere (-o / --report)")
+        if rp in seen:
+            raise InputError(f"the {name} path {str(p)!r} is also the {seen[rp]} path; choose "
+                             "another -o / --report")
+        seen[rp] = name
+        if p.is_dir():
+            raise InputError(f"the {name} path {str(p)!r} is a folder; give a file path")
+        _writable_folder(p.parent, f"the {name} path", p)
+        if p.exists() and not os.access(p, os.W_OK) and not os.access(p.parent, os.W_OK):
+            raise InputError(f"the {name} path {str(p)!r} is not writable")
+
+
+def check_cache_dir(path: Path) -> None:
+    """``path`` is (or can become) a writable folder.
+
+    Raises:
+        InputError: it is a file, resolves through a symlink loop, or cannot be created.
+    """
+    _resolve(path, "--cache-dir")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--cache-dir {str(path)!r} is a file, not a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"--cache-dir {str(path)!r} is not writable (or pass --no-cache)")
+        return
+    _writable_folder(path, "--cache-dir", path)
+
+
+# --- the output lock -------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class OutputLock:
+    """``<output>.lock``, created with ``O_EXCL``, holding ``pid host``; released on exit.
+
+    A lock whose process is dead (same host) is stale: it is removed and taken over.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.held = False
+
+    def acquire(self) -> None:
+        """Raises:
+        InputError: another live run holds the lock (exit 2, naming the lock and its pid).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname()
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner[1] == host and not _pid_alive(owner[0]):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()  # stale: its process is gone
+                    continue
+                who = f"pid {owner[0]} on {owner[1]}" if owner else "an unknown process"
+                raise InputError(f"another dtr-compile run ({who}) is writing this output: lock "
+                                 f"{self.path} exists; wait for it to finish, or delete the lock "
+                                 "if no such run exists") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()} {host}\n")
+            self.held = True
+            return
+        raise InputError(f"could not take the lock {self.path}")  # pragma: no cover - a race
+
+    def _owner(self) -> tuple[int, str] | None:
+        try:
+            pid, host = self.path.read_text().split()[:2]
+            return int(pid), host
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --- staging ---------------------------------------------------------------------------------
+
+
+class Staging:
+    """A hidden folder beside the output where a run's artifacts are written, then moved into
+    their places together by :meth:`commit` (each by an atomic rename on the same filesystem).
+
+    An interrupted run leaves the previous set of artifacts untouched, never a mix of two runs.
+    """
+
+    PREFIX = ".dtr-stage-"
+
+    def __init__(self, anchor: Path) -> None:
+        anchor.parent.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{anchor.name}{self.PREFIX}", dir=anchor.parent))
+        self._moves: list[tuple[Path, Path]] = []
+
+    def path(self, final: str | os.PathLike[str]) -> Path:
+        """Where to write the artifact whose final place is ``final``."""
+        f = Path(final)
+        staged = self.dir / f"{len(self._moves)}" / f.name
+        staged.parent.mkdir()
+        self._moves.append((staged, f))
+        return staged
+
+    def commit(self) -> list[Path]:
+        """Move every written staged file into place; returns the final paths moved."""
+        moved = []
+        for staged, final in self._moves:
+            if not staged.exists():
+                continue
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(staged, _final_mode(final))
+            try:
+                os.replace(staged, final)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                with atomic_path(final) as tmp:  # another filesystem: copy, then rename there
+                    shutil.copyfile(staged, tmp)
+            moved.append(final)
+        self.discard()
+        return moved
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def clean_stale_temporaries(paths: Sequence[Path]) -> list[Path]:
+    """Remove our leftovers beside ``paths`` (call while holding the output lock): the
+    ``.NAME.*.tmp`` files of :func:`atomic_path` and the staging folders of :class:`Staging`."""
+    removed = []
+    for p in paths:
+        if not p.parent.is_dir():
+            continue
+        for junk in p.parent.glob(f".{p.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                junk.unlink()
+                removed.append(junk)
+        for junk in p.parent.glob(f".{p.name}{Staging.PREFIX}*"):
+            if junk.is_dir():
+                shutil.rmtree(junk, ignore_errors=True)
+                removed.append(junk)
+    return removed

@@ -10,9 +10,11 @@ Accepted inputs:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,102 @@ def _is_pickled_module_zip(path: Path) -> bool:
             return any(n.endswith("data.pkl") for n in zf.namelist())
     except zipfile.BadZipFile:
         return False
+
+
+_PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")  # torch.export's non-tensor constants
+
+
+def check_archive_pickles(path: Path) -> None:
+    """Refuse a ``torch.export`` archive whose loading would unpickle (and so run) code.
+
+    :func:`torch.export.load` calls ``torch.load(weights_only=False)`` or ``pickle.loads`` on:
+    weights and constants marked ``use_pickle: true`` in ``data/{weights,constants}/
+    *_config.json`` (tensor subclasses), ``custom_obj_*`` / ``opaque_obj_*`` constants (script
+    and opaque objects), legacy ``data/weights/<model>.pt`` / ``data/constants/<model>.pt``
+    files, and the sample inputs when a weights-only load of them fails. A plain exported model
+    has none of these; this reads the configs (zip members, nothing unpickled) and loads the
+    sample inputs weights-only first.
+
+    Raises:
+        InputError: such an entry exists (names it), or a config is not valid JSON.
+    """
+    import io
+
+    def refuse(what: str) -> InputError:
+        return InputError(f"{path}: {what}; loading it runs code from the file (unpickling). "
+                          "Re-export it from plain tensors, or pass --trust-pickle if you trust "
+                          "the file")
+
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        for name in names:
+            rel = name.split("/", 1)[1] if "/" in name else name
+            if rel.startswith("data/aotinductor/"):
+                raise refuse(f"the archive holds compiled AOTInductor code ({name})")
+            folder, _, leaf = rel.rpartition("/")
+            if folder in ("data/weights", "data/constants") and leaf.endswith(".pt"):
+                raise refuse(f"the archive holds a legacy pickled {folder[5:]} file ({name})")
+            if folder in ("data/weights", "data/constants") and leaf.endswith("_config.json"):
+                try:
+                    config = json.loads(zf.read(name)).get("config", {})
+                except (ValueError, AttributeError) as exc:
+                    raise InputError(f"{path}: {name} is not a valid payload config ({exc})") \
+                        from None
+                for fqn, meta in (config.items() if isinstance(config, dict) else []):
+                    meta = meta if isinstance(meta, dict) else {}
+                    if meta.get("use_pickle"):
+                        raise refuse(f"{folder[5:]} entry {fqn!r} is stored as a pickle "
+                                     "(use_pickle: true)")
+                    if str(meta.get("path_name", "")).startswith(_PICKLED_PREFIXES):
+                        raise refuse(f"constant {fqn!r} is a pickled custom or opaque object")
+            if folder == "data/sample_inputs" and leaf.endswith(".pt"):
+                try:  # torch.export.load retries a failed weights-only load with full unpickling
+                    torch.load(io.BytesIO(zf.read(name)), weights_only=True, map_location="cpu")
+                except Exception:  # noqa: BLE001 - anything but plain tensors and containers
+                    raise refuse(f"its sample inputs ({name}) are not plain tensors") from None
+
+
+_TYPE_RE = re.compile(r'\\"type\\": \\"([A-Za-z_][\w.]*)\\"')
+
+
+def _pytree_types(path: Path) -> set[str]:
+    """Serialized pytree type names in the archive's input/output specs (e.g.
+    ``transformers.modeling_outputs.SequenceClassifierOutput``)."""
+    found: set[str] = set()
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            rel = name.split("/", 1)[1] if "/" in name else name
+            if rel.startswith("models/") and rel.endswith(".json"):
+                found |= set(_TYPE_RE.findall(zf.read(name).decode("utf-8", "replace")))
+    return found
+
+
+def register_output_types(path: Path) -> list[str]:
+    """Import the ``transformers`` modules that define the archive's input/output pytree types.
+
+    A Hugging Face model exported with ``torch.export`` returns a ``ModelOutput`` dataclass;
+    ``torch.export.load`` can rebuild the output spec only if that class is registered as a
+    pytree node, which happens when its module is imported. Only modules under
+    ``transformers.`` are imported (installed code, never code from the file).
+
+    Returns:
+        The pytree type names that remain unregistered (for the error message).
+    """
+    import importlib
+
+    from torch.utils import _pytree
+
+    missing = []
+    for type_name in sorted(_pytree_types(path)):
+        if type_name in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue
+        module = type_name.rpartition(".")[0]
+        if module.startswith("transformers."):
+            with contextlib.suppress(Exception):
+                importlib.import_module(module)
+        if type_name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            missing.append(type_name)
+    return missing
 
 
 def _load_hf_folder(path: Path) -> LoadedModel:
@@ -133,10 +231,22 @@ def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> L
             raise InputError(f"{p} unpickled to {type(obj).__name__}, not a torch.nn.Module")
         obj.eval()
         return LoadedModel(source=str(p), format="pickle", module=obj)
+    if not trust_pickle:
+        check_archive_pickles(p)
+    try:
+        missing = register_output_types(p)
+    except (zipfile.BadZipFile, OSError):
+        missing = []
     try:
         # torch warns about any suffix but .pt2; .pt is ours to accept (the demo writes model.pt)
         logging.getLogger("torch.export.pt2_archive._package").setLevel(logging.ERROR)
         program = torch.export.load(p)
     except Exception as exc:  # noqa: BLE001 - any deserialisation failure means a bad file
+        if missing:
+            raise InputError(
+                f"{p}: its inputs/outputs use the pytree type(s) {', '.join(missing)}, which "
+                "are not registered in this Python: install the package that defines them (for "
+                "transformers outputs, `transformers`), or export a model that returns tensors "
+                "or tuples") from exc
         raise InputError(f"{p}: not a readable torch.export archive ({type(exc).__name__}: {exc})") from exc
     return LoadedModel(source=str(p), format="torch.export", program=program)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -31,9 +32,21 @@ from dtr_compile.errors import (
     InputError,
     ParityError,
 )
-from dtr_compile.exporters.artifacts import ExportResult, check_export_options, export_artifacts
+from dtr_compile.exporters.artifacts import (
+    ExportResult,
+    check_export_options,
+    export_artifacts,
+    export_paths,
+)
 from dtr_compile.exporters.onnx import parity_cases
-from dtr_compile.fileio import write_json_atomic
+from dtr_compile.fileio import (
+    OutputLock,
+    Staging,
+    check_cache_dir,
+    check_write_plan,
+    clean_stale_temporaries,
+    write_json_atomic,
+)
 from dtr_compile.linear.kernel import SiteSwitch
 from dtr_compile.load import check_model_path, load_model
 from dtr_compile.metrics import Metric, get_metric
@@ -78,6 +91,43 @@ def artifact_paths(config: CompileConfig) -> tuple[Path, Path, Path]:
     return out, report, out.with_suffix(".config.json")
 
 
+def lock_path(config: CompileConfig) -> Path:
+    """The output lock, ``<output>.lock`` (see :class:`dtr_compile.fileio.OutputLock`)."""
+    return Path(str(config.output) + ".lock")
+
+
+def write_plan(config: CompileConfig) -> dict[str, Path]:
+    """Every path this run may write, by name, resolved before any work (see
+    :func:`dtr_compile.fileio.check_write_plan`). ``ledger`` and ``students`` are written while
+    the run goes (they are what ``--resume`` reads); the rest are staged and moved together."""
+    out, report, config_path = artifact_paths(config)
+    rp = report_paths(report)
+    exp = export_paths(out)
+    plan = {"output": out, "pt2": exp["pt2"], "report": report, "report_md": rp.markdown,
+            "report_png": rp.plot, "config": config_path, "ledger": rp.ledger,
+            "students": rp.students, "lock": lock_path(config)}
+    if config.fp16:
+        plan["fp16 ONNX"] = exp["onnx_fp16"]
+    if config.export_original:
+        plan["original ONNX"] = exp["original_onnx"]
+    if config.engine:
+        plan["engine"] = Path(config.engine)
+    return plan
+
+
+def _input_paths(config: CompileConfig) -> dict[str, Path | None]:
+    """The files a run reads, by flag (``--test`` where the config has it)."""
+    test = getattr(config, "test", None)
+    return {"model": Path(config.model), "--data": Path(config.data) if config.data else None,
+            "--calib": Path(config.calib) if config.calib else None,
+            "--test": Path(test) if test else None}
+
+
+def _cache_dir(config: CompileConfig) -> Path:
+    return Path(config.cache_dir) if config.cache_dir else \
+        Path(config.output).parent / ".dtr-cache"
+
+
 def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
@@ -96,8 +146,19 @@ def _validate(config: CompileConfig) -> Budget:
             raise InputError(f"{what} file not found: {p}")
     if Path(config.output).suffix != ".onnx":
         raise InputError(f"output {config.output!r} must end in .onnx")
-    if config.max_linear is not None and config.max_linear < 0:
-        raise InputError("--max-linear must be >= 0")
+    if config.report is not None and Path(config.report).suffix != ".json":
+        raise InputError(f"--report {config.report!r} must end in .json (the .md, .png and "
+                         "ledger go beside it)")
+    if config.max_linear is not None and config.max_linear < 1:
+        raise InputError(f"--max-linear {config.max_linear}: must be >= 1 (to export the "
+                         "original model unchanged, compile nothing: use --export-original "
+                         "with any run, or torch.onnx.export)")
+    if config.eval_batch < 1:
+        raise InputError(f"--eval-batch {config.eval_batch}: must be >= 1")
+    if config.max_calib_samples < 1:
+        raise InputError(f"--max-calib-samples {config.max_calib_samples}: must be >= 1")
+    if not math.isfinite(config.atol) or config.atol < 0:
+        raise InputError(f"--atol {config.atol}: must be a finite number >= 0 (default 1e-3)")
     if config.min_linear < 0:
         raise InputError("--min-linear must be >= 0")
     if config.max_linear is not None and config.min_linear > config.max_linear:
@@ -118,6 +179,9 @@ def _validate(config: CompileConfig) -> Budget:
         raise InputError("--max-calib-tokens must be >= 1")
     if config.workers < 0:
         raise InputError("--workers must be >= 0 (0: one per CPU)")
+    check_write_plan(write_plan(config), _input_paths(config))
+    if not config.no_cache:
+        check_cache_dir(_cache_dir(config))
     return budget
 
 
@@ -133,10 +197,9 @@ def _distill(
     config: CompileConfig, plan: DistillPlan, gm: torch.fx.GraphModule, calib: Dataset,
     names: list[str], console: Console,
 ) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]]:
-    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill.run`)."""
-    cache_dir = Path(config.cache_dir) if config.cache_dir else \
-        Path(config.output).parent / ".dtr-cache"
-    cache = None if config.no_cache else DistillCache(cache_dir)
+    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill`)."""
+    cache = None if config.no_cache else DistillCache(
+        _cache_dir(config), on_warning=lambda msg: console.log(f"[yellow]{msg}[/yellow]"))
     workers = config.workers or default_workers(len(plan.sites))
     steps = plan.settings.steps
     with _progress(console, config.progress) as prog:
@@ -263,19 +326,45 @@ def _search(
         console.log(f"[yellow]--min-linear {config.min_linear}: only {len(candidates)} sites "
                     "distilled successfully[/yellow]")
     time_limit_s = parse_duration(config.time_limit) if config.time_limit is not None else None
-    try:
-        with _stage(timings, "schedule", console):
-            sched = schedule(
-                candidates, evaluate, baseline=baseline, threshold=threshold,
-                higher_is_better=metric.higher_is_better, strategy=config.search,
-                max_linear=config.max_linear, min_linear=min_linear, max_evals=config.max_evals,
-                time_limit_s=time_limit_s, known=known, on_eval=on_eval)
-    except KeyboardInterrupt:
-        console.log(f"interrupted: the finished evaluations are in {ledger_path}; rerun with "
-                    "--resume to continue from them")
-        raise
-    finally:
-        ledger.close()
+
+    def run(known: dict[frozenset[str], tuple[float, float]]) -> ScheduleResult:
+        try:
+            with _stage(timings, "schedule", console):
+                return schedule(
+                    candidates, evaluate, baseline=baseline, threshold=threshold,
+                    higher_is_better=metric.higher_is_better, strategy=config.search,
+                    max_linear=config.max_linear, min_linear=min_linear,
+                    max_evals=config.max_evals, time_limit_s=time_limit_s, known=known,
+                    on_eval=on_eval)
+        except KeyboardInterrupt:
+            console.log(f"interrupted: the finished evaluations are in {ledger_path}; rerun "
+                        "with --resume to continue from them")
+            raise
+        finally:
+            ledger.close()
+
+    sched = run(known)
+    verified = None
+    if sched.evaluations_replayed and sched.committed:
+        # the ledger is a file anyone can edit: re-measure what it made us commit, once
+        recorded = sched.metric_after_step[-1]
+        measured = evaluate(tuple(sched.committed))
+        claimed_fit = sched.committed_within_budget[-1]
+        within = (measured >= threshold) if metric.higher_is_better else (measured <= threshold)
+        same = abs(measured - recorded) <= 1e-6 * max(1.0, abs(recorded))
+        verified = {"committed": list(sched.committed), "ledger_metric": recorded,
+                    "measured_metric": measured, "trusted": same and (within or not claimed_fit)}
+        if not verified["trusted"]:
+            console.log(f"[yellow]--resume: the ledger gives {metric.name} {recorded:.8g} for "
+                        f"{sched.committed}, re-measured {measured:.8g}"
+                        + (" (beyond the threshold)" if claimed_fit and not within else "")
+                        + "; the ledger is not trusted: searching again without it[/yellow]")
+            ledger, _, _ = Ledger.open(ledger_path, fp, resume=False, inputs=parts)
+            note += "; its replayed metrics failed the re-measurement, so it was discarded"
+            sched = run({})
+        else:
+            console.log(f"--resume: re-measured the committed set {sched.committed}: "
+                        f"{metric.name} {measured:.8g}, as the ledger says")
     if len(sched.committed) < config.min_linear:
         sched.min_linear = config.min_linear  # not met: `fits` is False, exit 3
     info = {
@@ -289,6 +378,7 @@ def _search(
                    "max_evals": config.max_evals, "time_limit_s": time_limit_s},
         "ledger": str(ledger_path),
         "resume": note,
+        "resume_check": verified,
         "fingerprint": fp,
         "inputs": parts,
         "cache": cache.stats.to_dict() if cache is not None else None,
@@ -323,6 +413,21 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     """
     console = console or Console(stderr=True)
     budget = _validate(config)
+    plan = write_plan(config)
+    with OutputLock(plan["lock"]):
+        for junk in clean_stale_temporaries(list(plan.values())):
+            console.log(f"removed a stale temporary of an interrupted run: {junk}")
+        staging = Staging(plan["output"])
+        try:
+            return _compile(config, console, budget, staging)
+        finally:
+            staging.discard()
+
+
+def _compile(config: CompileConfig, console: Console, budget: Budget,
+             staging: Staging) -> CompileResult:
+    """:func:`compile_model` once its paths are checked and its output locked: the artifacts
+    are written into ``staging`` and moved into place together at the end."""
     out_path, report_path, config_path = artifact_paths(config)
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
@@ -405,7 +510,8 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
             captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
             target=config.target, opset=config.opset, fp16=config.fp16,
-            export_original=config.export_original, engine=config.engine, console=console)
+            export_original=config.export_original, engine=config.engine, console=console,
+            write_to=staging.path)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
@@ -440,8 +546,9 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "timings_s": timings,
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }
-    write_json_atomic(config_path, config.to_dict())
-    write_report(report, report_path)
+    write_json_atomic(staging.path(config_path), config.to_dict())
+    write_report(report, report_path, write_to=staging.path)
+    staging.commit()  # every artifact of this run into place together
     if not parity_ok:
         failures = exported.failures()
         raise ParityError(f"an exported artifact failed verification ({len(failures)} "

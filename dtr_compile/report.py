@@ -9,6 +9,7 @@ and the distilled weights it was measured with, ``hybrid.report.students.pt``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,10 +181,16 @@ def plot_search(report: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], report_path: str | Path) -> ReportPaths:
-    """Write ``report.json``, ``report.md`` and ``report.png`` beside each other (atomically)."""
+def write_report(report: dict[str, Any], report_path: str | Path,
+                 write_to: Callable[[Path], Path] | None = None) -> ReportPaths:
+    """Write ``report.json``, ``report.md`` and ``report.png`` beside each other (atomically).
+
+    ``write_to`` maps each file's final path to the path to write now (a staging folder; see
+    :class:`dtr_compile.fileio.Staging`); default: the final path.
+    """
     paths = report_paths(report_path)
-    write_json_atomic(paths.json, report)
-    plot_search(report, paths.plot)
-    write_text_atomic(paths.markdown, render_markdown(report, paths.plot.name))
+    where = write_to or (lambda p: p)
+    write_json_atomic(where(paths.json), report)
+    plot_search(report, where(paths.plot))
+    write_text_atomic(where(paths.markdown), render_markdown(report, paths.plot.name))
     return paths

@@ -13,7 +13,9 @@ A site's key is a SHA-256 over named parts (:func:`site_key_parts`):
   torch version, so that a changed algorithm never reuses stale weights.
 
 Weights are stored as ``<dir>/distill/<key>.safetensors`` (the result of the training in the
-file's metadata) and loaded back bit for bit. Writes are atomic; an unreadable entry is a miss.
+file's metadata, with a digest of the tensors) and loaded back bit for bit, after the digest is
+verified and the tensors are checked finite. Writes are atomic; an unreadable, foreign, altered
+or non-finite entry is a miss (with a warning), never a hit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import hashlib
 import json
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from torch.fx import GraphModule, Node
 
 from dtr_compile.fileio import atomic_path
 
-CACHE_FORMAT = "dtr-compile distilled weights v1"
+CACHE_FORMAT = "dtr-compile distilled weights v2"  # v2: tensor digest in the metadata
 _CODE_MODULES = ("distill/*.py", "linear/*.py", "passes/attention_block.py")
 
 
@@ -106,18 +108,38 @@ def cache_key(parts: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()
 
 
-class DistillCache:
-    """Distilled weights by key under ``root/distill/``."""
+def state_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors (sorted names, each with :func:`tensor_digest`)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(f"{name}\0{tensor_digest(tensors[name])}\0".encode())
+    return h.hexdigest()
 
-    def __init__(self, root: str | Path) -> None:
+
+class DistillCache:
+    """Distilled weights by key under ``root/distill/``.
+
+    An entry is used only if it is ours (format), its tensors match the digest stored beside
+    them, they are all finite, and its result says the training succeeded; anything else is a
+    miss, reported through ``on_warning`` (the site is distilled again and the entry replaced).
+    """
+
+    def __init__(self, root: str | Path,
+                 on_warning: Callable[[str], None] | None = None) -> None:
         self.root = Path(root)
         self.dir = self.root / "distill"
+        self.on_warning = on_warning
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.safetensors"
 
+    def _miss(self, p: Path, why: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(f"distillation cache entry {p.name} ignored: {why}; distilling again")
+
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """``(state dict, result dict)`` stored under ``key``, or None (absent or unreadable)."""
+        """``(state dict, result dict)`` stored under ``key``, or None: absent, unreadable,
+        foreign, altered (digest mismatch), non-finite or a failed training."""
         p = self.path(key)
         if not p.is_file():
             return None
@@ -127,10 +149,23 @@ class DistillCache:
             with safe_open(str(p), framework="pt") as fh:
                 meta = fh.metadata() or {}
             if meta.get("format") != CACHE_FORMAT:
+                self._miss(p, f"not a {CACHE_FORMAT!r} file")
                 return None
-            return load_file(str(p)), json.loads(meta["result"])
-        except Exception:  # noqa: BLE001 - a torn or foreign file is a miss
+            state, result = load_file(str(p)), json.loads(meta["result"])
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file is a miss
+            self._miss(p, f"unreadable ({type(exc).__name__})")
             return None
+        if meta.get("digest") != state_digest(state):
+            self._miss(p, "its tensors do not match their stored digest (altered or corrupt)")
+            return None
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            self._miss(p, f"tensor {bad[0]!r} holds NaN or inf")
+            return None
+        if not isinstance(result, dict) or not result.get("ok", False):
+            self._miss(p, "it records a failed training")
+            return None
+        return state, result
 
     def save(self, key: str, state: Mapping[str, torch.Tensor], result: Mapping[str, Any],
              parts: Mapping[str, str]) -> Path:
@@ -138,7 +173,8 @@ class DistillCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
         meta = {"format": CACHE_FORMAT, "result": json.dumps(dict(result)),
-                "parts": json.dumps(dict(parts), sort_keys=True)}
+                "parts": json.dumps(dict(parts), sort_keys=True),
+                "digest": state_digest(tensors)}
         p = self.path(key)
         with atomic_path(p) as tmp:
             save_file(tensors, str(tmp), metadata=meta)

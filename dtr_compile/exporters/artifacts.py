@@ -21,7 +21,7 @@ fails the run like a parity miss (exit 4, artifacts kept).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,19 @@ def export_paths(output: str | Path) -> dict[str, Path]:
             "original_onnx": out.with_suffix(".original.onnx")}
 
 
+def _needed(fp16: bool, export_original: bool, engine: str | None) -> set[str]:
+    return ({"onnx", "pt2"} | ({"onnx_fp16"} if fp16 else set())
+            | ({"original_onnx"} if export_original else set()) | ({"engine"} if engine else set()))
+
+
+def max_opset() -> int:
+    """The highest opset both the installed torch.onnx exporter and onnx support."""
+    import onnx
+    from torch.onnx import _constants
+
+    return min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
+
+
 def resolve_opset(target: str, opset: int | None) -> int:
     """The opset of a run: ``opset`` if given, else the target's default.
 
@@ -71,6 +84,10 @@ def resolve_opset(target: str, opset: int | None) -> int:
         raise InputError(f"unknown --target {target!r}; known: {', '.join(TARGETS)}")
     if opset is not None and opset < 18:
         raise InputError(f"--opset {opset}: torch.onnx.export(dynamo=True) exports opset 18 and up")
+    top = max_opset()
+    if opset is not None and opset > top:
+        raise InputError(f"--opset {opset}: the installed torch.onnx exporter and onnx support opset "
+                         f"{top} at most")
     return opset if opset is not None else (TENSORRT_OPSET if target == "tensorrt" else DEFAULT_OPSET)
 
 
@@ -166,32 +183,40 @@ def export_artifacts(
     export_original: bool = False,
     engine: str | None = None,
     console: Console | None = None,
+    write_to: Callable[[Path], Path] | None = None,
 ) -> ExportResult:
     """Write and verify the artifacts of one compile (see the module docstring).
 
     Parity failures and blocking TensorRT lint findings do not raise: they are in
     :meth:`ExportResult.failures`, so the caller can write its report first.
 
+    ``write_to`` maps an artifact's final path to the path to write it at now (a staging
+    folder, see :class:`dtr_compile.fileio.Staging`); the result names the final paths.
+
     Raises:
         DtrError: an export or the engine build failed outright.
     """
     console = console or Console(stderr=True, quiet=True)
-    paths = export_paths(output)
+    final = export_paths(output)
+    if engine is not None:
+        final["engine"] = Path(engine)
+    where = write_to or (lambda p: p)
+    paths = {k: where(p) for k, p in final.items() if k in _needed(fp16, export_original, engine)}
     res = ExportResult(resolve_opset(target, opset), target)
     common = dict(axis_ranges=axis_ranges)
 
     t0 = time.perf_counter()
     program = export_program(hybrid, example, input_names, dynamic_dims, **common)
     save_program(program, paths["pt2"])
-    res.artifacts["pt2"] = str(paths["pt2"])
+    res.artifacts["pt2"] = str(final["pt2"])
     _timed(res.seconds, "pt2", t0)
 
     t0 = time.perf_counter()
     export_onnx(program, example, input_names, dynamic_dims, paths["onnx"], opset=res.opset, **common)
-    res.artifacts["onnx"] = str(paths["onnx"])
+    res.artifacts["onnx"] = str(final["onnx"])
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)
     _timed(res.seconds, "onnx", t0)
-    console.log(f"wrote {paths['onnx']} (opset {res.opset}) and {paths['pt2']}")
+    console.log(f"exported {final['onnx'].name} (opset {res.opset}) and {final['pt2'].name}")
 
     if fp16:
         t0 = time.perf_counter()
@@ -199,33 +224,33 @@ def export_artifacts(
         ex16 = {k: v.half() if v.dtype == torch.float32 else v for k, v in example.items()}
         export_onnx(half, ex16, input_names, dynamic_dims, paths["onnx_fp16"], opset=res.opset,
                     **common)
-        res.artifacts["onnx_fp16"] = str(paths["onnx_fp16"])
+        res.artifacts["onnx_fp16"] = str(final["onnx_fp16"])
         res.parity_fp16 = check_parity(paths["onnx_fp16"], hybrid, cases, input_names,
                                        atol=FP16_ATOL, rtol=FP16_RTOL, atol_relative=True)
         _timed(res.seconds, "onnx_fp16", t0)
-        console.log(f"wrote {paths['onnx_fp16']}")
+        console.log(f"exported {final['onnx_fp16'].name}")
 
     if export_original and original is not None:
         t0 = time.perf_counter()
         export_onnx(original, example, input_names, dynamic_dims, paths["original_onnx"],
                     opset=res.opset, **common)
-        res.artifacts["original_onnx"] = str(paths["original_onnx"])
+        res.artifacts["original_onnx"] = str(final["original_onnx"])
         res.parity_original = check_parity(paths["original_onnx"], original, cases, input_names,
                                            atol=atol)
         _timed(res.seconds, "original_onnx", t0)
-        console.log(f"wrote {paths['original_onnx']}")
+        console.log(f"exported {final['original_onnx'].name}")
 
     if target == "tensorrt":
         for key in ("onnx", "onnx_fp16"):
             if key in res.artifacts:
-                res.lint[key] = lint_trt(res.artifacts[key])
+                res.lint[key] = lint_trt(paths[key])
 
     if engine is not None:
         t0 = time.perf_counter()
-        info = build_engine(paths["onnx"], engine, fp16=fp16,
+        info = build_engine(paths["onnx"], paths["engine"], fp16=fp16,
                             ranges=_engine_ranges(example, dynamic_dims, axis_ranges))
         res.engine = info.to_dict()
-        res.artifacts["engine"] = str(engine)
+        res.artifacts["engine"] = str(final["engine"])
         _timed(res.seconds, "engine", t0)
-        console.log(f"wrote {engine} (TensorRT {info.tensorrt_version})")
+        console.log(f"built {final['engine'].name} (TensorRT {info.tensorrt_version})")
     return res

@@ -4,7 +4,10 @@ The first line is a header with a fingerprint of everything a measured metric de
 model file, the validation data, the distilled weights, the metric, the evaluation batch size and
 the tool's version). Each further line is one evaluation::
 
-    {"linear": ["site0", "site3"], "metric": 0.9713, "seconds": 12.4, "step": 2, ...}
+    {"linear": ["site0", "site3"], "metric": 0.9713, "seconds": 12.4, "step": 2, ..., "sha256": ...}
+
+(``sha256`` covers the rest of the line: a corrupt or edited line is skipped as unreadable, and
+``--resume`` re-measures the committed set once before export).
 
 Lines are flushed and fsynced one by one, so an interrupted search (Ctrl-C, a killed CI job) loses
 at most the evaluation in flight. ``--resume`` reads the ledger back and replays its measurements
@@ -31,7 +34,7 @@ from dtr_compile.fileio import atomic_path, write_text_atomic
 from dtr_compile.search.schedule import Evaluation
 
 LEDGER_FORMAT = "dtr-compile search ledger"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: each evaluation line carries its checksum
 
 
 def hash_path(path: str | os.PathLike[str]) -> str:
@@ -63,10 +66,17 @@ def fingerprint(parts: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()
 
 
+def line_checksum(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a ledger record without its ``sha256`` field (canonical JSON)."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def read_ledger(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int]:
     """``(header, evaluations, unreadable lines)`` of a ledger file; header None if not a ledger.
 
-    A torn last line (the process was killed while writing it) counts as unreadable.
+    A torn last line (the process was killed while writing it), and a line whose ``sha256``
+    does not match its content (corrupt or edited), count as unreadable.
     """
     header: dict[str, Any] | None = None
     entries: list[dict[str, Any]] = []
@@ -83,7 +93,8 @@ def read_ledger(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, li
                     header = obj
                     continue
                 return None, [], 0
-            if isinstance(obj, dict) and isinstance(obj.get("linear"), list) and "metric" in obj:
+            if (isinstance(obj, dict) and isinstance(obj.get("linear"), list) and "metric" in obj
+                    and obj.get("sha256") == line_checksum(obj)):
                 entries.append(obj)
             else:
                 bad += 1
@@ -119,6 +130,9 @@ class Ledger:
             header, entries, bad = read_ledger(p)
             if header is None:
                 note = f"{p} is not a dtr-compile ledger; starting a new one"
+            elif header.get("version") != LEDGER_VERSION:
+                note = (f"{p} is a version {header.get('version')} ledger (this dtr-compile "
+                        f"writes version {LEDGER_VERSION}); starting a new one")
             elif header.get("fingerprint") != fingerprint:
                 note = (f"{p} was written for other inputs (model, data, distilled weights, "
                         f"metric or batch size differ); starting a new ledger")
@@ -126,7 +140,8 @@ class Ledger:
                 for e in entries:
                     known[frozenset(e["linear"])] = (float(e["metric"]), float(e.get("seconds", 0.0)))
                 note = (f"resuming from {p}: {len(known)} evaluations replayed"
-                        + (f", {bad} unreadable lines skipped" if bad else ""))
+                        + (f", {bad} unreadable lines skipped (torn, corrupt or edited: their "
+                           "checksums do not match)" if bad else ""))
                 torn = p.stat().st_size > 0 and not p.read_bytes().endswith(b"\n")
                 fh = p.open("a", encoding="utf-8")
                 if torn:  # killed mid-line: start the next record on a line of its own
@@ -143,6 +158,7 @@ class Ledger:
         """Write one evaluation and force it to disk."""
         rec = {"linear": list(ev.linear), "metric": ev.metric, "seconds": round(ev.seconds, 4),
                "step": ev.step, "candidate": ev.candidate, "phase": ev.phase, **extra}
+        rec["sha256"] = line_checksum(rec)
         self._fh.write(json.dumps(rec, sort_keys=True) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())

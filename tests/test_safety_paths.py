@@ -1,0 +1,335 @@
+"""Nothing lost (issue 12): outputs never overwrite inputs or each other, bad flags and paths
+fail with exit 2 before the model is loaded, one run at a time per output, artifacts staged
+and moved together, modes from the umask, SIGTERM handled like Ctrl-C, plain CI logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dtr_compile.config import CompileConfig
+from dtr_compile.errors import InputError
+from dtr_compile.fileio import OutputLock, Staging, atomic_path, clean_stale_temporaries
+from dtr_compile.pipeline import compile_model
+
+CLI = [sys.executable, "-m", "dtr_compile"]
+FAST = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress"]
+ROOT = os.geteuid() == 0
+# the package under test, also when a test runs the CLI from another folder
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def run_cli(*args: str, cwd: str | Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO, **(env or {}))
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=full,
+                          timeout=600)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def task(tiny_task, tmp_path) -> dict[str, Path]:
+    """A private copy of the tiny task (model.pt2 + val.pt + test.pt) in ``tmp_path``."""
+    d = tmp_path / "task"
+    d.mkdir()
+    shutil.copy(tiny_task["model"], d / "model.pt2")
+    shutil.copy(tiny_task["val"], d / "val.pt")
+    shutil.copy(tiny_task["test"], d / "test.pt")
+    return {"dir": d, "model": d / "model.pt2", "val": d / "val.pt", "test": d / "test.pt"}
+
+
+def one_line_exit_2(res: subprocess.CompletedProcess[str], *needles: str) -> str:
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# --- outputs never overwrite inputs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, needles", [
+    # the most natural command: -o model.onnx beside model.pt2 would write model.pt2
+    (["-o", "{d}/model.onnx"], ["pt2 path", "is the model"]),
+    (["-o", "{d}/h.onnx", "--report", "{d}/val.pt"], ["must end in .json"]),
+    (["-o", "{d}/h.onnx", "--report", "{d}/h.onnx"], ["must end in .json"]),
+    (["-o", "{d}/h.onnx", "--report", "{d}/h.config.json"], ["is also the report path"]),
+    (["-o", "{d}/val.onnx", "--calib", "{d}/val.pt2"], ["is the --calib"]),
+    (["-o", "{d}/h.onnx", "--report", "{d}/r.json", "--calib", "{d}/r.students.pt"],
+     ["students path", "is the --calib"]),
+], ids=["o-beside-model", "report-over-data", "report-over-onnx", "report-over-config",
+        "pt2-over-calib", "report-sibling-over-calib"])
+def test_outputs_never_overwrite_inputs(task, args, needles) -> None:
+    d = task["dir"]
+    # inputs named like the artifacts these commands would write
+    shutil.copy(task["model"], d / "val.pt2")
+    shutil.copy(task["val"], d / "r.students.pt")
+    before = {p: sha(p) for p in d.iterdir()}
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "--budget", "1%",
+                  *[a.format(d=d) for a in args])
+    one_line_exit_2(res, *needles)
+    assert {p: sha(p) for p in d.iterdir()} == before  # nothing written, nothing lost
+
+
+def test_symlinked_and_hard_linked_outputs_are_the_input(task, tmp_path) -> None:
+    d = task["dir"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.pt2").symlink_to(task["model"])  # -o out/m.onnx writes out/m.pt2 = the model
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(out / "m.onnx"))
+    one_line_exit_2(res, "is the model")
+    os.link(task["val"], out / "h.report.json")  # a hard link to the data
+    before = sha(task["val"])
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(out / "h.onnx"))
+    one_line_exit_2(res, "the report path", "is the --data")
+    assert sha(task["val"]) == before and sha(d / "model.pt2") == sha(task["model"])
+
+
+def test_output_inside_a_model_folder_is_refused(tmp_path) -> None:
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    data = tmp_path / "val.pt"
+    data.write_bytes(b"x")
+    res = run_cli(str(hf), "--data", str(data), "-o", str(hf / "config.onnx"))
+    one_line_exit_2(res, "inside the model folder")
+
+
+# --- bad flags and paths: exit 2, one line, before the model is loaded ------------------------
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--eval-batch", "0"], "--eval-batch 0"),
+    (["--max-calib-samples", "0"], "--max-calib-samples 0"),
+    (["--atol", "-1"], "--atol -1"),
+    (["--atol", "nan"], "--atol nan"),
+    (["--max-linear", "0"], "--max-linear 0"),
+    (["--opset", "30"], "support opset 23 at most"),
+], ids=["eval-batch-0", "calib-0", "atol-neg", "atol-nan", "max-linear-0", "opset-30"])
+def test_bad_flags_fail_before_loading(task, tmp_path, flags, needle) -> None:
+    out = tmp_path / "o" / "h.onnx"
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(out), *flags)
+    one_line_exit_2(res, needle)
+    assert not out.parent.exists()
+
+
+def test_threads_must_be_positive(task, tmp_path) -> None:
+    res = run_cli("run", str(tmp_path / "m.onnx"), "--data", str(task["val"]), "--threads", "-3")
+    one_line_exit_2(res, "--threads -3")
+    res = run_cli("bench", str(tmp_path / "m.onnx"), "--threads", "-3")
+    one_line_exit_2(res, "--threads -3")
+
+
+@pytest.mark.parametrize("case", ["folder", "under-file", "symlink-loop", "cache-dir-file",
+                                  "read-only"])
+def test_unwritable_outputs_fail_up_front(task, tmp_path, case) -> None:
+    if case == "read-only" and ROOT:
+        pytest.skip("root writes into read-only folders")
+    extra: list[str] = []
+    if case == "folder":
+        out = tmp_path / "h.onnx"
+        out.mkdir()
+        needle = "is a folder"
+    elif case == "under-file":
+        (tmp_path / "afile").write_text("x")
+        out, needle = tmp_path / "afile" / "h.onnx", "is a file, not a folder"
+    elif case == "symlink-loop":
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        out, needle = tmp_path / "loop" / "h.onnx", "loop"
+    elif case == "cache-dir-file":
+        (tmp_path / "cache").write_text("x")
+        out, needle = tmp_path / "h.onnx", "--cache-dir"
+        extra = ["--cache-dir", str(tmp_path / "cache")]
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out, needle = ro / "h.onnx", "not writable"
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(out), *extra)
+    one_line_exit_2(res, needle)
+
+
+@pytest.mark.parametrize("toml, needle", [
+    ("trust_pickle = true\n", "only be given on the command line"),
+    ("trust-pickle = true\n", "--trust-pickle"),
+    ('export_original = "no"\n', "export_original"),
+    ('eval-batch = "8"\n', "expected an integer"),
+    ("atol = true\n", "expected a number"),
+], ids=["trust-pickle", "trust-pickle-dash", "bool-as-string", "int-as-string", "float-as-bool"])
+def test_config_file_values_are_checked(task, tmp_path, toml, needle) -> None:
+    (tmp_path / "dtr.toml").write_text(f'data = "{task["val"]}"\n' + toml)
+    res = run_cli(str(task["model"]), "-o", "h.onnx", cwd=tmp_path)
+    one_line_exit_2(res, needle)
+    # the same in pyproject.toml
+    (tmp_path / "dtr.toml").unlink()
+    (tmp_path / "pyproject.toml").write_text(
+        f'[tool.dtr-compile]\ndata = "{task["val"]}"\n' + toml)
+    res = run_cli(str(task["model"]), "-o", "h.onnx", cwd=tmp_path)
+    one_line_exit_2(res, needle)
+
+
+# --- one run per output; staged artifacts; modes -------------------------------------------------
+
+
+def test_a_live_lock_refuses_a_second_run(task, tmp_path) -> None:
+    out = tmp_path / "h.onnx"
+    lock = Path(str(out) + ".lock")
+    lock.write_text(f"{os.getpid()} {os.uname().nodename}\n")  # this test process is alive
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(out))
+    one_line_exit_2(res, str(lock), f"pid {os.getpid()}")
+    assert lock.exists()  # not ours to remove
+
+
+def test_stale_lock_is_taken_over_and_released(tmp_path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "h.onnx.lock"
+    lock.write_text(f"{dead.pid} {os.uname().nodename}\n")
+    with OutputLock(lock):
+        assert lock.read_text().split()[0] == str(os.getpid())
+        with pytest.raises(InputError, match="another dtr-compile run"):
+            OutputLock(lock).acquire()
+    assert not lock.exists()
+
+
+def test_stale_temporaries_are_cleaned(tmp_path) -> None:
+    out = tmp_path / "h.onnx"
+    junk = [tmp_path / ".h.onnx.abc123.tmp", tmp_path / ".h.onnx.dtr-stage-xyz"]
+    junk[0].write_text("half")
+    junk[1].mkdir()
+    other = tmp_path / ".other.onnx.abc.tmp"  # another output's temporary: left alone
+    other.write_text("x")
+    assert sorted(clean_stale_temporaries([out])) == sorted(junk)
+    assert not any(j.exists() for j in junk) and other.exists()
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_artifact_modes_follow_the_umask(tmp_path, mask, mode) -> None:
+    old = os.umask(mask)
+    try:
+        with atomic_path(tmp_path / "a.json") as tmp:
+            tmp.write_text("{}")
+        staging = Staging(tmp_path / "h.onnx")
+        staging.path(tmp_path / "h.onnx").write_bytes(b"onnx")
+        staging.commit()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "h.onnx").stat().st_mode) == mode
+    # a replaced file keeps its own mode
+    (tmp_path / "a.json").chmod(0o640)
+    with atomic_path(tmp_path / "a.json") as tmp:
+        tmp.write_text("{}")
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_task, tmp_path_factory) -> tuple[CompileConfig, Path]:
+    """One real compile under umask 022, in-process (its distilled weights cached)."""
+    out = tmp_path_factory.mktemp("safe") / "h.onnx"
+    config = CompileConfig(model=tiny_task["model"], output=str(out), data=tiny_task["val"],
+                           budget="10%", metric="agreement", distill_steps=10,
+                           max_calib_samples=8, progress=False)
+    old = os.umask(0o022)
+    try:
+        compile_model(config)
+    finally:
+        os.umask(old)
+    return config, out
+
+
+def test_artifacts_are_readable_by_others(compiled) -> None:
+    _config, out = compiled
+    files = [out, out.with_suffix(".pt2"), out.with_suffix(".report.json"),
+             out.with_suffix(".config.json"), out.with_suffix(".report.md")]
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == \
+        {f.name: "0o644" for f in files}
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(".h.onnx")]
+    assert leftovers == [] and not Path(str(out) + ".lock").exists()
+
+
+def test_an_interrupted_run_leaves_the_previous_set_whole(compiled, monkeypatch) -> None:
+    config, out = compiled
+    before = {p.name: sha(p) for p in out.parent.iterdir() if p.is_file()
+              and not p.name.endswith((".ledger.jsonl", ".students.pt"))}
+    import dtr_compile.pipeline as pipeline
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # after the ONNX files were exported (staged), before the move
+
+    monkeypatch.setattr(pipeline, "write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compile_model(dataclasses.replace(config, budget="50%", seed=1))
+    after = {p.name: sha(p) for p in out.parent.iterdir() if p.is_file()
+             and not p.name.endswith((".ledger.jsonl", ".students.pt"))}
+    assert after == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".h.onnx")]
+    assert not Path(str(out) + ".lock").exists()
+
+
+# --- SIGTERM and CI logs ----------------------------------------------------------------------
+
+
+SLOW_METRIC = '''
+import time
+import torch
+
+def agreement(outputs, labels, reference):
+    time.sleep(1.0)
+    return float((outputs.argmax(-1) == reference.argmax(-1)).float().mean())
+'''
+
+
+def test_sigterm_prints_the_resume_hint_and_exits_143(tiny_task, tmp_path) -> None:
+    (tmp_path / "slowmetric.py").write_text(SLOW_METRIC)
+    out = tmp_path / "h.onnx"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    proc = subprocess.Popen([*CLI, tiny_task["model"], "--data", tiny_task["val"], "-o", str(out),
+                             "--budget", "10%", "--metric", "slowmetric:agreement", *FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ledger = out.with_suffix(".report.ledger.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ledger.is_file() and len(ledger.read_text().splitlines()) >= 2:  # one evaluation done
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr and "--resume" in stderr
+    assert "rerun with --resume" in " ".join(stderr.split())  # the search's own hint
+    assert not out.exists() and not Path(str(out) + ".lock").exists()
+
+
+def test_ci_logs_are_plain_lines(task, tmp_path) -> None:
+    """stderr is a pipe here, as in CI: no wrapping at 80 columns, no ``file.py:123`` column."""
+    long_dir = tmp_path / ("d" * 120)
+    long_dir.mkdir()
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o",
+                  str(long_dir / "h.onnx"), "--budget", "10%", "--metric", "agreement",
+                  "--max-linear", "1", *FAST)
+    assert res.returncode in (0, 3), res.stderr
+    lines = res.stderr.splitlines()
+    assert not any(".py:" in ln for ln in lines), res.stderr
+    found = [ln for ln in lines if "found site0" in ln]
+    assert len(found) == 1 and found[0].startswith("[") and found[0].rstrip() == found[0]
+    # a long message stays on one line
+    assert any(str(long_dir) in ln for ln in lines if "removed" in ln or "resum" in ln
+               or "ledger" in ln), res.stderr
+    report = json.loads((long_dir / "h.report.json").read_text())
+    assert report["artifacts"]["onnx"] == str(long_dir / "h.onnx")
