@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dtr_compile import __version__
 from dtr_compile.capture import capture, check_inputs
 from dtr_compile.config import Budget, CompileConfig, parse_duration
-from dtr_compile.data import Dataset, load_dataset, run_model
+from dtr_compile.data import (
+    LABELS,
+    Dataset,
+    check_finite,
+    check_integral,
+    integer_like,
+    load_dataset,
+    read_tensors,
+    run_model,
+)
 from dtr_compile.distill import (
     DistillPlan,
     DistillResult,
@@ -166,12 +176,38 @@ def _distill(
             on_done=on_done)
 
 
+def _at_least_two(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Capture / export examples with batch and sequence sizes >= 2 (torch.export specialises
+    sizes 0 and 1): rows 0 and 1 of each input, repeating a lone row, and an integer input's
+    lone position (``T = 1`` token ids, masks) repeated along dim 1. The repeated values are
+    real data, so the example stays valid (token ids in the vocabulary, a mask of ones)."""
+    out = {}
+    for k, v in example.items():
+        v = v[:2]
+        if v.dim() and v.shape[0] == 1:
+            v = torch.cat([v, v])
+        if v.dim() >= 2 and not v.is_floating_point() and v.shape[1] == 1:
+            v = torch.cat([v, v], dim=1)
+        out[k] = v
+    return out
+
+
 def _example_inputs(config: CompileConfig) -> dict[str, torch.Tensor] | None:
-    """For eager (Hugging Face / pickle) models: two rows of the data, as capture examples."""
-    obj = torch.load(config.data, weights_only=True, map_location="cpu") if config.data else None
-    if not isinstance(obj, dict):
+    """For eager (Hugging Face / pickle) models: two rows of the data, as capture examples.
+
+    Raises:
+        InputError: the data file is unreadable, or holds NaN/inf or fractional token ids.
+    """
+    if not config.data:
         return None
-    return {k: v[:2] for k, v in obj.items() if k != "labels" and isinstance(v, torch.Tensor)}
+    obj = read_tensors(config.data)
+    example = {k: v for k, v in obj.items() if k != LABELS and v.dim()}
+    check_finite(example, str(config.data))
+    ints = [k for k in example if integer_like(k)]
+    check_integral(example, ints, str(config.data))
+    example = {k: v.to(torch.long) if k in ints and v.is_floating_point() else v
+               for k, v in example.items()}
+    return _at_least_two(example)
 
 
 @contextmanager
@@ -253,7 +289,10 @@ def _search(
 
     def evaluate(linear: tuple[str, ...]) -> float:
         assert cache is not None
-        return metric(cache.outputs(linear, base=linear[:-1]), val.labels, reference)
+        value = metric.value(cache.outputs(linear, base=linear[:-1]), val.labels, reference)
+        # NaN / ±inf (a diverged student, a metric's overflow) never fits: NaN is the
+        # schedule's worst value, whereas +inf would pass any higher-is-better threshold
+        return value if math.isfinite(value) else math.nan
 
     def on_eval(ev: Evaluation) -> None:
         if not ev.replayed:
@@ -337,9 +376,11 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     with _stage(timings, "capture", console):
         captured = capture(loaded, _example_inputs(config) if loaded.program is None else None)
     gm, names = captured.gm, captured.input_names
-    val = load_dataset(config.data, names)  # type: ignore[arg-type]
+    ints = {n.name for n in gm.graph.nodes if n.op == "placeholder"
+            and getattr(n.meta.get("val"), "dtype", torch.float32).is_floating_point is False}
+    val = load_dataset(config.data, names, ints)  # type: ignore[arg-type]
     check_inputs(captured, val.inputs, str(config.data))
-    calib = load_dataset(config.calib, names) if config.calib else val
+    calib = load_dataset(config.calib, names, ints) if config.calib else val
     if config.calib:
         check_inputs(captured, calib.inputs, str(config.calib))
     calib = calib.take(config.max_calib_samples)
@@ -405,7 +446,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed},
                        blocks=plan.blocks)
     with _stage(timings, "export", console):
-        example = {k: v[: max(2, min(len(val), 2))] for k, v in val.inputs.items()}
+        example = _at_least_two(val.inputs)
         exported: ExportResult = export_artifacts(
             hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
             captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,

@@ -91,11 +91,21 @@ class OnnxModel:
         return [i.name for i in self.inputs]
 
     def run(self, feed: Mapping[str, Any]) -> np.ndarray:
-        """Run on inputs by name (numpy or torch, cast to the declared types); first output."""
+        """Run on inputs by name (numpy or torch, cast to the declared types); first output.
+
+        Raises:
+            InputError: a float array with fractional or non-finite values for an integer input
+                (a cast would silently change it).
+        """
         arrays = {}
         for spec in self.inputs:
             x = feed[spec.name]
             arr = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+            if (np.issubdtype(spec.dtype, np.integer) and np.issubdtype(arr.dtype, np.floating)
+                    and not np.array_equal(arr, np.round(arr))):
+                raise InputError(f"input {spec.name!r} of {self.path.name} is an integer input "
+                                 "but the data holds non-integer values; pass whole numbers "
+                                 "(token ids, 0/1 masks) as an integer tensor")
             arrays[spec.name] = arr.astype(spec.dtype, copy=False)
         return self.session.run(self.output_names[:1], arrays)[0]
 
@@ -185,7 +195,10 @@ def evaluate_onnx(
     from dtr_compile.metrics import get_metric
 
     model = OnnxModel(path, threads)
-    dataset = load_dataset(data, model.input_names)
+    ints = {i.name for i in model.inputs
+            if np.issubdtype(i.dtype, np.integer) or i.dtype == np.bool_}
+    # whole-number floats for integer inputs are cast exactly; fractions are refused
+    dataset = load_dataset(data, model.input_names, integer_inputs=ints)
     chosen = get_metric(metric, dataset.labels is not None)
     if reference is None and chosen.name in REFERENCE_METRICS:
         raise InputError(f"metric {chosen.name!r} compares with the original model's outputs: "
@@ -209,9 +222,25 @@ def evaluate_onnx(
 
 
 def _load_proto(path: str | os.PathLike[str], *, with_data: bool = False) -> Any:
+    """The ONNX model at ``path``.
+
+    Raises:
+        InputError: the file is missing, empty or not an ONNX model.
+    """
     import onnx
 
-    return onnx.load(str(path), load_external_data=with_data)
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"ONNX file not found: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p} is empty (0 bytes), not an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=with_data)
+    except Exception as exc:  # noqa: BLE001 - a decode error means a corrupt file
+        raise InputError(f"{p}: not a readable ONNX model ({_first_line(exc)[:200]})") from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise InputError(f"{p}: not an ONNX model (no graph)")
+    return proto
 
 
 def _index_bound(proto: Any, input_name: str) -> int | None:
@@ -500,7 +529,7 @@ def bench(
     if batch < 1 or repeats < 1 or warmup < 0:
         raise InputError("--batch and --repeats must be >= 1 and --warmup >= 0")
     names = [str(p) for p in paths]
-    protos = {n: _load_proto(n) for n in names}
+    protos = {n: _load_proto(n) for n in names}  # missing / corrupt files: InputError first
     models = {n: OnnxModel(n, threads) for n in names}
     limits = {n: position_limit(protos[n]) for n in names}
     longest = max(seqs)
