@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dtr_compile import __version__
-from dtr_compile.capture import capture, check_inputs
+from dtr_compile.capture import capture, check_index_ranges, check_inputs
 from dtr_compile.config import Budget, CompileConfig, parse_duration
 from dtr_compile.data import (
     LABELS,
@@ -380,9 +380,11 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             and getattr(n.meta.get("val"), "dtype", torch.float32).is_floating_point is False}
     val = load_dataset(config.data, names, ints)  # type: ignore[arg-type]
     check_inputs(captured, val.inputs, str(config.data))
+    check_index_ranges(captured, val.inputs, str(config.data))
     calib = load_dataset(config.calib, names, ints) if config.calib else val
     if config.calib:
         check_inputs(captured, calib.inputs, str(config.calib))
+        check_index_ranges(captured, calib.inputs, str(config.calib))
     calib = calib.take(config.max_calib_samples)
     metric = get_metric(config.metric, val.labels is not None)
     budget.check_metric(metric.name, metric.bounds)

@@ -199,6 +199,7 @@ def evaluate_onnx(
             if np.issubdtype(i.dtype, np.integer) or i.dtype == np.bool_}
     # whole-number floats for integer inputs are cast exactly; fractions are refused
     dataset = load_dataset(data, model.input_names, integer_inputs=ints)
+    _check_ids(model, dataset, str(data))
     chosen = get_metric(metric, dataset.labels is not None)
     if reference is None and chosen.name in REFERENCE_METRICS:
         raise InputError(f"metric {chosen.name!r} compares with the original model's outputs: "
@@ -216,6 +217,26 @@ def evaluate_onnx(
     return RunResult(str(path), str(data), chosen.name, value, chosen.higher_is_better,
                      len(dataset), batch_size, round(time.perf_counter() - t0, 3),
                      None if reference is None else str(reference))
+
+
+def _check_ids(model: OnnxModel, dataset: Any, source: str) -> None:
+    """Token ids within the embedding table they index (:func:`_index_bound`).
+
+    Raises:
+        InputError: naming the input, the first bad row, the id and the vocabulary size.
+    """
+    proto = _load_proto(model.path)
+    for name, t in dataset.inputs.items():
+        vocab = _index_bound(proto, name)
+        if vocab is None or t.is_floating_point() or not t.dim():
+            continue
+        bad = (t < 0) | (t >= vocab)
+        if bool(bad.any()):
+            row = int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0])
+            value = int(t[row][bad[row]].reshape(-1)[0])
+            raise InputError(f"{source}: input {name!r} holds the id {value} at row {row}, "
+                             f"outside the model's vocabulary [0, {vocab}) (the rows of its "
+                             "embedding table): tokenize with the model's own tokenizer")
 
 
 # --- synthetic inputs and position tables -----------------------------------------------------
