@@ -8,7 +8,7 @@ goes through ``torch.export``. Attention is found on this pre-decomposition ATen
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.export import Dim
@@ -28,6 +28,9 @@ class CapturedModel:
         input_names: the graph's placeholder names, in call order.
         dynamic_dims: for each input name, ``{dim index: axis name}`` of its symbolic dims
             (``"batch"`` for dim 0, ``"sequence"`` and so on after it).
+        axis_ranges: ``{axis name: (min, max or None)}`` of the program's dynamic dims.
+        output_names: a name per flat output, from the model's own output structure
+            (:func:`output_names`): ``logits``, ``last_hidden_state``…
     """
 
     program: torch.export.ExportedProgram
@@ -35,6 +38,35 @@ class CapturedModel:
     input_names: list[str]
     dynamic_dims: dict[str, dict[int, str]]
     axis_ranges: dict[str, tuple[int, int | None]]
+    output_names: list[str] = field(default_factory=list)
+
+
+def output_names(program: torch.export.ExportedProgram) -> list[str]:
+    """A name per flat output of ``program``, from its output structure (``call_spec.out_spec``),
+    as Optimum names ONNX outputs: the keys of a Hugging Face ``ModelOutput`` or a dict
+    (``logits``, ``last_hidden_state``, nested ones joined by ``.``), ``output_<i>`` for the items
+    of a tuple, ``output`` for a lone tensor."""
+    spec = program.call_spec.out_spec
+    if spec is None:
+        return []
+    names: list[str] = []
+
+    def walk(node: object, prefix: str) -> None:
+        if node.is_leaf():  # type: ignore[attr-defined]
+            names.append(prefix or "output")
+            return
+        children = node.children_specs  # type: ignore[attr-defined]
+        ctx = node.context  # type: ignore[attr-defined]
+        keyed = isinstance(ctx, (list, tuple)) and len(ctx) == len(children) \
+            and all(isinstance(k, str) for k in ctx)
+        for i, child in enumerate(children):
+            key = str(ctx[i]) if keyed else str(i)
+            walk(child, f"{prefix}.{key}" if prefix else (key if keyed else f"output_{key}"))
+
+    walk(spec, "")
+    if len(names) == 1 and names[0].startswith("output_"):
+        names = ["output"]  # a one-tensor tuple (the flat graph's form)
+    return names if len(set(names)) == len(names) else []
 
 
 def _user_inputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -251,6 +283,7 @@ def capture(loaded: LoadedModel, example: dict[str, torch.Tensor] | None = None)
         input_names=[n.name for n in _user_inputs(gm)],
         dynamic_dims=_dynamic_dims(gm),
         axis_ranges=_axis_ranges(program, gm),
+        output_names=output_names(program),
     )
 
 

@@ -68,7 +68,7 @@ from dtr_compile.passes.find_attention import (
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
 from dtr_compile.prefix_cache import PrefixCache, SegmentedGraph
-from dtr_compile.report import report_paths, write_report
+from dtr_compile.report import REL_ERROR_MEANING, next_steps, report_paths, write_report
 from dtr_compile.schedule import STRATEGIES, Evaluation, ScheduleResult, schedule
 
 
@@ -154,6 +154,7 @@ def _distill(
     cache = None if config.no_cache else DistillCache(cache_dir)
     workers = config.workers or default_workers(len(plan.sites))
     steps = plan.settings.steps
+    console.log(REL_ERROR_MEANING)
     with _progress(console, config.progress) as prog:
         record = prog.add_task("teacher activations", total=len(calib), info="")
         tasks = {s.id: prog.add_task(f"distill {s.id} ({plan.targets[s.id]})", total=steps,
@@ -385,6 +386,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     if config.calib:
         check_inputs(captured, calib.inputs, str(config.calib))
         check_index_ranges(captured, calib.inputs, str(config.calib))
+    calib_rows = len(calib)
     calib = calib.take(config.max_calib_samples)
     metric = get_metric(config.metric, val.labels is not None)
     budget.check_metric(metric.name, metric.bounds)
@@ -453,7 +455,8 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
             captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
             target=config.target, opset=config.opset, fp16=config.fp16,
-            export_original=config.export_original, engine=config.engine, console=console)
+            export_original=config.export_original, engine=config.engine, console=console,
+            output_names=captured.output_names)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
@@ -488,6 +491,10 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "timings_s": timings,
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }
+    if not sched.fits:
+        report["next_steps"] = next_steps(report, distill_target=config.distill_target,
+                                          window=config.window, calib_available=calib_rows)
+        console.log("no site fits the budget; try: " + "; ".join(report["next_steps"]))
     write_json_atomic(config_path, config.to_dict())
     write_report(report, report_path)
     if not parity_ok:

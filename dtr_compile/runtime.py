@@ -672,6 +672,6 @@ def _fmt_ratio(x: float | None) -> str:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` (a result's ``to_dict()``) as JSON, atomically."""
-    from dtr_compile.fileio import write_text_atomic
+    from dtr_compile.fileio import json_text, write_text_atomic
 
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json_text(obj))

@@ -38,6 +38,7 @@ from dtr_compile.exporters.onnx import (
     ParityCase,
     check_parity,
     export_onnx,
+    onnx_interface,
     export_program,
     save_program,
     to_half,
@@ -101,6 +102,8 @@ class ExportResult:
     lint: dict[str, list[Finding]] = field(default_factory=dict)
     engine: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the hybrid ONNX's inputs and outputs (:func:`~dtr_compile.exporters.onnx.onnx_interface`)
+    interface: dict[str, Any] = field(default_factory=dict)
 
     def failures(self) -> list[str]:
         """One line per failed check (empty when every artifact verified)."""
@@ -128,7 +131,7 @@ class ExportResult:
             "parity_original": [p.__dict__ for p in self.parity_original],
             "fp16_tolerance": {"atol_relative": FP16_ATOL, "rel_rms": FP16_RTOL},
             "tensorrt_lint": {k: [f.to_dict() for f in v] for k, v in self.lint.items()},
-            "engine": self.engine, "seconds": self.seconds,
+            "engine": self.engine, "seconds": self.seconds, "interface": self.interface,
         }
 
 
@@ -166,6 +169,7 @@ def export_artifacts(
     export_original: bool = False,
     engine: str | None = None,
     console: Console | None = None,
+    output_names: Sequence[str] | None = None,
 ) -> ExportResult:
     """Write and verify the artifacts of one compile (see the module docstring).
 
@@ -178,7 +182,7 @@ def export_artifacts(
     console = console or Console(stderr=True, quiet=True)
     paths = export_paths(output)
     res = ExportResult(resolve_opset(target, opset), target)
-    common = dict(axis_ranges=axis_ranges)
+    common: dict[str, Any] = dict(axis_ranges=axis_ranges)
 
     t0 = time.perf_counter()
     program = export_program(hybrid, example, input_names, dynamic_dims, **common)
@@ -187,8 +191,10 @@ def export_artifacts(
     _timed(res.seconds, "pt2", t0)
 
     t0 = time.perf_counter()
-    export_onnx(program, example, input_names, dynamic_dims, paths["onnx"], opset=res.opset, **common)
+    export_onnx(program, example, input_names, dynamic_dims, paths["onnx"], opset=res.opset,
+                output_names=output_names, **common)
     res.artifacts["onnx"] = str(paths["onnx"])
+    res.interface = onnx_interface(paths["onnx"])
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)
     _timed(res.seconds, "onnx", t0)
     console.log(f"wrote {paths['onnx']} (opset {res.opset}) and {paths['pt2']}")
@@ -198,7 +204,7 @@ def export_artifacts(
         half = to_half(hybrid) if isinstance(hybrid, torch.fx.GraphModule) else hybrid.half()
         ex16 = {k: v.half() if v.dtype == torch.float32 else v for k, v in example.items()}
         export_onnx(half, ex16, input_names, dynamic_dims, paths["onnx_fp16"], opset=res.opset,
-                    **common)
+                    output_names=output_names, **common)
         res.artifacts["onnx_fp16"] = str(paths["onnx_fp16"])
         res.parity_fp16 = check_parity(paths["onnx_fp16"], hybrid, cases, input_names,
                                        atol=FP16_ATOL, rtol=FP16_RTOL, atol_relative=True)
@@ -208,7 +214,7 @@ def export_artifacts(
     if export_original and original is not None:
         t0 = time.perf_counter()
         export_onnx(original, example, input_names, dynamic_dims, paths["original_onnx"],
-                    opset=res.opset, **common)
+                    opset=res.opset, output_names=output_names, **common)
         res.artifacts["original_onnx"] = str(paths["original_onnx"])
         res.parity_original = check_parity(paths["original_onnx"], original, cases, input_names,
                                            atol=atol)
