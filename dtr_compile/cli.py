@@ -379,12 +379,15 @@ def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool
     """List the attention sites of MODEL (a torch.export archive .pt/.pt2, or a Hugging Face
     folder) with their shapes, masks and FLOPs share, and say why any look-alike is not
     rewritable. Without --data the inputs are built: from the archive's input signature, or from
-    the folder's config.json (input_ids [2, T] and an attention_mask, or pixel_values [2, C, H, W])."""
+    the folder's config.json (input_ids [2, T] and an attention_mask, or pixel_values [2, C, H, W]).
+    A hybrid written by dtr-compile (.pt2) shows which sites are linear, with their compile's ids;
+    an .onnx file lists the sites dtr-compile recorded in it, or its softmax attention by module."""
     from dtr_compile.fileio import json_text
-    from dtr_compile.inspect import inspect_model, render
+    from dtr_compile.inspect import inspect_model, inspect_onnx, render
 
     try:
-        result = inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle)
+        result = inspect_onnx(model) if Path(model).suffix == ".onnx" else \
+            inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle)
     except DtrError as exc:
         _fail(exc)
     if as_json:

@@ -456,7 +456,8 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
             target=config.target, opset=config.opset, fp16=config.fp16,
             export_original=config.export_original, engine=config.engine, console=console,
-            output_names=captured.output_names)
+            output_names=captured.output_names, sites=[(s.id, s.module_path) for s in sites],
+            linear=sched.committed)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
@@ -492,9 +493,10 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }
     if not sched.fits:
-        report["next_steps"] = next_steps(report, distill_target=config.distill_target,
-                                          window=config.window, calib_available=calib_rows)
-        console.log("no site fits the budget; try: " + "; ".join(report["next_steps"]))
+        steps = next_steps(report, distill_target=config.distill_target, window=config.window,
+                           calib_available=calib_rows)
+        report["next_steps"] = steps
+        console.log("no site fits the budget; try: " + "; ".join(steps))
     write_json_atomic(config_path, config.to_dict())
     write_report(report, report_path)
     if not parity_ok:

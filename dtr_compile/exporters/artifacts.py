@@ -20,6 +20,7 @@ fails the run like a parity miss (exit 4, artifacts kept).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +35,13 @@ from dtr_compile.exporters.onnx import (
     DEFAULT_OPSET,
     FP16_ATOL,
     FP16_RTOL,
+    SITES_KEY,
     TENSORRT_OPSET,
     ParityCase,
     check_parity,
     export_onnx,
-    onnx_interface,
     export_program,
+    onnx_interface,
     save_program,
     to_half,
 )
@@ -170,11 +172,15 @@ def export_artifacts(
     engine: str | None = None,
     console: Console | None = None,
     output_names: Sequence[str] | None = None,
+    sites: Sequence[tuple[str, str]] = (),
+    linear: Sequence[str] = (),
 ) -> ExportResult:
     """Write and verify the artifacts of one compile (see the module docstring).
 
     Parity failures and blocking TensorRT lint findings do not raise: they are in
-    :meth:`ExportResult.failures`, so the caller can write its report first.
+    :meth:`ExportResult.failures`, so the caller can write its report first. ``sites``
+    (``(id, module path)`` in graph order) and the ``linear`` ids among them are recorded in each
+    ONNX file's metadata (:data:`~dtr_compile.exporters.onnx.SITES_KEY`), for ``inspect``.
 
     Raises:
         DtrError: an export or the engine build failed outright.
@@ -182,17 +188,22 @@ def export_artifacts(
     console = console or Console(stderr=True, quiet=True)
     paths = export_paths(output)
     res = ExportResult(resolve_opset(target, opset), target)
-    common: dict[str, Any] = dict(axis_ranges=axis_ranges)
+    common: dict[str, Any] = dict(axis_ranges=axis_ranges, output_names=output_names)
+
+    def meta(lin: Sequence[str]) -> dict[str, str]:
+        return {SITES_KEY: json.dumps([{"id": sid, "module_path": path, "linear": sid in lin}
+                                       for sid, path in sites])} if sites else {}
 
     t0 = time.perf_counter()
-    program = export_program(hybrid, example, input_names, dynamic_dims, **common)
+    program = export_program(hybrid, example, input_names, dynamic_dims,
+                             axis_ranges=axis_ranges)
     save_program(program, paths["pt2"])
     res.artifacts["pt2"] = str(paths["pt2"])
     _timed(res.seconds, "pt2", t0)
 
     t0 = time.perf_counter()
     export_onnx(program, example, input_names, dynamic_dims, paths["onnx"], opset=res.opset,
-                output_names=output_names, **common)
+                metadata=meta(linear), **common)
     res.artifacts["onnx"] = str(paths["onnx"])
     res.interface = onnx_interface(paths["onnx"])
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)
@@ -204,7 +215,7 @@ def export_artifacts(
         half = to_half(hybrid) if isinstance(hybrid, torch.fx.GraphModule) else hybrid.half()
         ex16 = {k: v.half() if v.dtype == torch.float32 else v for k, v in example.items()}
         export_onnx(half, ex16, input_names, dynamic_dims, paths["onnx_fp16"], opset=res.opset,
-                    output_names=output_names, **common)
+                    metadata=meta(linear), **common)
         res.artifacts["onnx_fp16"] = str(paths["onnx_fp16"])
         res.parity_fp16 = check_parity(paths["onnx_fp16"], hybrid, cases, input_names,
                                        atol=FP16_ATOL, rtol=FP16_RTOL, atol_relative=True)
@@ -214,7 +225,7 @@ def export_artifacts(
     if export_original and original is not None:
         t0 = time.perf_counter()
         export_onnx(original, example, input_names, dynamic_dims, paths["original_onnx"],
-                    opset=res.opset, output_names=output_names, **common)
+                    opset=res.opset, metadata=meta(()), **common)
         res.artifacts["original_onnx"] = str(paths["original_onnx"])
         res.parity_original = check_parity(paths["original_onnx"], original, cases, input_names,
                                            atol=atol)

@@ -327,6 +327,7 @@ def export_onnx(
     axis_ranges: Mapping[str, tuple[int, int | None]] | None = None,
     opset: int = DEFAULT_OPSET,
     output_names: Sequence[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (flat positional inputs ``input_names``) to ONNX at ``path``, atomically.
 
@@ -335,8 +336,9 @@ def export_onnx(
     so SDPA calls inside submodules are covered too. Dynamic axes carry the names in
     ``dynamic_dims`` (``batch``, ``sequence``). Inputs are named ``input_names``; outputs
     ``output_names`` when given (the model's own, e.g. ``logits``) and as many as the model's
-    outputs, else as the exporter names them. The ONNX checker runs on the file before it is
-    renamed into place.
+    outputs, else as the exporter names them. ``metadata`` is written to the model's
+    ``metadata_props`` (dtr-compile records its sites there: :data:`SITES_KEY`). The ONNX
+    checker runs on the file before it is renamed into place.
 
     Raises:
         DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
@@ -366,6 +368,8 @@ def export_onnx(
         except Exception as exc:  # noqa: BLE001
             raise DtrError(f"ONNX export failed: {_first_line(exc)}") from exc
         assert prog is not None
+        for key, value in (metadata or {}).items():
+            prog.model.metadata_props[key] = value
         prog.save(str(tmp))
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
@@ -373,6 +377,10 @@ def export_onnx(
             raise DtrError(f"the exported ONNX fails the ONNX checker: {_first_line(exc)}") from exc
     return target
 
+
+#: ``metadata_props`` key of the ONNX models dtr-compile writes: JSON
+#: ``[{"id", "module_path", "linear"}]``, one entry per attention site in graph order.
+SITES_KEY = "dtr_compile.sites"
 
 _ONNX_TYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool",
                3: "int8", 2: "uint8", 16: "bfloat16"}
