@@ -8,7 +8,7 @@ goes through ``torch.export``. Attention is found on this pre-decomposition ATen
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.export import Dim
@@ -28,6 +28,9 @@ class CapturedModel:
         input_names: the graph's placeholder names, in call order.
         dynamic_dims: for each input name, ``{dim index: axis name}`` of its symbolic dims
             (``"batch"`` for dim 0, ``"sequence"`` and so on after it).
+        axis_ranges: ``{axis name: (min, max or None)}`` of the program's dynamic dims.
+        output_names: a name per flat output, from the model's own output structure
+            (:func:`output_names`): ``logits``, ``last_hidden_state``…
     """
 
     program: torch.export.ExportedProgram
@@ -35,6 +38,35 @@ class CapturedModel:
     input_names: list[str]
     dynamic_dims: dict[str, dict[int, str]]
     axis_ranges: dict[str, tuple[int, int | None]]
+    output_names: list[str] = field(default_factory=list)
+
+
+def output_names(program: torch.export.ExportedProgram) -> list[str]:
+    """A name per flat output of ``program``, from its output structure (``call_spec.out_spec``),
+    as Optimum names ONNX outputs: the keys of a Hugging Face ``ModelOutput`` or a dict
+    (``logits``, ``last_hidden_state``, nested ones joined by ``.``), ``output_<i>`` for the items
+    of a tuple, ``output`` for a lone tensor."""
+    spec = program.call_spec.out_spec
+    if spec is None:
+        return []
+    names: list[str] = []
+
+    def walk(node: object, prefix: str) -> None:
+        if node.is_leaf():  # type: ignore[attr-defined]
+            names.append(prefix or "output")
+            return
+        children = node.children_specs  # type: ignore[attr-defined]
+        ctx = node.context  # type: ignore[attr-defined]
+        keyed = isinstance(ctx, (list, tuple)) and len(ctx) == len(children) \
+            and all(isinstance(k, str) for k in ctx)
+        for i, child in enumerate(children):
+            key = str(ctx[i]) if keyed else str(i)
+            walk(child, f"{prefix}.{key}" if prefix else (key if keyed else f"output_{key}"))
+
+    walk(spec, "")
+    if len(names) == 1 and names[0].startswith("output_"):
+        names = ["output"]  # a one-tensor tuple (the flat graph's form)
+    return names if len(set(names)) == len(names) else []
 
 
 def _user_inputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -142,6 +174,88 @@ def check_inputs(captured: CapturedModel, inputs: dict[str, torch.Tensor], sourc
                              f"{problem}; the model expects {want}")
 
 
+#: Ops an index tensor passes through unchanged in value on its way to an embedding lookup.
+_VALUE_KEEPING = {"view", "reshape", "_to_copy", "to", "unsqueeze", "squeeze", "clone",
+                  "expand", "contiguous", "alias", "type_as", "_unsafe_view", "detach"}
+
+
+def _index_source(node: object) -> tuple[torch.fx.Node, int] | None:
+    """The placeholder or ``arange`` an embedding's index tensor comes from, with the constant
+    added to it on the way (``arange(T) + 2``: OPT's offset); None when the index is computed
+    otherwise."""
+    offset = 0
+    while isinstance(node, torch.fx.Node):
+        if node.op == "placeholder":
+            return node, offset
+        if node.op != "call_function" or not node.args:
+            return None
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if name == "arange":
+            return node, offset
+        if name == "add" and isinstance(node.args[1], int) and len(node.args) == 2:
+            offset += node.args[1]
+        elif name not in _VALUE_KEEPING:
+            return None
+        node = node.args[0]
+    return None
+
+
+def index_bounds(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Rows of the embedding tables the graph's inputs index directly: ``{input name: V}``
+    (token ids must lie in ``[0, V)``), and ``{"<positions>": P}`` for a table indexed by an
+    ``arange`` over the sequence (at most ``P`` positions)."""
+    out: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
+            continue
+        weight, index = node.args[0], node.args[1]
+        table = getattr(weight, "meta", {}).get("val")
+        found = _index_source(index)
+        if table is None or not table.dim() or found is None:
+            continue
+        src, offset = found
+        if src.op == "placeholder":
+            if offset:
+                continue
+            key, rows = src.name, int(table.shape[0])
+        else:
+            key, rows = "<positions>", int(table.shape[0]) - offset
+        out[key] = min(rows, out.get(key, rows))
+    return out
+
+
+def check_index_ranges(captured: CapturedModel, inputs: dict[str, torch.Tensor],
+                       source: str) -> None:
+    """Token ids within the embedding tables they index and sequences within a learned
+    position table (:func:`index_bounds`), before the model is run on them.
+
+    Raises:
+        InputError: naming the input, the first bad row, the value and the table's size.
+    """
+    bounds = index_bounds(captured.gm)
+    for name, rows in bounds.items():
+        t = inputs.get(name)
+        if t is None or t.is_floating_point() or not t.dim():
+            continue
+        bad = (t < 0) | (t >= rows)
+        if bool(bad.any()):
+            where = torch.nonzero(bad.reshape(bad.shape[0], -1).any(1)).reshape(-1).tolist()
+            value = int(t[where[0]][bad[where[0]]].reshape(-1)[0])
+            more = f" (and {len(where) - 1} more rows)" if len(where) > 1 else ""
+            raise InputError(f"{source}: input {name!r} holds the id {value} at row {where[0]}"
+                             f"{more}, outside the model's vocabulary [0, {rows}) (the rows of "
+                             "its embedding table): tokenize with the model's own tokenizer")
+    positions = bounds.get("<positions>")
+    if positions is not None:
+        for name, dims in captured.dynamic_dims.items():
+            t = inputs.get(name)
+            for i, axis in dims.items():
+                if axis == "sequence" and t is not None and t.shape[i] > positions:
+                    raise InputError(f"{source}: input {name!r} has sequence length "
+                                     f"{t.shape[i]} (every row), beyond the model's "
+                                     f"{positions} learned positions; truncate to <= {positions}")
+
+
 def capture(loaded: LoadedModel, example: dict[str, torch.Tensor] | None = None) -> CapturedModel:
     """Capture ``loaded`` as an fx graph.
 
@@ -169,6 +283,7 @@ def capture(loaded: LoadedModel, example: dict[str, torch.Tensor] | None = None)
         input_names=[n.name for n in _user_inputs(gm)],
         dynamic_dims=_dynamic_dims(gm),
         axis_ranges=_axis_ranges(program, gm),
+        output_names=output_names(program),
     )
 
 

@@ -224,6 +224,8 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
     if result.exit_code == EXIT_NO_REPLACEMENT:
         click.echo("budget not met (exit 3): " + ("no site fits; the original model was written"
                    if not rep["replaced"] else "--min-linear forced sites beyond the budget"))
+        for step in rep.get("next_steps") or ():
+            click.echo(f"  try: {step}")
     click.echo(f"wrote {result.output} and {result.report_path}")
     sys.exit(result.exit_code)
 
@@ -415,17 +417,19 @@ def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool
     """List the attention sites of MODEL (a torch.export archive .pt/.pt2, or a Hugging Face
     folder) with their shapes, masks and FLOPs share, and say why any look-alike is not
     rewritable. Without --data the inputs are built: from the archive's input signature, or from
-    the folder's config.json (input_ids [2, T] and an attention_mask, or pixel_values [2, C, H, W])."""
-    import json
-
-    from dtr_compile.inspect import inspect_model, render
+    the folder's config.json (input_ids [2, T] and an attention_mask, or pixel_values [2, C, H, W]).
+    A hybrid written by dtr-compile (.pt2) shows which sites are linear, with their compile's ids;
+    an .onnx file lists the sites dtr-compile recorded in it, or its softmax attention by module."""
+    from dtr_compile.fileio import json_text
+    from dtr_compile.inspect import inspect_model, inspect_onnx, render
 
     try:
-        result = inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle)
+        result = inspect_onnx(model) if Path(model).suffix == ".onnx" else \
+            inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle)
     except DtrError as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json_text(result.to_dict()), nl=False)
     else:
         render(result, Console())
 

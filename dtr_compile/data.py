@@ -8,7 +8,7 @@ arbitrary unpickling): one entry per model input, named as the model's inputs
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,23 +43,104 @@ class Dataset:
             yield {k: v[i : i + batch_size].clone() for k, v in self.inputs.items()}
 
 
-def load_dataset(path: str | os.PathLike[str], input_names: Sequence[str]) -> Dataset:
-    """Load a dataset file and check it against the model's inputs.
+def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a data file: a ``torch.save``'d dict of tensors, with ``weights_only=True``.
 
     Raises:
-        InputError: missing file, not a dict of tensors, names that do not match the model's
-            inputs, or row counts that disagree.
+        InputError: missing, empty or unreadable file, a pickle that needs more than tensors
+            (refused, never run), or not a dict of tensors.
     """
     p = Path(path)
     if not p.is_file():
         raise InputError(f"data file not found: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: the data file is empty (0 bytes); write it with "
+                         "torch.save({'input_ids': ..., 'attention_mask': ..., 'labels': ...}, path)")
     try:
         obj = torch.load(p, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{p}: not a torch.save'd dict of tensors ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"{p}: expected a dict of tensors ({', '.join(input_names)}[, labels])")
+    except BaseException as exc:  # noqa: BLE001 - EOFError/UnpicklingError/…: a bad file
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        text = str(exc).strip()
+        raise InputError(f"{p}: not a torch.save'd dict of tensors readable with "
+                         f"weights_only=True ({type(exc).__name__}: "
+                         f"{text.splitlines()[0][:200] if text else ''})") from exc
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise InputError(f"{p}: expected a dict of named tensors (input names[, labels]), got "
+                         f"{type(obj).__name__}")
+    return obj
+
+
+def integer_like(name: str) -> bool:
+    """Inputs that by their name hold integers: token / type / position ids and masks."""
+    low = name.lower()
+    return low.endswith("_ids") or low == "ids" or "mask" in low
+
+
+def _rows_where(bad: torch.Tensor) -> list[int]:
+    """Row indices (dim 0) of a boolean ``[N, ...]`` tensor that hold any True."""
+    return torch.nonzero(bad.reshape(bad.shape[0], -1).any(dim=1)).reshape(-1).tolist()
+
+
+def _where(rows: list[int]) -> str:
+    more = f" (and {len(rows) - 1} more row{'s' if len(rows) > 2 else ''})" if len(rows) > 1 else ""
+    return f"row {rows[0]}{more}"
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Every floating-point tensor ``[N, ...]`` holds finite values only.
+
+    Raises:
+        InputError: naming the tensor, the first row holding NaN or ±inf, and how many rows do.
+    """
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.dim() == 0:
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            rows = _rows_where(bad)
+            first = t[rows[0]][bad[rows[0]]].reshape(-1)[0].item()
+            raise InputError(f"{source}: tensor {name!r} holds {first} at {_where(rows)}; the "
+                             "data must be finite (NaN/inf make every distillation and metric "
+                             "meaningless): fix or drop those rows")
+
+
+def check_integral(tensors: dict[str, torch.Tensor], names: Collection[str], source: str) -> None:
+    """Inputs ``names`` (token ids, masks) hold integers: a floating-point tensor among them may
+    only hold whole numbers, which are then exact after a cast.
+
+    Raises:
+        InputError: naming the input, the first row with a fractional value and the value.
+    """
+    for name in names:
+        t = tensors.get(name)
+        if t is None or not t.is_floating_point() or t.dim() == 0:
+            continue
+        bad = t != torch.round(t)
+        if bool(bad.any()):
+            rows = _rows_where(bad)
+            first = t[rows[0]][bad[rows[0]]].reshape(-1)[0].item()
+            raise InputError(f"{source}: input {name!r} is an integer input (token ids or a "
+                             f"mask) but holds the non-integer value {first} at {_where(rows)}; "
+                             f"save it as an integer tensor (torch.long) with whole values")
+
+
+def load_dataset(path: str | os.PathLike[str], input_names: Sequence[str],
+                 integer_inputs: Collection[str] | None = None) -> Dataset:
+    """Load a dataset file and check it against the model's inputs.
+
+    ``integer_inputs`` names the inputs the model takes as integers (default: those whose names
+    say so, see :func:`integer_like`): a float tensor given for one must hold whole numbers, and
+    is cast to ``torch.long``.
+
+    Raises:
+        InputError: missing, empty or unreadable file, not a dict of tensors, names that do not
+            match the model's inputs, row counts that disagree, NaN/inf in a float tensor, or
+            fractional values for an integer input.
+    """
+    p = Path(path)
+    obj = read_tensors(p)
     labels = obj.get(LABELS)
     missing = [n for n in input_names if n not in obj]
     extra = [k for k in obj if k not in input_names and k != LABELS]
@@ -75,6 +156,13 @@ def load_dataset(path: str | os.PathLike[str], input_names: Sequence[str]) -> Da
         rows[LABELS] = labels.shape[0] if labels.dim() else 0
     if len(set(rows.values())) != 1 or 0 in rows.values():
         raise InputError(f"{p}: every tensor needs the same non-zero row count, got {rows}")
+    check_finite(inputs | ({} if labels is None else {LABELS: labels}), str(p))
+    ints = [n for n in input_names if integer_like(n)] if integer_inputs is None \
+        else [n for n in input_names if n in integer_inputs]
+    check_integral(inputs, ints, str(p))
+    if integer_inputs is not None:
+        inputs = {n: t.to(torch.long) if n in ints and t.is_floating_point() else t
+                  for n, t in inputs.items()}
     return Dataset(inputs, labels, str(p))
 
 
@@ -108,7 +196,7 @@ def run_model(
         for i, batch in enumerate(data.batches(batch_size)):
             try:
                 out = gm(*(batch[n] for n in input_names))
-            except (RuntimeError, ValueError, AssertionError) as exc:
+            except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
                 shapes = {k: tuple(v.shape) for k, v in batch.items()}
                 raise InputError(f"the data does not fit the model (batch shapes {shapes}): "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import socket
@@ -65,9 +66,28 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / ±inf float replaced by None (JSON ``null``): ``NaN`` and
+    ``Infinity`` are not JSON, and other tools' parsers reject them. Tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """Indented, key-sorted, strictly valid JSON of ``obj`` (see :func:`json_safe`)."""
+    return json.dumps(json_safe(obj), indent=2, sort_keys=True, default=str,
+                      allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically; non-finite numbers
+    are written as ``null``."""
+    write_text_atomic(path, json_text(obj))
 
 
 # --- the path plan ---------------------------------------------------------------------------

@@ -18,15 +18,23 @@ with the cores stubbed out). It needs example inputs, which it builds when none 
   way for a pickled module, whose input signature is unknown.
 
 ``T`` defaults to the archive's example length, or ``min(128, max positions)`` for a folder.
+
+A hybrid written by dtr-compile (``hybrid.pt2``) keeps its site ids: its linear-attention sites
+are recognised by their ``dtr.<site id>`` weights and listed as linear, and the softmax sites left
+take the ids not used by them, in graph order (the ids of the original model's compile). An ONNX
+file is not captured: :func:`inspect_onnx` lists the sites dtr-compile recorded in its metadata,
+or, for another ONNX file, the softmax attention it holds (``Attention`` ops, ``Softmax`` nodes) by
+module.
 """
 
 from __future__ import annotations
 
 import inspect as pyinspect
+import json
 import math
 import re
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +55,14 @@ DEFAULT_SEQ_LEN = 128
 
 
 @dataclass(frozen=True)
+class LinearSite:
+    """An attention site a dtr-compile hybrid already runs as linear attention."""
+
+    id: str
+    module_path: str
+
+
+@dataclass(frozen=True)
 class Inspection:
     """What ``inspect`` found.
 
@@ -58,7 +74,9 @@ class Inspection:
         sites, rejected: from :func:`find_attention`.
         site_flops: site id → FLOPs of its attention core at these inputs.
         site_lengths: site id → ``(T, S)``, the query and key lengths the site saw.
-        other_flops: FLOPs of everything else (projections, MLPs, embeddings …).
+        other_flops: FLOPs of everything else (projections, MLPs, embeddings …; in a hybrid,
+            its linear attention too).
+        linear: the sites of a dtr-compile hybrid that are already linear attention.
     """
 
     model: str
@@ -71,6 +89,7 @@ class Inspection:
     site_flops: dict[str, int]
     site_lengths: dict[str, tuple[int, int]]
     other_flops: int
+    linear: tuple[LinearSite, ...] = ()
 
     @property
     def attention_flops(self) -> int:
@@ -107,7 +126,117 @@ class Inspection:
                 for s in self.sites
             ],
             "rejected": [asdict(r) for r in self.rejected],
+            "linear_sites": [asdict(s) for s in self.linear],
         }
+
+
+@dataclass(frozen=True)
+class OnnxInspection:
+    """What ``inspect`` found in an ONNX file.
+
+    Attributes:
+        model: the path. recorded: the sites come from dtr-compile's record in the file's
+            metadata (else from its ops). sites: ``{"id", "module_path", "linear"}`` per site
+            (recorded) or ``{"id", "module_path", "linear": False, "ops"}`` per module holding
+            softmax attention. note: how the sites were found.
+    """
+
+    model: str
+    recorded: bool
+    sites: list[dict[str, Any]]
+    note: str
+    format: str = "onnx"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``--json``)."""
+        return {"model": self.model, "format": self.format, "recorded": self.recorded,
+                "sites": self.sites, "note": self.note}
+
+
+def inspect_onnx(path: str | Path) -> OnnxInspection:
+    """The attention sites of an ONNX file (see the module docstring).
+
+    Raises:
+        InputError: the file is missing or not an ONNX model.
+    """
+    import onnx
+
+    from dtr_compile.exporters.onnx import SITES_KEY
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"ONNX file not found: {p}")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - a decode error means a corrupt file
+        raise InputError(f"{p}: not a readable ONNX model ({type(exc).__name__})") from exc
+    if not proto.graph.node:
+        raise InputError(f"{p}: not an ONNX model (no graph nodes)")
+    props = {m.key: m.value for m in proto.metadata_props}
+    if SITES_KEY in props:
+        try:
+            sites = [dict(s) for s in json.loads(props[SITES_KEY])]
+        except (ValueError, TypeError):
+            sites = []
+        if sites:
+            n = sum(bool(s.get("linear")) for s in sites)
+            return OnnxInspection(str(p), True, sites, f"written by dtr-compile: {n} of "
+                                  f"{len(sites)} attention sites are linear attention")
+    found: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("Attention", "Softmax"):
+            continue
+        meta = {m.key: m.value for m in node.metadata_props}
+        try:
+            scopes = json.loads(meta.get("pkg.torch.onnx.name_scopes", "[]").replace("'", '"'))
+        except ValueError:
+            scopes = []
+        module = str(scopes[-2]) if len(scopes) >= 2 else ""
+        found.setdefault(module, []).append(node.op_type)
+    sites = [{"id": f"attention{i}", "module_path": m, "linear": False,
+              "ops": ", ".join(sorted(set(ops)))} for i, (m, ops) in enumerate(found.items())]
+    note = ("not written by dtr-compile (no site record in its metadata): listed are the modules "
+            "holding softmax attention (ONNX Attention ops, or Softmax nodes, which may also be "
+            "other softmaxes). For rewritable sites, FLOPs and masks, inspect the model's "
+            ".pt2 archive or Hugging Face folder")
+    if not sites:
+        note = ("no softmax attention (Attention or Softmax nodes) found, and no dtr-compile "
+                "site record in its metadata")
+    return OnnxInspection(str(p), False, sites, note)
+
+
+def linear_sites(gm: torch.fx.GraphModule) -> tuple[LinearSite, ...]:
+    """The linear-attention sites of a dtr-compile hybrid: modules under ``dtr.<site id>``
+    (their weights' ``get_attr`` nodes), with the module path of the site they replaced (the
+    ``nn_module_stack`` of the nodes using them), in graph order."""
+    found: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        target = str(node.target)
+        if node.op != "get_attr" or not target.startswith("dtr."):
+            continue
+        sid = target.split(".")[1]
+        if sid in found and found[sid]:
+            continue
+        path = ""
+        for user in node.users:
+            stack = user.meta.get("nn_module_stack") or {}
+            paths = [str(v[0]) for v in stack.values() if not str(v[0]).startswith("dtr")]
+            if paths:
+                path = paths[-1]
+                break
+        found[sid] = path
+    return tuple(LinearSite(sid, path) for sid, path in found.items())
+
+
+def _renumber(sites: tuple[AttentionSite, ...],
+              linear: tuple[LinearSite, ...]) -> tuple[AttentionSite, ...]:
+    """Softmax sites of a hybrid with the ids its compile gave them: ``site<i>`` not taken by a
+    linear site, in graph order."""
+    taken = {s.id for s in linear}
+    free = [f"site{i}" for i in range(len(sites) + len(linear)) if f"site{i}" not in taken]
+    if len(free) != len(sites):
+        return sites  # linear ids not of the form site<i>: keep the scan's own
+    return tuple(replace(s, id=new) for s, new in zip(sites, free, strict=True))
 
 
 # --- example inputs ---------------------------------------------------------------------------
@@ -305,7 +434,8 @@ def _examples(loaded: LoadedModel, seq_len: int | None, data: str | None) -> dic
 
 def inspect_model(model: str, *, seq_len: int | None = None, data: str | None = None,
                   trust_pickle: bool = False) -> Inspection:
-    """Load, capture, find attention and count FLOPs (see the module docstring).
+    """Load, capture, find attention and count FLOPs (see the module docstring). For an
+    ``.onnx`` file use :func:`inspect_onnx`.
 
     Raises:
         InputError: unreadable model or data, or a length out of range.
@@ -322,7 +452,8 @@ def inspect_model(model: str, *, seq_len: int | None = None, data: str | None = 
     if example is None:
         example = example_from_graph(gm, seq_len)
     scan = find_attention(gm)
-    sites = scan.require_sites()
+    linear = linear_sites(gm)
+    sites = _renumber(scan.sites, linear) if linear else scan.require_sites()
     args = [example[n] for n in captured.input_names]
     seq = next((v.shape[1] for v in example.values() if v.dim() >= 2 and not v.is_floating_point()), None)
     try:
@@ -340,6 +471,7 @@ def inspect_model(model: str, *, seq_len: int | None = None, data: str | None = 
         seq_len=int(seq) if seq is not None else None,
         inputs={k: list(v.shape) for k, v in example.items()}, sites=sites,
         rejected=scan.rejected, site_flops=site_flops, site_lengths=lengths, other_flops=other,
+        linear=linear,
     )
 
 
@@ -350,8 +482,20 @@ def _flops(n: float) -> str:
     return f"{n:.0f}"
 
 
-def render(ins: Inspection, console: Console) -> None:
-    """The sites as a table, then the rejected look-alikes with their reasons."""
+def render(ins: Inspection | OnnxInspection, console: Console) -> None:
+    """The sites as a table, then the rejected look-alikes with their reasons (an ONNX file:
+    its sites and how they were found)."""
+    if isinstance(ins, OnnxInspection):
+        table = Table(title=f"Attention sites of {ins.model}", title_justify="left",
+                      caption=ins.note, caption_justify="left")
+        for col in ("site", "module path", "attention"):
+            table.add_column(col, overflow="fold")
+        for site in ins.sites:
+            kind = "linear" if site.get("linear") else "softmax"
+            table.add_row(str(site.get("id")), str(site.get("module_path") or "(top level)"),
+                          kind + (f" ({site['ops']})" if site.get("ops") else ""))
+        console.print(table)
+        return
     total = ins.total_flops or 1
     shape = ", ".join(f"{k} {v}" for k, v in ins.inputs.items())
     table = Table(title=f"Attention sites of {ins.model}", title_justify="left",
@@ -373,6 +517,13 @@ def render(ins: Inspection, console: Console) -> None:
                       f"{s.num_heads}/{s.num_kv_heads}/{s.head_dim}", mask, f"{t}×{k}",
                       _flops(ins.site_flops[s.id]), f"{ins.site_flops[s.id] / total:.1%}")
     console.print(table)
+    if ins.linear:
+        lin = Table(title="Linear attention (replaced by dtr-compile)", title_justify="left")
+        for col in ("site", "module path"):
+            lin.add_column(col)
+        for ls in ins.linear:
+            lin.add_row(ls.id, ls.module_path or "(top level)")
+        console.print(lin)
     if ins.rejected:
         why = Table(title="Not rewritten", title_justify="left")
         for col in ("node", "module path", "reason"):
@@ -382,5 +533,6 @@ def render(ins: Inspection, console: Console) -> None:
         console.print(why)
 
 
-__all__ = ["Inspection", "count_flops", "example_from_config", "example_from_graph",
+__all__ = ["Inspection", "LinearSite", "OnnxInspection", "count_flops", "inspect_onnx",
+           "linear_sites", "example_from_config", "example_from_graph",
            "explain_capture_error", "inspect_model", "render"]

@@ -18,7 +18,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -144,6 +144,49 @@ def register_output_types(path: Path) -> list[str]:
         if type_name not in _pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             missing.append(type_name)
     return missing
+#: Buffers a checkpoint may lack: they are computed at construction, not learned.
+_DERIVED_BUFFERS = ("position_ids", "token_type_ids", "inv_freq", "original_inv_freq",
+                    "masked_bias", "attn.bias", "causal_mask")
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of a Hugging Face folder as a dict.
+
+    Raises:
+        InputError: unreadable, not JSON, or not a JSON object.
+    """
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON config ({type(exc).__name__}: {exc}); "
+                         "it should be the config.json written by save_pretrained") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object (the model's config), got "
+                         f"{type(config).__name__}")
+    return config
+
+
+def _check_loaded_weights(path: Path, module: torch.nn.Module, info: dict[str, Any]) -> None:
+    """Refuse a checkpoint that does not hold every weight of the model: transformers would
+    initialise the missing ones at random and the compile would optimise a partly random model.
+
+    Missing non-persistent or derived buffers (``position_ids``, rotary ``inv_freq``) are fine.
+
+    Raises:
+        InputError: listing a few of the missing (or shape-mismatched) tensors and their count.
+    """
+    buffers = {name for name, _ in module.named_buffers()}
+    missing = sorted(k for k in info.get("missing_keys") or ()
+                     if not (k in buffers and k.endswith(_DERIVED_BUFFERS)))
+    mismatched = [str(k[0]) if isinstance(k, (tuple, list)) else str(k)
+                  for k in info.get("mismatched_keys") or ()]
+    for what, keys in (("lacks", missing), ("has wrongly shaped", mismatched)):
+        if keys:
+            total = len(list(module.state_dict()))
+            shown = ", ".join(keys[:5]) + (", …" if len(keys) > 5 else "")
+            raise InputError(f"{path}: the checkpoint {what} {len(keys)} of the model's {total} "
+                             f"tensors ({shown}); transformers would fill them with random "
+                             "values. Save the complete model with save_pretrained")
 
 
 def _load_hf_folder(path: Path) -> LoadedModel:
@@ -157,7 +200,7 @@ def _load_hf_folder(path: Path) -> LoadedModel:
             f"{path}: a Hugging Face folder needs config.json and *.safetensors weights "
             "(pickled pytorch_model.bin is not loaded)"
         )
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = _read_hf_config(path / "config.json")
     archs = config.get("architectures") or []
     auto: type[_BaseAutoModelClass] = transformers.AutoModel
     if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -167,11 +210,13 @@ def _load_hf_folder(path: Path) -> LoadedModel:
     elif any(a.endswith("ForCausalLM") for a in archs):
         auto = transformers.AutoModelForCausalLM
     try:
-        module = auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        module, info = auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+                                            output_loading_info=True)
         if getattr(module.config, "use_cache", None):
             module.config.use_cache = False  # a KV cache object cannot be captured
     except Exception as exc:  # noqa: BLE001 - any loader failure is an input problem
         raise InputError(f"{path}: could not load as a Hugging Face model: {exc}") from exc
+    _check_loaded_weights(path, module, info)
     module.eval()
     return LoadedModel(source=str(path), format="huggingface", module=module)
 

@@ -38,6 +38,7 @@ import hashlib
 import importlib
 import inspect
 import math
+import numbers
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dtr_compile.errors import InputError
+from dtr_compile.errors import DtrError, InputError
 
 MetricFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], float]
 #: ``rows(outputs_batch, inputs_batch, labels_batch) -> [B, ...]``: a per-batch reduction.
@@ -77,7 +78,35 @@ class Metric:
 
     def __call__(self, outputs: torch.Tensor, labels: torch.Tensor | None,
                  reference: torch.Tensor) -> float:
-        return float(self.fn(outputs, labels, reference))
+        """The metric's value, a finite float.
+
+        Raises:
+            InputError: the metric raised, returned something that is not a real number, or
+                returned NaN / ±inf (``metric X failed: …``).
+        """
+        value = self.value(outputs, labels, reference)
+        if not math.isfinite(value):
+            raise InputError(f"metric {self.name!r} returned {value}, not a finite number: "
+                             "a budget around it would accept or refuse every model. "
+                             "Check the metric and that the model's outputs are finite")
+        return value
+
+    def value(self, outputs: torch.Tensor, labels: torch.Tensor | None,
+              reference: torch.Tensor) -> float:
+        """The metric's value as a float, which may be NaN or ±inf (see :meth:`__call__`).
+
+        Raises:
+            InputError: the metric raised or returned something that is not a real number.
+        """
+        try:
+            result = self.fn(outputs, labels, reference)
+        except DtrError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a user metric's bug is the user's to fix
+            text = str(exc).strip()
+            raise InputError(f"metric {self.name!r} failed: {type(exc).__name__}: "
+                             f"{text.splitlines()[0][:300] if text else ''}") from exc
+        return _as_float(result, self.name)
 
     def reduce(self, outputs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
                labels: torch.Tensor | None) -> torch.Tensor:
@@ -94,8 +123,60 @@ class Metric:
         return a > b if self.higher_is_better else a < b
 
 
+def _as_float(result: object, name: str) -> float:
+    """``result`` (a Python or numpy real, or a one-element tensor) as a float.
+
+    Raises:
+        InputError: anything else (bool, string, None, a tensor of several elements…).
+    """
+    if isinstance(result, torch.Tensor):
+        if result.numel() != 1 or result.is_complex() or result.dtype == torch.bool:
+            raise InputError(f"metric {name!r} returned a tensor of shape "
+                             f"{list(result.shape)} ({result.dtype}), not one real number")
+        return float(result.item())
+    if isinstance(result, numbers.Real) and not isinstance(result, bool):
+        return float(result)
+    raise InputError(f"metric {name!r} returned {type(result).__name__} "
+                     f"({str(result)[:60]!r}), not a float")
+
+
 def _predictions(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
+
+
+def _class_labels(outputs: torch.Tensor, labels: torch.Tensor | None, name: str) -> torch.Tensor:
+    """``labels`` checked against class scores ``outputs: [N, ..., C]``: shaped as the
+    predictions ``[N, ...]`` (a trailing size-1 dim is squeezed: ``[N, 1]`` → ``[N]``), whole
+    numbers in ``[0, C)``.
+
+    Raises:
+        InputError: no labels, a shape that does not match the predictions (it would broadcast),
+            fractional values, or a label outside ``[0, C)``, naming the row.
+    """
+    labels = _need_labels(labels, name)
+    want = tuple(outputs.shape[:-1])
+    if tuple(labels.shape) != want and tuple(labels.shape) == (*want, 1):
+        labels = labels.squeeze(-1)
+    if tuple(labels.shape) != want:
+        raise InputError(f"metric {name!r}: labels have shape {list(labels.shape)} but the "
+                         f"model's predictions have shape {list(want)} (outputs "
+                         f"{list(outputs.shape)}); give one class index per row: labels [N]")
+    if labels.is_floating_point():
+        frac = labels != torch.round(labels)
+        if bool(frac.any()):
+            row = int(torch.nonzero(frac.reshape(frac.shape[0], -1).any(1))[0])
+            raise InputError(f"metric {name!r}: labels must be class indices, but row {row} "
+                             f"holds {labels[row].reshape(-1)[0].item()}")
+    classes = outputs.shape[-1]
+    bad = (labels < 0) | (labels >= classes)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad.reshape(bad.shape[0], -1).any(1)).reshape(-1).tolist()
+        value = labels[rows[0]].reshape(-1)[bad[rows[0]].reshape(-1)][0].item()
+        more = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
+        raise InputError(f"metric {name!r}: label {value:g} at row {rows[0]}{more} is "
+                         f"outside [0, {classes}): the model "
+                         f"has {classes} classes (its outputs' last dim)")
+    return labels.to(torch.long)
 
 
 def _need_labels(labels: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -106,7 +187,7 @@ def _need_labels(labels: torch.Tensor | None, name: str) -> torch.Tensor:
 
 def accuracy(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
     """Share of rows whose argmax equals the label, in [0, 1]."""
-    labels = _need_labels(labels, "accuracy")
+    labels = _class_labels(outputs, labels, "accuracy")
     return (_predictions(outputs) == labels).float().mean().item()
 
 
@@ -120,7 +201,7 @@ def macro_f1(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torc
 
     Classes are those present in the labels or the predictions.
     """
-    labels = _need_labels(labels, "macro_f1")
+    labels = _class_labels(outputs, labels, "macro_f1")
     pred = _predictions(outputs)
     scores = []
     for c in torch.unique(torch.cat([labels.reshape(-1), pred.reshape(-1)])):
@@ -185,7 +266,8 @@ def perplexity(outputs: torch.Tensor, labels: torch.Tensor | None, reference: to
     total = outputs.double().sum(dim=0)
     if total[1] <= 0:
         raise InputError("perplexity: the data has no target token (all ignored or padding)")
-    return math.exp((total[0] / total[1]).item())
+    nll = (total[0] / total[1]).item()
+    return math.exp(nll) if nll < 709.0 else math.inf  # math.exp overflows above ~709.78
 
 
 def _builtin(name: str, fn: MetricFn, higher: bool, labels: bool,

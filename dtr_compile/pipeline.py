@@ -19,9 +19,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dtr_compile import __version__
-from dtr_compile.capture import capture, check_inputs
+from dtr_compile.capture import capture, check_index_ranges, check_inputs
 from dtr_compile.config import Budget, CompileConfig, parse_duration
-from dtr_compile.data import Dataset, load_dataset, run_model
+from dtr_compile.data import (
+    LABELS,
+    Dataset,
+    check_finite,
+    check_integral,
+    integer_like,
+    load_dataset,
+    read_tensors,
+    run_model,
+)
 from dtr_compile.distill.cache import DistillCache
 from dtr_compile.distill.execute import default_workers
 from dtr_compile.distill.plan import DistillPlan, DistillResult, DistillSettings, plan_distillation
@@ -57,7 +66,7 @@ from dtr_compile.passes.find_attention import (
     find_attention,
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
-from dtr_compile.report import report_paths, write_report
+from dtr_compile.report import REL_ERROR_MEANING, next_steps, report_paths, write_report
 from dtr_compile.search.ledger import (
     Ledger,
     fingerprint,
@@ -202,6 +211,7 @@ def _distill(
         _cache_dir(config), on_warning=lambda msg: console.log(f"[yellow]{msg}[/yellow]"))
     workers = config.workers or default_workers(len(plan.sites))
     steps = plan.settings.steps
+    console.log(REL_ERROR_MEANING)
     with _progress(console, config.progress) as prog:
         record = prog.add_task("teacher activations", total=len(calib), info="")
         tasks = {s.id: prog.add_task(f"distill {s.id} ({plan.targets[s.id]})", total=steps,
@@ -224,12 +234,38 @@ def _distill(
             on_done=on_done)
 
 
+def _at_least_two(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Capture / export examples with batch and sequence sizes >= 2 (torch.export specialises
+    sizes 0 and 1): rows 0 and 1 of each input, repeating a lone row, and an integer input's
+    lone position (``T = 1`` token ids, masks) repeated along dim 1. The repeated values are
+    real data, so the example stays valid (token ids in the vocabulary, a mask of ones)."""
+    out = {}
+    for k, v in example.items():
+        v = v[:2]
+        if v.dim() and v.shape[0] == 1:
+            v = torch.cat([v, v])
+        if v.dim() >= 2 and not v.is_floating_point() and v.shape[1] == 1:
+            v = torch.cat([v, v], dim=1)
+        out[k] = v
+    return out
+
+
 def _example_inputs(config: CompileConfig) -> dict[str, torch.Tensor] | None:
-    """For eager (Hugging Face / pickle) models: two rows of the data, as capture examples."""
-    obj = torch.load(config.data, weights_only=True, map_location="cpu") if config.data else None
-    if not isinstance(obj, dict):
+    """For eager (Hugging Face / pickle) models: two rows of the data, as capture examples.
+
+    Raises:
+        InputError: the data file is unreadable, or holds NaN/inf or fractional token ids.
+    """
+    if not config.data:
         return None
-    return {k: v[:2] for k, v in obj.items() if k != "labels" and isinstance(v, torch.Tensor)}
+    obj = read_tensors(config.data)
+    example = {k: v for k, v in obj.items() if k != LABELS and v.dim()}
+    check_finite(example, str(config.data))
+    ints = [k for k in example if integer_like(k)]
+    check_integral(example, ints, str(config.data))
+    example = {k: v.to(torch.long) if k in ints and v.is_floating_point() else v
+               for k, v in example.items()}
+    return _at_least_two(example)
 
 
 @contextmanager
@@ -311,7 +347,10 @@ def _search(
 
     def evaluate(linear: tuple[str, ...]) -> float:
         assert cache is not None
-        return metric(cache.outputs(linear, base=linear[:-1]), val.labels, reference)
+        value = metric.value(cache.outputs(linear, base=linear[:-1]), val.labels, reference)
+        # NaN / ±inf (a diverged student, a metric's overflow) never fits: NaN is the
+        # schedule's worst value, whereas +inf would pass any higher-is-better threshold
+        return value if math.isfinite(value) else math.nan
 
     def on_eval(ev: Evaluation) -> None:
         if not ev.replayed:
@@ -437,11 +476,16 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
     with _stage(timings, "capture", console):
         captured = capture(loaded, _example_inputs(config) if loaded.program is None else None)
     gm, names = captured.gm, captured.input_names
-    val = load_dataset(config.data, names)  # type: ignore[arg-type]
+    ints = {n.name for n in gm.graph.nodes if n.op == "placeholder"
+            and getattr(n.meta.get("val"), "dtype", torch.float32).is_floating_point is False}
+    val = load_dataset(config.data, names, ints)  # type: ignore[arg-type]
     check_inputs(captured, val.inputs, str(config.data))
-    calib = load_dataset(config.calib, names) if config.calib else val
+    check_index_ranges(captured, val.inputs, str(config.data))
+    calib = load_dataset(config.calib, names, ints) if config.calib else val
     if config.calib:
         check_inputs(captured, calib.inputs, str(config.calib))
+        check_index_ranges(captured, calib.inputs, str(config.calib))
+    calib_rows = len(calib)
     calib = calib.take(config.max_calib_samples)
     metric = get_metric(config.metric, val.labels is not None)
     budget.check_metric(metric.name, metric.bounds)
@@ -505,13 +549,15 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
     hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed},
                        blocks=plan.blocks)
     with _stage(timings, "export", console):
-        example = {k: v[: max(2, min(len(val), 2))] for k, v in val.inputs.items()}
+        example = _at_least_two(val.inputs)
         exported: ExportResult = export_artifacts(
             hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
             captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
             target=config.target, opset=config.opset, fp16=config.fp16,
             export_original=config.export_original, engine=config.engine, console=console,
-            write_to=staging.path)
+            write_to=staging.path,
+            output_names=captured.output_names, sites=[(s.id, s.module_path) for s in sites],
+            linear=sched.committed)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
@@ -546,6 +592,11 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
         "timings_s": timings,
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }
+    if not sched.fits:
+        steps = next_steps(report, distill_target=config.distill_target, window=config.window,
+                           calib_available=calib_rows)
+        report["next_steps"] = steps
+        console.log("no site fits the budget; try: " + "; ".join(steps))
     write_json_atomic(staging.path(config_path), config.to_dict())
     write_report(report, report_path, write_to=staging.path)
     staging.commit()  # every artifact of this run into place together

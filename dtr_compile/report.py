@@ -55,6 +55,73 @@ def _path_of(report: dict[str, Any], site: str | None) -> str:
     return ""
 
 
+#: What a site's distillation error is, for the console and report.md.
+REL_ERROR_MEANING = (
+    "rel. error = ‖y − ŷ‖₂ / ‖y‖₂: the relative RMS error of the linear student's output ŷ "
+    "against the softmax teacher's y (the site's output, or the block's with --distill-target "
+    "block) on held-out calibration rows; 0 is exact, 1 is as far off as outputting zeros. It "
+    "guides the search; the budget is checked on the validation metric, not on it")
+
+
+def _budget_for(drop: float, baseline: float, unit: str) -> str:
+    """The budget text, in ``unit`` (``%``, ``pt`` or absolute), that allows ``drop``."""
+    if unit == "%":
+        return f"{100 * drop / abs(baseline) * 1.05:.2g}%" if baseline else ""
+    if unit == "pt":
+        return f"{100 * drop * 1.05:.2g}pt"
+    return f"{drop * 1.05:.3g}"
+
+
+def next_steps(report: dict[str, Any], *, distill_target: str, window: int,
+               calib_available: int) -> list[str]:
+    """What to try when no site fits the budget (exit 3): one line per suggestion, from what the
+    run measured (``report`` as :func:`dtr_compile.pipeline.compile_model` builds it).
+
+    Args:
+        distill_target: ``site`` or ``block`` (``--distill-target``).
+        window: ``--window`` (0: off).
+        calib_available: rows in the calibration file (before ``--max-calib-samples``).
+    """
+    out: list[str] = []
+    distill = report.get("distill") or {}
+    failed = [sid for sid, r in distill.items() if not r.get("ok")]
+    if distill and len(failed) == len(distill):
+        reasons = sorted({str(distill[s].get("reason", "")) for s in failed} - {""})
+        out.append(f"no site distilled successfully ({'; '.join(reasons)[:200] or 'see the report'})"
+                   ": check the calibration data, or try --distill-lr smaller")
+    metric = report.get("metric", {})
+    hib = metric.get("higher_is_better", True)
+    baseline = report.get("baseline_metric")
+    evals = [e for e in (report.get("schedule") or {}).get("evaluations", [])
+             if len(e.get("linear", ())) == 1 and isinstance(e.get("metric"), float)
+             and math.isfinite(e["metric"])]
+    budget = report.get("budget", {})
+    if evals and isinstance(baseline, float):
+        best = max(evals, key=lambda e: e["metric"] if hib else -e["metric"])
+        drop = (baseline - best["metric"]) if hib else (best["metric"] - baseline)
+        text = _budget_for(drop, baseline, budget.get("unit", "%")) if drop > 0 else ""
+        out.append(f"a looser budget: the best single site, {best['candidate']}, gave "
+                   f"{metric.get('name', 'metric')} {best['metric']:.6g} (original "
+                   f"{baseline:.6g})" + (f"; --budget {text} would accept it" if text else ""))
+    else:
+        out.append(f"a looser budget than {budget.get('text', 'this one')}")
+    if distill_target == "site":
+        out.append("--distill-target block: also train each attention block's q/k/v/o weights "
+                   "(slower, usually a much smaller error)")
+    causal = any(s.get("causal") for s in report.get("sites", []))
+    if causal and not window:
+        out.append("--window 64: causal sites keep exact softmax over the last 64 tokens beside "
+                   "linear attention (LoLCATs), at O(T·W) extra cost")
+    used = report.get("calibration_rows", 0)
+    if used < calib_available:
+        out.append(f"more calibration rows: {used} of the {calib_available} available were "
+                   f"used (--max-calib-samples {min(calib_available, max(2 * used, 1))})")
+    else:
+        out.append(f"more calibration rows (--calib FILE with more than {used} rows) or more "
+                   "--distill-steps")
+    return out
+
+
 def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str:
     """The report as Markdown: outcome, budget, search trajectory, every evaluation."""
     metric = report.get("metric", {})
@@ -84,6 +151,19 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
               f"| hybrid | {_fmt(report.get('final_metric'))} |", ""]
     if report.get("kept"):
         lines += [f"Kept as softmax (`--keep`): {', '.join(report['kept'])}", ""]
+    if report.get("next_steps"):
+        lines += ["## What to try next", "", "No site fits the budget. Try:", ""]
+        lines += [f"- {step}" for step in report["next_steps"]]
+        lines.append("")
+    interface = (report.get("export") or {}).get("interface") or {}
+    if interface:
+        lines += ["## ONNX interface", "", "| | name | dtype | shape |", "|---|---|---|---|"]
+        for kind in ("inputs", "outputs"):
+            for v in interface.get(kind, []):
+                shape = ", ".join(str(d) for d in v.get("shape", []))
+                lines.append(f"| {kind[:-1]} | `{v.get('name')}` | {v.get('dtype')} | "
+                             f"[{shape}] |")
+        lines += ["", "Named axes (`batch`, `sequence`) are dynamic; numbers are fixed sizes.", ""]
 
     evals = sched.get("evaluations", [])
     lines += ["## Search", "",
@@ -124,8 +204,8 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
         lines.append("")
     distill = report.get("distill") or {}
     if distill:
-        lines += ["## Distillation", "", "| site | ok | rel. error before → after | seconds |",
-                  "|---|---|---|---|"]
+        lines += ["## Distillation", "", REL_ERROR_MEANING + ".", "",
+                  "| site | ok | rel. error before → after | seconds |", "|---|---|---|---|"]
         for sid, r in distill.items():
             lines.append(f"| {sid} | {'yes' if r.get('ok') else 'no: ' + str(r.get('reason', ''))} "
                          f"| {_fmt(r.get('init_error'), 3)} → {_fmt(r.get('final_error'), 3)} | "

@@ -20,6 +20,7 @@ fails the run like a parity miss (exit 4, artifacts kept).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +35,13 @@ from dtr_compile.exporters.onnx import (
     DEFAULT_OPSET,
     FP16_ATOL,
     FP16_RTOL,
+    SITES_KEY,
     TENSORRT_OPSET,
     ParityCase,
     check_parity,
     export_onnx,
     export_program,
+    onnx_interface,
     save_program,
     to_half,
 )
@@ -118,6 +121,8 @@ class ExportResult:
     lint: dict[str, list[Finding]] = field(default_factory=dict)
     engine: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the hybrid ONNX's inputs and outputs (:func:`~dtr_compile.exporters.onnx.onnx_interface`)
+    interface: dict[str, Any] = field(default_factory=dict)
 
     def failures(self) -> list[str]:
         """One line per failed check (empty when every artifact verified)."""
@@ -145,7 +150,7 @@ class ExportResult:
             "parity_original": [p.__dict__ for p in self.parity_original],
             "fp16_tolerance": {"atol_relative": FP16_ATOL, "rel_rms": FP16_RTOL},
             "tensorrt_lint": {k: [f.to_dict() for f in v] for k, v in self.lint.items()},
-            "engine": self.engine, "seconds": self.seconds,
+            "engine": self.engine, "seconds": self.seconds, "interface": self.interface,
         }
 
 
@@ -184,11 +189,16 @@ def export_artifacts(
     engine: str | None = None,
     console: Console | None = None,
     write_to: Callable[[Path], Path] | None = None,
+    output_names: Sequence[str] | None = None,
+    sites: Sequence[tuple[str, str]] = (),
+    linear: Sequence[str] = (),
 ) -> ExportResult:
     """Write and verify the artifacts of one compile (see the module docstring).
 
     Parity failures and blocking TensorRT lint findings do not raise: they are in
-    :meth:`ExportResult.failures`, so the caller can write its report first.
+    :meth:`ExportResult.failures`, so the caller can write its report first. ``sites``
+    (``(id, module path)`` in graph order) and the ``linear`` ids among them are recorded in each
+    ONNX file's metadata (:data:`~dtr_compile.exporters.onnx.SITES_KEY`), for ``inspect``.
 
     ``write_to`` maps an artifact's final path to the path to write it at now (a staging
     folder, see :class:`dtr_compile.fileio.Staging`); the result names the final paths.
@@ -203,17 +213,24 @@ def export_artifacts(
     where = write_to or (lambda p: p)
     paths = {k: where(p) for k, p in final.items() if k in _needed(fp16, export_original, engine)}
     res = ExportResult(resolve_opset(target, opset), target)
-    common = dict(axis_ranges=axis_ranges)
+    common: dict[str, Any] = dict(axis_ranges=axis_ranges, output_names=output_names)
+
+    def meta(lin: Sequence[str]) -> dict[str, str]:
+        return {SITES_KEY: json.dumps([{"id": sid, "module_path": path, "linear": sid in lin}
+                                       for sid, path in sites])} if sites else {}
 
     t0 = time.perf_counter()
-    program = export_program(hybrid, example, input_names, dynamic_dims, **common)
+    program = export_program(hybrid, example, input_names, dynamic_dims,
+                             axis_ranges=axis_ranges)
     save_program(program, paths["pt2"])
     res.artifacts["pt2"] = str(final["pt2"])
     _timed(res.seconds, "pt2", t0)
 
     t0 = time.perf_counter()
-    export_onnx(program, example, input_names, dynamic_dims, paths["onnx"], opset=res.opset, **common)
+    export_onnx(program, example, input_names, dynamic_dims, paths["onnx"], opset=res.opset,
+                metadata=meta(linear), **common)
     res.artifacts["onnx"] = str(final["onnx"])
+    res.interface = onnx_interface(paths["onnx"])
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)
     _timed(res.seconds, "onnx", t0)
     console.log(f"exported {final['onnx'].name} (opset {res.opset}) and {final['pt2'].name}")
@@ -223,7 +240,7 @@ def export_artifacts(
         half = to_half(hybrid) if isinstance(hybrid, torch.fx.GraphModule) else hybrid.half()
         ex16 = {k: v.half() if v.dtype == torch.float32 else v for k, v in example.items()}
         export_onnx(half, ex16, input_names, dynamic_dims, paths["onnx_fp16"], opset=res.opset,
-                    **common)
+                    metadata=meta(linear), **common)
         res.artifacts["onnx_fp16"] = str(final["onnx_fp16"])
         res.parity_fp16 = check_parity(paths["onnx_fp16"], hybrid, cases, input_names,
                                        atol=FP16_ATOL, rtol=FP16_RTOL, atol_relative=True)
@@ -233,7 +250,7 @@ def export_artifacts(
     if export_original and original is not None:
         t0 = time.perf_counter()
         export_onnx(original, example, input_names, dynamic_dims, paths["original_onnx"],
-                    opset=res.opset, **common)
+                    opset=res.opset, metadata=meta(()), **common)
         res.artifacts["original_onnx"] = str(final["original_onnx"])
         res.parity_original = check_parity(paths["original_onnx"], original, cases, input_names,
                                            atol=atol)

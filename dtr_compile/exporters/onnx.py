@@ -326,14 +326,19 @@ def export_onnx(
     *,
     axis_ranges: Mapping[str, tuple[int, int | None]] | None = None,
     opset: int = DEFAULT_OPSET,
+    output_names: Sequence[str] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (flat positional inputs ``input_names``) to ONNX at ``path``, atomically.
 
     ``model`` may already be a ``torch.export`` program of it (see :func:`export_program`). Its
     SDPA nodes are made exact for ``opset`` (:func:`prepare_for_export`) on the inlined ATen graph,
     so SDPA calls inside submodules are covered too. Dynamic axes carry the names in
-    ``dynamic_dims`` (``batch``, ``sequence``). The ONNX checker runs on the file before it is
-    renamed into place.
+    ``dynamic_dims`` (``batch``, ``sequence``). Inputs are named ``input_names``; outputs
+    ``output_names`` when given (the model's own, e.g. ``logits``) and as many as the model's
+    outputs, else as the exporter names them. ``metadata`` is written to the model's
+    ``metadata_props`` (dtr-compile records its sites there: :data:`SITES_KEY`). The ONNX
+    checker runs on the file before it is renamed into place.
 
     Raises:
         DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
@@ -346,6 +351,10 @@ def export_onnx(
         model, example, input_names, dynamic_dims, axis_ranges=axis_ranges)
     gm = prepare_for_export(flat_graph_module(program.module()), opset)
     args = tuple(example[n] for n in input_names)
+    outs = gm.graph.output_node().args[0]
+    n_out = len(outs) if isinstance(outs, (tuple, list)) else 1
+    names = list(output_names) if output_names and len(output_names) == n_out \
+        and not set(output_names) & set(input_names) else None
     shapes = _dynamic_shapes(input_names, dynamic_dims, _ranges(dynamic_dims, axis_ranges))
     target = Path(path)
     with atomic_path(target) as tmp:
@@ -354,17 +363,47 @@ def export_onnx(
                 warnings.simplefilter("ignore")
                 prog = torch.onnx.export(
                     gm, args, dynamo=True, opset_version=opset, input_names=list(input_names),
-                    dynamic_shapes=shapes, verbose=False,
+                    output_names=names, dynamic_shapes=shapes, verbose=False,
                 )
         except Exception as exc:  # noqa: BLE001
             raise DtrError(f"ONNX export failed: {_first_line(exc)}") from exc
         assert prog is not None
+        for key, value in (metadata or {}).items():
+            prog.model.metadata_props[key] = value
         prog.save(str(tmp))
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise DtrError(f"the exported ONNX fails the ONNX checker: {_first_line(exc)}") from exc
     return target
+
+
+#: ``metadata_props`` key of the ONNX models dtr-compile writes: JSON
+#: ``[{"id", "module_path", "linear"}]``, one entry per attention site in graph order.
+SITES_KEY = "dtr_compile.sites"
+
+_ONNX_TYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool",
+               3: "int8", 2: "uint8", 16: "bfloat16"}
+
+
+def onnx_interface(path: str | os.PathLike[str]) -> dict[str, list[dict[str, object]]]:
+    """The interface of the ONNX model at ``path``: ``{"inputs": [...], "outputs": [...]}``, each
+    ``{"name", "dtype", "shape"}`` with a named dynamic axis as its name (``batch``,
+    ``sequence``) and a static one as its size."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(v: onnx.ValueInfoProto) -> dict[str, object]:
+        t = v.type.tensor_type
+        shape: list[object] = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None)
+                               for d in t.shape.dim]
+        return {"name": v.name, "dtype": _ONNX_TYPES.get(t.elem_type, str(t.elem_type)),
+                "shape": shape}
+
+    inits = {i.name for i in graph.initializer}
+    return {"inputs": [describe(v) for v in graph.input if v.name not in inits],
+            "outputs": [describe(v) for v in graph.output]}
 
 
 # --- parity ---------------------------------------------------------------------------------

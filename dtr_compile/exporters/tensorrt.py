@@ -291,10 +291,17 @@ def lint_trt(model: str | os.PathLike[str] | Any) -> list[Finding]:
         path = Path(model)
         if not path.is_file():
             raise InputError(f"ONNX file not found: {path}")
+        if path.stat().st_size == 0:
+            raise InputError(f"{path} is empty (0 bytes), not an ONNX model")
         try:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
+        # protobuf parses many byte strings as a message: an empty graph is not a model
+        if not model.ir_version or not model.graph.node or not model.graph.output:
+            raise InputError(f"{path}: not an ONNX model (no graph: ir_version "
+                             f"{model.ir_version}, {len(model.graph.node)} nodes, "
+                             f"{len(model.graph.output)} outputs)")
     facts = _graph_facts(model)
     return [f for rule in RULES for f in rule.check(facts)]
 

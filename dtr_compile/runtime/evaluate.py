@@ -13,7 +13,6 @@ Library entry points (the CLI and ``examples/bbc_news/evaluate.py`` call these):
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -79,11 +78,21 @@ class OnnxModel:
         return [i.name for i in self.inputs]
 
     def run(self, feed: Mapping[str, Any]) -> np.ndarray:
-        """Run on inputs by name (numpy or torch, cast to the declared types); first output."""
+        """Run on inputs by name (numpy or torch, cast to the declared types); first output.
+
+        Raises:
+            InputError: a float array with fractional or non-finite values for an integer input
+                (a cast would silently change it).
+        """
         arrays = {}
         for spec in self.inputs:
             x = feed[spec.name]
             arr = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+            if (np.issubdtype(spec.dtype, np.integer) and np.issubdtype(arr.dtype, np.floating)
+                    and not np.array_equal(arr, np.round(arr))):
+                raise InputError(f"input {spec.name!r} of {self.path.name} is an integer input "
+                                 "but the data holds non-integer values; pass whole numbers "
+                                 "(token ids, 0/1 masks) as an integer tensor")
             arrays[spec.name] = arr.astype(spec.dtype, copy=False)
         return self.session.run(self.output_names[:1], arrays)[0]
 
@@ -173,7 +182,11 @@ def evaluate_onnx(
     from dtr_compile.metrics import get_metric
 
     model = OnnxModel(path, threads)
-    dataset = load_dataset(data, model.input_names)
+    ints = {i.name for i in model.inputs
+            if np.issubdtype(i.dtype, np.integer) or i.dtype == np.bool_}
+    # whole-number floats for integer inputs are cast exactly; fractions are refused
+    dataset = load_dataset(data, model.input_names, integer_inputs=ints)
+    _check_ids(model, dataset, str(data))
     chosen = get_metric(metric, dataset.labels is not None)
     if reference is None and chosen.name in REFERENCE_METRICS:
         raise InputError(f"metric {chosen.name!r} compares with the original model's outputs: "
@@ -193,13 +206,49 @@ def evaluate_onnx(
                      None if reference is None else str(reference))
 
 
+def _check_ids(model: OnnxModel, dataset: Any, source: str) -> None:
+    """Token ids within the embedding table they index (:func:`_index_bound`).
+
+    Raises:
+        InputError: naming the input, the first bad row, the id and the vocabulary size.
+    """
+    proto = load_proto(model.path)
+    for name, t in dataset.inputs.items():
+        vocab = _index_bound(proto, name)
+        if vocab is None or t.is_floating_point() or not t.dim():
+            continue
+        bad = (t < 0) | (t >= vocab)
+        if bool(bad.any()):
+            row = int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0])
+            value = int(t[row][bad[row]].reshape(-1)[0])
+            raise InputError(f"{source}: input {name!r} holds the id {value} at row {row}, "
+                             f"outside the model's vocabulary [0, {vocab}) (the rows of its "
+                             "embedding table): tokenize with the model's own tokenizer")
+
+
 # --- synthetic inputs and position tables -----------------------------------------------------
 
 
 def load_proto(path: str | os.PathLike[str], *, with_data: bool = False) -> Any:
+    """The ONNX model at ``path``.
+
+    Raises:
+        InputError: the file is missing, empty or not an ONNX model.
+    """
     import onnx
 
-    return onnx.load(str(path), load_external_data=with_data)
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"ONNX file not found: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p} is empty (0 bytes), not an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=with_data)
+    except Exception as exc:  # noqa: BLE001 - a decode error means a corrupt file
+        raise InputError(f"{p}: not a readable ONNX model ({first_line(exc)[:200]})") from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise InputError(f"{p}: not an ONNX model (no graph)")
+    return proto
 
 
 def _index_bound(proto: Any, input_name: str) -> int | None:
@@ -343,6 +392,6 @@ def extend_positions(proto: Any, length: int, *, seed: int = 0) -> Any:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` (a result's ``to_dict()``) as JSON, atomically."""
-    from dtr_compile.fileio import write_text_atomic
+    from dtr_compile.fileio import json_text, write_text_atomic
 
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json_text(obj))

@@ -1,0 +1,95 @@
+"""Issue 12, Hugging Face folders: missing weights, a malformed config.json and a bad data file
+are one clear exit-2 error before any expensive stage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtr_compile.errors import InputError
+from dtr_compile.load import load_model
+
+from .conftest import make_token_data
+
+CLI = [sys.executable, "-m", "dtr_compile"]
+FAST = ["--distill-steps", "5", "--max-calib-samples", "8", "--no-progress"]
+
+
+def run_cli(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                     architectures=["BertForSequenceClassification"])
+    d = tmp_path_factory.mktemp("hf") / "bert"
+    BertForSequenceClassification(cfg).eval().save_pretrained(d)
+    return d
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_complete_folder_loads(hf_folder: Path) -> None:
+    loaded = load_model(hf_folder)
+    assert loaded.format == "huggingface" and loaded.module is not None
+
+
+def test_missing_weights_are_refused(hf_folder: Path, tmp_path: Path) -> None:
+    import safetensors.torch as st
+
+    d = _copy(hf_folder, tmp_path / "partial")
+    sd = st.load_file(d / "model.safetensors")
+    dropped = [k for k in sd if ".layer.1." in k]
+    st.save_file({k: v for k, v in sd.items() if k not in dropped}, d / "model.safetensors",
+                 metadata={"format": "pt"})
+    with pytest.raises(InputError, match=rf"lacks {len(dropped)} of the model's \d+ tensors "
+                                         r"\(bert\.encoder\.layer\.1\..*, …\)"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
+def test_malformed_config_json(hf_folder: Path, tmp_path: Path, text: str) -> None:
+    d = _copy(hf_folder, tmp_path / "badcfg")
+    (d / "config.json").write_text(text)
+    with pytest.raises(InputError, match="config.json"):
+        load_model(d)
+    res = run_cli("inspect", str(d))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "config.json" in res.stderr
+
+
+def test_empty_data_file_with_hf_model_is_exit_2(hf_folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "val.pt").write_bytes(b"")
+    res = run_cli(str(hf_folder), "--budget", "1%", "--data", str(tmp_path / "val.pt"),
+                  "-o", str(tmp_path / "out.onnx"), *FAST)
+    assert res.returncode == 2, res.stderr
+    assert "val.pt" in res.stderr and "empty" in res.stderr and "Aborted" not in res.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_out_of_vocabulary_ids_with_hf_model_are_exit_2(hf_folder: Path, tmp_path: Path) -> None:
+    data = make_token_data(6, 8, vocab=128)
+    data["input_ids"][4, 3] = 500
+    torch.save(data, tmp_path / "val.pt")
+    res = run_cli(str(hf_folder), "--budget", "1%", "--data", str(tmp_path / "val.pt"),
+                  "-o", str(tmp_path / "out.onnx"), "--metric", "agreement", *FAST)
+    assert res.returncode == 2, res.stderr
+    assert "'input_ids'" in res.stderr and "row 4" in res.stderr and "128" in res.stderr
+    assert "distill" not in res.stderr
