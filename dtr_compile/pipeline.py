@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -485,7 +486,8 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     if outputs["selected"] != "m_opt":
         console.log(f"--select best: delivering M_best {list(delivered)} ({metric.name} "
                     f"{delivered_metric:.6g}) instead of M_opt {sched.committed}")
-    warnings_ = _resolution_warnings(metric, len(val), allowed_drop, budget.text)
+    warnings_ = _resolution_warnings(metric, len(val), allowed_drop, budget.text, baseline,
+                                     config.confidence)
     for w in warnings_:
         console.log(f"[yellow]warning[/yellow]: {w}")
 
@@ -517,6 +519,9 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             speed = _bench_speed(config, gm, exported, example, names, captured, val, seqs,
                                  console)
     interval = bound_of(delivered) if delivered else None
+    # M_best's sites are a prefix of the committed path plus one: their metrics are known
+    metric_after = [*sched.metric_after_step[:len(delivered) - 1], delivered_metric] \
+        if delivered else []
 
     report = {
         "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
@@ -545,9 +550,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "rejected": [r.__dict__ for r in scan.rejected],
         "kept": sorted(kept),
         "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),
-                      "metric_after": m} for sid, m in zip(
-                          delivered, [*sched.metric_after_step[:len(delivered) - 1],
-                                      delivered_metric], strict=True)],
+                      "metric_after": m} for sid, m in zip(delivered, metric_after, strict=True)],
         "schedule": sched.to_dict(),
         "search": search_info,
         "distill": {sid: r.__dict__ for sid, r in results.items()},
@@ -608,18 +611,28 @@ def _outputs(config: CompileConfig, sched: ScheduleResult,
     return {"select": config.select, "selected": selected, "m_opt": m_opt, "m_best": m_best}
 
 
-def _resolution_warnings(metric: Metric, rows: int, allowed_drop: float,
-                         budget_text: str) -> list[str]:
-    """A warning when the budget is finer than the validation set can resolve."""
-    from dtr_compile.confidence import resolution
+def _resolution_warnings(metric: Metric, rows: int, allowed_drop: float, budget_text: str,
+                         baseline: float, confidence: float | None) -> list[str]:
+    """Warnings when the budget is finer than the validation set can resolve: one row of a
+    share metric is ``1/N``; with ``--confidence`` and an original right on every row, even a
+    candidate that changes no row has the bound ``1 − (1 − P)^(1/N)`` (Clopper-Pearson)."""
+    from dtr_compile.confidence import clopper_pearson_upper, resolution
 
+    out = []
     step = resolution(metric, rows)
     if step is not None and allowed_drop < step:
-        return [f"the budget {budget_text} allows a {metric.name} drop of {allowed_drop:.4g}, "
-                f"finer than one validation row ({rows} rows: one row = {step:.4g}); only "
-                "candidates that lose no row net pass, and the validation set cannot tell such "
-                "a budget from zero: use more validation rows or a wider budget"]
-    return []
+        out.append(f"the budget {budget_text} allows {metric.name} to drop by {allowed_drop:.4g}, "
+                   f"less than one validation row ({rows} rows: one row = {step:.4g}); only "
+                   "candidates that lose no row net pass, and the validation set cannot tell "
+                   "such a budget from zero: use more validation rows or a wider budget")
+    if confidence is not None and step is not None and baseline == 1.0:
+        floor = clopper_pearson_upper(0, rows, confidence)
+        if floor > allowed_drop:
+            out.append(f"with --confidence {confidence:g} on {rows} rows, even a candidate that "
+                       f"changes no row has a drop bound of {floor:.4g} > {allowed_drop:.4g}: "
+                       f"no candidate can pass; it needs about "
+                       f"{math.ceil(math.log(1 - confidence) / math.log1p(-allowed_drop))} rows")
+    return out
 
 
 def _evaluate_test(

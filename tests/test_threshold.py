@@ -59,3 +59,19 @@ def test_lower_is_better_at_threshold_and_nan():
     t = Budget.parse("10%").threshold(10.5, False)  # 11.55, not exact in binary
     assert meets(11.55, t, False) and not meets(11.56, t, False)
     assert not meets(float("nan"), t, False)
+
+
+def test_m_best_is_the_best_within_budget_set_with_at_least_one_site():
+    values = {("a",): 0.90, ("b",): 0.95, ("c",): 0.80, ("b", "a"): 0.95, ("b", "c"): 0.85,
+              ("b", "a", "c"): 0.70}
+    res = schedule(["a", "b", "c"], lambda linear: values[linear], baseline=0.96, threshold=0.85)
+    assert res.committed == ["b", "a"]  # M_opt: the most linear within budget
+    best = res.best()
+    # M_best: 0.95 twice; the tie goes to the set with more linear sites
+    assert best is not None and best.linear == ("b", "a") and best.metric == 0.95
+    values[("b", "a")] = 0.93
+    best = schedule(["a", "b", "c"], lambda linear: values[linear], baseline=0.96,
+                    threshold=0.85).best()
+    assert best is not None and best.linear == ("b",)
+    none = schedule(["a"], lambda linear: 0.5, baseline=0.96, threshold=0.85)
+    assert none.best() is None and none.committed == []
