@@ -189,7 +189,7 @@ class CompileConfig:
     cache_mb: int = 1024  # memory for the search's prefix cache (0: off)
     confidence: float | None = None  # within budget only when the P upper bound of the drop is
     select: str = "most-linear"  # which hybrid -o gets: "most-linear" (M_opt) | "best" (M_best)
-    deploy_seq: str | None = None  # bench lengths: "512,2048"; default: T and 4T; "none": skip
+    deploy_seq: str | list[int] | None = None  # bench lengths: "512,2048"; default: T and 4T; "none": skip
     bench: bool = True  # time original vs hybrid ONNX in onnxruntime after export
     bench_repeats: int = 5  # interleaved timed rounds per length (median reported)
     progress: bool = True

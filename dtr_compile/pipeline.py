@@ -94,7 +94,7 @@ def _progress(console: Console, enabled: bool) -> Progress:
 SELECT = ("most-linear", "best")
 
 
-def deploy_seqs(text: str | None) -> list[int] | None:
+def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
     """``--deploy-seq``: the lengths to time, None for the default (validation length and 4×),
     ``[]`` for ``none``.
 
@@ -103,6 +103,8 @@ def deploy_seqs(text: str | None) -> list[int] | None:
     """
     if text is None:
         return None
+    if isinstance(text, (list, tuple)):  # dtr.toml: deploy_seq = [512, 2048]
+        text = ",".join(str(t) for t in text)
     if str(text).strip().lower() in ("none", "off", "no"):
         return []
     try:
@@ -625,6 +627,10 @@ def _resolution_warnings(metric: Metric, rows: int, allowed_drop: float, budget_
                    f"less than one validation row ({rows} rows: one row = {step:.4g}); only "
                    "candidates that lose no row net pass, and the validation set cannot tell "
                    "such a budget from zero: use more validation rows or a wider budget")
+    if not metric.binary and rows < 20:
+        out.append(f"{rows} validation rows are too few for a bootstrap bound of the {metric.name} "
+                   "drop to mean much (with so few rows it is about the worst row's drop): use "
+                   "more validation rows (e.g. more, shorter sequences)")
     if confidence is not None and step is not None and baseline == 1.0:
         floor = clopper_pearson_upper(0, rows, confidence)
         if floor > allowed_drop:
