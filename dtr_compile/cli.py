@@ -94,6 +94,9 @@ def main() -> None:
                    "'0.5pt' percentage points. Default 0.5%.")
 @click.option("--data", default=None, help="Validation set (.pt dict of input tensors [+ labels]).")
 @click.option("--calib", default=None, help="Calibration set for distillation (default: --data).")
+@click.option("--test", default=None,
+              help="Held-out test set (.pt, as --data): the original, the delivered hybrid and "
+                   "M_best are evaluated on it after the search, which never sees it.")
 @click.option("--metric", default=None,
               help="accuracy | macro_f1 | agreement | cosine | mse | perplexity, or "
                    "package.module:function (called as f(outputs, labels, reference) -> float; "
@@ -155,6 +158,23 @@ def main() -> None:
               help="Continue an interrupted search: replay the evaluations in the ledger "
                    "(REPORT.ledger.jsonl) if it was written for the same model, data, distilled "
                    "weights and metric; otherwise start afresh.")
+@click.option("--confidence", type=float, default=None,
+              help="A candidate is within budget only when the one-sided P upper bound of its "
+                   "metric drop (paired over validation rows: exact McNemar / Clopper-Pearson "
+                   "for accuracy and agreement, a seeded bootstrap otherwise) is within it, "
+                   "e.g. 0.9. Default: the point metric decides (the bound is still reported).")
+@click.option("--select", type=click.Choice(["most-linear", "best"]), default=None,
+              help="Which hybrid -o gets: most-linear (default; M_opt, the most linear sites "
+                   "within budget) or best (M_best, the best validation metric among every "
+                   "evaluated set within budget). The report lists both.")
+@click.option("--deploy-seq", default=None,
+              help="Sequence lengths at which the original and hybrid ONNX are timed after "
+                   "export, comma-separated (default: the validation length and 4x); 'none' "
+                   "skips the timing.")
+@click.option("--no-bench", "bench", flag_value=False, default=None,
+              help="Skip timing the original and hybrid ONNX after export.")
+@click.option("--bench-repeats", type=int, default=None,
+              help="Interleaved timed rounds per length for the speed report (default 5).")
 @click.option("--cache-mb", type=int, default=None,
               help="Memory for the search's exact prefix cache, which skips the layers before "
                    "each candidate site (default 1024; 0 turns it off).")
@@ -212,11 +232,15 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
                    "same command with --resume to continue from the finished search "
                    "evaluations", err=True)
         sys.exit(143 if term else 130)
+    from dtr_compile.report import summary_lines
+
     rep = result.report
-    click.echo(f"{rep['metric']['name']}: original {rep['baseline_metric']:.4f} → hybrid "
-               f"{rep['final_metric']:.4f} (threshold {rep['threshold']:.4f}, budget {rep['budget']['text']})")
+    lines = summary_lines(rep)
+    click.echo(lines[0])
     click.echo(f"linear sites ({len(rep['replaced'])}/{len(rep['sites'])}): "
                + (", ".join(r["module_path"] for r in rep["replaced"]) or "none"))
+    for line in lines[1:]:
+        click.echo(line)
     search = rep.get("search") or {}
     if search:
         click.echo(f"search {search['strategy']}: {search['evaluations']} evaluations "

@@ -153,6 +153,7 @@ class CompileConfig:
     budget: str = "0.5%"
     data: str | None = None
     calib: str | None = None
+    test: str | None = None  # held-out set: evaluated after the search, never used by it
     metric: str | None = None
     report: str | None = None
     feature_map: str = "hedgehog"
@@ -186,6 +187,11 @@ class CompileConfig:
     time_limit: str | float | None = None  # stop the search after this long: 900, "90s", "15m"
     resume: bool = False  # replay the search ledger of an interrupted run with the same inputs
     cache_mb: int = 1024  # memory for the search's prefix cache (0: off)
+    confidence: float | None = None  # within budget only when the P upper bound of the drop is
+    select: str = "most-linear"  # which hybrid -o gets: "most-linear" (M_opt) | "best" (M_best)
+    deploy_seq: str | list[int] | None = None  # bench lengths: "512,2048"; default: T and 4T; "none": skip
+    bench: bool = True  # time original vs hybrid ONNX in onnxruntime after export
+    bench_repeats: int = 5  # interleaved timed rounds per length (median reported)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -277,7 +283,7 @@ def read_project_config(cwd: Path) -> tuple[dict[str, Any], Path | None]:
                     f"{', '.join(sorted(CONFIG_KEYS - set(COMMAND_LINE_ONLY)))}"
                 )
             val = _check_type(path, key, name, val)
-            if name in ("data", "calib", "report", "cache_dir") and isinstance(val, str):
+            if name in ("data", "calib", "test", "report", "cache_dir") and isinstance(val, str):
                 val = str(path.parent / val) if not Path(val).is_absolute() else val
             values[name] = val
         return values, path

@@ -24,6 +24,13 @@ perplexity    low    ``exp`` of the mean next-token negative log-likelihood: ``o
                      logits are never held for the whole set
 ============  =====  ======================================================================
 
+Every built-in metric is computed from **row statistics**: ``stats(outputs, labels, reference)``
+gives a float64 ``[N, K]`` tensor, one row per validation row, and ``combine`` maps their column
+sums ``[..., K]`` to the metric (e.g. accuracy: rows ``(correct, 1)``, metric ``Σcorrect / Σ1``).
+The metric of the whole set and of any bootstrap resample (:mod:`dtr_compile.search.confidence`) come
+from the same two functions, and in float64: 190 right of 200 is exactly ``0.95`` (the nearest
+double), not the float32 ``0.94999999``.
+
 ``--metric package.module:function`` imports a user metric, called as
 ``function(outputs, labels, reference) -> float`` with the whole validation set's tensors as
 above. Its direction and needs come from optional attributes of the function:
@@ -49,6 +56,10 @@ import torch.nn.functional as F
 from dtr_compile.errors import DtrError, InputError
 
 MetricFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], float]
+#: ``stats(outputs, labels, reference) -> [N, K]`` float64 row statistics.
+StatsFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+#: ``combine(totals: [..., K]) -> [...]``: the metric from column sums of row statistics.
+CombineFn = Callable[[torch.Tensor], torch.Tensor]
 #: ``rows(outputs_batch, inputs_batch, labels_batch) -> [B, ...]``: a per-batch reduction.
 RowsFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], "torch.Tensor | None"], torch.Tensor]
 
@@ -66,6 +77,10 @@ class Metric:
         rows: optional per-batch reduction applied to outputs and reference as they are
             computed (see :data:`RowsFn`); the identity when None.
         identity: what the metric's values depend on (for the search ledger's fingerprint).
+        stats: row statistics ``[N, K]`` (float64) of a set, or None (user metrics).
+        combine: the metric from the column sums of ``stats`` (``[..., K] -> [...]``).
+        binary: ``stats`` rows are ``(outcome in {0, 1}, 1)`` and the metric is their mean (a
+            share of rows): exact binomial bounds apply (:mod:`dtr_compile.search.confidence`).
     """
 
     name: str
@@ -75,6 +90,9 @@ class Metric:
     bounds: tuple[float, float] | None = None
     rows: RowsFn | None = None
     identity: str = ""
+    stats: StatsFn | None = None
+    combine: CombineFn | None = None
+    binary: bool = False
 
     def __call__(self, outputs: torch.Tensor, labels: torch.Tensor | None,
                  reference: torch.Tensor) -> float:
@@ -93,13 +111,17 @@ class Metric:
 
     def value(self, outputs: torch.Tensor, labels: torch.Tensor | None,
               reference: torch.Tensor) -> float:
-        """The metric's value as a float, which may be NaN or ±inf (see :meth:`__call__`).
+        """The metric's value as a float, which may be NaN or ±inf (see :meth:`__call__`);
+        from the row statistics when the metric has them.
 
         Raises:
             InputError: the metric raised or returned something that is not a real number.
         """
         try:
-            result = self.fn(outputs, labels, reference)
+            if self.stats is not None and self.combine is not None:
+                result: object = self.combine(self.stats(outputs, labels, reference).sum(dim=0))
+            else:
+                result = self.fn(outputs, labels, reference)
         except DtrError:
             raise
         except Exception as exc:  # noqa: BLE001 - a user metric's bug is the user's to fix
@@ -107,6 +129,13 @@ class Metric:
             raise InputError(f"metric {self.name!r} failed: {type(exc).__name__}: "
                              f"{text.splitlines()[0][:300] if text else ''}") from exc
         return _as_float(result, self.name)
+
+    def row_stats(self, outputs: torch.Tensor, labels: torch.Tensor | None,
+                  reference: torch.Tensor) -> torch.Tensor | None:
+        """Row statistics ``[N, K]`` (float64), or None for a metric without them."""
+        if self.stats is None:
+            return None
+        return self.stats(outputs, labels, reference).to(torch.float64)
 
     def reduce(self, outputs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
                labels: torch.Tensor | None) -> torch.Tensor:
@@ -121,6 +150,32 @@ class Metric:
     def better(self, a: float, b: float) -> bool:
         """``a`` is strictly better than ``b``."""
         return a > b if self.higher_is_better else a < b
+
+
+def _predictions(x: torch.Tensor) -> torch.Tensor:
+    return x.argmax(dim=-1)
+
+
+def _need_labels(labels: torch.Tensor | None, name: str) -> torch.Tensor:
+    if labels is None:
+        raise InputError(f"metric {name!r} needs a 'labels' tensor in the data")
+    return labels
+
+
+def _ratio(totals: torch.Tensor) -> torch.Tensor:
+    """``totals[..., 0] / totals[..., 1]``: a mean over rows (or tokens) from column sums."""
+    return totals[..., 0] / totals[..., 1]
+
+
+def _with_count(values: torch.Tensor) -> torch.Tensor:
+    """``[N]`` per-row values → ``[N, 2]`` rows ``(value, 1)`` in float64."""
+    values = values.to(torch.float64)
+    return torch.stack([values, torch.ones_like(values)], dim=1)
+
+
+def _row_means(x: torch.Tensor) -> torch.Tensor:
+    """``[N, ...]`` → ``[N]``: the mean over everything but the row dim (``[N]`` unchanged)."""
+    return x.reshape(x.shape[0], -1).mean(dim=1) if x.dim() > 1 else x
 
 
 def _as_float(result: object, name: str) -> float:
@@ -138,10 +193,6 @@ def _as_float(result: object, name: str) -> float:
         return float(result)
     raise InputError(f"metric {name!r} returned {type(result).__name__} "
                      f"({str(result)[:60]!r}), not a float")
-
-
-def _predictions(x: torch.Tensor) -> torch.Tensor:
-    return x.argmax(dim=-1)
 
 
 def _class_labels(outputs: torch.Tensor, labels: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -179,53 +230,82 @@ def _class_labels(outputs: torch.Tensor, labels: torch.Tensor | None, name: str)
     return labels.to(torch.long)
 
 
-def _need_labels(labels: torch.Tensor | None, name: str) -> torch.Tensor:
-    if labels is None:
-        raise InputError(f"metric {name!r} needs a 'labels' tensor in the data")
-    return labels
-
-
-def accuracy(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
-    """Share of rows whose argmax equals the label, in [0, 1]."""
-    labels = _class_labels(outputs, labels, "accuracy")
-    return (_predictions(outputs) == labels).float().mean().item()
-
-
-def agreement(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
-    """Share of rows whose argmax equals the original model's argmax, in [0, 1]."""
-    return (_predictions(outputs) == _predictions(reference)).float().mean().item()
-
-
-def macro_f1(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
-    """Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN), in [0, 1].
-
-    Classes are those present in the labels or the predictions.
-    """
-    labels = _class_labels(outputs, labels, "macro_f1")
+def accuracy_stats(outputs: torch.Tensor, labels: torch.Tensor | None,
+                   reference: torch.Tensor) -> torch.Tensor:
+    """Rows ``(1 if argmax == label else 0, 1)``: ``[N, 2]`` (a ``[N, ...]`` prediction is
+    averaged over its positions)."""
     pred = _predictions(outputs)
-    scores = []
-    for c in torch.unique(torch.cat([labels.reshape(-1), pred.reshape(-1)])):
-        tp = ((pred == c) & (labels == c)).sum().item()
-        fp = ((pred == c) & (labels != c)).sum().item()
-        fn = ((pred != c) & (labels == c)).sum().item()
-        scores.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return sum(scores) / max(len(scores), 1)
+    labels = _class_labels(outputs, labels, "accuracy")
+    return _with_count(_row_means((pred == labels).to(torch.float64)))
 
 
-def cosine(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
-    """Mean cosine similarity of ``outputs`` and ``reference`` over the last dim, in [-1, 1]."""
-    return F.cosine_similarity(outputs.double(), reference.double(), dim=-1).mean().item()
+def agreement_stats(outputs: torch.Tensor, labels: torch.Tensor | None,
+                    reference: torch.Tensor) -> torch.Tensor:
+    """Rows ``(1 if argmax == the original's argmax else 0, 1)``: ``[N, 2]``."""
+    same = _predictions(outputs) == _predictions(reference)
+    return _with_count(_row_means(same.to(torch.float64)))
 
 
-def mse(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
-    """Mean squared error against float ``labels`` if given, else against ``reference``."""
+def macro_f1_stats(outputs: torch.Tensor, labels: torch.Tensor | None,
+                   reference: torch.Tensor) -> torch.Tensor:
+    """Rows ``[N, 3·V]``: per class ``c < V`` (``V`` = the outputs' last dim), the row's
+    ``(TP_c, FP_c, FN_c)`` indicators, class-major."""
+    pred = _predictions(outputs)
+    labels = _class_labels(outputs, labels, "macro_f1")
+    classes = max(outputs.shape[-1], int(labels.max().item()) + 1 if labels.numel() else 0)
+    p = F.one_hot(pred.reshape(pred.shape[0], -1), classes).to(torch.float64)  # [N, P, V]
+    y = F.one_hot(labels.reshape(labels.shape[0], -1), classes).to(torch.float64)
+    tp, fp, fn = (p * y).sum(1), (p * (1 - y)).sum(1), ((1 - p) * y).sum(1)  # [N, V] each
+    return torch.stack([tp, fp, fn], dim=2).reshape(pred.shape[0], 3 * classes)
+
+
+def macro_f1_combine(totals: torch.Tensor) -> torch.Tensor:
+    """Mean over classes present (``TP + FP + FN > 0``) of ``2·TP / (2·TP + FP + FN)``."""
+    t = totals.reshape(*totals.shape[:-1], -1, 3)
+    tp, fp, fn = t[..., 0], t[..., 1], t[..., 2]
+    denom = 2 * tp + fp + fn
+    present = denom > 0
+    f1 = torch.where(present, 2 * tp / denom.clamp(min=1e-300), torch.zeros_like(denom))
+    return f1.sum(-1) / present.sum(-1).clamp(min=1)
+
+
+def cosine_stats(outputs: torch.Tensor, labels: torch.Tensor | None,
+                 reference: torch.Tensor) -> torch.Tensor:
+    """Rows ``(mean cosine over the row's positions, 1)``: ``[N, 2]``."""
+    cos = F.cosine_similarity(outputs.double(), reference.double(), dim=-1)
+    return _with_count(_row_means(cos))
+
+
+def mse_stats(outputs: torch.Tensor, labels: torch.Tensor | None,
+              reference: torch.Tensor) -> torch.Tensor:
+    """Rows ``(sum of squared errors, number of values)``: ``[N, 2]``; the target is float
+    ``labels`` if given, else ``reference``."""
     target = labels if labels is not None and labels.is_floating_point() else reference
     if target.shape != outputs.shape and target.numel() == outputs.numel():
         target = target.reshape(outputs.shape)  # e.g. labels [N] for outputs [N, 1]
     if target.shape != outputs.shape:
         raise InputError(f"mse: outputs {tuple(outputs.shape)} and targets "
                          f"{tuple(target.shape)} differ in shape")
-    return torch.mean((outputs.double() - target.double()) ** 2).item()
+    sq = ((outputs.double() - target.double()) ** 2).reshape(outputs.shape[0], -1)
+    return torch.stack([sq.sum(1), torch.full_like(sq[:, 0], sq.shape[1])], dim=1)
+
+
+def _from_stats(stats: StatsFn, combine: CombineFn) -> MetricFn:
+    def fn(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
+        return float(combine(stats(outputs, labels, reference).sum(dim=0)))
+    return fn
+
+
+accuracy = _from_stats(accuracy_stats, _ratio)
+accuracy.__doc__ = "Share of rows whose argmax equals the label, in [0, 1] (float64)."
+agreement = _from_stats(agreement_stats, _ratio)
+agreement.__doc__ = "Share of rows whose argmax equals the original model's, in [0, 1]."
+macro_f1 = _from_stats(macro_f1_stats, macro_f1_combine)
+macro_f1.__doc__ = "Unweighted mean over classes of F1 = 2·TP / (2·TP + FP + FN), in [0, 1]."
+cosine = _from_stats(cosine_stats, _ratio)
+cosine.__doc__ = "Mean cosine similarity of ``outputs`` and ``reference`` over the last dim."
+mse = _from_stats(mse_stats, _ratio)
+mse.__doc__ = "Mean squared error against float ``labels`` if given, else against ``reference``."
 
 
 def perplexity_rows(outputs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
@@ -259,30 +339,47 @@ def perplexity_rows(outputs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
     return torch.stack([nll.double().sum(dim=1), count.double()], dim=1)
 
 
-def perplexity(outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor) -> float:
-    """``exp(Σ NLL / Σ tokens)`` from :func:`perplexity_rows`' ``[N, 2]`` rows."""
+def perplexity_stats(outputs: torch.Tensor, labels: torch.Tensor | None,
+                     reference: torch.Tensor) -> torch.Tensor:
+    """The ``[N, 2]`` rows of :func:`perplexity_rows` ``(sum of NLL, tokens)``, checked."""
     if outputs.dim() != 2 or outputs.shape[1] != 2:
         raise InputError("perplexity expects the [N, 2] rows of perplexity_rows")
-    total = outputs.double().sum(dim=0)
-    if total[1] <= 0:
+    return outputs.to(torch.float64)
+
+
+def perplexity_combine(totals: torch.Tensor) -> torch.Tensor:
+    """``exp(Σ NLL / Σ tokens)``.
+
+    Raises:
+        InputError: no target token at all (``Σ tokens == 0``).
+    """
+    if bool((totals[..., 1] <= 0).any()):
         raise InputError("perplexity: the data has no target token (all ignored or padding)")
-    nll = (total[0] / total[1]).item()
-    return math.exp(nll) if nll < 709.0 else math.inf  # math.exp overflows above ~709.78
+    return torch.exp(totals[..., 0] / totals[..., 1])
+
+
+perplexity = _from_stats(perplexity_stats, perplexity_combine)
+perplexity.__doc__ = "``exp(Σ NLL / Σ tokens)`` from :func:`perplexity_rows`' ``[N, 2]`` rows."
 
 
 def _builtin(name: str, fn: MetricFn, higher: bool, labels: bool,
-             bounds: tuple[float, float] | None, rows: RowsFn | None = None) -> Metric:
-    return Metric(name, fn, higher, labels, bounds, rows, identity=f"builtin:{name}")
+             bounds: tuple[float, float] | None, stats: StatsFn, combine: CombineFn,
+             rows: RowsFn | None = None, binary: bool = False) -> Metric:
+    return Metric(name, fn, higher, labels, bounds, rows, identity=f"builtin:{name}",
+                  stats=stats, combine=combine, binary=binary)
 
 
 METRICS: dict[str, Metric] = {
-    "accuracy": _builtin("accuracy", accuracy, True, True, (0.0, 1.0)),
-    "agreement": _builtin("agreement", agreement, True, False, (0.0, 1.0)),
-    "macro_f1": _builtin("macro_f1", macro_f1, True, True, (0.0, 1.0)),
-    "cosine": _builtin("cosine", cosine, True, False, (-1.0, 1.0)),
-    "mse": _builtin("mse", mse, False, False, (0.0, math.inf)),
+    "accuracy": _builtin("accuracy", accuracy, True, True, (0.0, 1.0), accuracy_stats, _ratio,
+                         binary=True),
+    "agreement": _builtin("agreement", agreement, True, False, (0.0, 1.0), agreement_stats,
+                          _ratio, binary=True),
+    "macro_f1": _builtin("macro_f1", macro_f1, True, True, (0.0, 1.0), macro_f1_stats,
+                         macro_f1_combine),
+    "cosine": _builtin("cosine", cosine, True, False, (-1.0, 1.0), cosine_stats, _ratio),
+    "mse": _builtin("mse", mse, False, False, (0.0, math.inf), mse_stats, _ratio),
     "perplexity": _builtin("perplexity", perplexity, False, False, (1.0, math.inf),
-                           perplexity_rows),
+                           perplexity_stats, perplexity_combine, perplexity_rows),
 }
 
 
@@ -314,7 +411,7 @@ def _import_metric(spec: str) -> Metric:
     identity = f"import:{spec}:{hashlib.sha256(src.encode()).hexdigest()}"
     if isinstance(obj, Metric):
         return Metric(obj.name, obj.fn, obj.higher_is_better, obj.needs_labels, obj.bounds,
-                      obj.rows, identity)
+                      obj.rows, identity, obj.stats, obj.combine, obj.binary)
     if not callable(obj):
         raise InputError(f"metric {spec!r} is a {type(obj).__name__}, not a function")
     bounds = getattr(obj, "bounds", None)

@@ -67,6 +67,12 @@ from dtr_compile.passes.find_attention import (
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
 from dtr_compile.report import REL_ERROR_MEANING, next_steps, report_paths, write_report
+from dtr_compile.search.confidence import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    Bound,
+    degradation_bound,
+)
 from dtr_compile.search.ledger import (
     Ledger,
     fingerprint,
@@ -76,7 +82,7 @@ from dtr_compile.search.ledger import (
     save_students,
 )
 from dtr_compile.search.prefix_cache import PrefixCache, SegmentedGraph
-from dtr_compile.search.schedule import STRATEGIES, Evaluation, ScheduleResult, schedule
+from dtr_compile.search.schedule import STRATEGIES, Evaluation, ScheduleResult, meets, schedule
 
 
 @dataclass
@@ -143,6 +149,32 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     console=console, transient=True, disable=not enabled)
 
 
+SELECT = ("most-linear", "best")
+
+
+def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
+    """``--deploy-seq``: the lengths to time, None for the default (validation length and 4×),
+    ``[]`` for ``none``.
+
+    Raises:
+        InputError: not ``none`` nor comma-separated lengths >= 1.
+    """
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):  # dtr.toml: deploy_seq = [512, 2048]
+        text = ",".join(str(t) for t in text)
+    if str(text).strip().lower() in ("none", "off", "no"):
+        return []
+    try:
+        seqs = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        seqs = []
+    if not seqs or any(t < 1 for t in seqs):
+        raise InputError(f"--deploy-seq {text!r}: expected comma-separated lengths >= 1, e.g. "
+                         "'256,1024', or 'none' to skip timing")
+    return seqs
+
+
 def _validate(config: CompileConfig) -> Budget:
     """Every check that needs no model: done before anything is loaded or written."""
     budget = Budget.parse(config.budget)
@@ -150,9 +182,18 @@ def _validate(config: CompileConfig) -> Budget:
     if config.data is None:
         raise InputError("no validation data: pass --data VAL.pt or set `data = \"...\"` in "
                          "dtr.toml ([tool.dtr-compile] in pyproject.toml)")
-    for what, p in (("data", config.data), ("calibration data", config.calib)):
+    for what, p in (("data", config.data), ("calibration data", config.calib),
+                    ("test data", config.test)):
         if p is not None and not Path(p).is_file():
             raise InputError(f"{what} file not found: {p}")
+    if config.confidence is not None and not 0.5 <= config.confidence < 1.0:
+        raise InputError(f"--confidence {config.confidence}: expected a probability in [0.5, 1), "
+                         "e.g. 0.9 (the one-sided level of the bound on the metric drop)")
+    if config.select not in SELECT:
+        raise InputError(f"unknown --select {config.select!r}; choose one of {', '.join(SELECT)}")
+    deploy_seqs(config.deploy_seq)
+    if config.bench_repeats < 1:
+        raise InputError("--bench-repeats must be >= 1")
     if Path(config.output).suffix != ".onnx":
         raise InputError(f"output {config.output!r} must end in .onnx")
     if config.report is not None and Path(config.report).suffix != ".json":
@@ -316,15 +357,22 @@ def _search(
     reference: torch.Tensor,
     baseline: float,
     threshold: float,
+    allowed_drop: float,
     ledger_path: Path,
     console: Console,
     timings: dict[str, float],
-) -> tuple[ScheduleResult, dict[str, Any]]:
+) -> tuple[ScheduleResult, dict[str, Any], Callable[[tuple[str, ...]], Bound | None]]:
     """Stage 6: the search, evaluated through the prefix cache and recorded in the ledger.
 
-    The ledger's fingerprint covers everything an evaluation's metric depends on, so
-    ``--resume`` replays only measurements of these exact inputs. Ctrl-C propagates after the
-    ledger is closed: every finished evaluation is on disk.
+    The ledger's fingerprint covers everything an evaluation's metric (and its confidence bound)
+    depends on, so ``--resume`` replays only measurements of these exact inputs. Ctrl-C
+    propagates after the ledger is closed: every finished evaluation is on disk.
+
+    Each evaluation gets the bound of its degradation (:mod:`dtr_compile.search.confidence`) when the
+    metric has row statistics or ``--confidence`` is set; with ``--confidence`` a set is within
+    budget only when its metric meets the threshold and the bound is within ``allowed_drop``.
+    Returns the result, the report's search section, and ``bound_of(linear)`` (computed on
+    demand for a set never bounded).
     """
     parts = {
         "model": hashes["model"],
@@ -333,6 +381,7 @@ def _search(
                                   for k, v in students[sid].state_dict().items()}),
         "metric": metric.identity or metric.name,
         "eval_batch": str(config.eval_batch),
+        "confidence": f"{config.confidence or DEFAULT_CONFIDENCE}:{config.seed}:{DEFAULT_RESAMPLES}",
         "dtr_compile": __version__,
         "torch": torch.__version__,
     }
@@ -345,20 +394,51 @@ def _search(
         cache = PrefixCache(graph, val, names, config.eval_batch, metric,
                             capacity_bytes=config.cache_mb << 20)
 
+    level = config.confidence or DEFAULT_CONFIDENCE
+    every = config.confidence is not None or metric.stats is not None
+    bounds: dict[frozenset[str], Bound] = {}
+    for key, rec in ledger.recorded.items():
+        if isinstance(rec.get("interval"), dict):
+            try:
+                bounds[key] = Bound(**rec["interval"])
+            except TypeError:
+                pass  # a record of another format: bounded again on demand
+
+    def bound(out: torch.Tensor) -> Bound:
+        return degradation_bound(metric, out, val.labels, reference, level, seed=config.seed)
+
     def evaluate(linear: tuple[str, ...]) -> float:
         assert cache is not None
-        value = metric.value(cache.outputs(linear, base=linear[:-1]), val.labels, reference)
+        out = cache.outputs(linear, base=linear[:-1])
+        if every:
+            bounds[frozenset(linear)] = bound(out)
+        value = metric.value(out, val.labels, reference)
         # NaN / ±inf (a diverged student, a metric's overflow) never fits: NaN is the
         # schedule's worst value, whereas +inf would pass any higher-is-better threshold
         return value if math.isfinite(value) else math.nan
 
+    def bound_of(linear: tuple[str, ...]) -> Bound | None:
+        key = frozenset(linear)
+        if key not in bounds and linear and cache is not None:
+            bounds[key] = bound(cache.outputs(linear))
+        return bounds.get(key)
+
+    def judge(linear: tuple[str, ...], m: float) -> tuple[bool, dict[str, Any] | None]:
+        within = meets(m, threshold, metric.higher_is_better)
+        b = bound_of(linear) if config.confidence is not None else bounds.get(frozenset(linear))
+        if config.confidence is not None and b is not None:
+            within = within and meets(b.upper, allowed_drop, False)
+        return within, None if b is None else b.to_dict()
+
     def on_eval(ev: Evaluation) -> None:
         if not ev.replayed:
-            ledger.append(ev, strategy=config.search)
+            ledger.append(ev, strategy=config.search, interval=ev.interval)
         mark = "✓" if ev.within_budget else "✗"
         how = "replayed" if ev.replayed else f"{ev.seconds:.1f} s"
+        ci = "" if ev.interval is None else \
+            f", drop <= {ev.interval['upper']:.4g} at {ev.interval['confidence']:g}"
         console.log(f"step {ev.step} ({ev.phase}): +{ev.candidate} → {metric.name} "
-                    f"{ev.metric:.8g} {mark} ({how})")
+                    f"{ev.metric:.8g}{ci} {mark} ({how})")
 
     min_linear = min(config.min_linear, len(candidates))
     if min_linear < config.min_linear:
@@ -374,7 +454,7 @@ def _search(
                     higher_is_better=metric.higher_is_better, strategy=config.search,
                     max_linear=config.max_linear, min_linear=min_linear,
                     max_evals=config.max_evals, time_limit_s=time_limit_s, known=known,
-                    on_eval=on_eval)
+                    on_eval=on_eval, judge=judge)
         except KeyboardInterrupt:
             console.log(f"interrupted: the finished evaluations are in {ledger_path}; rerun "
                         "with --resume to continue from them")
@@ -389,7 +469,7 @@ def _search(
         recorded = sched.metric_after_step[-1]
         measured = evaluate(tuple(sched.committed))
         claimed_fit = sched.committed_within_budget[-1]
-        within = (measured >= threshold) if metric.higher_is_better else (measured <= threshold)
+        within = meets(measured, threshold, metric.higher_is_better)
         same = abs(measured - recorded) <= 1e-6 * max(1.0, abs(recorded))
         verified = {"committed": list(sched.committed), "ledger_metric": recorded,
                     "measured_metric": measured, "trusted": same and (within or not claimed_fit)}
@@ -426,7 +506,7 @@ def _search(
         st = cache.stats
         console.log(f"prefix cache: {st.segments_run}/{st.segments_full} segment runs "
                     f"({100 * st.saved:.0f}% saved), peak {st.peak_bytes / 2**20:.0f} MiB")
-    return sched, info
+    return sched, info, bound_of
 
 
 def _linearizable(scan: AttentionScan) -> AttentionScan:
@@ -489,6 +569,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
     calib = calib.take(config.max_calib_samples)
     metric = get_metric(config.metric, val.labels is not None)
     budget.check_metric(metric.name, metric.bounds)
+    test = _load_test(config, captured, names, metric)
 
     with _stage(timings, "find_attention", console):
         scan = _linearizable(find_attention(gm))
@@ -540,14 +621,37 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
     candidates = [s.id for s in sites if s.id not in kept and results[s.id].ok]
     switches = {sid: plan.switch(gm, sid, students[sid]) for sid in candidates}
     search_gm = rewrite_sites(gm, sites, switches, class_name="SearchGraph", blocks=plan.blocks)
-    sched, search_info = _search(config, hashes, search_gm, switches, candidates, students, val,
-                                 names, metric, reference, baseline, threshold, paths.ledger,
-                                 console, timings)
+    allowed_drop = budget.allowed_drop(baseline)
+    sched, search_info, bound_of = _search(
+        config, hashes, search_gm, switches, candidates, students, val, names, metric, reference,
+        baseline, threshold, allowed_drop, paths.ledger, console, timings)
     search_info["students"] = {"path": str(paths.students), "reused": reused is not None}
     console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
 
-    hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed},
-                       blocks=plan.blocks)
+    outputs = _outputs(config, sched, bound_of)
+    delivered = tuple(outputs[outputs["selected"]]["linear"]) if outputs[outputs["selected"]] \
+        else tuple(sched.committed)
+    fits = sched.fits if outputs["selected"] == "m_opt" else True
+    delivered_metric = outputs[outputs["selected"]]["metric"] if delivered else sched.final_metric
+    if outputs["selected"] != "m_opt":
+        console.log(f"--select best: delivering M_best {list(delivered)} ({metric.name} "
+                    f"{delivered_metric:.6g}) instead of M_opt {sched.committed}")
+    warnings_ = _resolution_warnings(metric, len(val), allowed_drop, budget.text, baseline,
+                                     config.confidence)
+    for w in warnings_:
+        console.log(f"[yellow]warning[/yellow]: {w}")
+
+    def build(linear: tuple[str, ...]) -> torch.nn.Module:
+        return linearize(gm, sites, {sid: students[sid] for sid in linear}, blocks=plan.blocks)
+
+    hybrid = build(delivered)
+    test_info = None
+    if test is not None:
+        with _stage(timings, "test", console):
+            test_info = _evaluate_test(config, test, gm, names, metric, budget, build,
+                                       {"delivered": delivered, **{
+                                           k: tuple(v["linear"]) for k in ("m_opt", "m_best")
+                                           if (v := outputs[k]) is not None}}, hybrid, console)
     with _stage(timings, "export", console):
         example = _at_least_two(val.inputs)
         exported: ExportResult = export_artifacts(
@@ -560,7 +664,17 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
             linear=sched.committed)
     parity = exported.parity
     parity_ok = exported.ok
-    exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
+    exit_code = EXIT_OK if fits else EXIT_NO_REPLACEMENT
+    speed = None
+    seqs = deploy_seqs(config.deploy_seq)
+    if config.bench and seqs != [] and parity_ok:
+        with _stage(timings, "bench", console):
+            speed = _bench_speed(config, gm, exported, example, names, captured, val, seqs,
+                                 console)
+    interval = bound_of(delivered) if delivered else None
+    # M_best's sites are a prefix of the committed path plus one: their metrics are known
+    metric_after = [*sched.metric_after_step[:len(delivered) - 1], delivered_metric] \
+        if delivered else []
 
     report = {
         "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
@@ -575,14 +689,21 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
         "budget": budget.to_dict(baseline, metric.higher_is_better),
         "baseline_metric": baseline,
         "threshold": threshold,
-        "final_metric": sched.final_metric,
+        "final_metric": delivered_metric,
         "validation_rows": len(val),
+        "confidence": {"level": config.confidence, "required": config.confidence is not None,
+                       "allowed_drop": allowed_drop,
+                       "interval": None if interval is None else interval.to_dict()},
+        "outputs": outputs,
+        "test": test_info,
+        "speed": speed,
+        "warnings": warnings_,
         "calibration_rows": len(calib),
         "sites": [s.__dict__ | {"internal": list(s.internal)} for s in sites],
         "rejected": [r.__dict__ for r in scan.rejected],
         "kept": sorted(kept),
         "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),
-                      "metric_after": m} for sid, m in zip(sched.committed, sched.metric_after_step, strict=True)],
+                      "metric_after": m} for sid, m in zip(delivered, metric_after, strict=True)],
         "schedule": sched.to_dict(),
         "search": search_info,
         "distill": {sid: r.__dict__ for sid, r in results.items()},
@@ -606,3 +727,178 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
                           f"check{'s' if len(failures) > 1 else ''}; atol {config.atol:g}): "
                           f"{failures[0]}; artifacts kept for inspection ({out_path}, {report_path})")
     return CompileResult(exit_code, out_path, report_path, report, hybrid, sites, sched, results)
+
+
+def _load_test(config: CompileConfig, captured: Any, names: list[str],
+               metric: Metric) -> Dataset | None:
+    """The ``--test`` set, checked against the model and the metric (never used by the search).
+
+    Raises:
+        InputError: the data does not fit the model, or the metric needs labels it lacks.
+    """
+    if config.test is None:
+        return None
+    test = load_dataset(config.test, names)
+    check_inputs(captured, test.inputs, str(config.test))
+    if metric.needs_labels and test.labels is None:
+        raise InputError(f"test data {config.test}: metric {metric.name!r} needs a 'labels' "
+                         "tensor, and the file has none")
+    return test
+
+
+def _outputs(config: CompileConfig, sched: ScheduleResult,
+             bound_of: Callable[[tuple[str, ...]], Bound | None]) -> dict[str, Any]:
+    """DtR's two outputs and which one ``-o`` gets.
+
+    ``m_opt``: the committed sites (the most linear sites within budget: today's output).
+    ``m_best``: :meth:`ScheduleResult.best`, the best validation metric among every evaluated
+    set with at least one linear site that is within budget. ``selected`` is ``"m_best"`` with
+    ``--select best`` when there is one, else ``"m_opt"``.
+    """
+    def entry(linear: tuple[str, ...], metric: float, within: bool) -> dict[str, Any]:
+        b = bound_of(linear) if linear else None
+        return {"linear": list(linear), "metric": metric, "within_budget": within,
+                "interval": None if b is None else b.to_dict()}
+
+    m_opt = entry(tuple(sched.committed), sched.final_metric, sched.fits) \
+        if sched.committed else None
+    best = sched.best()
+    m_best = entry(best.linear, best.metric, True) if best is not None else None
+    if m_best is not None and best is not None:
+        m_best["evaluation"] = best.index
+    selected = "m_best" if config.select == "best" and m_best is not None else "m_opt"
+    return {"select": config.select, "selected": selected, "m_opt": m_opt, "m_best": m_best}
+
+
+def _resolution_warnings(metric: Metric, rows: int, allowed_drop: float, budget_text: str,
+                         baseline: float, confidence: float | None) -> list[str]:
+    """Warnings when the budget is finer than the validation set can resolve: one row of a
+    share metric is ``1/N``; with ``--confidence`` and an original right on every row, even a
+    candidate that changes no row has the bound ``1 − (1 − P)^(1/N)`` (Clopper-Pearson)."""
+    from dtr_compile.search.confidence import clopper_pearson_upper, resolution
+
+    out = []
+    step = resolution(metric, rows)
+    if step is not None and allowed_drop < step:
+        out.append(f"the budget {budget_text} allows {metric.name} to drop by {allowed_drop:.4g}, "
+                   f"less than one validation row ({rows} rows: one row = {step:.4g}); only "
+                   "candidates that lose no row net pass, and the validation set cannot tell "
+                   "such a budget from zero: use more validation rows or a wider budget")
+    if not metric.binary and rows < 20:
+        out.append(f"{rows} validation rows are too few for a bootstrap bound of the {metric.name} "
+                   "drop to mean much (with so few rows it is about the worst row's drop): use "
+                   "more validation rows (e.g. more, shorter sequences)")
+    if confidence is not None and step is not None and baseline == 1.0:
+        floor = clopper_pearson_upper(0, rows, confidence)
+        if floor > allowed_drop:
+            out.append(f"with --confidence {confidence:g} on {rows} rows, even a candidate that "
+                       f"changes no row has a drop bound of {floor:.4g} > {allowed_drop:.4g}: "
+                       f"no candidate can pass; it needs about "
+                       f"{math.ceil(math.log(1 - confidence) / math.log1p(-allowed_drop))} rows")
+    return out
+
+
+def _evaluate_test(
+    config: CompileConfig, test: Dataset, gm: torch.fx.GraphModule, names: list[str],
+    metric: Metric, budget: Budget, build: Callable[[tuple[str, ...]], torch.nn.Module],
+    models: dict[str, tuple[str, ...]], hybrid: torch.nn.Module, console: Console,
+) -> dict[str, Any]:
+    """The original and each of ``models`` (name → linear sites) on the held-out test set.
+
+    Each model's test metric, its drop against the original on the same rows, the one-sided
+    bound of that drop (:func:`degradation_bound`, at ``--confidence`` or 0.9) and whether the
+    budget, resolved against the original's test metric, holds on test.
+    """
+    level = config.confidence or DEFAULT_CONFIDENCE
+    reference = run_model(gm, test, names, config.eval_batch, reduce=metric.reduce)
+    base = metric(reference, test.labels, reference)
+    t_threshold = budget.threshold(base, metric.higher_is_better)
+    sign = 1.0 if metric.higher_is_better else -1.0
+    done: dict[frozenset[str], dict[str, Any]] = {}
+    out: dict[str, Any] = {"rows": len(test), "original": base, "threshold": t_threshold,
+                           "confidence": level, "models": {}}
+    for name, linear in models.items():
+        key = frozenset(linear)
+        if key in done:  # the same hybrid under another name (e.g. M_opt = M_best = delivered)
+            first = next(n for n, m in out["models"].items() if frozenset(m["linear"]) == key)
+            out["models"][first].setdefault("also", []).append(name)
+            continue
+        if key not in done:
+            if not linear:
+                res: dict[str, Any] = {"metric": base, "drop": 0.0, "interval": None}
+            else:
+                model = hybrid if name == "delivered" else build(linear)
+                o = run_model(model, test, names, config.eval_batch, reduce=metric.reduce)
+                m = metric(o, test.labels, reference)
+                b = degradation_bound(metric, o, test.labels, reference, level, seed=config.seed)
+                res = {"metric": m, "drop": sign * (base - m), "interval": b.to_dict()}
+            res["within_budget"] = meets(res["metric"], t_threshold, metric.higher_is_better)
+            done[key] = res
+        out["models"][name] = {"linear": list(linear), **done[key]}
+        r = done[key]
+        console.log(f"test ({len(test)} rows): {name} {metric.name} {r['metric']:.6g} vs original "
+                    f"{base:.6g} ({'within' if r['within_budget'] else 'BEYOND'} the budget "
+                    "on test)")
+    return out
+
+
+def _seq_axis(captured: Any, names: list[str]) -> tuple[str, int] | None:
+    """The first input with a dynamic dim other than the batch dim: ``(name, dim)``."""
+    for n in names:
+        for dim, axis in sorted(captured.dynamic_dims.get(n, {}).items()):
+            if dim != 0 and axis != "batch":
+                return n, dim
+    return None
+
+
+def _bench_speed(
+    config: CompileConfig, gm: torch.fx.GraphModule, exported: ExportResult,
+    example: dict[str, torch.Tensor], names: list[str], captured: Any, val: Dataset,
+    seqs: list[int] | None, console: Console,
+) -> dict[str, Any]:
+    """Time the original and the hybrid ONNX in onnxruntime (:func:`dtr_compile.runtime.bench`:
+    interleaved rounds, medians, peak memory per child process, position tables extended past
+    their length) at the validation length and ``seqs`` (default: it and 4×), batch 1.
+
+    The original ONNX is the one ``--export-original`` wrote, else exported to a temporary file
+    for the timing only. A model without a sequence axis (fixed-size images) is timed at its
+    validation shape.
+    """
+    import tempfile
+
+    from dtr_compile.exporters.onnx import export_onnx
+    from dtr_compile.runtime.bench import bench
+
+    axis = _seq_axis(captured, names)
+    t_val = int(val.inputs[axis[0]].shape[axis[1]]) if axis else 1
+    lengths = [t_val] if axis is None else (seqs if seqs is not None else [t_val, 4 * t_val])
+    lengths = list(dict.fromkeys(lengths))
+    hybrid_path = exported.artifacts["onnx"]
+    with tempfile.TemporaryDirectory(prefix="dtr-speed-") as tmp:
+        original_path = exported.artifacts.get("original_onnx")
+        if original_path is None:
+            original_path = str(Path(tmp) / "original.onnx")
+            export_onnx(gm, example, names, captured.dynamic_dims, original_path,
+                        opset=exported.opset, axis_ranges=captured.axis_ranges)
+        res = bench([original_path, hybrid_path], lengths, batch=1, repeats=config.bench_repeats,
+                    warmup=1, extend=axis is not None, memory=True, seed=config.seed)
+    rows = []
+    for t in lengths:
+        o, h = res.cell(original_path, t), res.cell(hybrid_path, t)
+        ratio = res.ratios(t)[hybrid_path]
+        rows.append({
+            "seq": t if axis else None, "validation_length": t == t_val,
+            "original_ms": o.latency_ms, "hybrid_ms": h.latency_ms,
+            "original_peak_bytes": o.peak_bytes, "hybrid_peak_bytes": h.peak_bytes,
+            "latency_ratio": ratio["latency"], "memory_ratio": ratio["peak_bytes"],
+            "extended_positions": o.extended_positions or h.extended_positions,
+            "faster": None if ratio["latency"] is None else ratio["latency"] < 1.0,
+            "note": "; ".join(x for x in (o.note and f"original: {o.note}",
+                                          h.note and f"hybrid: {h.note}") if x)})
+        lat = "n/a" if ratio["latency"] is None else f"×{ratio['latency']:.2f}"
+        console.log(f"speed at {'T=' + str(t) if axis else 'the validation shape'}: hybrid/"
+                    f"original latency {lat}")
+    return {"batch": 1, "repeats": config.bench_repeats, "seq_axis": list(axis) if axis else None,
+            "validation_length": t_val if axis else None,
+            "original_onnx": exported.artifacts.get("original_onnx", "(temporary, timing only)"),
+            "rows": rows}

@@ -120,6 +120,70 @@ def next_steps(report: dict[str, Any], *, distill_target: str, window: int,
         out.append(f"more calibration rows (--calib FILE with more than {used} rows) or more "
                    "--distill-steps")
     return out
+def _linear_text(linear: list[str] | None) -> str:
+    return "none" if not linear else ", ".join(linear)
+
+
+def speed_lines(report: dict[str, Any]) -> list[str]:
+    """One line on the hybrid's speed vs the original, and one per length where it is not
+    faster (plainly), from ``report["speed"]``; empty when nothing was timed."""
+    speed = report.get("speed") or {}
+    rows = speed.get("rows") or []
+    if not rows:
+        return []
+    parts, slower = [], []
+    for r in rows:
+        where = f"T={r['seq']}" if r.get("seq") is not None else "validation shape"
+        lat, mem = r.get("latency_ratio"), r.get("memory_ratio")
+        if lat is None:
+            parts.append(f"{where}: not timed ({r.get('note') or 'no measurement'})")
+            continue
+        text = f"{where}: latency ×{lat:.2f}"
+        if mem is not None:
+            text += f", memory ×{mem:.2f}"
+        parts.append(text + (" *" if r.get("extended_positions") else ""))
+        if lat >= 1.0:
+            slower.append(f"the hybrid is NOT faster than the original at {where} "
+                          f"({r['hybrid_ms']:.3g} ms vs {r['original_ms']:.3g} ms)")
+    lines = ["speed (hybrid/original, onnxruntime, batch 1): " + "; ".join(parts)]
+    if any(r.get("extended_positions") for r in rows):
+        lines.append("  * position table extended with random rows to time this length")
+    return lines + slower
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The console summary: metric, interval, both outputs, test set and speed."""
+    name = report.get("metric", {}).get("name", "metric")
+    lines = [f"{name}: original {_fmt(report.get('baseline_metric'), 4)} → hybrid "
+             f"{_fmt(report.get('final_metric'), 4)} (threshold {_fmt(report.get('threshold'), 4)}"
+             f", budget {report.get('budget', {}).get('text', '')})"]
+    conf = report.get("confidence") or {}
+    iv = conf.get("interval")
+    if iv:
+        req = " (required)" if conf.get("required") else ""
+        lines.append(f"validation drop {_fmt(iv['degradation'], 4)}, at most "
+                     f"{_fmt(iv['upper'], 4)} with confidence {iv['confidence']:g}{req} "
+                     f"({iv['method']}, {iv['rows']} rows); allowed {_fmt(conf.get('allowed_drop'), 4)}")
+    outs = report.get("outputs") or {}
+    for key, label in (("m_opt", "M_opt (most linear)"), ("m_best", "M_best (best metric)")):
+        if key in outs:
+            o = outs[key]
+            mark = " ← -o" if outs.get("selected") == key else ""
+            lines.append(f"{label}: " + ("none within budget" if o is None else
+                         f"{len(o['linear'])} sites [{_linear_text(o['linear'])}], {name} "
+                         f"{_fmt(o['metric'], 6)}{mark}"))
+    test = report.get("test")
+    if test:
+        for key, m in test.get("models", {}).items():
+            iv = m.get("interval") or {}
+            bound = f", drop <= {_fmt(iv['upper'], 4)} at {iv['confidence']:g}" if iv else ""
+            key = " = ".join([key, *m.get("also", [])])
+            lines.append(f"test ({test['rows']} rows) {key}: {name} {_fmt(m['metric'], 4)} vs "
+                         f"original {_fmt(test['original'], 4)} (drop {_fmt(m['drop'], 4)}{bound}; "
+                         f"{'within' if m['within_budget'] else 'BEYOND'} the budget on test)")
+    lines += speed_lines(report)
+    lines += [f"warning: {w}" for w in report.get("warnings") or []]
+    return lines
 
 
 def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str:
@@ -149,6 +213,15 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
               f"| budget | {budget.get('text', '')} ({budget.get('kind', '')}) |",
               f"| threshold | {op} {_fmt(report.get('threshold'))} |",
               f"| hybrid | {_fmt(report.get('final_metric'))} |", ""]
+    conf = report.get("confidence") or {}
+    iv = conf.get("interval")
+    if iv:
+        lines += [f"Validation drop of the hybrid: {_fmt(iv['degradation'])}; one-sided "
+                  f"{iv['confidence']:g} upper bound {_fmt(iv['upper'])} ({iv['method']}, paired "
+                  f"over {iv['rows']} rows); allowed {_fmt(conf.get('allowed_drop'))}"
+                  + (" — required by `--confidence`" if conf.get("required") else "") + ".", ""]
+    for w in report.get("warnings") or []:
+        lines += [f"**Warning:** {w}", ""]
     if report.get("kept"):
         lines += [f"Kept as softmax (`--keep`): {', '.join(report['kept'])}", ""]
     if report.get("next_steps"):
@@ -164,6 +237,50 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                 lines.append(f"| {kind[:-1]} | `{v.get('name')}` | {v.get('dtype')} | "
                              f"[{shape}] |")
         lines += ["", "Named axes (`batch`, `sequence`) are dynamic; numbers are fixed sizes.", ""]
+    outs = report.get("outputs") or {}
+    if outs:
+        lines += ["## Outputs", "", f"`--select {outs.get('select')}`: `-o` gets "
+                  f"**{'M_best' if outs.get('selected') == 'm_best' else 'M_opt'}**.", "",
+                  f"| output | linear sites | {name} | drop bound |", "|---|---|---|---|"]
+        for key, label in (("m_opt", "M_opt: most linear sites within budget"),
+                           ("m_best", "M_best: best metric within budget")):
+            o = outs.get(key)
+            if o is None:
+                lines.append(f"| {label} | none within budget | — | — |")
+                continue
+            ob = o.get("interval") or {}
+            lines.append(f"| {label} | {len(o['linear'])}: {_linear_text(o['linear'])} | "
+                         f"{_fmt(o['metric'])} | {_fmt(ob.get('upper')) if ob else '—'} |")
+        lines.append("")
+    test = report.get("test")
+    if test:
+        lines += ["## Test set (held out: never seen by distillation or search)", "",
+                  f"{test['rows']} rows; original {name} {_fmt(test['original'])}; the budget on "
+                  f"test: {op} {_fmt(test['threshold'])}.", "",
+                  f"| model | linear sites | {name} | drop | {test['confidence']:g} bound | "
+                  "within budget |", "|---|---|---|---|---|---|"]
+        for key, m in test.get("models", {}).items():
+            ib = m.get("interval") or {}
+            key = " = ".join([key, *m.get("also", [])])
+            lines.append(f"| {key} | {_linear_text(m['linear'])} | {_fmt(m['metric'])} | "
+                         f"{_fmt(m['drop'])} | {_fmt(ib.get('upper')) if ib else '—'} | "
+                         f"{'yes' if m['within_budget'] else '**no**'} |")
+        lines.append("")
+    speed = report.get("speed") or {}
+    if speed.get("rows"):
+        lines += ["## Speed (onnxruntime, batch 1, median of interleaved runs)", "",
+                  "| length | original ms | hybrid ms | latency ratio | original MiB | hybrid MiB "
+                  "| memory ratio |", "|---|---|---|---|---|---|---|"]
+        for r in speed["rows"]:
+            def mib(b: Any) -> str:
+                return "—" if b is None else f"{b / 2**20:.0f}"
+            where = "validation shape" if r.get("seq") is None else str(r["seq"])
+            lines.append(f"| {where}{' *' if r.get('extended_positions') else ''} | "
+                         f"{_fmt(r['original_ms'], 4)} | {_fmt(r['hybrid_ms'], 4)} | "
+                         f"{_fmt(r['latency_ratio'], 3)} | {mib(r['original_peak_bytes'])} | "
+                         f"{mib(r['hybrid_peak_bytes'])} | {_fmt(r['memory_ratio'], 3)} |")
+        lines.append("")
+        lines += [f"- {x}" for x in speed_lines(report)[1:]] + [""]
 
     evals = sched.get("evaluations", [])
     lines += ["## Search", "",
@@ -193,12 +310,14 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
         lines += [f"![{name} vs linear layers]({plot_name})", ""]
     if evals:
         lines += ["### Evaluations", "",
-                  f"| # | step | phase | tried | on top of | {name} | ok | seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| # | step | phase | tried | on top of | {name} | drop bound | ok | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for ev in evals:
             base = ev["linear"][:-1]
+            ib = ev.get("interval") or {}
             lines.append(f"| {ev.get('index', '')} | {ev['step']} | {ev.get('phase', '')} | "
                          f"{ev['candidate']} | {', '.join(base) or '—'} | {_fmt(ev['metric'])} | "
+                         f"{_fmt(ib.get('upper')) if ib else '—'} | "
                          f"{'✓' if ev['within_budget'] else '✗'} | "
                          f"{_fmt(ev['seconds'], 3)}{' (replayed)' if ev.get('replayed') else ''} |")
         lines.append("")
@@ -242,6 +361,21 @@ def plot_search(report: dict[str, Any], path: str | Path) -> None:
     ax.plot(xs, ys, "o-", color="C0", label="committed", zorder=3)
     for x, y, site in zip(xs[1:], ys[1:], sched.get("committed", []), strict=False):
         ax.annotate(site, (x, y), textcoords="offset points", xytext=(4, 5), fontsize=7)
+    outs = report.get("outputs") or {}
+    best = outs.get("m_best")
+    if best:
+        ax.scatter([len(best["linear"])], [best["metric"]], marker="*", s=140, color="C2",
+                   label="M_best", zorder=4)
+    test = report.get("test") or {}
+    if test.get("models"):
+        tx = [0] + [len(m["linear"]) for m in test["models"].values()]
+        ty = [test["original"]] + [m["metric"] for m in test["models"].values()]
+        ax.scatter(tx, ty, marker="D", s=30, facecolors="none", edgecolors="C1",
+                   label=f"test set ({test['rows']} rows)", zorder=4)
+    speed = speed_lines(report)
+    if speed:
+        ax.text(0.01, 0.01, speed[0].replace("; ", "\n").replace(": ", ":\n", 1), fontsize=6.5,
+                transform=ax.transAxes, va="bottom", ha="left", color="0.25")
     if baseline is not None:
         ax.axhline(baseline, color="0.3", linestyle=":", linewidth=1, label="original")
     if threshold is not None:

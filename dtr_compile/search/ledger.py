@@ -106,6 +106,8 @@ class Ledger:
 
     def __init__(self, path: Path, fingerprint: str, fh: IO[str]) -> None:
         self.path, self.fingerprint, self._fh = path, fingerprint, fh
+        #: the replayed evaluations' whole records (e.g. their ``interval``), by site set
+        self.recorded: dict[frozenset[str], dict[str, Any]] = {}
 
     @classmethod
     def open(
@@ -146,7 +148,9 @@ class Ledger:
                 fh = p.open("a", encoding="utf-8")
                 if torn:  # killed mid-line: start the next record on a line of its own
                     fh.write("\n")
-                return cls(p, fingerprint, fh), known, note
+                ledger = cls(p, fingerprint, fh)
+                ledger.recorded = {frozenset(e["linear"]): e for e in entries}
+                return ledger, known, note
         elif resume:
             note = f"no ledger at {p} to resume; starting a new one"
         header = {"format": LEDGER_FORMAT, "version": LEDGER_VERSION, "fingerprint": fingerprint,

@@ -31,8 +31,29 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 STRATEGIES = ("greedy", "lazy", "ranked")
+
+#: ``judge(linear, metric) -> (within budget, interval or None)``: the budget test of a measured
+#: set when it needs more than its metric (``--confidence``: the bound of its degradation).
+Judge = Callable[[tuple[str, ...], float], "tuple[bool, dict[str, Any] | None]"]
+
+
+def meets(metric: float, threshold: float, higher_is_better: bool) -> bool:
+    """``metric`` is within ``threshold`` (at or on the good side of it), up to rounding.
+
+    The threshold is computed (``baseline − drop`` or ``baseline · (1 − r)``) and a share metric
+    is a rounded ratio, so a metric exactly at the threshold in real numbers (190/200 against
+    1.0 − 5pt) can land one or two float64 ulps on the wrong side; both are within a few ulps of
+    their magnitude. A metric within ``4 · ulp(max(|metric|, |threshold|))`` of the threshold
+    counts as at it: about 1e-16 of the metric, far below any difference a budget can mean. NaN
+    never meets a threshold.
+    """
+    if math.isnan(metric):
+        return False
+    slack = 4 * math.ulp(max(abs(metric), abs(threshold)))
+    return metric >= threshold - slack if higher_is_better else metric <= threshold + slack
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,8 @@ class Evaluation:
         index: position in the search's sequence of evaluations, from 0.
         phase: ``"greedy"``, ``"lazy"``, ``"sensitivity"`` or ``"ranked"``.
         replayed: taken from the ledger of an earlier run instead of measured.
+        interval: the confidence bound of its degradation against the original (see
+            :mod:`dtr_compile.search.confidence`), when the search was given a ``judge``.
     """
 
     step: int
@@ -60,6 +83,7 @@ class Evaluation:
     index: int = 0
     phase: str = "greedy"
     replayed: bool = False
+    interval: dict[str, Any] | None = None
 
 
 @dataclass
@@ -101,6 +125,20 @@ class ScheduleResult:
         return (bool(self.committed) and len(self.committed) >= self.min_linear
                 and all(self.committed_within_budget))
 
+    def best(self) -> Evaluation | None:
+        """M_best: the evaluated set with at least one linear site and the best metric among
+        those within budget (ties: more linear sites, then the earliest); None if none is.
+
+        DtR's second output beside M_opt (``committed``, the most linear sites within budget):
+        the hybrid that loses least, whatever its size, among every set the search measured.
+        """
+        sign = 1.0 if self.higher_is_better else -1.0
+        ok = [e for e in self.evaluations if e.within_budget and e.linear
+              and not math.isnan(e.metric)]
+        if not ok:
+            return None
+        return min(ok, key=lambda e: (-sign * e.metric, -len(e.linear), e.index))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(final_metric=self.final_metric, fits=self.fits,
@@ -129,15 +167,15 @@ class _Search:
                  known: Mapping[frozenset[str], tuple[float, float]], max_linear: int | None,
                  max_evals: int | None, time_limit_s: float | None,
                  on_eval: Callable[[Evaluation], None] | None,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], judge: Judge | None = None) -> None:
         self.res, self.evaluate, self.known = res, evaluate, known
         self.max_linear, self.max_evals, self.time_limit_s = max_linear, max_evals, time_limit_s
-        self.on_eval, self.clock = on_eval, clock
+        self.on_eval, self.clock, self.judge = on_eval, clock, judge
+        self.within: dict[frozenset[str], bool] = {}
         self.start = clock()
 
     def ok(self, m: float) -> bool:
-        t = self.res.threshold
-        return m >= t if self.res.higher_is_better else m <= t
+        return meets(m, self.res.threshold, self.res.higher_is_better)
 
     def badness(self, m: float) -> float:
         """Sort key, smaller is better; NaN is worst."""
@@ -174,8 +212,10 @@ class _Search:
             t0 = time.perf_counter()
             m = float(self.evaluate(linear))
             seconds = time.perf_counter() - t0
-        ev = Evaluation(len(self.res.committed) + 1, candidate, linear, m, seconds, self.ok(m),
-                        index=n, phase=phase, replayed=hit is not None)
+        within, interval = self.judge(linear, m) if self.judge is not None else (self.ok(m), None)
+        self.within[frozenset(linear)] = within
+        ev = Evaluation(len(self.res.committed) + 1, candidate, linear, m, seconds, within,
+                        index=n, phase=phase, replayed=hit is not None, interval=interval)
         self.res.evaluations.append(ev)
         if self.on_eval is not None:
             self.on_eval(ev)
@@ -189,7 +229,7 @@ class _Search:
 
     def decide(self, site: str, m: float) -> bool:
         """Commit ``site`` (measured at ``m``) if within budget or forced by ``min_linear``."""
-        within = self.ok(m)
+        within = self.within.get(frozenset(self.committed + (site,)), self.ok(m))
         if not within and len(self.res.committed) >= self.res.min_linear:
             return False
         self.res.committed.append(site)
@@ -199,6 +239,8 @@ class _Search:
         return True
 
     def beyond(self, site: str, m: float, what: str = "best next site") -> str:
+        if self.ok(m):  # within the threshold, not within the judge's test
+            return f"{what} {site} gives {m:.6g}, within the threshold but not the confidence bound"
         a, t = _distinct(m, self.res.threshold)
         return f"{what} {site} gives {a}, beyond the threshold {t}"
 
@@ -294,6 +336,7 @@ def schedule(
     known: Mapping[frozenset[str], tuple[float, float]] | None = None,
     on_eval: Callable[[Evaluation], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    judge: Judge | None = None,
 ) -> ScheduleResult:
     """Search which of ``site_ids`` (in graph order) to make linear.
 
@@ -314,6 +357,8 @@ def schedule(
             evaluated.
         on_eval: called after every evaluation, replayed ones included.
         clock: time source for ``time_limit_s`` (tests pass a fake one).
+        judge: the budget test of a measured set (see :data:`Judge`); default: its metric
+            :func:`meets` the threshold.
 
     Raises:
         ValueError: unknown strategy, duplicate sites, or ``min_linear`` above the candidates or
@@ -329,7 +374,7 @@ def schedule(
     res = ScheduleResult(baseline, threshold, higher_is_better, strategy=strategy,
                          min_linear=min_linear)
     search = _Search(res, evaluate, known or {}, max_linear, max_evals, time_limit_s, on_eval,
-                     clock)
+                     clock, judge)
     try:
         res.stop_reason = _RUN[strategy](search, list(site_ids)) if site_ids else \
             "no candidate site"
