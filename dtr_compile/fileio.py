@@ -271,6 +271,18 @@ class Staging:
         self._moves.append((staged, f))
         return staged
 
+    def staged(self, final: str | os.PathLike[str]) -> Path:
+        """The path :meth:`path` gave for ``final`` (where the artifact is until :meth:`commit`).
+
+        Raises:
+            KeyError: no artifact was staged for ``final``.
+        """
+        f = Path(final)
+        for staged, fin in reversed(self._moves):
+            if fin == f:
+                return staged
+        raise KeyError(str(final))
+
     def commit(self) -> list[Path]:
         """Move every written staged file into place; returns the final paths moved."""
         moved = []

@@ -661,7 +661,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
             export_original=config.export_original, engine=config.engine, console=console,
             write_to=staging.path,
             output_names=captured.output_names, sites=[(s.id, s.module_path) for s in sites],
-            linear=sched.committed)
+            linear=list(delivered))
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if fits else EXIT_NO_REPLACEMENT
@@ -670,7 +670,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
     if config.bench and seqs != [] and parity_ok:
         with _stage(timings, "bench", console):
             speed = _bench_speed(config, gm, exported, example, names, captured, val, seqs,
-                                 console)
+                                 console, locate=lambda p: str(staging.staged(p)))
     interval = bound_of(delivered) if delivered else None
     # M_best's sites are a prefix of the committed path plus one: their metrics are known
     metric_after = [*sched.metric_after_step[:len(delivered) - 1], delivered_metric] \
@@ -854,7 +854,7 @@ def _seq_axis(captured: Any, names: list[str]) -> tuple[str, int] | None:
 def _bench_speed(
     config: CompileConfig, gm: torch.fx.GraphModule, exported: ExportResult,
     example: dict[str, torch.Tensor], names: list[str], captured: Any, val: Dataset,
-    seqs: list[int] | None, console: Console,
+    seqs: list[int] | None, console: Console, locate: Callable[[str], str] = str,
 ) -> dict[str, Any]:
     """Time the original and the hybrid ONNX in onnxruntime (:func:`dtr_compile.runtime.bench`:
     interleaved rounds, medians, peak memory per child process, position tables extended past
@@ -873,10 +873,12 @@ def _bench_speed(
     t_val = int(val.inputs[axis[0]].shape[axis[1]]) if axis else 1
     lengths = [t_val] if axis is None else (seqs if seqs is not None else [t_val, 4 * t_val])
     lengths = list(dict.fromkeys(lengths))
-    hybrid_path = exported.artifacts["onnx"]
+    hybrid_path = locate(exported.artifacts["onnx"])
     with tempfile.TemporaryDirectory(prefix="dtr-speed-") as tmp:
         original_path = exported.artifacts.get("original_onnx")
-        if original_path is None:
+        if original_path is not None:
+            original_path = locate(original_path)
+        else:
             original_path = str(Path(tmp) / "original.onnx")
             export_onnx(gm, example, names, captured.dynamic_dims, original_path,
                         opset=exported.opset, axis_ranges=captured.axis_ranges)
