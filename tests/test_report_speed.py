@@ -162,3 +162,15 @@ def test_deploy_seqs_and_resolution_warnings():
     (w,) = _resolution_warnings(METRICS["accuracy"], 445, 0.0009, "0.1%", 0.9, None)
     assert "one row = 0.002247" in w
     assert "too few" in _resolution_warnings(METRICS["perplexity"], 2, 0.5, "5%", 10.0, 0.9)[0]
+
+
+def test_seq_axis_is_the_first_dynamic_non_batch_dim():
+    from types import SimpleNamespace
+
+    from dtr_compile.pipeline import _seq_axis
+
+    text = SimpleNamespace(dynamic_dims={"input_ids": {0: "batch", 1: "sequence"},
+                                         "attention_mask": {0: "batch", 1: "sequence"}})
+    assert _seq_axis(text, ["input_ids", "attention_mask"]) == ("input_ids", 1)
+    image = SimpleNamespace(dynamic_dims={"pixel_values": {0: "batch"}})
+    assert _seq_axis(image, ["pixel_values"]) is None  # timed at the validation shape only
