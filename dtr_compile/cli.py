@@ -270,22 +270,26 @@ def _rows(data: str) -> int:
         return 0
 
 
-def _seqs(text: str) -> list[int]:
+def _seqs(text: str, flag: str = "--seq") -> list[int]:
     try:
         seqs = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"--seq {text!r}: expected comma-separated lengths, e.g. 512,2048") from None
+        raise InputError(f"{flag} {text!r}: expected comma-separated lengths, e.g. 512,2048") from None
     if not seqs:
-        raise InputError("--seq needs at least one length")
+        raise InputError(f"{flag} needs at least one length")
     return seqs
 
 
 @main.command("bench", epilog="""\b
 Columns: each model's median latency (ms) and peak memory (MiB) per length T, and each later
 model's ratio to the first (B/A < 1: B is faster / smaller).
+With --decode (stateful decoders): per context C, decode ms/token (median of --tokens greedy
+steps after a prefill of C tokens; * = from a synthesised past of length C), prefill ms, and
+state MiB per stream (KV caches + recurrent states), with B/A ratios.
 Exit codes:
   0  measured (cells a model cannot run say why)
-  2  bad input: missing or unloadable file, malformed --seq""")
+  2  bad input: missing or unloadable file, malformed --seq / --context, a prefill-only model
+     with --decode""")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--seq", "seq", default="512,2048", show_default=True,
               help="Comma-separated sequence lengths.")
@@ -299,18 +303,43 @@ Exit codes:
                    "table is extended with random rows; such cells are marked *.")
 @click.option("--no-memory", is_flag=True, default=False,
               help="Skip the peak-memory probes (one child process per model and length).")
+@click.option("--decode", is_flag=True, default=False,
+              help="Decode benchmark of stateful decoder ONNX models (see below).")
+@click.option("--context", default="1024,4096,16384", show_default=True,
+              help="--decode: comma-separated context lengths.")
+@click.option("--tokens", type=int, default=32, show_default=True,
+              help="--decode: timed decode steps per model and context.")
+@click.option("--max-prefill", type=int, default=4096, show_default=True,
+              help="--decode: run a real prefill up to this context; above it decode starts "
+                   "from a synthesised past and the prefill cell says 'skipped'.")
+@click.option("--prefill-repeats", type=int, default=3, show_default=True,
+              help="--decode: timed prefill runs per model and context.")
 @click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
               help="Also write the results as JSON here.")
 def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmup: int,
-              threads: int | None, extend_positions: bool, no_memory: bool,
+              threads: int | None, extend_positions: bool, no_memory: bool, decode: bool,
+              context: str, tokens: int, max_prefill: int, prefill_repeats: int,
               json_path: str | None) -> None:
     """Latency and peak memory of MODELS (.onnx, e.g. original then hybrid) in onnxruntime at
-    each sequence length, with inputs synthesised from each model's input signature."""
-    from dtr_compile.runtime.bench import bench, bench_table
+    each sequence length, with inputs synthesised from each model's input signature; with
+    --decode, per-token decode latency, prefill time and state size of stateful decoders."""
     from dtr_compile.runtime.evaluate import write_json
 
     console = _console()
     try:
+        if decode:
+            from dtr_compile.runtime.bench_decode import bench_decode, decode_table
+
+            dres = bench_decode(list(models), _seqs(context, "--context"), batch=batch,
+                                tokens=tokens, prefill_repeats=prefill_repeats,
+                                max_prefill=max_prefill, warmup=warmup, threads=threads,
+                                on_step=lambda msg: console.log(msg))
+            if json_path:
+                write_json(json_path, dres.to_dict())
+            Console().print(decode_table(dres))
+            return
+        from dtr_compile.runtime.bench import bench, bench_table
+
         result = bench(list(models), _seqs(seq), batch=batch, repeats=repeats, warmup=warmup,
                        threads=threads, extend=extend_positions, memory=not no_memory,
                        on_step=lambda msg: console.log(msg))
@@ -319,6 +348,88 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
     except DtrError as exc:
         _fail(exc)
     Console().print(bench_table(result))
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--prompt-ids {text!r}: expected comma-separated token ids, "
+                         "e.g. 1,2,3") from None
+    if not ids:
+        raise InputError("--prompt-ids needs at least one token id")
+    return ids
+
+
+@main.command("generate", epilog="""\b
+Files: MODEL is a stateful decoder ONNX (inputs input_ids, attention_mask and
+past_key_values.* / past.*, outputs logits and present.*), as dtr-compile writes beside the
+hybrid of a causal model. The tokenizer is --tokenizer DIR, else MODEL_STEM.tokenizer/ or
+tokenizer/ beside MODEL (a Hugging Face tokenizer folder); without one, --prompt-ids works and
+the output is token ids.
+Exit codes:
+  0  generated
+  2  bad input: missing or prefill-only model, no tokenizer for a text prompt, bad option""")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt-file", default=None, type=click.Path(path_type=str),
+              help="Read the prompt text from this file.")
+@click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Tokens to generate at most (fewer when EOS comes first).")
+@click.option("--tokenizer", default=None, type=click.Path(path_type=str),
+              help="Hugging Face tokenizer folder (default: looked up beside MODEL).")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0: greedy; > 0: sample from softmax(logits / T).")
+@click.option("--top-k", type=int, default=None, help="Sample among the K most likely tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--eos-id", type=int, default=None,
+              help="Stop at this token id (default: the tokenizer's EOS; none without one).")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+def generate_cmd(model: str, prompt: str | None, prompt_file: str | None, prompt_ids: str | None,
+                 max_new_tokens: int, tokenizer: str | None, temperature: float,
+                 top_k: int | None, seed: int, eos_id: int | None, threads: int | None) -> None:
+    """Continue a prompt with a stateful decoder ONNX in onnxruntime, streaming the text to
+    stdout as it is decoded (greedy by default; seeded sampling with --temperature / --top-k)."""
+    from dtr_compile.runtime.generate import Generator
+
+    console = _console()
+    try:
+        given = [x for x in (prompt, prompt_file, prompt_ids) if x is not None]
+        if len(given) != 1:
+            raise InputError("give exactly one of --prompt TEXT, --prompt-file F, --prompt-ids 1,2,3")
+        ids = _prompt_ids(prompt_ids) if prompt_ids is not None else None
+        text = prompt
+        if prompt_file is not None:
+            try:
+                text = Path(prompt_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise InputError(f"--prompt-file {prompt_file}: {exc.strerror or exc}") from None
+        gen = Generator(model, tokenizer=tokenizer, threads=threads)
+        rows = [ids] if ids is not None else gen.encode([text or ""])
+        out: list[int] = []
+        shown = [""]
+        stdout = click.get_text_stream("stdout")
+
+        def on_token(_row: int, tok: int) -> None:
+            out.append(tok)
+            if gen.tokenizer is None:
+                stdout.write(("" if len(out) == 1 else " ") + str(tok))
+            else:  # decode the whole continuation: multi-byte characters arrive whole
+                full = gen.decode(out)
+                if not full.endswith("\ufffd"):
+                    stdout.write(full[len(shown[0]):])
+                    shown[0] = full
+            stdout.flush()
+
+        res = gen.generate(rows, max_new_tokens, temperature=temperature, top_k=top_k,
+                           seed=seed, eos_token_id=eos_id, on_token=on_token)
+        stdout.write("\n")
+    except DtrError as exc:
+        _fail(exc)
+    ms = 1000.0 * res.decode_s / res.steps if res.steps else float("nan")
+    console.print(f"[dim]{len(res.tokens[0])} tokens ({res.stopped[0]}); prefill "
+                  f"{len(rows[0])} tokens {1000 * res.prefill_s:.0f} ms; decode {ms:.1f} ms/token[/]")
 
 
 @main.command("lint-trt", epilog="""\b

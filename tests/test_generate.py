@@ -1,0 +1,202 @@
+"""Generation with a stateful decoder ONNX: greedy parity with full recomputation in PyTorch, left
+padding, seeded sampling, the `generate` CLI, `bench --decode`, and the error on a prefill-only
+model. The model is the hand-written fixture of tests/stateful_fixture.py (KV + recurrent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dtr_compile.cli import main
+from dtr_compile.errors import InputError
+from dtr_compile.runtime.generate import Generator, StatefulSession, choose
+from tests.stateful_fixture import (
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    TinyStatefulLM,
+    empty_state,
+    export_prefill_only,
+    export_stateful,
+    greedy_full_recompute,
+)
+
+
+@pytest.fixture(scope="module")
+def fixture_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.set_num_threads(1)
+    model = TinyStatefulLM().eval()
+    d = tmp_path_factory.mktemp("stateful")
+    path = export_stateful(model, d / "tiny.stateful.onnx")
+    return {"model": model, "path": path, "dir": d}
+
+
+PROMPTS = [[5, 17, 33, 8, 61], [40, 9], [71, 3, 88, 12, 27, 54, 6, 19]]
+
+
+def test_greedy_matches_full_recompute(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"], threads=1)
+    for prompt in PROMPTS[:2]:
+        ref = greedy_full_recompute(fixture_onnx["model"], prompt, 64)
+        got = gen.generate(prompt, 64)
+        assert got.tokens[0] == ref, (prompt, got.tokens[0], ref)
+        assert got.steps == 63 and got.stopped == ["max_new_tokens"]
+
+
+@pytest.mark.slow
+def test_greedy_matches_full_recompute_dynamo_export(fixture_onnx, tmp_path: Path) -> None:
+    """The same parity through torch.onnx.export(dynamo=True), the compiler's exporter."""
+    path = export_stateful(fixture_onnx["model"], tmp_path / "dynamo.onnx", dynamo=True)
+    got = Generator(path, threads=1).generate(PROMPTS[0], 64).tokens[0]
+    assert got == greedy_full_recompute(fixture_onnx["model"], PROMPTS[0], 64)
+
+
+def test_decode_logits_match_prefill_of_the_longer_sequence(fixture_onnx) -> None:
+    """Prefill of P tokens then one decode step = one prefill of P + 1 tokens (per-step logits)."""
+    sess = StatefulSession(fixture_onnx["path"], threads=1)
+    seq = np.array([[7, 21, 50, 13, 44, 90, 2, 31]])
+    ones = np.ones_like(seq)
+    _, state = sess.step(seq[:, :5], ones[:, :5], sess.empty_state(1))
+    for p in range(5, seq.shape[1]):
+        step_logits, state = sess.step(seq[:, p:p + 1], ones[:, :p + 1], state)
+        with torch.no_grad():
+            ref = fixture_onnx["model"](torch.tensor(seq[:, :p + 1]), torch.tensor(ones[:, :p + 1]),
+                                        *empty_state(1))
+        ref_last = ref[0][0, -1].numpy()
+        err = np.abs(step_logits[0, -1] - ref_last).max()
+        assert err < 1e-4 * max(1.0, float(np.abs(ref_last).max())), (p, err)
+        np.testing.assert_allclose(state["past.1.recurrent"], ref[3].numpy(), rtol=1e-4, atol=1e-5)
+        assert state["past_key_values.0.key"].shape == (1, KV_HEADS, p + 1, HEAD_DIM)
+
+
+def test_signature_and_state_bytes(fixture_onnx) -> None:
+    sig = StatefulSession(fixture_onnx["path"]).sig
+    kinds = {(s.layer, s.name): s.kind for s in sig.states}
+    assert kinds == {(0, "key"): "kv", (0, "value"): "kv", (1, "recurrent"): "recurrent"}
+    b = sig.state_bytes(batch=3, past_len=100)
+    assert b["kv"] == 2 * 3 * KV_HEADS * 100 * HEAD_DIM * 4
+    assert b["recurrent"] == 3 * HEADS * HEAD_DIM * (HEAD_DIM + 1) * 4
+
+
+def test_left_padded_batch_equals_each_row_alone(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"], threads=1)
+    batch = gen.generate(PROMPTS, 24, pad_token_id=0)
+    for r, prompt in enumerate(PROMPTS):
+        alone = gen.generate(prompt, 24)
+        assert batch.tokens[r] == alone.tokens[0], r
+    # padding with another id changes nothing: it never enters the KV softmax nor the state
+    other = gen.generate(PROMPTS, 24, pad_token_id=77)
+    assert other.tokens == batch.tokens
+
+
+def test_eos_stops_a_row(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"], threads=1)
+    free = gen.generate(PROMPTS[0], 16)
+    stop_at = free.tokens[0][5]
+    first = free.tokens[0].index(stop_at)
+    got = gen.generate(PROMPTS[0], 16, eos_token_id=stop_at)
+    assert got.tokens[0] == free.tokens[0][:first + 1] and got.stopped == ["eos"]
+
+
+def test_seeded_sampling_is_reproducible_and_depends_on_the_seed(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"], threads=1)
+    a = gen.generate(PROMPTS[0], 32, temperature=1.0, top_k=20, seed=1).tokens
+    b = gen.generate(PROMPTS[0], 32, temperature=1.0, top_k=20, seed=1).tokens
+    c = gen.generate(PROMPTS[0], 32, temperature=1.0, top_k=20, seed=2).tokens
+    greedy = gen.generate(PROMPTS[0], 32).tokens
+    assert a == b
+    assert a != c and a != greedy
+
+
+def test_choose_respects_top_k_and_temperature() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 50))
+    top3 = np.argsort(logits, -1)[:, -3:]
+    for _ in range(50):
+        picks = choose(logits, 1.0, 3, rng)
+        assert all(picks[r] in top3[r] for r in range(4))
+    # top_k=1 is greedy whatever the temperature
+    assert (choose(logits, 5.0, 1, rng) == logits.argmax(-1)).all()
+    # sampling frequencies follow softmax(logits / T) (fresh draws, 3-sigma band)
+    two = np.array([[0.0, np.log(3.0)]] * 4000)
+    freq = (choose(two, 1.0, None, rng) == 1).mean()
+    assert abs(freq - 0.75) < 3 * (0.75 * 0.25 / 4000) ** 0.5
+
+
+def test_bad_options_are_input_errors(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"])
+    for kwargs in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_k": 0}):
+        with pytest.raises(InputError):
+            gen.generate([1, 2], **{"max_new_tokens": 4, **kwargs})
+    with pytest.raises(InputError, match="no tokenizer"):
+        gen.generate("hello", 4)
+    with pytest.raises(InputError, match="empty"):
+        gen.generate([[1, 2], []], 4)
+
+
+def test_cli_generate_prompt_ids(fixture_onnx) -> None:
+    ref = greedy_full_recompute(fixture_onnx["model"], PROMPTS[0], 12)
+    res = CliRunner().invoke(main, ["generate", str(fixture_onnx["path"]), "--prompt-ids",
+                                    ",".join(map(str, PROMPTS[0])), "--max-new-tokens", "12",
+                                    "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert [int(x) for x in res.stdout.split()] == ref
+
+
+def test_cli_generate_errors(fixture_onnx, tmp_path: Path) -> None:
+    path = str(fixture_onnx["path"])
+    res = CliRunner().invoke(main, ["generate", path, "--prompt", "hello"])
+    assert res.exit_code == 2 and "no tokenizer" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1,x"])
+    assert res.exit_code == 2 and "--prompt-ids" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path])
+    assert res.exit_code == 2 and "--prompt" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1", "--tokenizer",
+                                    str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not a folder" in res.stderr
+
+
+def test_prefill_only_model_is_a_clear_error(fixture_onnx) -> None:
+    path = export_prefill_only(fixture_onnx["model"], fixture_onnx["dir"] / "prefill.onnx")
+    with pytest.raises(InputError, match="prefill-only"):
+        Generator(path)
+    res = CliRunner().invoke(main, ["generate", str(path), "--prompt-ids", "1,2"])
+    assert res.exit_code == 2 and "prefill-only" in res.stderr
+
+
+def test_bench_decode_table_json_and_ratios(fixture_onnx, tmp_path: Path) -> None:
+    a = fixture_onnx["path"]
+    b = tmp_path / "copy.onnx"
+    b.write_bytes(Path(a).read_bytes())
+    out = tmp_path / "decode.json"
+    res = CliRunner().invoke(main, ["bench", "--decode", "--context", "16,64", "--tokens", "32",
+                                    "--max-prefill", "16", "--threads", "1", str(a), str(b),
+                                    "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "B/A" in res.stdout and "synthesised" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["contexts"] == [16, 64]
+    for cell in data["cells"]:
+        ctx = cell["context"]
+        kv = 2 * KV_HEADS * ctx * HEAD_DIM * 4
+        rec = HEADS * HEAD_DIM * (HEAD_DIM + 1) * 4
+        assert cell["state_bytes"] == {"kv": kv, "recurrent": rec}
+        assert len(cell["decode_runs_ms"]) >= 32 and cell["decode_ms"] > 0
+        assert cell["decode_synthesised"] == (ctx > 16)
+        assert (cell["prefill_ms"] is None) == (ctx > 16)
+    r = data["ratios"]["16"][str(b)]
+    assert r["state_bytes"] == pytest.approx(1.0)
+    assert r["decode"] == pytest.approx(data["cells"][1]["decode_ms"] / data["cells"][0]["decode_ms"])
+
+
+def test_bench_decode_rejects_a_prefill_only_model(fixture_onnx) -> None:
+    path = fixture_onnx["dir"] / "prefill.onnx"
+    if not path.exists():
+        export_prefill_only(fixture_onnx["model"], path)
+    res = CliRunner().invoke(main, ["bench", "--decode", "--context", "8", str(path)])
+    assert res.exit_code == 2 and "prefill-only" in res.stderr
