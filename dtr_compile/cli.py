@@ -409,22 +409,20 @@ def generate_cmd(model: str, prompt: str | None, prompt_file: str | None, prompt
         rows = [ids] if ids is not None else gen.encode([text or ""])
         out: list[int] = []
         shown = [""]
-        stdout = click.get_text_stream("stdout")
 
         def on_token(_row: int, tok: int) -> None:
             out.append(tok)
             if gen.tokenizer is None:
-                stdout.write(("" if len(out) == 1 else " ") + str(tok))
+                click.echo(("" if len(out) == 1 else " ") + str(tok), nl=False)
             else:  # decode the whole continuation: multi-byte characters arrive whole
                 full = gen.decode(out)
                 if not full.endswith("\ufffd"):
-                    stdout.write(full[len(shown[0]):])
+                    click.echo(full[len(shown[0]):], nl=False)  # echo flushes
                     shown[0] = full
-            stdout.flush()
 
         res = gen.generate(rows, max_new_tokens, temperature=temperature, top_k=top_k,
                            seed=seed, eos_token_id=eos_id, on_token=on_token)
-        stdout.write("\n")
+        click.echo("")
     except DtrError as exc:
         _fail(exc)
     ms = 1000.0 * res.decode_s / res.steps if res.steps else float("nan")

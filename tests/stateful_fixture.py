@@ -190,3 +190,18 @@ def greedy_full_recompute(model: TinyStatefulLM, prompt: list[int], n: int,
         if eos_id is not None and nxt == eos_id:
             break
     return out
+
+
+def save_tokenizer(folder: str | Path) -> Path:
+    """A word-level Hugging Face tokenizer of the fixture's vocabulary (``w3`` … ``w95``, with
+    ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2 = EOS) saved to ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": EOS_ID, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   bos_token="<s>")
+    fast.save_pretrained(str(folder))
+    return Path(folder)
