@@ -233,3 +233,57 @@ def test_bench_decode_rejects_a_prefill_only_model(fixture_onnx) -> None:
         export_prefill_only(fixture_onnx["model"], path)
     res = CliRunner().invoke(main, ["bench", "--decode", "--context", "8", str(path)])
     assert res.exit_code == 2 and "prefill-only" in res.stderr
+
+
+def test_genai_config_describes_the_decoder(fixture_onnx, tmp_path: Path) -> None:
+    from dtr_compile.runtime.genai_config import write_genai_config
+
+    path = write_genai_config(fixture_onnx["path"], tmp_path / "genai_config.json",
+                              eos_token_id=2, context_length=256)
+    cfg = json.loads(path.read_text())
+    dec = cfg["model"]["decoder"]
+    assert dec["layer_types"] == ["full_attention", "linear_attention"]
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert dec["inputs"]["past_recurrent_names"] == "past.%d.recurrent"
+    assert dec["outputs"]["present_recurrent_names"] == "present.%d.recurrent"
+    assert "past_conv_names" not in dec["inputs"]
+    assert (dec["head_size"], dec["num_key_value_heads"], dec["num_hidden_layers"]) == (
+        HEAD_DIM, KV_HEADS, 2)
+    assert cfg["model"]["vocab_size"] == 96 and cfg["model"]["eos_token_id"] == 2
+    assert dec["filename"] == Path(fixture_onnx["path"]).name
+
+
+def test_onnxruntime_genai_runs_the_decoder_with_a_conv_passthrough(fixture_onnx,
+                                                                     tmp_path: Path) -> None:
+    """onnxruntime-genai 0.18 (optional extra `genai`) refuses a linear layer without a conv
+    state; with the pass-through conv state write_genai_folder adds, its greedy continuation
+    equals the PyTorch full recomputation (single prompt; see docs/exporters.md for batches)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from dtr_compile.runtime.genai_config import write_genai_folder
+
+    d = tmp_path / "src"
+    d.mkdir()
+    model = d / "tiny.onnx"
+    model.write_bytes(Path(fixture_onnx["path"]).read_bytes())
+    save_tokenizer(d / "tokenizer")
+    out = write_genai_folder(model, tmp_path / "genai", context_length=128)
+    ours = StatefulSession(out / "model.onnx").sig
+    assert [s.past for s in ours.states if s.name == "conv"] == ["past.1.conv"]
+    gm = og.Model(str(out))
+    for prompt in PROMPTS[:2]:
+        params = og.GeneratorParams(gm)
+        params.set_search_options(max_length=len(prompt) + 40, do_sample=False)
+        gen = og.Generator(gm, params)
+        gen.append_tokens([prompt])
+        got: list[int] = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            got.append(int(gen.get_next_tokens()[0]))
+        ref = greedy_full_recompute(fixture_onnx["model"], prompt, 40, eos_id=2)
+        assert got == ref, prompt
+    # our runner reads the genai folder too (the conv state is just another state; the
+    # tokenizer files lie beside the model)
+    ours_gen = Generator(out / "model.onnx")
+    assert ours_gen.tokenizer is not None
+    assert ours_gen.generate(PROMPTS[1], 20).tokens[0] == \
+        greedy_full_recompute(fixture_onnx["model"], PROMPTS[1], 20, eos_id=2)

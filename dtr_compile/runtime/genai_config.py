@@ -13,11 +13,12 @@ docs/exporters.md, "onnxruntime-genai".
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from dtr_compile.errors import InputError
-from dtr_compile.fileio import write_json_atomic
+from dtr_compile.fileio import atomic_path, write_json_atomic
 from dtr_compile.runtime.generate import Signature, open_session, read_signature
 
 
@@ -50,7 +51,7 @@ def genai_config(
     layers = max(s.layer for s in sig.states) + 1
     kinds: dict[int, str] = {}
     for s in sig.states:
-        if s.kind == "recurrent" and s.name != "recurrent":
+        if s.kind == "recurrent" and s.name not in ("recurrent", "conv"):
             raise InputError(f"{path.name}: state {s.past} has no onnxruntime-genai name pattern "
                              "(it knows past.%d.recurrent and past.%d.conv only)")
         kinds[s.layer] = "full_attention" if s.kind == "kv" else "linear_attention"
@@ -69,9 +70,10 @@ def genai_config(
         inputs["past_value_names"] = "past_key_values.%d.value"
         outputs["present_key_names"] = "present.%d.key"
         outputs["present_value_names"] = "present.%d.value"
-    if any(s.kind == "recurrent" for s in sig.states):
-        inputs["past_recurrent_names"] = "past.%d.recurrent"
-        outputs["present_recurrent_names"] = "present.%d.recurrent"
+    for name in ("recurrent", "conv"):
+        if any(s.kind == "recurrent" and s.name == name for s in sig.states):
+            inputs[f"past_{name}_names"] = f"past.%d.{name}"
+            outputs[f"present_{name}_names"] = f"present.%d.{name}"
     vocab = _vocab(path)
     return {
         "model": {
@@ -123,3 +125,75 @@ def write_genai_config(model_path: str | os.PathLike[str], out: str | os.PathLik
     target = Path(out) if out is not None else Path(model_path).with_name("genai_config.json")
     write_json_atomic(target, genai_config(model_path, **kwargs))
     return target
+
+
+def add_conv_passthrough(proto: Any) -> list[int]:
+    """Give every ``linear_attention`` layer of a stateful decoder ``proto`` (an ``onnx``
+    ModelProto, changed in place) a pass-through ``past.{i}.conv`` → ``present.{i}.conv``
+    ``[B, 1, 1]`` (fp32, an Identity): onnxruntime-genai 0.18 binds a rank-3 conv state beside
+    every ``past.%d.recurrent`` (its Gated DeltaNet layout) and refuses a model without one. The
+    tensor carries nothing; the decoder's outputs are unchanged. Returns the layers given one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = {i.name for i in proto.graph.input}
+    batch = None
+    for i in proto.graph.input:
+        if i.name == "input_ids":
+            d0 = i.type.tensor_type.shape.dim[0]
+            batch = d0.dim_param or None
+    layers = sorted({int(m.group(1)) for n in names
+                     if (m := _RECURRENT.match(n)) and f"past.{m.group(1)}.conv" not in names})
+    for layer in layers:
+        past, present = f"past.{layer}.conv", f"present.{layer}.conv"
+        shape: list[Any] = [batch or "batch_size", 1, 1]
+        proto.graph.input.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, shape))
+        proto.graph.output.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, shape))
+        proto.graph.node.append(helper.make_node("Identity", [past], [present],
+                                                 name=f"genai_conv_passthrough_{layer}"))
+    onnx.checker.check_model(proto)
+    return layers
+
+
+_RECURRENT = re.compile(r"^past\.(\d+)\.recurrent$")
+
+
+def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                       tokenizer: str | os.PathLike[str] | None = None, **kwargs: Any) -> Path:
+    """Write a folder onnxruntime-genai can open (``onnxruntime_genai.Model(out_dir)``): the
+    decoder as ``model.onnx`` with a pass-through conv state per linear layer
+    (:func:`add_conv_passthrough`), ``genai_config.json`` (:func:`genai_config`, ``kwargs``
+    passed on), and the tokenizer files from ``tokenizer`` (a Hugging Face tokenizer folder;
+    default: the one :func:`~dtr_compile.runtime.generate.find_tokenizer` finds beside the
+    model). EOS / BOS / pad ids default to the tokenizer's. Returns ``out_dir``.
+
+    Raises:
+        InputError: as :func:`genai_config`; no tokenizer found.
+    """
+    import shutil
+
+    import onnx
+
+    from dtr_compile.runtime.generate import find_tokenizer, load_tokenizer
+
+    src = Path(model_path)
+    tok_dir = find_tokenizer(src, tokenizer)
+    if tok_dir is None:
+        raise InputError(f"no tokenizer for {src.name}: onnxruntime-genai needs the tokenizer "
+                         "files in its folder; give one")
+    tok = load_tokenizer(tok_dir)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if kwargs.get(key) is None and getattr(tok, key, None) is not None:
+            kwargs[key] = int(getattr(tok, key))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(src))
+    add_conv_passthrough(proto)
+    target = out / "model.onnx"
+    with atomic_path(target) as tmp:
+        onnx.save(proto, str(tmp))
+    write_json_atomic(out / "genai_config.json", genai_config(target, **kwargs))
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out

@@ -10,7 +10,7 @@ A stateful decoder (LINEAR_CONTRACT.md, onnxruntime-genai's naming) has inputs `
 * :class:`Generator` — prefill then decode steps: greedy, or seeded temperature / top-k sampling;
   batches of prompts of different lengths are left-padded and the attention mask carries it.
 * :func:`find_tokenizer` — ``--tokenizer``, else ``<model stem>.tokenizer/`` or ``tokenizer/``
-  beside the model.
+  beside the model (or its own folder, as onnxruntime-genai lays it out).
 
 The state a decode step needs is exactly the previous step's ``present.*``; nothing is recomputed.
 """
@@ -243,7 +243,8 @@ class Generation:
 def find_tokenizer(model_path: str | os.PathLike[str],
                    tokenizer: str | os.PathLike[str] | None = None) -> Path | None:
     """The tokenizer folder for ``model_path``: ``tokenizer`` if given, else
-    ``<model stem>.tokenizer/`` then ``tokenizer/`` beside the model; None when there is none.
+    ``<model stem>.tokenizer/`` then ``tokenizer/`` beside the model, then the model's own folder
+    when it holds ``tokenizer.json`` (an onnxruntime-genai folder); None when there is none.
 
     Raises:
         InputError: ``tokenizer`` was given but is not a folder.
@@ -258,6 +259,8 @@ def find_tokenizer(model_path: str | os.PathLike[str],
     for cand in (model.with_name(model.stem + ".tokenizer"), model.parent / "tokenizer"):
         if cand.is_dir():
             return cand
+    if (model.parent / "tokenizer.json").is_file():  # an onnxruntime-genai folder
+        return model.parent
     return None
 
 
