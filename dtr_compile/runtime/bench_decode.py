@@ -151,7 +151,7 @@ def bench_decode(
         ids = {n: rng.integers(0, _vocab(sessions[n]), (batch, ctx)) for n in names}
         mask = np.ones((batch, ctx), dtype=np.int64)
         # prefill: the first run gives the state decoding starts from; then timed rounds
-        states: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        states: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
         if ctx <= max_prefill:
             for n in names:
                 s = sessions[n]
@@ -207,8 +207,8 @@ def bench_decode(
                              threads, cells)
 
 
-def _decode_step(sess: StatefulSession, state: tuple[np.ndarray, dict[str, np.ndarray]],
-                 mask: np.ndarray) -> tuple[tuple[np.ndarray, dict[str, np.ndarray]], np.ndarray]:
+def _decode_step(sess: StatefulSession, state: tuple[np.ndarray, dict[str, Any]],
+                 mask: np.ndarray) -> tuple[tuple[np.ndarray, dict[str, Any]], np.ndarray]:
     """One greedy decode step (the timed unit, runner overhead included)."""
     logits, past = state
     nxt = logits[:, -1, :].argmax(-1)[:, None].astype(np.int64)

@@ -197,23 +197,39 @@ class StatefulSession:
         return {s.past: s.empty(batch) for s in self.sig.states}
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-             past: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run ``input_ids [B, t]`` with ``attention_mask [B, P + t]`` on ``past``.
+             past: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Run ``input_ids [B, t]`` with ``attention_mask [B, P + t]`` on ``past`` (numpy arrays
+        or onnxruntime OrtValues by past name).
 
-        Returns ``(logits [B, t, V], present)`` with ``present`` keyed by the *past* names, ready
-        to be fed to the next step.
+        Returns ``(logits [B, t, V], present)``: ``present`` holds OrtValues keyed by the *past*
+        names, fed as they are to the next step — the state stays in onnxruntime's memory, with
+        no copy to numpy and back per step (a 16K-token KV cache is hundreds of MB);
+        :func:`state_arrays` turns it into numpy arrays.
         """
+        import onnxruntime as ort
+
         sig = self.sig
-        feed: dict[str, np.ndarray] = {sig.input_ids: input_ids.astype(sig.ids_dtype, copy=False)}
+
+        def val(x: Any) -> Any:
+            return x if isinstance(x, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(x))
+
+        feed: dict[str, Any] = {sig.input_ids: val(input_ids.astype(sig.ids_dtype, copy=False))}
         if sig.attention_mask:
-            feed[sig.attention_mask] = attention_mask.astype(sig.mask_dtype, copy=False)
+            feed[sig.attention_mask] = val(attention_mask.astype(sig.mask_dtype, copy=False))
         if sig.position_ids:
             t = input_ids.shape[1]
             pos = np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None)[:, -t:]
-            feed[sig.position_ids] = pos.astype(np.int64)
-        feed.update(past)
-        res = self.session.run(self._outputs, feed)
-        return res[0], {s.past: r for s, r in zip(sig.states, res[1:], strict=True)}
+            feed[sig.position_ids] = val(pos.astype(np.int64))
+        for name, x in past.items():
+            feed[name] = val(x)
+        res = self.session.run_with_ort_values(self._outputs, feed)
+        return res[0].numpy(), {s.past: r for s, r in zip(sig.states, res[1:], strict=True)}
+
+
+def state_arrays(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{past name: numpy array}`` of a state from :meth:`StatefulSession.step`."""
+    return {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in state.items()}
 
 
 @dataclass
