@@ -157,14 +157,15 @@ def test_cli_generate_prompt_ids(fixture_onnx) -> None:
     assert [int(x) for x in res.stdout.split()] == ref
 
 
-@pytest.mark.parametrize("where", ["stem", "plain", "flag"])
+@pytest.mark.parametrize("where", ["stem", "base", "plain", "flag"])
 def test_cli_generate_text_streams_with_a_tokenizer(fixture_onnx, tmp_path: Path,
                                                     where: str) -> None:
     d = tmp_path / where
     d.mkdir()
-    model = d / "tiny.stateful.onnx"
+    model = d / "tiny.decoder.onnx"
     model.write_bytes(Path(fixture_onnx["path"]).read_bytes())
-    tok_dir = {"stem": d / "tiny.stateful.tokenizer", "plain": d / "tokenizer",
+    tok_dir = {"stem": d / "tiny.decoder.tokenizer", "base": d / "tiny.tokenizer",
+               "plain": d / "tokenizer",
                "flag": tmp_path / f"tok-{where}"}[where]
     save_tokenizer(tok_dir)
     prompt = " ".join(f"w{i}" for i in PROMPTS[0])
@@ -212,7 +213,7 @@ def test_bench_decode_table_json_and_ratios(fixture_onnx, tmp_path: Path) -> Non
                                     "--max-prefill", "16", "--threads", "1", str(a), str(b),
                                     "--json", str(out)])
     assert res.exit_code == 0, res.output
-    assert "B/A" in res.stdout and "synthesised" in res.stdout
+    assert "×A" in res.stdout and "synthesised" in res.stdout and "skipped" in res.stdout
     data = json.loads(out.read_text())
     assert data["contexts"] == [16, 64]
     for cell in data["cells"]:

@@ -225,9 +225,10 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def decode_table(result: DecodeBenchResult, title: str | None = None):  # noqa: ANN201
-    """A rich renderable of ``result``: per context, each model's decode ms/token, prefill ms and
-    state MiB per stream, and each later model's ratio to the first (``B/A`` < 1: B is faster or
-    smaller); then the legend and the notes of cells that could not be measured."""
+    """A rich renderable of ``result``: per context a row per model with its decode ms/token,
+    prefill ms and state MiB per stream, and for each later model its ratios to the first
+    (``×A`` < 1: faster or smaller than A); then the legend and the notes of cells that could
+    not be measured."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -236,27 +237,29 @@ def decode_table(result: DecodeBenchResult, title: str | None = None):  # noqa: 
     first = labels[result.models[0]]
     later = result.models[1:]
     table = Table(title=title or "onnxruntime decode benchmark")
-    table.add_column("context", justify="right")
-    for what in ("decode ms/tok", "prefill ms", "state MiB"):
-        for m in result.models:
-            table.add_column(f"{labels[m]} {what}", justify="right")
-        for m in later:
-            table.add_column(f"{labels[m]}/{first}", justify="right")
+    for col in ("context", "model", "decode ms/tok", "prefill ms", "state MiB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    if later:
+        for col in ("decode", "prefill", "state"):
+            table.add_column(f"{col} ×{first}", justify="right")
     notes: list[str] = []
     for ctx in result.contexts:
-        cells = [result.cell(m, ctx) for m in result.models]
         ratios = result.ratios(ctx)
-        row = [str(ctx)]
-        row += [f"{c.decode_ms:.2f}{'*' if c.decode_synthesised else ''}"
-                if c.decode_ms is not None else "n/a" for c in cells]
-        row += [_fmt_ratio(ratios[m]["decode"]) for m in later]
-        row += [f"{c.prefill_ms:.1f}" if c.prefill_ms is not None
-                else ("skipped" if ctx > result.max_prefill else "n/a") for c in cells]
-        row += [_fmt_ratio(ratios[m]["prefill"]) for m in later]
-        row += [f"{c.total_state_bytes / 2**20:.2f}" for c in cells]
-        row += [_fmt_ratio(ratios[m]["state_bytes"]) for m in later]
-        table.add_row(*row)
-        notes += [f"{labels[c.model]} C={ctx}: {c.note}" for c in cells if c.note]
+        for i, m in enumerate(result.models):
+            c = result.cell(m, ctx)
+            row = [str(ctx) if i == 0 else "", labels[m],
+                   f"{c.decode_ms:.2f}{'*' if c.decode_synthesised else ''}"
+                   if c.decode_ms is not None else "n/a",
+                   f"{c.prefill_ms:.1f}" if c.prefill_ms is not None
+                   else ("skipped" if ctx > result.max_prefill else "n/a"),
+                   f"{c.total_state_bytes / 2**20:.2f}"]
+            if later:
+                r = ratios.get(m)
+                row += ([_fmt_ratio(r["decode"]), _fmt_ratio(r["prefill"]),
+                         _fmt_ratio(r["state_bytes"])] if r else ["", "", ""])
+            table.add_row(*row, end_section=i == len(result.models) - 1)
+            if c.note:
+                notes.append(f"{labels[m]} C={ctx}: {c.note}")
     legend = [f"{labels[m]} = {m}" for m in result.models]
     legend.append(f"batch {result.batch}; decode: median of {result.tokens} interleaved greedy "
                   f"steps from context C; prefill: median of {result.prefill_repeats} runs of C "

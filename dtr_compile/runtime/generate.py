@@ -258,8 +258,9 @@ class Generation:
 
 def find_tokenizer(model_path: str | os.PathLike[str],
                    tokenizer: str | os.PathLike[str] | None = None) -> Path | None:
-    """The tokenizer folder for ``model_path``: ``tokenizer`` if given, else
-    ``<model stem>.tokenizer/`` then ``tokenizer/`` beside the model, then the model's own folder
+    """The tokenizer folder for ``model_path``: ``tokenizer`` if given, else beside the model
+    ``<model stem>.tokenizer/``, ``<name up to its first dot>.tokenizer/`` (``hybrid.tokenizer/``
+    for ``hybrid.decoder.onnx``), ``tokenizer/``, then the model's own folder
     when it holds ``tokenizer.json`` (an onnxruntime-genai folder); None when there is none.
 
     Raises:
@@ -272,7 +273,9 @@ def find_tokenizer(model_path: str | os.PathLike[str],
                              "folder with tokenizer.json / tokenizer_config.json)")
         return p
     model = Path(model_path)
-    for cand in (model.with_name(model.stem + ".tokenizer"), model.parent / "tokenizer"):
+    base = model.name.split(".")[0]  # hybrid.decoder.onnx, hybrid.original.decoder.onnx → hybrid
+    for cand in (model.with_name(model.stem + ".tokenizer"), model.with_name(base + ".tokenizer"),
+                 model.parent / "tokenizer"):
         if cand.is_dir():
             return cand
     if (model.parent / "tokenizer.json").is_file():  # an onnxruntime-genai folder
