@@ -191,6 +191,10 @@ def test_cli_generate_errors(fixture_onnx, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--prompt-ids" in res.stderr
     res = CliRunner().invoke(main, ["generate", path])
     assert res.exit_code == 2 and "--prompt" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1", "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1", "--top-k", "0"])
+    assert res.exit_code == 2 and "top_k" in res.stderr
     res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1", "--tokenizer",
                                     str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not a folder" in res.stderr

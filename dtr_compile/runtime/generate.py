@@ -162,13 +162,15 @@ def open_session(path: str | os.PathLike[str], threads: int | None = None) -> An
     """A CPU onnxruntime session of ``path``.
 
     Raises:
-        InputError: the file is missing or onnxruntime cannot load it.
+        InputError: the file is missing or onnxruntime cannot load it; ``threads`` < 1.
     """
     import onnxruntime as ort
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"ONNX file not found: {p}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
