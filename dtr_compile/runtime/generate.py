@@ -466,3 +466,49 @@ class Generator:
         if any(len(r) == 0 for r in rows):
             raise InputError("a prompt is empty (0 tokens); give at least one token")
         return rows
+
+
+def write_tokenizer(source: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path | None:
+    """Save the tokenizer of a model ``source`` as a Hugging Face tokenizer folder ``dest`` (for
+    :func:`find_tokenizer`: e.g. ``hybrid.tokenizer/`` or ``tokenizer/`` beside the decoder).
+
+    ``source``: a Hugging Face model folder with tokenizer files, a ``.gguf`` file (its embedded
+    tokenizer, as transformers converts it), or anything else (a torch.export archive: None,
+    nothing written). The folder is written beside ``dest`` under a temporary name and renamed
+    into place, so an existing ``dest`` is replaced only by a complete one.
+
+    Returns ``dest``, or None when ``source`` has no tokenizer.
+
+    Raises:
+        InputError: ``source`` has tokenizer files that transformers cannot load.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    src = Path(source)
+    try:
+        if src.is_dir() and any((src / f).is_file() for f in (
+                "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+            tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+        elif src.is_file() and src.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name,
+                                                local_files_only=True)
+        else:
+            return None
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{src}: its tokenizer cannot be loaded with transformers "
+                         f"({first_line(exc)[:200]})") from exc
+    out = Path(dest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
