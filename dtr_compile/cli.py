@@ -430,6 +430,38 @@ def generate_cmd(model: str, prompt: str | None, prompt_file: str | None, prompt
                   f"{len(rows[0])} tokens {1000 * res.prefill_s:.0f} ms; decode {ms:.1f} ms/token[/]")
 
 
+@main.command("genai-folder", epilog="""\b
+Writes OUT/model.onnx (MODEL with a pass-through conv state per linear layer, which
+onnxruntime-genai 0.18 requires), OUT/genai_config.json and the tokenizer files; run it with
+onnxruntime_genai.Model(OUT) (extra [genai]). docs/exporters.md, "onnxruntime-genai", says what
+works and what does not.
+Exit codes:
+  0  written
+  2  bad input: missing or prefill-only model, no tokenizer""")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Folder to write.")
+@click.option("--tokenizer", default=None, type=click.Path(path_type=str),
+              help="Hugging Face tokenizer folder (default: looked up beside MODEL).")
+@click.option("--context-length", type=int, default=4096, show_default=True,
+              help="context_length and search.max_length in genai_config.json.")
+@click.option("--model-type", default="llama", show_default=True,
+              help="model.type in genai_config.json.")
+def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_length: int,
+                     model_type: str) -> None:
+    """Write a folder onnxruntime-genai can run from a stateful decoder MODEL (.onnx)."""
+    from dtr_compile.runtime.genai_config import write_genai_folder
+
+    try:
+        if context_length < 1:
+            raise InputError("--context-length must be >= 1")
+        out = write_genai_folder(model, output, tokenizer, context_length=context_length,
+                                 model_type=model_type)
+    except DtrError as exc:
+        _fail(exc)
+    click.echo(f"wrote {out}/model.onnx, genai_config.json and the tokenizer files")
+
+
 @main.command("lint-trt", epilog="""\b
 Rules (severity): TRT001 op TensorRT does not import (reject); TRT002 op not in the table (warn);
 TRT003 CumSum axis / TopK K computed at run time (reject); TRT004 Einsum (reject with ellipsis or

@@ -264,17 +264,21 @@ def test_onnxruntime_genai_runs_the_decoder_with_a_conv_passthrough(fixture_onnx
     """onnxruntime-genai 0.18 (optional extra `genai`) refuses a linear layer without a conv
     state; with the pass-through conv state write_genai_folder adds, its greedy continuation
     equals the PyTorch full recomputation (single prompt; see docs/exporters.md for batches)."""
-    og = pytest.importorskip("onnxruntime_genai")
-    from dtr_compile.runtime.genai_config import write_genai_folder
 
     d = tmp_path / "src"
     d.mkdir()
     model = d / "tiny.onnx"
     model.write_bytes(Path(fixture_onnx["path"]).read_bytes())
     save_tokenizer(d / "tokenizer")
-    out = write_genai_folder(model, tmp_path / "genai", context_length=128)
+    res = CliRunner().invoke(main, ["genai-folder", str(model), "-o", str(tmp_path / "genai"),
+                                    "--context-length", "128"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "genai"
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["inputs"][
+        "past_conv_names"] == "past.%d.conv"
     ours = StatefulSession(out / "model.onnx").sig
     assert [s.past for s in ours.states if s.name == "conv"] == ["past.1.conv"]
+    og = pytest.importorskip("onnxruntime_genai")
     gm = og.Model(str(out))
     for prompt in PROMPTS[:2]:
         params = og.GeneratorParams(gm)
