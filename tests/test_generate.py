@@ -264,7 +264,6 @@ def test_onnxruntime_genai_runs_the_decoder_with_a_conv_passthrough(fixture_onnx
     """onnxruntime-genai 0.18 (optional extra `genai`) refuses a linear layer without a conv
     state; with the pass-through conv state write_genai_folder adds, its greedy continuation
     equals the PyTorch full recomputation (single prompt; see docs/exporters.md for batches)."""
-
     d = tmp_path / "src"
     d.mkdir()
     model = d / "tiny.onnx"
@@ -311,3 +310,40 @@ def test_write_tokenizer_from_a_model_folder(tmp_path: Path) -> None:
     assert tok("w5 w17")["input_ids"] == [5, 17] and tok.eos_token_id == 2
     assert write_tokenizer(tmp_path / "out" / "hybrid.decoder.onnx", tmp_path / "x") is None
     assert not (tmp_path / "x").exists()
+
+
+def test_signature_of_windowed_fp16_states() -> None:
+    """Window tensors (past.i.window_key/value/valid, LINEAR_CONTRACT) and fp16 KV caches: fixed
+    shapes, empty past = zeros (a window with no valid entry), bytes from the declared dtypes."""
+    from types import SimpleNamespace as NS
+
+    from dtr_compile.runtime.generate import read_signature
+
+    def io(name: str, shape: list, typ: str = "tensor(float)") -> NS:
+        return NS(name=name, shape=shape, type=typ)
+
+    ins = [io("input_ids", ["batch", "sequence"], "tensor(int64)"),
+           io("attention_mask", ["batch", "total_sequence"], "tensor(int64)"),
+           io("past_key_values.0.key", ["batch", 2, "past_sequence", 8], "tensor(float16)"),
+           io("past_key_values.0.value", ["batch", 2, "past_sequence", 8], "tensor(float16)"),
+           io("past.3.recurrent", ["batch", 4, 16, 9]),
+           io("past.3.window_key", ["batch", 2, 64, 8], "tensor(float16)"),
+           io("past.3.window_value", ["batch", 2, 64, 8], "tensor(float16)"),
+           io("past.3.window_valid", ["batch", 64], "tensor(bool)")]
+    outs = [io("logits", ["batch", "sequence", 96])] + [
+        io(i.name.replace("past_key_values", "present").replace("past", "present"), i.shape,
+           i.type) for i in ins[2:]]
+    sess = NS(get_inputs=lambda: ins, get_outputs=lambda: outs)
+    sig = read_signature(sess, "m.onnx")
+    assert {(s.layer, s.name, s.kind) for s in sig.states if s.layer == 3} == {
+        (3, n, "recurrent") for n in ("recurrent", "window_key", "window_value", "window_valid")}
+    valid = next(s for s in sig.states if s.name == "window_valid").empty(2)
+    assert valid.dtype == np.bool_ and valid.shape == (2, 64) and not valid.any()
+    assert next(s for s in sig.states if s.name == "key").empty(2).shape == (2, 2, 0, 8)
+    b = sig.state_bytes(1, 1000)
+    assert b["kv"] == 2 * 2 * 1000 * 8 * 2
+    assert b["recurrent"] == 4 * 16 * 9 * 4 + 2 * 2 * 64 * 8 * 2 + 64
+    # a state dim that varies (other than batch and a KV cache's length) is refused
+    ins[4] = io("past.3.recurrent", ["batch", 4, "f", 9])
+    with pytest.raises(InputError, match="not fixed"):
+        read_signature(sess, "m.onnx")
