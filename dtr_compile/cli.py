@@ -314,12 +314,15 @@ Exit codes:
                    "from a synthesised past and the prefill cell says 'skipped'.")
 @click.option("--prefill-repeats", type=int, default=3, show_default=True,
               help="--decode: timed prefill runs per model and context.")
+@click.option("--profile", is_flag=True, default=False,
+              help="--decode: also profile 8 decode steps per model at the largest context "
+                   "(onnxruntime profiler) and list where the time goes, per op type.")
 @click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
               help="Also write the results as JSON here.")
 def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmup: int,
               threads: int | None, extend_positions: bool, no_memory: bool, decode: bool,
               context: str, tokens: int, max_prefill: int, prefill_repeats: int,
-              json_path: str | None) -> None:
+              profile: bool, json_path: str | None) -> None:
     """Latency and peak memory of MODELS (.onnx, e.g. original then hybrid) in onnxruntime at
     each sequence length, with inputs synthesised from each model's input signature; with
     --decode, per-token decode latency, prefill time and state size of stateful decoders."""
@@ -328,15 +331,30 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
     console = _console()
     try:
         if decode:
+            from dataclasses import asdict
+
             from dtr_compile.runtime.bench_decode import bench_decode, decode_table
 
             dres = bench_decode(list(models), _seqs(context, "--context"), batch=batch,
                                 tokens=tokens, prefill_repeats=prefill_repeats,
                                 max_prefill=max_prefill, warmup=warmup, threads=threads,
                                 on_step=lambda msg: console.log(msg))
+            out = dres.to_dict()
+            profiles = {}
+            if profile:
+                from dtr_compile.runtime.bench_decode import profile_decode
+
+                longest = max(dres.contexts)
+                profiles = {m: profile_decode(m, longest, threads=threads) for m in dres.models}
+                out["profile"] = {"context": longest,
+                                  "ops": {m: [asdict(o) for o in p] for m, p in profiles.items()}}
             if json_path:
-                write_json(json_path, dres.to_dict())
+                write_json(json_path, out)
             Console().print(decode_table(dres))
+            if profiles:
+                from dtr_compile.runtime.bench_decode import profile_table
+
+                Console().print(profile_table(profiles, max(dres.contexts)))
             return
         from dtr_compile.runtime.bench import bench, bench_table
 

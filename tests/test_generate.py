@@ -215,7 +215,7 @@ def test_bench_decode_table_json_and_ratios(fixture_onnx, tmp_path: Path) -> Non
     out = tmp_path / "decode.json"
     res = CliRunner().invoke(main, ["bench", "--decode", "--context", "16,64", "--tokens", "32",
                                     "--max-prefill", "16", "--threads", "1", str(a), str(b),
-                                    "--json", str(out)])
+                                    "--profile", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "×A" in res.stdout and "synthesised" in res.stdout and "skipped" in res.stdout
     data = json.loads(out.read_text())
@@ -228,6 +228,12 @@ def test_bench_decode_table_json_and_ratios(fixture_onnx, tmp_path: Path) -> Non
         assert len(cell["decode_runs_ms"]) >= 32 and cell["decode_ms"] > 0
         assert cell["decode_synthesised"] == (ctx > 16)
         assert (cell["prefill_ms"] is None) == (ctx > 16)
+    prof = data["profile"]
+    assert prof["context"] == 64
+    ops = {o["op_type"] for o in prof["ops"][str(a)]}
+    assert "MatMul" in ops and "Concat" in ops  # projections; the KV cache's concatenation
+    assert sum(o["share"] for o in prof["ops"][str(a)]) == pytest.approx(1.0)
+    assert "decode step profile" in res.stdout
     r = data["ratios"]["16"][str(b)]
     assert r["state_bytes"] == pytest.approx(1.0)
     assert r["decode"] == pytest.approx(data["cells"][1]["decode_ms"] / data["cells"][0]["decode_ms"])

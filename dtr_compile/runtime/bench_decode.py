@@ -268,3 +268,60 @@ def decode_table(result: DecodeBenchResult, title: str | None = None):  # noqa: 
         legend.append(f"* decode timed on a synthesised past of length C (random values; "
                       f"prefill skipped above --max-prefill {result.max_prefill} or failed)")
     return Group(table, Text("\n".join(legend + notes)))
+
+
+@dataclass
+class OpShare:
+    """One op type's share of a decode step: ``ms`` per step (summed over its nodes)."""
+
+    op_type: str
+    ms: float
+    share: float
+    nodes: int
+
+
+def profile_decode(path: str | os.PathLike[str], context: int, *, steps: int = 8,
+                   threads: int | None = None, seed: int = 0) -> list[OpShare]:
+    """Where a decode step's time goes: onnxruntime's profiler over ``steps`` decode steps from
+    a synthesised past of ``context`` tokens (batch 1), summed per op type, largest first.
+
+    Raises:
+        InputError: as :class:`~dtr_compile.runtime.generate.StatefulSession`.
+    """
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dtr-profile-") as tmp:
+        prof = StatefulSession(path, threads, profile_prefix=str(Path(tmp) / "decode"))
+        rng = np.random.default_rng(seed)
+        state: tuple[np.ndarray, dict[str, Any]] = (
+            np.zeros((1, 1, 1), dtype=np.float32), synthesise_past(prof, 1, context, rng))
+        mask = np.ones((1, context), dtype=np.int64)
+        for _ in range(steps):
+            state, mask = _decode_step(prof, state, mask)
+        trace = json.loads(Path(prof.session.end_profiling()).read_text())
+    per: dict[str, list[float]] = {}
+    for ev in trace:
+        if ev.get("cat") == "Node" and str(ev.get("name", "")).endswith("_kernel_time"):
+            op = ev.get("args", {}).get("op_name", "?")
+            per.setdefault(op, []).append(ev.get("dur", 0) / 1000.0)
+    total = sum(sum(v) for v in per.values()) or 1.0
+    out = [OpShare(op, sum(v) / steps, sum(v) / total, len(v) // steps) for op, v in per.items()]
+    return sorted(out, key=lambda o: -o.ms)
+
+
+def profile_table(profiles: dict[str, list[OpShare]], context: int, top: int = 8):  # noqa: ANN201
+    """A rich table of :func:`profile_decode` results: per model its ``top`` op types by time
+    per decode step at ``context``."""
+    from rich.table import Table
+
+    labels = _labels(list(profiles))
+    table = Table(title=f"decode step profile at context {context} (onnxruntime, per op type)")
+    for col in ("model", "op", "ms/step", "share", "nodes"):
+        table.add_column(col, justify="left" if col in ("model", "op") else "right")
+    for m, ops in profiles.items():
+        for i, o in enumerate(ops[:top]):
+            table.add_row(labels[m] if i == 0 else "", o.op_type, f"{o.ms:.2f}",
+                          f"{100 * o.share:.1f}%", str(o.nodes),
+                          end_section=i == min(top, len(ops)) - 1)
+    return table

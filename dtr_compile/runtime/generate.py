@@ -158,8 +158,9 @@ def read_signature(session: Any, path: str | os.PathLike[str] = "model") -> Sign
         "position_ids" if "position_ids" in ins else None)
 
 
-def open_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
-    """A CPU onnxruntime session of ``path``.
+def open_session(path: str | os.PathLike[str], threads: int | None = None,
+                 profile_prefix: str | None = None) -> Any:
+    """A CPU onnxruntime session of ``path`` (profiling to ``profile_prefix``*.json if given).
 
     Raises:
         InputError: the file is missing or onnxruntime cannot load it; ``threads`` < 1.
@@ -175,6 +176,9 @@ def open_session(path: str | os.PathLike[str], threads: int | None = None) -> An
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     try:
         return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
@@ -188,9 +192,10 @@ class StatefulSession:
         InputError: as :func:`open_session` and :func:`read_signature`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
+                 profile_prefix: str | None = None) -> None:
         self.path = Path(path)
-        self.session = open_session(path, threads)
+        self.session = open_session(path, threads, profile_prefix)
         self.sig = read_signature(self.session, path)
         self._outputs = [self.sig.logits] + [s.present for s in self.sig.states]
 
