@@ -389,10 +389,12 @@ Exit codes:
   0  generated
   2  bad input: missing or prefill-only model, no tokenizer for a text prompt, bad option""")
 @click.argument("model", type=click.Path(path_type=str))
-@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt", multiple=True,
+              help="Prompt text; repeat for a batch (left-padded; printed when all are done).")
 @click.option("--prompt-file", default=None, type=click.Path(path_type=str),
               help="Read the prompt text from this file.")
-@click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids.")
+@click.option("--prompt-ids", multiple=True,
+              help="Prompt as comma-separated token ids; repeat for a batch.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True,
               help="Tokens to generate at most (fewer when EOS comes first).")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str),
@@ -404,7 +406,8 @@ Exit codes:
 @click.option("--eos-id", type=int, default=None,
               help="Stop at this token id (default: the tokenizer's EOS; none without one).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
-def generate_cmd(model: str, prompt: str | None, prompt_file: str | None, prompt_ids: str | None,
+def generate_cmd(model: str, prompt: tuple[str, ...], prompt_file: str | None,
+                 prompt_ids: tuple[str, ...],
                  max_new_tokens: int, tokenizer: str | None, temperature: float,
                  top_k: int | None, seed: int, eos_id: int | None, threads: int | None) -> None:
     """Continue a prompt with a stateful decoder ONNX in onnxruntime, streaming the text to
@@ -413,22 +416,24 @@ def generate_cmd(model: str, prompt: str | None, prompt_file: str | None, prompt
 
     console = _console()
     try:
-        given = [x for x in (prompt, prompt_file, prompt_ids) if x is not None]
-        if len(given) != 1:
-            raise InputError("give exactly one of --prompt TEXT, --prompt-file F, --prompt-ids 1,2,3")
-        ids = _prompt_ids(prompt_ids) if prompt_ids is not None else None
-        text = prompt
+        given = [bool(prompt), prompt_file is not None, bool(prompt_ids)]
+        if sum(given) != 1:
+            raise InputError("give one of --prompt TEXT, --prompt-file F, --prompt-ids 1,2,3")
+        texts = list(prompt)
         if prompt_file is not None:
             try:
-                text = Path(prompt_file).read_text(encoding="utf-8")
+                texts = [Path(prompt_file).read_text(encoding="utf-8")]
             except OSError as exc:
                 raise InputError(f"--prompt-file {prompt_file}: {exc.strerror or exc}") from None
+        ids = [_prompt_ids(p) for p in prompt_ids]
         gen = Generator(model, tokenizer=tokenizer, threads=threads)
-        rows = [ids] if ids is not None else gen.encode([text or ""])
+        rows = ids or gen.encode(texts)
         out: list[int] = []
         shown = [""]
 
         def on_token(_row: int, tok: int) -> None:
+            if len(rows) > 1:  # a batch is printed row by row when it is done
+                return
             out.append(tok)
             if gen.tokenizer is None:
                 click.echo(("" if len(out) == 1 else " ") + str(tok), nl=False)
@@ -440,12 +445,18 @@ def generate_cmd(model: str, prompt: str | None, prompt_file: str | None, prompt
 
         res = gen.generate(rows, max_new_tokens, temperature=temperature, top_k=top_k,
                            seed=seed, eos_token_id=eos_id, on_token=on_token)
-        click.echo("")
+        if len(rows) > 1:
+            for r, toks in enumerate(res.tokens):
+                click.echo(f"[{r}] " + (res.text[r] if res.text is not None
+                                        else " ".join(map(str, toks))))
+        else:
+            click.echo("")
     except DtrError as exc:
         _fail(exc)
     ms = 1000.0 * res.decode_s / res.steps if res.steps else float("nan")
-    console.print(f"[dim]{len(res.tokens[0])} tokens ({res.stopped[0]}); prefill "
-                  f"{len(rows[0])} tokens {1000 * res.prefill_s:.0f} ms; decode {ms:.1f} ms/token[/]")
+    console.print(f"[dim]{sum(map(len, res.tokens))} tokens ({', '.join(sorted(set(res.stopped)))})"
+                  f"; prefill {len(rows)}×{max(map(len, rows))} tokens "
+                  f"{1000 * res.prefill_s:.0f} ms; decode {ms:.1f} ms/step[/]")
 
 
 @main.command("genai-folder", epilog="""\b

@@ -176,11 +176,24 @@ def test_cli_generate_text_streams_with_a_tokenizer(fixture_onnx, tmp_path: Path
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert res.stdout.strip() == " ".join(f"w{i}" for i in ref if i != 2)
-    assert "tokens" in res.stderr and "ms/token" in res.stderr
+    assert "tokens" in res.stderr and "ms/step" in res.stderr
     pf = tmp_path / f"prompt-{where}.txt"
     pf.write_text(prompt)
     res2 = CliRunner().invoke(main, [*args[:2], "--prompt-file", str(pf), *args[4:]])
     assert res2.exit_code == 0 and res2.stdout == res.stdout
+
+
+def test_cli_generate_batch_of_prompt_ids(fixture_onnx) -> None:
+    args = ["generate", str(fixture_onnx["path"]), "--max-new-tokens", "10", "--threads", "1"]
+    for p in PROMPTS:
+        args += ["--prompt-ids", ",".join(map(str, p))]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == len(PROMPTS)
+    for r, (line, p) in enumerate(zip(lines, PROMPTS, strict=True)):
+        assert line == f"[{r}] " + " ".join(map(str, greedy_full_recompute(
+            fixture_onnx["model"], p, 10)))
 
 
 def test_cli_generate_errors(fixture_onnx, tmp_path: Path) -> None:
