@@ -1,6 +1,7 @@
 """Generation with a stateful decoder ONNX: greedy parity with full recomputation in PyTorch, left
-padding, seeded sampling, the `generate` CLI, `bench --decode`, and the error on a prefill-only
-model. The model is the hand-written fixture of tests/stateful_fixture.py (KV + recurrent)."""
+padding, seeded sampling, the `generate` CLI, `bench --decode` (table, JSON, profile), the error
+on a prefill-only model, genai_config.json and an onnxruntime-genai run, tokenizer writing. The
+model is the hand-written fixture of tests/stateful_fixture.py (KV + recurrent state)."""
 
 from __future__ import annotations
 
