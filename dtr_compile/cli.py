@@ -332,22 +332,26 @@ def _rows(data: str) -> int:
         return 0
 
 
-def _seqs(text: str) -> list[int]:
+def _seqs(text: str, flag: str = "--seq") -> list[int]:
     try:
         seqs = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"--seq {text!r}: expected comma-separated lengths, e.g. 512,2048") from None
+        raise InputError(f"{flag} {text!r}: expected comma-separated lengths, e.g. 512,2048") from None
     if not seqs:
-        raise InputError("--seq needs at least one length")
+        raise InputError(f"{flag} needs at least one length")
     return seqs
 
 
 @main.command("bench", epilog="""\b
 Columns: each model's median latency (ms) and peak memory (MiB) per length T, and each later
 model's ratio to the first (B/A < 1: B is faster / smaller).
+With --decode (stateful decoders): per context C, decode ms/token (median of --tokens greedy
+steps after a prefill of C tokens; * = from a synthesised past of length C), prefill ms, and
+state MiB per stream (KV caches + recurrent states), with B/A ratios.
 Exit codes:
   0  measured (cells a model cannot run say why)
-  2  bad input: missing or unloadable file, malformed --seq""")
+  2  bad input: missing or unloadable file, malformed --seq / --context, a prefill-only model
+     with --decode""")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--seq", "seq", default="512,2048", show_default=True,
               help="Comma-separated sequence lengths.")
@@ -361,19 +365,62 @@ Exit codes:
                    "table is extended with random rows; such cells are marked *.")
 @click.option("--no-memory", is_flag=True, default=False,
               help="Skip the peak-memory probes (one child process per model and length).")
+@click.option("--decode", is_flag=True, default=False,
+              help="Decode benchmark of stateful decoder ONNX models (see below).")
+@click.option("--context", default="1024,4096,16384", show_default=True,
+              help="--decode: comma-separated context lengths.")
+@click.option("--tokens", type=int, default=32, show_default=True,
+              help="--decode: timed decode steps per model and context.")
+@click.option("--max-prefill", type=int, default=4096, show_default=True,
+              help="--decode: run a real prefill up to this context; above it decode starts "
+                   "from a synthesised past and the prefill cell says 'skipped'.")
+@click.option("--prefill-repeats", type=int, default=3, show_default=True,
+              help="--decode: timed prefill runs per model and context.")
+@click.option("--profile", is_flag=True, default=False,
+              help="--decode: also profile 8 decode steps per model at the largest context "
+                   "(onnxruntime profiler) and list where the time goes, per op type.")
 @click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
               help="Also write the results as JSON here.")
 def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmup: int,
-              threads: int | None, extend_positions: bool, no_memory: bool,
-              json_path: str | None) -> None:
+              threads: int | None, extend_positions: bool, no_memory: bool, decode: bool,
+              context: str, tokens: int, max_prefill: int, prefill_repeats: int,
+              profile: bool, json_path: str | None) -> None:
     """Latency and peak memory of MODELS (.onnx, e.g. original then hybrid) in onnxruntime at
-    each sequence length, with inputs synthesised from each model's input signature."""
-    from dtr_compile.runtime.bench import bench, bench_table
+    each sequence length, with inputs synthesised from each model's input signature; with
+    --decode, per-token decode latency, prefill time and state size of stateful decoders."""
     from dtr_compile.runtime.evaluate import write_json
 
     console = _console()
     try:
         _check_threads(threads)
+        if decode:
+            from dataclasses import asdict
+
+            from dtr_compile.runtime.bench_decode import bench_decode, decode_table
+
+            dres = bench_decode(list(models), _seqs(context, "--context"), batch=batch,
+                                tokens=tokens, prefill_repeats=prefill_repeats,
+                                max_prefill=max_prefill, warmup=warmup, threads=threads,
+                                on_step=lambda msg: console.log(msg))
+            out = dres.to_dict()
+            profiles = {}
+            if profile:
+                from dtr_compile.runtime.bench_decode import profile_decode
+
+                longest = max(dres.contexts)
+                profiles = {m: profile_decode(m, longest, threads=threads) for m in dres.models}
+                out["profile"] = {"context": longest,
+                                  "ops": {m: [asdict(o) for o in p] for m, p in profiles.items()}}
+            if json_path:
+                write_json(json_path, out)
+            Console().print(decode_table(dres))
+            if profiles:
+                from dtr_compile.runtime.bench_decode import profile_table
+
+                Console().print(profile_table(profiles, max(dres.contexts)))
+            return
+        from dtr_compile.runtime.bench import bench, bench_table
+
         result = bench(list(models), _seqs(seq), batch=batch, repeats=repeats, warmup=warmup,
                        threads=threads, extend=extend_positions, memory=not no_memory,
                        on_step=lambda msg: console.log(msg))
@@ -382,6 +429,129 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
     except DtrError as exc:
         _fail(exc)
     Console().print(bench_table(result))
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", ",").split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--prompt-ids {text!r}: expected comma-separated token ids, "
+                         "e.g. 1,2,3") from None
+    if not ids:
+        raise InputError("--prompt-ids needs at least one token id")
+    return ids
+
+
+@main.command("generate", epilog="""\b
+Files: MODEL is a stateful decoder ONNX (inputs input_ids, attention_mask and
+past_key_values.* / past.*, outputs logits and present.*), as dtr-compile writes beside the
+hybrid of a causal model. The tokenizer is --tokenizer DIR, else MODEL_STEM.tokenizer/ or
+tokenizer/ beside MODEL (a Hugging Face tokenizer folder); without one, --prompt-ids works and
+the output is token ids.
+Exit codes:
+  0  generated
+  2  bad input: missing or prefill-only model, no tokenizer for a text prompt, bad option""")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--prompt", multiple=True,
+              help="Prompt text; repeat for a batch (left-padded; printed when all are done).")
+@click.option("--prompt-file", default=None, type=click.Path(path_type=str),
+              help="Read the prompt text from this file.")
+@click.option("--prompt-ids", multiple=True,
+              help="Prompt as comma-separated token ids; repeat for a batch.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Tokens to generate at most (fewer when EOS comes first).")
+@click.option("--tokenizer", default=None, type=click.Path(path_type=str),
+              help="Hugging Face tokenizer folder (default: looked up beside MODEL).")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0: greedy; > 0: sample from softmax(logits / T).")
+@click.option("--top-k", type=int, default=None, help="Sample among the K most likely tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--eos-id", type=int, default=None,
+              help="Stop at this token id (default: the tokenizer's EOS; none without one).")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
+def generate_cmd(model: str, prompt: tuple[str, ...], prompt_file: str | None,
+                 prompt_ids: tuple[str, ...],
+                 max_new_tokens: int, tokenizer: str | None, temperature: float,
+                 top_k: int | None, seed: int, eos_id: int | None, threads: int | None) -> None:
+    """Continue a prompt with a stateful decoder ONNX in onnxruntime, streaming the text to
+    stdout as it is decoded (greedy by default; seeded sampling with --temperature / --top-k)."""
+    from dtr_compile.runtime.generate import Generator
+
+    console = _console()
+    try:
+        given = [bool(prompt), prompt_file is not None, bool(prompt_ids)]
+        if sum(given) != 1:
+            raise InputError("give one of --prompt TEXT, --prompt-file F, --prompt-ids 1,2,3")
+        texts = list(prompt)
+        if prompt_file is not None:
+            try:
+                texts = [Path(prompt_file).read_text(encoding="utf-8")]
+            except OSError as exc:
+                raise InputError(f"--prompt-file {prompt_file}: {exc.strerror or exc}") from None
+        ids = [_prompt_ids(p) for p in prompt_ids]
+        gen = Generator(model, tokenizer=tokenizer, threads=threads)
+        rows = ids or gen.encode(texts)
+        out: list[int] = []
+        shown = [""]
+
+        def on_token(_row: int, tok: int) -> None:
+            if len(rows) > 1:  # a batch is printed row by row when it is done
+                return
+            out.append(tok)
+            if gen.tokenizer is None:
+                click.echo(("" if len(out) == 1 else " ") + str(tok), nl=False)
+            else:  # decode the whole continuation: multi-byte characters arrive whole
+                full = gen.decode(out)
+                if not full.endswith("\ufffd"):
+                    click.echo(full[len(shown[0]):], nl=False)  # echo flushes
+                    shown[0] = full
+
+        res = gen.generate(rows, max_new_tokens, temperature=temperature, top_k=top_k,
+                           seed=seed, eos_token_id=eos_id, on_token=on_token)
+        if len(rows) > 1:
+            for r, toks in enumerate(res.tokens):
+                click.echo(f"[{r}] " + (res.text[r] if res.text is not None
+                                        else " ".join(map(str, toks))))
+        else:
+            click.echo("")
+    except DtrError as exc:
+        _fail(exc)
+    ms = 1000.0 * res.decode_s / res.steps if res.steps else float("nan")
+    console.print(f"[dim]{sum(map(len, res.tokens))} tokens ({', '.join(sorted(set(res.stopped)))})"
+                  f"; prefill {len(rows)}×{max(map(len, rows))} tokens "
+                  f"{1000 * res.prefill_s:.0f} ms; decode {ms:.1f} ms/step[/]")
+
+
+@main.command("genai-folder", epilog="""\b
+Writes OUT/model.onnx (MODEL with a pass-through conv state per linear layer, which
+onnxruntime-genai 0.18 requires), OUT/genai_config.json and the tokenizer files; run it with
+onnxruntime_genai.Model(OUT) (extra [genai]). docs/exporters.md, "onnxruntime-genai", says what
+works and what does not.
+Exit codes:
+  0  written
+  2  bad input: missing or prefill-only model, no tokenizer""")
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Folder to write.")
+@click.option("--tokenizer", default=None, type=click.Path(path_type=str),
+              help="Hugging Face tokenizer folder (default: looked up beside MODEL).")
+@click.option("--context-length", type=int, default=4096, show_default=True,
+              help="context_length and search.max_length in genai_config.json.")
+@click.option("--model-type", default="llama", show_default=True,
+              help="model.type in genai_config.json.")
+def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_length: int,
+                     model_type: str) -> None:
+    """Write a folder onnxruntime-genai can run from a stateful decoder MODEL (.onnx)."""
+    from dtr_compile.runtime.genai_config import write_genai_folder
+
+    try:
+        if context_length < 1:
+            raise InputError("--context-length must be >= 1")
+        out = write_genai_folder(model, output, tokenizer, context_length=context_length,
+                                 model_type=model_type)
+    except DtrError as exc:
+        _fail(exc)
+    click.echo(f"wrote {out}/model.onnx, genai_config.json and the tokenizer files")
 
 
 @main.command("lint-trt", epilog="""\b

@@ -1,0 +1,199 @@
+"""``genai_config.json`` for a stateful decoder ONNX, in onnxruntime-genai's format.
+
+onnxruntime-genai (PyPI ``onnxruntime-genai``) runs a folder holding the decoder ONNX, a
+``genai_config.json`` and the tokenizer files. Its model builder writes, for hybrid models such as
+LFM2 or Qwen3.5 (Gated DeltaNet + attention), ``model.decoder.inputs`` / ``outputs`` with
+``%d`` name patterns (``past_key_values.%d.key``, ``past.%d.recurrent``, ``present.%d.*``) and
+``layer_types`` (``full_attention`` / ``linear_attention`` per layer). :func:`genai_config` builds
+the same from the model's own interface (:func:`~dtr_compile.runtime.generate.read_signature`).
+Whether onnxruntime-genai can then *run* our decoder is a separate question: see
+docs/exporters.md, "onnxruntime-genai".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from dtr_compile.errors import InputError
+from dtr_compile.fileio import atomic_path, write_json_atomic
+from dtr_compile.runtime.generate import Signature, open_session, read_signature
+
+
+def genai_config(
+    model_path: str | os.PathLike[str],
+    *,
+    model_type: str = "llama",
+    context_length: int = 4096,
+    num_attention_heads: int | None = None,
+    hidden_size: int | None = None,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    sig: Signature | None = None,
+) -> dict[str, Any]:
+    """The ``genai_config.json`` dict for the stateful decoder at ``model_path``.
+
+    Layer i is ``full_attention`` when it has ``past_key_values.i.*``, ``linear_attention`` when
+    it has ``past.i.*``; head size and KV heads come from the KV inputs ``[B, Hkv, P, D]``, the
+    vocabulary from ``logits [B, t, V]``. ``num_attention_heads`` / ``hidden_size`` default to
+    the KV heads / heads × head size when not given (genai reads them only for its own caches).
+
+    Raises:
+        InputError: as :func:`read_signature` (not a stateful decoder); a linear layer state
+            other than ``recurrent`` (genai has no name pattern for window tensors).
+    """
+    path = Path(model_path)
+    if sig is None:
+        sig = read_signature(open_session(path), path)
+    layers = max(s.layer for s in sig.states) + 1
+    kinds: dict[int, str] = {}
+    for s in sig.states:
+        if s.kind == "recurrent" and s.name not in ("recurrent", "conv"):
+            raise InputError(f"{path.name}: state {s.past} has no onnxruntime-genai name pattern "
+                             "(it knows past.%d.recurrent and past.%d.conv only)")
+        kinds[s.layer] = "full_attention" if s.kind == "kv" else "linear_attention"
+    kv = [s for s in sig.states if s.kind == "kv"]
+    kv_heads = kv[0].shape[1] if kv else None
+    head_size = kv[0].shape[3] if kv else None
+    heads = num_attention_heads or kv_heads
+    inputs: dict[str, str] = {"input_ids": sig.input_ids}
+    outputs: dict[str, str] = {"logits": sig.logits}
+    if sig.attention_mask:
+        inputs["attention_mask"] = sig.attention_mask
+    if sig.position_ids:
+        inputs["position_ids"] = sig.position_ids
+    if kv:
+        inputs["past_key_names"] = "past_key_values.%d.key"
+        inputs["past_value_names"] = "past_key_values.%d.value"
+        outputs["present_key_names"] = "present.%d.key"
+        outputs["present_value_names"] = "present.%d.value"
+    for name in ("recurrent", "conv"):
+        if any(s.kind == "recurrent" and s.name == name for s in sig.states):
+            inputs[f"past_{name}_names"] = f"past.%d.{name}"
+            outputs[f"present_{name}_names"] = f"present.%d.{name}"
+    vocab = _vocab(path)
+    return {
+        "model": {
+            "bos_token_id": bos_token_id,
+            "context_length": context_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": path.name,
+                "head_size": head_size,
+                "hidden_size": hidden_size or ((heads or 0) * (head_size or 0)) or None,
+                "inputs": inputs,
+                "outputs": outputs,
+                "num_attention_heads": heads,
+                "num_hidden_layers": layers,
+                "num_key_value_heads": kv_heads,
+                "layer_types": [kinds.get(i, "full_attention") for i in range(layers)],
+            },
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id if pad_token_id is not None else 0,
+            "type": model_type,
+            "vocab_size": vocab,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True,
+            "length_penalty": 1.0, "max_length": context_length, "min_length": 0,
+            "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+            "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+            "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def _vocab(path: Path) -> int | None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for o in proto.graph.output:
+        if o.name == "logits":
+            dims = o.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value"):
+                return int(dims[-1].dim_value)
+    return None
+
+
+def write_genai_config(model_path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
+                       **kwargs: Any) -> Path:
+    """Write :func:`genai_config` as ``genai_config.json`` beside the model (or at ``out``),
+    atomically. Returns the path written."""
+    target = Path(out) if out is not None else Path(model_path).with_name("genai_config.json")
+    write_json_atomic(target, genai_config(model_path, **kwargs))
+    return target
+
+
+def add_conv_passthrough(proto: Any) -> list[int]:
+    """Give every ``linear_attention`` layer of a stateful decoder ``proto`` (an ``onnx``
+    ModelProto, changed in place) a pass-through ``past.{i}.conv`` → ``present.{i}.conv``
+    ``[B, 1, 1]`` (fp32, an Identity): onnxruntime-genai 0.18 binds a rank-3 conv state beside
+    every ``past.%d.recurrent`` (its Gated DeltaNet layout) and refuses a model without one. The
+    tensor carries nothing; the decoder's outputs are unchanged. Returns the layers given one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = {i.name for i in proto.graph.input}
+    batch = None
+    for i in proto.graph.input:
+        if i.name == "input_ids":
+            d0 = i.type.tensor_type.shape.dim[0]
+            batch = d0.dim_param or None
+    layers = sorted({int(m.group(1)) for n in names
+                     if (m := _RECURRENT.match(n)) and f"past.{m.group(1)}.conv" not in names})
+    for layer in layers:
+        past, present = f"past.{layer}.conv", f"present.{layer}.conv"
+        shape: list[Any] = [batch or "batch_size", 1, 1]
+        proto.graph.input.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, shape))
+        proto.graph.output.append(helper.make_tensor_value_info(present, TensorProto.FLOAT, shape))
+        proto.graph.node.append(helper.make_node("Identity", [past], [present],
+                                                 name=f"genai_conv_passthrough_{layer}"))
+    onnx.checker.check_model(proto)
+    return layers
+
+
+_RECURRENT = re.compile(r"^past\.(\d+)\.recurrent$")
+
+
+def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                       tokenizer: str | os.PathLike[str] | None = None, **kwargs: Any) -> Path:
+    """Write a folder onnxruntime-genai can open (``onnxruntime_genai.Model(out_dir)``): the
+    decoder as ``model.onnx`` with a pass-through conv state per linear layer
+    (:func:`add_conv_passthrough`), ``genai_config.json`` (:func:`genai_config`, ``kwargs``
+    passed on), and the tokenizer files from ``tokenizer`` (a Hugging Face tokenizer folder;
+    default: the one :func:`~dtr_compile.runtime.generate.find_tokenizer` finds beside the
+    model). EOS / BOS / pad ids default to the tokenizer's. Returns ``out_dir``.
+
+    Raises:
+        InputError: as :func:`genai_config`; no tokenizer found.
+    """
+    import shutil
+
+    import onnx
+
+    from dtr_compile.runtime.generate import find_tokenizer, load_tokenizer
+
+    src = Path(model_path)
+    tok_dir = find_tokenizer(src, tokenizer)
+    if tok_dir is None:
+        raise InputError(f"no tokenizer for {src.name}: onnxruntime-genai needs the tokenizer "
+                         "files in its folder; give one")
+    tok = load_tokenizer(tok_dir)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if kwargs.get(key) is None and getattr(tok, key, None) is not None:
+            kwargs[key] = int(getattr(tok, key))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(src))
+    add_conv_passthrough(proto)
+    target = out / "model.onnx"
+    with atomic_path(target) as tmp:
+        onnx.save(proto, str(tmp))
+    write_json_atomic(out / "genai_config.json", genai_config(target, **kwargs))
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out

@@ -1,0 +1,473 @@
+"""Text generation with a stateful decoder ONNX in onnxruntime (``dtr-compile generate``).
+
+A stateful decoder (LINEAR_CONTRACT.md, onnxruntime-genai's naming) has inputs ``input_ids
+[B, t]``, ``attention_mask [B, P + t]`` and, per model layer ``i``, its past: softmax layers
+``past_key_values.{i}.key`` / ``.value`` ``[B, Hkv, P, D]``, linear layers ``past.{i}.{name}``
+(e.g. ``recurrent [B, H, F, Dv + 1]``); its outputs are ``logits [B, t, V]`` and the matching
+``present.*``. One graph does the prefill (P = 0, t = prompt length) and each decode step (t = 1).
+
+* :func:`read_signature` — the model's state tensors and how to build their empty past.
+* :class:`Generator` — prefill then decode steps: greedy, or seeded temperature / top-k sampling;
+  batches of prompts of different lengths are left-padded and the attention mask carries it.
+* :func:`find_tokenizer` — ``--tokenizer``, else ``<model stem>.tokenizer/`` or ``tokenizer/``
+  beside the model (or its own folder, as onnxruntime-genai lays it out).
+
+The state a decode step needs is exactly the previous step's ``present.*``; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtr_compile.errors import DependencyError, InputError
+from dtr_compile.runtime.evaluate import first_line
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(bfloat16)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+}
+_KV = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PAST = re.compile(r"^past\.(\d+)\.(\w+)$")
+
+PREFILL_ONLY_HINT = (
+    "it is a prefill-only model (input_ids, attention_mask → logits, no past_key_values.* / "
+    "past.* inputs with matching present.* outputs), so every new token would re-run the whole "
+    "prefix. Use the stateful decoder dtr-compile writes beside the hybrid for causal models "
+    "(see README, Generation)")
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor: input ``past`` fed from output ``present`` of the previous step.
+
+    ``kind``: ``"kv"`` (softmax layer key/value cache, ``[B, Hkv, P, D]``, grows by t per step)
+    or ``"recurrent"`` (a linear layer's fixed-size state, ``past.{i}.{name}``). ``shape`` holds
+    ints for fixed dims and None for the batch dim (0) and, for ``kv``, the past length (2).
+    """
+
+    past: str
+    present: str
+    layer: int
+    name: str
+    kind: str
+    dtype: Any
+    shape: tuple[int | None, ...]
+
+    def empty(self, batch: int) -> np.ndarray:
+        """The state before any token: ``[B, Hkv, 0, D]`` for a KV cache, zeros for a recurrent
+        state (an empty sum; a window with no valid entry)."""
+        return np.zeros(self.at(batch, 0), dtype=self.dtype)
+
+    def at(self, batch: int, past_len: int) -> tuple[int, ...]:
+        """The shape of this state for ``batch`` streams after ``past_len`` tokens."""
+        dims = [batch if i == 0 else (past_len if d is None else d)
+                for i, d in enumerate(self.shape)]
+        return tuple(dims)
+
+    def nbytes(self, batch: int, past_len: int) -> int:
+        """Bytes of this state for ``batch`` streams after ``past_len`` tokens."""
+        return int(np.prod(self.at(batch, past_len))) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The decoder's interface: token and mask inputs, the logits output, the states."""
+
+    input_ids: str
+    attention_mask: str | None
+    logits: str
+    states: tuple[StateSpec, ...]
+    ids_dtype: Any = np.int64
+    mask_dtype: Any = np.int64
+    position_ids: str | None = None
+
+    def state_bytes(self, batch: int, past_len: int) -> dict[str, int]:
+        """``{"kv": bytes, "recurrent": bytes}`` of the state of ``batch`` streams after
+        ``past_len`` tokens (from the declared shapes and dtypes)."""
+        out = {"kv": 0, "recurrent": 0}
+        for s in self.states:
+            out[s.kind] += s.nbytes(batch, past_len)
+        return out
+
+
+def _dims(shape: Sequence[Any]) -> tuple[int | str | None, ...]:
+    return tuple(d if isinstance(d, int) else (d or None) for d in shape)
+
+
+def read_signature(session: Any, path: str | os.PathLike[str] = "model") -> Signature:
+    """Read a stateful decoder's interface from an onnxruntime ``session``.
+
+    Raises:
+        InputError: no ``input_ids`` / ``logits``; no state pairs (a prefill-only model); a past
+            without its present; a state dim other than batch (and a KV cache's length) that is
+            not fixed.
+    """
+    ins = {i.name: i for i in session.get_inputs()}
+    outs = {o.name: o for o in session.get_outputs()}
+    name = Path(path).name
+    if "input_ids" not in ins:
+        raise InputError(f"{name}: no input_ids input (inputs: {', '.join(ins)}); "
+                         "generate needs a causal language model")
+    logits = "logits" if "logits" in outs else next(iter(outs))
+    states: list[StateSpec] = []
+    for n, spec in ins.items():
+        m = _KV.match(n) or _PAST.match(n)
+        if not m:
+            continue
+        layer, sub = int(m.group(1)), m.group(2)
+        present = f"present.{layer}.{sub}"
+        if present not in outs:
+            raise InputError(f"{name}: state input {n} has no matching output {present}")
+        kind = "kv" if _KV.match(n) else "recurrent"
+        dims = _dims(spec.shape)
+        shape: list[int | None] = []
+        for i, d in enumerate(dims):
+            if i == 0 or (kind == "kv" and i == 2):
+                if isinstance(d, int) and i == 0 and d != 1:
+                    raise InputError(f"{name}: {n} has a fixed batch of {d}; expected a "
+                                     "dynamic batch dim")
+                shape.append(None)
+            elif isinstance(d, int):
+                shape.append(d)
+            else:
+                raise InputError(f"{name}: dim {i} of {n} ({d}) is not fixed; only the batch "
+                                 "(and a KV cache's past length) may vary")
+        states.append(StateSpec(n, present, layer, sub, kind,
+                                _ORT_DTYPES.get(spec.type, np.float32), tuple(shape)))
+    if not states:
+        raise InputError(f"{name}: {PREFILL_ONLY_HINT}")
+    unknown = [n for n in ins if n not in ("input_ids", "attention_mask", "position_ids")
+               and not (_KV.match(n) or _PAST.match(n))]
+    if unknown:
+        raise InputError(f"{name}: inputs the runner does not know how to feed: "
+                         f"{', '.join(unknown)}")
+    mask = "attention_mask" if "attention_mask" in ins else None
+    return Signature(
+        "input_ids", mask, logits, tuple(sorted(states, key=lambda s: (s.layer, s.past))),
+        _ORT_DTYPES.get(ins["input_ids"].type, np.int64),
+        _ORT_DTYPES.get(ins[mask].type, np.int64) if mask else np.int64,
+        "position_ids" if "position_ids" in ins else None)
+
+
+def open_session(path: str | os.PathLike[str], threads: int | None = None,
+                 profile_prefix: str | None = None) -> Any:
+    """A CPU onnxruntime session of ``path`` (profiling to ``profile_prefix``*.json if given).
+
+    Raises:
+        InputError: the file is missing or onnxruntime cannot load it; ``threads`` < 1.
+    """
+    import onnxruntime as ort
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"ONNX file not found: {p}")
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{p}: onnxruntime cannot load it: {first_line(exc)}") from exc
+
+
+class StatefulSession:
+    """A stateful decoder in onnxruntime: :meth:`step` runs t tokens on top of a past.
+
+    Raises:
+        InputError: as :func:`open_session` and :func:`read_signature`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
+                 profile_prefix: str | None = None) -> None:
+        self.path = Path(path)
+        self.session = open_session(path, threads, profile_prefix)
+        self.sig = read_signature(self.session, path)
+        self._outputs = [self.sig.logits] + [s.present for s in self.sig.states]
+
+    def empty_state(self, batch: int) -> dict[str, np.ndarray]:
+        """``{past name: array}`` of an empty past (P = 0) for ``batch`` streams."""
+        return {s.past: s.empty(batch) for s in self.sig.states}
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+             past: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Run ``input_ids [B, t]`` with ``attention_mask [B, P + t]`` on ``past`` (numpy arrays
+        or onnxruntime OrtValues by past name).
+
+        Returns ``(logits [B, t, V], present)``: ``present`` holds OrtValues keyed by the *past*
+        names, fed as they are to the next step — the state stays in onnxruntime's memory, with
+        no copy to numpy and back per step (a 16K-token KV cache is hundreds of MB);
+        :func:`state_arrays` turns it into numpy arrays.
+        """
+        import onnxruntime as ort
+
+        sig = self.sig
+
+        def val(x: Any) -> Any:
+            return x if isinstance(x, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(x))
+
+        feed: dict[str, Any] = {sig.input_ids: val(input_ids.astype(sig.ids_dtype, copy=False))}
+        if sig.attention_mask:
+            feed[sig.attention_mask] = val(attention_mask.astype(sig.mask_dtype, copy=False))
+        if sig.position_ids:
+            t = input_ids.shape[1]
+            pos = np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None)[:, -t:]
+            feed[sig.position_ids] = val(pos.astype(np.int64))
+        for name, x in past.items():
+            feed[name] = val(x)
+        res = self.session.run_with_ort_values(self._outputs, feed)
+        return res[0].numpy(), {s.past: r for s, r in zip(sig.states, res[1:], strict=True)}
+
+
+def state_arrays(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``{past name: numpy array}`` of a state from :meth:`StatefulSession.step`."""
+    return {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in state.items()}
+
+
+@dataclass
+class Generation:
+    """What :meth:`Generator.generate` produced, one row per prompt.
+
+    ``tokens[r]``: the new token ids of row r (ending with EOS if it stopped there);
+    ``text[r]``: their decoding (None without a tokenizer); ``prefill_s`` / ``decode_s``: wall
+    time of the prefill and of all decode steps (seconds); ``steps``: decode steps run.
+    """
+
+    prompts: list[list[int]]
+    tokens: list[list[int]]
+    text: list[str] | None
+    prefill_s: float
+    decode_s: float
+    steps: int
+    stopped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "tokens": self.tokens, "text": self.text,
+                "prefill_s": self.prefill_s, "decode_s": self.decode_s, "steps": self.steps,
+                "stopped": self.stopped,
+                "ms_per_token": 1000.0 * self.decode_s / self.steps if self.steps else None}
+
+
+def find_tokenizer(model_path: str | os.PathLike[str],
+                   tokenizer: str | os.PathLike[str] | None = None) -> Path | None:
+    """The tokenizer folder for ``model_path``: ``tokenizer`` if given, else beside the model
+    ``<model stem>.tokenizer/``, ``<name up to its first dot>.tokenizer/`` (``hybrid.tokenizer/``
+    for ``hybrid.decoder.onnx``), ``tokenizer/``, then the model's own folder
+    when it holds ``tokenizer.json`` (an onnxruntime-genai folder); None when there is none.
+
+    Raises:
+        InputError: ``tokenizer`` was given but is not a folder.
+    """
+    if tokenizer is not None:
+        p = Path(tokenizer)
+        if not p.is_dir():
+            raise InputError(f"--tokenizer {p}: not a folder (expected a Hugging Face tokenizer "
+                             "folder with tokenizer.json / tokenizer_config.json)")
+        return p
+    model = Path(model_path)
+    base = model.name.split(".")[0]  # hybrid.decoder.onnx, hybrid.original.decoder.onnx → hybrid
+    for cand in (model.with_name(model.stem + ".tokenizer"), model.with_name(base + ".tokenizer"),
+                 model.parent / "tokenizer"):
+        if cand.is_dir():
+            return cand
+    if (model.parent / "tokenizer.json").is_file():  # an onnxruntime-genai folder
+        return model.parent
+    return None
+
+
+def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
+    """``transformers.AutoTokenizer.from_pretrained(folder)``, local files only.
+
+    Raises:
+        InputError: the folder holds no loadable tokenizer.
+    """
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise DependencyError("loading a tokenizer needs transformers") from exc
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"tokenizer folder {folder}: cannot load it with "
+                         f"transformers.AutoTokenizer ({first_line(exc)[:200]})") from exc
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to ``ids [B, T]`` and ``mask [B, T]`` (0 on padding, 1 on tokens)."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for r, p in enumerate(prompts):
+        if p:
+            ids[r, width - len(p):] = p
+            mask[r, width - len(p):] = 1
+    return ids, mask
+
+
+def choose(logits: np.ndarray, temperature: float, top_k: int | None,
+           rng: np.random.Generator) -> np.ndarray:
+    """Next tokens ``[B]`` from last-position logits ``[B, V]``: argmax when ``temperature`` is
+    0, else a draw from softmax(logits / temperature) restricted to the ``top_k`` largest."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
+        z = np.where(z >= kth, z, -np.inf)
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    u = rng.random(z.shape[0])
+    return np.minimum((p.cumsum(-1) < u[:, None]).sum(-1), z.shape[-1] - 1)
+
+
+class Generator:
+    """Generate with a stateful decoder ONNX (see the module docstring).
+
+    ``tokenizer``: a Hugging Face tokenizer object or folder; None looks beside the model
+    (:func:`find_tokenizer`) and works without one for token-id prompts.
+
+    Raises:
+        InputError: the model is missing, not loadable, or not stateful (a prefill-only model);
+            a tokenizer folder that cannot be loaded.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], tokenizer: Any = None,
+                 threads: int | None = None) -> None:
+        self.model = StatefulSession(model_path, threads)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            folder = find_tokenizer(model_path, tokenizer)
+            tokenizer = load_tokenizer(folder) if folder is not None else None
+        self.tokenizer = tokenizer
+
+    @property
+    def signature(self) -> Signature:
+        return self.model.sig
+
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of text prompts.
+
+        Raises:
+            InputError: there is no tokenizer.
+        """
+        if self.tokenizer is None:
+            raise InputError(
+                f"no tokenizer for {self.model.path.name}: give --tokenizer DIR (a Hugging Face "
+                f"tokenizer folder), put one at {self.model.path.stem}.tokenizer/ or tokenizer/ "
+                "beside the model, or pass token ids (--prompt-ids 1,2,3)")
+        return [list(self.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(str(i) for i in ids)
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _eos(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        if eos_token_id is None:
+            return set()
+        return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in
+                                                                           eos_token_id}
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+        ``prompts``: a text, texts, a token-id list, or token-id lists (rows of different lengths
+        are left-padded). Greedy when ``temperature`` is 0, else sampling from
+        softmax(logits / temperature) over the ``top_k`` most likely tokens, with a numpy
+        generator seeded by ``seed`` (same seed → same tokens). A row stops at an EOS id
+        (``eos_token_id``, default the tokenizer's); the run stops when every row has.
+        ``on_token(row, token_id)`` is called for every new token as it is chosen.
+
+        Raises:
+            InputError: an empty prompt, ``max_new_tokens`` < 1, ``temperature`` < 0,
+                ``top_k`` < 1, text prompts without a tokenizer.
+        """
+        rows = self._rows(prompts)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not (temperature >= 0 and np.isfinite(temperature)):
+            raise InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise InputError(f"top_k must be >= 1, got {top_k}")
+        eos = self._eos(eos_token_id)
+        if pad_token_id is None:
+            pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer else None
+            pad_token_id = pad if pad is not None else (min(eos) if eos else 0)
+        rng = np.random.default_rng(seed)
+        batch = len(rows)
+        ids, mask = left_pad(rows, pad_token_id)
+        t0 = time.perf_counter()
+        logits, state = self.model.step(ids, mask, self.model.empty_state(batch))
+        prefill_s = time.perf_counter() - t0
+        out: list[list[int]] = [[] for _ in rows]
+        done = np.zeros(batch, dtype=bool)
+        stopped = ["max_new_tokens"] * batch
+        steps, t1 = 0, time.perf_counter()
+        while True:
+            nxt = choose(logits[:, -1, :], temperature, top_k, rng)
+            for r in range(batch):
+                if done[r]:
+                    continue
+                tok = int(nxt[r])
+                out[r].append(tok)
+                if on_token is not None:
+                    on_token(r, tok)
+                if tok in eos:
+                    done[r], stopped[r] = True, "eos"
+                elif len(out[r]) >= max_new_tokens:
+                    done[r] = True
+            if done.all():
+                break
+            # finished rows keep running (a batch moves together) on pad tokens they ignore
+            feed = np.where(done, pad_token_id, nxt).astype(np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
+            logits, state = self.model.step(feed, mask, state)
+            steps += 1
+        decode_s = time.perf_counter() - t1
+        text = [self.decode(o) for o in out] if self.tokenizer is not None else None
+        return Generation(rows, out, text, prefill_s, decode_s, steps, stopped)
+
+    def _rows(self, prompts: Any) -> list[list[int]]:
+        if isinstance(prompts, str):
+            rows = self.encode([prompts])
+        elif isinstance(prompts, Sequence) and prompts and all(isinstance(p, str)
+                                                               for p in prompts):
+            rows = self.encode(list(prompts))
+        elif isinstance(prompts, Sequence) and prompts and all(
+                isinstance(p, (int, np.integer)) for p in prompts):
+            rows = [[int(p) for p in prompts]]
+        elif isinstance(prompts, Sequence) and prompts:
+            rows = [[int(t) for t in p] for p in prompts]
+        else:
+            raise InputError("no prompt given")
+        if any(len(r) == 0 for r in rows):
+            raise InputError("a prompt is empty (0 tokens); give at least one token")
+        return rows

@@ -1,0 +1,355 @@
+"""Generation with a stateful decoder ONNX: greedy parity with full recomputation in PyTorch, left
+padding, seeded sampling, the `generate` CLI, `bench --decode` (table, JSON, profile), the error
+on a prefill-only model, genai_config.json and an onnxruntime-genai run. The
+model is the hand-written fixture of tests/stateful_fixture.py (KV + recurrent state)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dtr_compile.cli import main
+from dtr_compile.errors import InputError
+from dtr_compile.runtime.generate import Generator, StatefulSession, choose, state_arrays
+from tests.stateful_fixture import (
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    TinyStatefulLM,
+    empty_state,
+    export_prefill_only,
+    export_stateful,
+    greedy_full_recompute,
+    save_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def fixture_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.set_num_threads(1)
+    model = TinyStatefulLM().eval()
+    d = tmp_path_factory.mktemp("stateful")
+    path = export_stateful(model, d / "tiny.stateful.onnx")
+    return {"model": model, "path": path, "dir": d}
+
+
+PROMPTS = [[5, 17, 33, 8, 61], [40, 9], [71, 3, 88, 12, 27, 54, 6, 19]]
+
+
+def test_greedy_matches_full_recompute(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"], threads=1)
+    for prompt in PROMPTS[:2]:
+        ref = greedy_full_recompute(fixture_onnx["model"], prompt, 64)
+        got = gen.generate(prompt, 64)
+        assert got.tokens[0] == ref, (prompt, got.tokens[0], ref)
+        assert got.steps == 63 and got.stopped == ["max_new_tokens"]
+
+
+@pytest.mark.slow
+def test_greedy_matches_full_recompute_dynamo_export(fixture_onnx, tmp_path: Path) -> None:
+    """The same parity through torch.onnx.export(dynamo=True), the compiler's exporter."""
+    path = export_stateful(fixture_onnx["model"], tmp_path / "dynamo.onnx", dynamo=True)
+    got = Generator(path, threads=1).generate(PROMPTS[0], 64).tokens[0]
+    assert got == greedy_full_recompute(fixture_onnx["model"], PROMPTS[0], 64)
+
+
+def test_decode_logits_match_prefill_of_the_longer_sequence(fixture_onnx) -> None:
+    """Prefill of P tokens then decode steps = one prefill of the longer sequence: per-step logits
+    over 64 teacher-forced random tokens (greedy runs of a random model fall into loops, so this
+    checks every step on fresh inputs), max-abs and rel-RMS; the states after the last step."""
+    sess = StatefulSession(fixture_onnx["path"], threads=1)
+    rng = np.random.default_rng(3)
+    seq = rng.integers(3, 96, (1, 70))
+    ones = np.ones_like(seq)
+    with torch.no_grad():
+        ref = fixture_onnx["model"](torch.tensor(seq), torch.tensor(ones), *empty_state(1))
+    ref_logits = ref[0][0].numpy()  # [T, V], causal: row p is the logits after token p
+    logits, state = sess.step(seq[:, :6], ones[:, :6], sess.empty_state(1))
+    steps = [logits[0, -1]]
+    for p in range(6, seq.shape[1]):
+        logits, state = sess.step(seq[:, p:p + 1], ones[:, :p + 1], state)
+        steps.append(logits[0, -1])
+    got, want = np.stack(steps), ref_logits[5:]
+    state = state_arrays(state)
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    np.testing.assert_allclose(state["past.1.recurrent"], ref[3].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state["past_key_values.0.key"], ref[1].numpy(), rtol=1e-4,
+                               atol=1e-5)
+    assert state["past_key_values.0.key"].shape == (1, KV_HEADS, 70, HEAD_DIM)
+
+
+def test_signature_and_state_bytes(fixture_onnx) -> None:
+    sig = StatefulSession(fixture_onnx["path"]).sig
+    kinds = {(s.layer, s.name): s.kind for s in sig.states}
+    assert kinds == {(0, "key"): "kv", (0, "value"): "kv", (1, "recurrent"): "recurrent"}
+    b = sig.state_bytes(batch=3, past_len=100)
+    assert b["kv"] == 2 * 3 * KV_HEADS * 100 * HEAD_DIM * 4
+    assert b["recurrent"] == 3 * HEADS * HEAD_DIM * (HEAD_DIM + 1) * 4
+
+
+def test_left_padded_batch_equals_each_row_alone(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"], threads=1)
+    batch = gen.generate(PROMPTS, 24, pad_token_id=0)
+    for r, prompt in enumerate(PROMPTS):
+        alone = gen.generate(prompt, 24)
+        assert batch.tokens[r] == alone.tokens[0], r
+    # padding with another id changes nothing: it never enters the KV softmax nor the state
+    other = gen.generate(PROMPTS, 24, pad_token_id=77)
+    assert other.tokens == batch.tokens
+
+
+def test_eos_stops_a_row(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"], threads=1)
+    free = gen.generate(PROMPTS[0], 16)
+    stop_at = free.tokens[0][5]
+    first = free.tokens[0].index(stop_at)
+    got = gen.generate(PROMPTS[0], 16, eos_token_id=stop_at)
+    assert got.tokens[0] == free.tokens[0][:first + 1] and got.stopped == ["eos"]
+
+
+def test_seeded_sampling_is_reproducible_and_depends_on_the_seed(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"], threads=1)
+    a = gen.generate(PROMPTS[0], 32, temperature=1.0, top_k=20, seed=1).tokens
+    b = gen.generate(PROMPTS[0], 32, temperature=1.0, top_k=20, seed=1).tokens
+    c = gen.generate(PROMPTS[0], 32, temperature=1.0, top_k=20, seed=2).tokens
+    greedy = gen.generate(PROMPTS[0], 32).tokens
+    assert a == b
+    assert a != c and a != greedy
+
+
+def test_choose_respects_top_k_and_temperature() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 50))
+    top3 = np.argsort(logits, -1)[:, -3:]
+    for _ in range(50):
+        picks = choose(logits, 1.0, 3, rng)
+        assert all(picks[r] in top3[r] for r in range(4))
+    # top_k=1 is greedy whatever the temperature
+    assert (choose(logits, 5.0, 1, rng) == logits.argmax(-1)).all()
+    # sampling frequencies follow softmax(logits / T) (fresh draws, 3-sigma band)
+    two = np.array([[0.0, np.log(3.0)]] * 4000)
+    freq = (choose(two, 1.0, None, rng) == 1).mean()
+    assert abs(freq - 0.75) < 3 * (0.75 * 0.25 / 4000) ** 0.5
+
+
+def test_bad_options_are_input_errors(fixture_onnx) -> None:
+    gen = Generator(fixture_onnx["path"])
+    for kwargs in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_k": 0}):
+        with pytest.raises(InputError):
+            gen.generate([1, 2], **{"max_new_tokens": 4, **kwargs})
+    with pytest.raises(InputError, match="no tokenizer"):
+        gen.generate("hello", 4)
+    with pytest.raises(InputError, match="empty"):
+        gen.generate([[1, 2], []], 4)
+
+
+def test_cli_generate_prompt_ids(fixture_onnx) -> None:
+    ref = greedy_full_recompute(fixture_onnx["model"], PROMPTS[0], 12)
+    res = CliRunner().invoke(main, ["generate", str(fixture_onnx["path"]), "--prompt-ids",
+                                    ",".join(map(str, PROMPTS[0])), "--max-new-tokens", "12",
+                                    "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert [int(x) for x in res.stdout.split()] == ref
+
+
+@pytest.mark.parametrize("where", ["stem", "base", "plain", "flag"])
+def test_cli_generate_text_streams_with_a_tokenizer(fixture_onnx, tmp_path: Path,
+                                                    where: str) -> None:
+    d = tmp_path / where
+    d.mkdir()
+    model = d / "tiny.decoder.onnx"
+    model.write_bytes(Path(fixture_onnx["path"]).read_bytes())
+    tok_dir = {"stem": d / "tiny.decoder.tokenizer", "base": d / "tiny.tokenizer",
+               "plain": d / "tokenizer",
+               "flag": tmp_path / f"tok-{where}"}[where]
+    save_tokenizer(tok_dir)
+    prompt = " ".join(f"w{i}" for i in PROMPTS[0])
+    ref = greedy_full_recompute(fixture_onnx["model"], PROMPTS[0], 20, eos_id=2)
+    args = ["generate", str(model), "--prompt", prompt, "--max-new-tokens", "20"]
+    if where == "flag":
+        args += ["--tokenizer", str(tok_dir)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == " ".join(f"w{i}" for i in ref if i != 2)
+    assert "tokens" in res.stderr and "ms/step" in res.stderr
+    pf = tmp_path / f"prompt-{where}.txt"
+    pf.write_text(prompt)
+    res2 = CliRunner().invoke(main, [*args[:2], "--prompt-file", str(pf), *args[4:]])
+    assert res2.exit_code == 0 and res2.stdout == res.stdout
+
+
+def test_cli_generate_batch_of_prompt_ids(fixture_onnx) -> None:
+    args = ["generate", str(fixture_onnx["path"]), "--max-new-tokens", "10", "--threads", "1"]
+    for p in PROMPTS:
+        args += ["--prompt-ids", ",".join(map(str, p))]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == len(PROMPTS)
+    for r, (line, p) in enumerate(zip(lines, PROMPTS, strict=True)):
+        assert line == f"[{r}] " + " ".join(map(str, greedy_full_recompute(
+            fixture_onnx["model"], p, 10)))
+
+
+def test_cli_generate_errors(fixture_onnx, tmp_path: Path) -> None:
+    path = str(fixture_onnx["path"])
+    res = CliRunner().invoke(main, ["generate", path, "--prompt", "hello"])
+    assert res.exit_code == 2 and "no tokenizer" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1,x"])
+    assert res.exit_code == 2 and "--prompt-ids" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path])
+    assert res.exit_code == 2 and "--prompt" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1", "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1", "--top-k", "0"])
+    assert res.exit_code == 2 and "top_k" in res.stderr
+    res = CliRunner().invoke(main, ["generate", path, "--prompt-ids", "1", "--tokenizer",
+                                    str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not a folder" in res.stderr
+
+
+def test_prefill_only_model_is_a_clear_error(fixture_onnx) -> None:
+    path = export_prefill_only(fixture_onnx["model"], fixture_onnx["dir"] / "prefill.onnx")
+    with pytest.raises(InputError, match="prefill-only"):
+        Generator(path)
+    res = CliRunner().invoke(main, ["generate", str(path), "--prompt-ids", "1,2"])
+    assert res.exit_code == 2 and "prefill-only" in res.stderr
+
+
+def test_bench_decode_table_json_and_ratios(fixture_onnx, tmp_path: Path) -> None:
+    a = fixture_onnx["path"]
+    b = tmp_path / "copy.onnx"
+    b.write_bytes(Path(a).read_bytes())
+    out = tmp_path / "decode.json"
+    res = CliRunner().invoke(main, ["bench", "--decode", "--context", "16,64", "--tokens", "32",
+                                    "--max-prefill", "16", "--threads", "1", str(a), str(b),
+                                    "--profile", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "×A" in res.stdout and "synthesised" in res.stdout and "skipped" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["contexts"] == [16, 64]
+    for cell in data["cells"]:
+        ctx = cell["context"]
+        kv = 2 * KV_HEADS * ctx * HEAD_DIM * 4
+        rec = HEADS * HEAD_DIM * (HEAD_DIM + 1) * 4
+        assert cell["state_bytes"] == {"kv": kv, "recurrent": rec}
+        assert len(cell["decode_runs_ms"]) >= 32 and cell["decode_ms"] > 0
+        assert cell["decode_synthesised"] == (ctx > 16)
+        assert (cell["prefill_ms"] is None) == (ctx > 16)
+    prof = data["profile"]
+    assert prof["context"] == 64
+    ops = {o["op_type"] for o in prof["ops"][str(a)]}
+    assert "MatMul" in ops and "Concat" in ops  # projections; the KV cache's concatenation
+    assert sum(o["share"] for o in prof["ops"][str(a)]) == pytest.approx(1.0)
+    assert "decode step profile" in res.stdout
+    r = data["ratios"]["16"][str(b)]
+    assert r["state_bytes"] == pytest.approx(1.0)
+    assert r["decode"] == pytest.approx(data["cells"][1]["decode_ms"] / data["cells"][0]["decode_ms"])
+
+
+def test_bench_decode_rejects_a_prefill_only_model(fixture_onnx) -> None:
+    path = fixture_onnx["dir"] / "prefill.onnx"
+    if not path.exists():
+        export_prefill_only(fixture_onnx["model"], path)
+    res = CliRunner().invoke(main, ["bench", "--decode", "--context", "8", str(path)])
+    assert res.exit_code == 2 and "prefill-only" in res.stderr
+
+
+def test_genai_config_describes_the_decoder(fixture_onnx, tmp_path: Path) -> None:
+    from dtr_compile.runtime.genai_config import write_genai_config
+
+    path = write_genai_config(fixture_onnx["path"], tmp_path / "genai_config.json",
+                              eos_token_id=2, context_length=256)
+    cfg = json.loads(path.read_text())
+    dec = cfg["model"]["decoder"]
+    assert dec["layer_types"] == ["full_attention", "linear_attention"]
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert dec["inputs"]["past_recurrent_names"] == "past.%d.recurrent"
+    assert dec["outputs"]["present_recurrent_names"] == "present.%d.recurrent"
+    assert "past_conv_names" not in dec["inputs"]
+    assert (dec["head_size"], dec["num_key_value_heads"], dec["num_hidden_layers"]) == (
+        HEAD_DIM, KV_HEADS, 2)
+    assert cfg["model"]["vocab_size"] == 96 and cfg["model"]["eos_token_id"] == 2
+    assert dec["filename"] == Path(fixture_onnx["path"]).name
+
+
+def test_onnxruntime_genai_runs_the_decoder_with_a_conv_passthrough(fixture_onnx,
+                                                                     tmp_path: Path) -> None:
+    """onnxruntime-genai 0.18 (optional extra `genai`) refuses a linear layer without a conv
+    state; with the pass-through conv state write_genai_folder adds, its greedy continuation
+    equals the PyTorch full recomputation (single prompt; see docs/exporters.md for batches)."""
+    d = tmp_path / "src"
+    d.mkdir()
+    model = d / "tiny.onnx"
+    model.write_bytes(Path(fixture_onnx["path"]).read_bytes())
+    save_tokenizer(d / "tokenizer")
+    res = CliRunner().invoke(main, ["genai-folder", str(model), "-o", str(tmp_path / "genai"),
+                                    "--context-length", "128"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "genai"
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["inputs"][
+        "past_conv_names"] == "past.%d.conv"
+    ours = StatefulSession(out / "model.onnx").sig
+    assert [s.past for s in ours.states if s.name == "conv"] == ["past.1.conv"]
+    og = pytest.importorskip("onnxruntime_genai")
+    gm = og.Model(str(out))
+    for prompt in PROMPTS[:2]:
+        params = og.GeneratorParams(gm)
+        params.set_search_options(max_length=len(prompt) + 40, do_sample=False)
+        gen = og.Generator(gm, params)
+        gen.append_tokens([prompt])
+        got: list[int] = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            got.append(int(gen.get_next_tokens()[0]))
+        ref = greedy_full_recompute(fixture_onnx["model"], prompt, 40, eos_id=2)
+        assert got == ref, prompt
+    # our runner reads the genai folder too (the conv state is just another state; the
+    # tokenizer files lie beside the model)
+    ours_gen = Generator(out / "model.onnx")
+    assert ours_gen.tokenizer is not None
+    assert ours_gen.generate(PROMPTS[1], 20).tokens[0] == \
+        greedy_full_recompute(fixture_onnx["model"], PROMPTS[1], 20, eos_id=2)
+
+
+def test_signature_of_windowed_fp16_states() -> None:
+    """Window tensors (past.i.window_key/value/valid, LINEAR_CONTRACT) and fp16 KV caches: fixed
+    shapes, empty past = zeros (a window with no valid entry), bytes from the declared dtypes."""
+    from types import SimpleNamespace as NS
+
+    from dtr_compile.runtime.generate import read_signature
+
+    def io(name: str, shape: list, typ: str = "tensor(float)") -> NS:
+        return NS(name=name, shape=shape, type=typ)
+
+    ins = [io("input_ids", ["batch", "sequence"], "tensor(int64)"),
+           io("attention_mask", ["batch", "total_sequence"], "tensor(int64)"),
+           io("past_key_values.0.key", ["batch", 2, "past_sequence", 8], "tensor(float16)"),
+           io("past_key_values.0.value", ["batch", 2, "past_sequence", 8], "tensor(float16)"),
+           io("past.3.recurrent", ["batch", 4, 16, 9]),
+           io("past.3.window_key", ["batch", 2, 64, 8], "tensor(float16)"),
+           io("past.3.window_value", ["batch", 2, 64, 8], "tensor(float16)"),
+           io("past.3.window_valid", ["batch", 64], "tensor(bool)")]
+    outs = [io("logits", ["batch", "sequence", 96])] + [
+        io(i.name.replace("past_key_values", "present").replace("past", "present"), i.shape,
+           i.type) for i in ins[2:]]
+    sess = NS(get_inputs=lambda: ins, get_outputs=lambda: outs)
+    sig = read_signature(sess, "m.onnx")
+    assert {(s.layer, s.name, s.kind) for s in sig.states if s.layer == 3} == {
+        (3, n, "recurrent") for n in ("recurrent", "window_key", "window_value", "window_valid")}
+    valid = next(s for s in sig.states if s.name == "window_valid").empty(2)
+    assert valid.dtype == np.bool_ and valid.shape == (2, 64) and not valid.any()
+    assert next(s for s in sig.states if s.name == "key").empty(2).shape == (2, 2, 0, 8)
+    b = sig.state_bytes(1, 1000)
+    assert b["kv"] == 2 * 2 * 1000 * 8 * 2
+    assert b["recurrent"] == 4 * 16 * 9 * 4 + 2 * 2 * 64 * 8 * 2 + 64
+    # a state dim that varies (other than batch and a KV cache's length) is refused
+    ins[4] = io("past.3.recurrent", ["batch", 4, "f", 9])
+    with pytest.raises(InputError, match="not fixed"):
+        read_signature(sess, "m.onnx")
