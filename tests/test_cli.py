@@ -21,7 +21,8 @@ FAST = ["--distill-steps", "40", "--max-calib-samples", "16", "--no-progress"]
 
 
 def run_cli(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # PYTHONPATH: the package of this checkout, also when cwd is another folder
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
@@ -117,11 +118,11 @@ def test_config_file_supplies_data_and_metric(tiny_task, tmp_path) -> None:
     report = json.loads((tmp_path / "h.report.json").read_text())
     assert report["metric"]["name"] == "agreement" and len(report["replaced"]) == 1
     # a flag overrides the file; --window on a model without causal sites says it does nothing
-    res = run_cli(tiny_task["model"], "--budget", "99pt", "-o", "h2.onnx", "--max-linear", "0",
+    res = run_cli(tiny_task["model"], "--budget", "99pt", "-o", "h2.onnx", "--max-linear", "2",
                   "--window", "8", "--no-progress", cwd=tmp_path)
-    assert res.returncode == 3
+    assert res.returncode == 0
     assert "--window 8 has no effect" in " ".join(res.stderr.split())
-    assert json.loads((tmp_path / "h2.report.json").read_text())["replaced"] == []
+    assert len(json.loads((tmp_path / "h2.report.json").read_text())["replaced"]) == 2
 
 
 def test_help_documents_every_flag() -> None:
