@@ -6,12 +6,14 @@ are listed by ``dtr-compile --help``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,8 +206,24 @@ def compile_cmd(model: str, output: str, **flags: object) -> None:
     """Compile MODEL (a torch.export archive .pt/.pt2, or a Hugging Face folder) into a hybrid
     ONNX within the budget. Data and metric may also come from dtr.toml or [tool.dtr-compile]
     in pyproject.toml in the working directory; flags override the file."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    with _sigterm_as_interrupt():
+        _compile(model, output, flags)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While compiling, SIGTERM raises :class:`Terminated` (the previous handler is restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _compile(model: str, output: str, flags: dict[str, object]) -> None:
     try:
         file_values, _src = read_project_config(Path.cwd())
         values = dict(file_values)

@@ -21,7 +21,8 @@ FAST = ["--distill-steps", "40", "--max-calib-samples", "16", "--no-progress"]
 
 
 def run_cli(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # PYTHONPATH: the package of this checkout, also when cwd is another folder
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
