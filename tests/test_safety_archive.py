@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import save_file
 
 from dtr_compile.config import CompileConfig
-from dtr_compile.distill_cache import CACHE_FORMAT, DistillCache, state_digest
+from dtr_compile.distill.cache import CACHE_FORMAT, DistillCache, state_digest
 from dtr_compile.errors import InputError
-from dtr_compile.ledger import Ledger, line_checksum, read_ledger
 from dtr_compile.load import load_model
 from dtr_compile.pipeline import compile_model
 from dtr_compile.report import report_paths
-from dtr_compile.schedule import Evaluation
+from dtr_compile.search.ledger import Ledger, line_checksum, read_ledger
+from dtr_compile.search.schedule import Evaluation
 
 REPO = str(Path(__file__).resolve().parents[1])
 
