@@ -186,6 +186,8 @@ class CompileConfig:
     time_limit: str | float | None = None  # stop the search after this long: 900, "90s", "15m"
     resume: bool = False  # replay the search ledger of an interrupted run with the same inputs
     cache_mb: int = 1024  # memory for the search's prefix cache (0: off)
+    device: str = "auto"  # torch stages: auto (CUDA when present) | cpu | cuda | cuda:N
+    dtype: str = "fp32"  # teacher and recorded activations: fp32 | bf16 | fp16
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +22,10 @@ from dtr_compile import __version__
 from dtr_compile.capture import capture, check_inputs
 from dtr_compile.config import Budget, CompileConfig, parse_duration
 from dtr_compile.data import Dataset, load_dataset, run_model
-from dtr_compile.distill.cache import DistillCache
+from dtr_compile.device import OnDevice, Placement, peak_memory
+from dtr_compile.distill.cache import DistillCache, cache_key
 from dtr_compile.distill.execute import default_workers
+from dtr_compile.distill.launch import ReadOnlyCache, distill_sharded, share
 from dtr_compile.distill.plan import DistillPlan, DistillResult, DistillSettings, plan_distillation
 from dtr_compile.distill.run import distill
 from dtr_compile.errors import (
@@ -37,6 +40,7 @@ from dtr_compile.fileio import write_json_atomic
 from dtr_compile.linear.kernel import SiteSwitch
 from dtr_compile.load import check_model_path, load_model
 from dtr_compile.metrics import Metric, get_metric
+from dtr_compile.parallel import Group, batch_rows, from_env, gather_rows, rank_device
 from dtr_compile.passes.find_attention import (
     AttentionScan,
     AttentionSite,
@@ -129,15 +133,26 @@ def _distill_settings(config: CompileConfig) -> DistillSettings:
         window=config.window)
 
 
-def _distill(
-    config: CompileConfig, plan: DistillPlan, gm: torch.fx.GraphModule, calib: Dataset,
-    names: list[str], console: Console,
-) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]]:
-    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill.run`)."""
+def _distill_cache(config: CompileConfig, group: Group) -> DistillCache | None:
+    """The distilled-weights cache; read-only on ranks other than 0."""
     cache_dir = Path(config.cache_dir) if config.cache_dir else \
         Path(config.output).parent / ".dtr-cache"
-    cache = None if config.no_cache else DistillCache(cache_dir)
-    workers = config.workers or default_workers(len(plan.sites))
+    if config.no_cache:
+        return None
+    return DistillCache(cache_dir) if group.is_main else ReadOnlyCache(cache_dir)
+
+
+def _distill(
+    config: CompileConfig, plan: DistillPlan, gm: torch.fx.GraphModule, calib: Dataset,
+    names: list[str], console: Console, *, cache: DistillCache | None = None,
+    placement: Placement | None = None, teacher: torch.fx.GraphModule | None = None,
+    ranks_here: int = 1,
+) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]]:
+    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill.run`).
+
+    ``ranks_here``: ranks sharing this machine; by default each takes its share of the CPUs.
+    """
+    workers = config.workers or max(1, default_workers(len(plan.sites)) // max(1, ranks_here))
     steps = plan.settings.steps
     with _progress(console, config.progress) as prog:
         record = prog.add_task("teacher activations", total=len(calib), info="")
@@ -155,6 +170,7 @@ def _distill(
         return distill(
             gm, plan, calib, names, record_batch=config.eval_batch,
             max_calib_tokens=config.max_calib_tokens, workers=workers, cache=cache,
+            placement=placement, teacher=teacher,
             on_record=lambda k: prog.advance(record, k),
             on_step=lambda sid, step, loss: prog.update(tasks[sid], completed=step,
                                                         info=f"loss {loss:.3g}"),
@@ -220,13 +236,22 @@ def _search(
     ledger_path: Path,
     console: Console,
     timings: dict[str, float],
+    *,
+    group: Group | None = None,
+    placement: Placement | None = None,
 ) -> tuple[ScheduleResult, dict[str, Any]]:
     """Stage 6: the search, evaluated through the prefix cache and recorded in the ledger.
 
     The ledger's fingerprint covers everything an evaluation's metric depends on, so
     ``--resume`` replays only measurements of these exact inputs. Ctrl-C propagates after the
     ledger is closed: every finished evaluation is on disk.
+
+    Over several ranks (``group``), each evaluates its run of whole validation batches and the
+    reduced rows are gathered before the metric (see :mod:`dtr_compile.parallel`): every rank
+    makes the same decisions; rank 0 alone reads and writes the ledger.
     """
+    group = group or Group()
+    placement = placement or Placement()
     parts = {
         "model": hashes["model"],
         "data": hashes["data"],
@@ -236,23 +261,37 @@ def _search(
         "eval_batch": str(config.eval_batch),
         "dtr_compile": __version__,
         "torch": torch.__version__,
+        "runtime": placement.describe(),
     }
     fp = fingerprint(parts)
-    ledger, known, note = Ledger.open(ledger_path, fp, resume=config.resume, inputs=parts)
+    opened: list[Ledger] = []
+
+    def open_ledger() -> tuple[dict[frozenset[str], tuple[float, float]], str]:
+        ledger, known, note = Ledger.open(ledger_path, fp, resume=config.resume, inputs=parts)
+        opened.append(ledger)
+        return known, note
+
+    known, note = group.broadcast(open_ledger)
     console.log(note)
     cache: PrefixCache | None = None
-    if candidates:
-        graph = SegmentedGraph(search_gm, switches, [val.inputs[n][:2] for n in names])
-        cache = PrefixCache(graph, val, names, config.eval_batch, metric,
-                            capacity_bytes=config.cache_mb << 20)
+    start, stop = batch_rows(len(val), config.eval_batch, group)
+    if candidates and stop > start:
+        mine = Dataset({k: v[start:stop] for k, v in val.inputs.items()},
+                       None if val.labels is None else val.labels[start:stop], val.source)
+        probe = [placement_inputs(val.inputs[n][:2], placement) for n in names]
+        with placement.autocast():
+            graph = SegmentedGraph(search_gm, switches, probe)
+        cache = PrefixCache(graph, mine, names, config.eval_batch, metric,
+                            capacity_bytes=config.cache_mb << 20, placement=placement)
 
     def evaluate(linear: tuple[str, ...]) -> float:
-        assert cache is not None
-        return metric(cache.outputs(linear, base=linear[:-1]), val.labels, reference)
+        rows = gather_rows(lambda: None if cache is None else
+                           cache.outputs(linear, base=linear[:-1]), group)
+        return metric(rows, val.labels, reference)
 
     def on_eval(ev: Evaluation) -> None:
-        if not ev.replayed:
-            ledger.append(ev, strategy=config.search)
+        if not ev.replayed and opened:
+            opened[0].append(ev, strategy=config.search)
         mark = "✓" if ev.within_budget else "✗"
         how = "replayed" if ev.replayed else f"{ev.seconds:.1f} s"
         console.log(f"step {ev.step} ({ev.phase}): +{ev.candidate} → {metric.name} "
@@ -269,13 +308,16 @@ def _search(
                 candidates, evaluate, baseline=baseline, threshold=threshold,
                 higher_is_better=metric.higher_is_better, strategy=config.search,
                 max_linear=config.max_linear, min_linear=min_linear, max_evals=config.max_evals,
-                time_limit_s=time_limit_s, known=known, on_eval=on_eval)
+                time_limit_s=time_limit_s, known=known, on_eval=on_eval,
+                clock=(lambda: group.broadcast(time.perf_counter)) if group.distributed
+                else time.perf_counter)
     except KeyboardInterrupt:
         console.log(f"interrupted: the finished evaluations are in {ledger_path}; rerun with "
                     "--resume to continue from them")
         raise
     finally:
-        ledger.close()
+        for ledger in opened:
+            ledger.close()
     if len(sched.committed) < config.min_linear:
         sched.min_linear = config.min_linear  # not met: `fits` is False, exit 3
     info = {
@@ -292,12 +334,17 @@ def _search(
         "fingerprint": fp,
         "inputs": parts,
         "cache": cache.stats.to_dict() if cache is not None else None,
+        "ranks": group.world,
     }
     if cache is not None:
         st = cache.stats
         console.log(f"prefix cache: {st.segments_run}/{st.segments_full} segment runs "
                     f"({100 * st.saved:.0f}% saved), peak {st.peak_bytes / 2**20:.0f} MiB")
     return sched, info
+
+
+def placement_inputs(t: torch.Tensor, placement: Placement) -> torch.Tensor:
+    return t.to(placement.device)
 
 
 def _linearizable(scan: AttentionScan) -> AttentionScan:
@@ -320,12 +367,36 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     original is exported instead). Raises :class:`~dtr_compile.errors.DtrError` subclasses on bad
     input (exit 2) and :class:`ParityError` (exit 4) after writing the artifacts when onnxruntime
     disagrees with PyTorch.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) every rank calls this; they share
+    distillation and search (:mod:`dtr_compile.parallel`) and rank 0 alone writes. The other
+    ranks return a result without a report (``report == {}``) and the same exit code.
     """
     console = console or Console(stderr=True)
     budget = _validate(config)
+    placement = Placement.parse(config.device, config.dtype)
+    group = from_env(placement.device)
+    try:
+        if not group.is_main:
+            console = Console(stderr=True, quiet=True)
+        placement = Placement(rank_device(placement.device, group), placement.dtype)
+        if placement.device.type == "cuda":
+            torch.cuda.set_device(placement.device)
+            torch.cuda.reset_peak_memory_stats(placement.device)
+        return _compile(config, console, budget, placement, group)
+    finally:
+        group.close()
+
+
+def _compile(config: CompileConfig, console: Console, budget: Budget, placement: Placement,
+             group: Group) -> CompileResult:
     out_path, report_path, config_path = artifact_paths(config)
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
+    if group.distributed:
+        console.log(f"{group.world} ranks ({group.backend}); rank 0 writes the artifacts")
+    if not placement.is_default:
+        console.log(f"torch stages run on {placement.describe()}; capture and export on cpu/fp32")
 
     with _stage(timings, "load", console):
         loaded = load_model(config.model, trust_pickle=config.trust_pickle)
@@ -361,10 +432,18 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         console.log(f"[yellow]--window {config.window} has no effect[/yellow]: it applies to "
                     "causal sites, and every site here is bidirectional")
 
+    # the graph the run-only stages use: gm itself on cpu/fp32, else a moved copy
+    run_gm = placement.graph(gm)
+    runner = run_gm if placement.is_default else OnDevice(run_gm, placement)
     with _progress(console, config.progress) as prog, _stage(timings, "baseline", console):
         task = prog.add_task("baseline", total=len(val), info="")
-        reference = run_model(gm, val, names, config.eval_batch, lambda k: prog.advance(task, k),
-                              reduce=metric.reduce)
+        lo, hi = batch_rows(len(val), config.eval_batch, group)
+        mine = Dataset({k: v[lo:hi] for k, v in val.inputs.items()},
+                       None if val.labels is None else val.labels[lo:hi], val.source)
+        reference = gather_rows(
+            lambda: run_model(runner, mine, names, config.eval_batch,
+                              lambda k: prog.advance(task, k), reduce=metric.reduce)
+            if hi > lo else None, group)
     baseline = metric(reference, val.labels, reference)
     budget.check_baseline(metric.name, baseline)
     threshold = budget.threshold(baseline, metric.higher_is_better)
@@ -374,77 +453,112 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     paths = report_paths(report_path)
     hashes = _input_hashes(config)
     plan = plan_distillation(gm, sites, _distill_settings(config), calib, config.eval_batch)
+    if not placement.is_default:
+        # the teacher's device and dtype change its activations, hence the students
+        for sid in plan.keys:
+            plan.key_parts[sid] = dict(plan.key_parts[sid], runtime=f"{placement.device.type}/"
+                                       f"{placement.dtype_name}")
+            plan.keys[sid] = cache_key(plan.key_parts[sid])
     for sid, note in plan.notes.items():
         console.log(f"[yellow]{sid}[/yellow]: {note}")
     # each site's cache key covers its teacher, settings, calibration rows and code
     distill_fp = fingerprint({sid: plan.keys[sid] for sid in sorted(plan.keys)})
-    reused = _reuse_students(paths.students, distill_fp, sites, config, console,
-                             lambda sid: plan.empty_student(gm, sid))
+    reused = share(group, lambda: _reuse_students(paths.students, distill_fp, sites, config,
+                                                  console, lambda sid: plan.empty_student(gm, sid)),
+                   plan, gm)
     with _stage(timings, "distill", console):
         if reused is not None:
             students, results = reused
         else:
-            students, results = _distill(config, plan, gm, calib, names, console)
-            save_students(paths.students, distill_fp, students,
-                          {sid: r.__dict__ for sid, r in results.items()})
+            cache = _distill_cache(config, group)
+            students, results = distill_sharded(
+                group, plan, gm,
+                lambda sub: _distill(config, sub, gm, calib, names, console, cache=cache,
+                                     placement=placement, teacher=run_gm,
+                                     ranks_here=group.local_world),
+                cache)
+            if group.is_main:
+                save_students(paths.students, distill_fp, students,
+                              {sid: r.__dict__ for sid, r in results.items()})
 
     candidates = [s.id for s in sites if s.id not in kept and results[s.id].ok]
-    switches = {sid: plan.switch(gm, sid, students[sid]) for sid in candidates}
-    search_gm = rewrite_sites(gm, sites, switches, class_name="SearchGraph", blocks=plan.blocks)
+    # students run in the search on the placement's device (copies: the exported hybrid takes
+    # the CPU originals)
+    on_device = students if placement.is_default else \
+        {sid: copy.deepcopy(m).to(placement.device) for sid, m in students.items()}
+    switches = {sid: plan.switch(run_gm, sid, on_device[sid]) for sid in candidates}
+    search_gm = rewrite_sites(run_gm, sites, switches, class_name="SearchGraph",
+                              blocks=plan.blocks)
     sched, search_info = _search(config, hashes, search_gm, switches, candidates, students, val,
                                  names, metric, reference, baseline, threshold, paths.ledger,
-                                 console, timings)
+                                 console, timings, group=group, placement=placement)
     search_info["students"] = {"path": str(paths.students), "reused": reused is not None}
     console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
+    del search_gm, switches, on_device
+    memory = group.exchange(lambda: peak_memory(placement.device))  # every rank's peaks
+    if not group.is_main:
+        # the other ranks wait for rank 0's export and leave with its exit code
+        code = group.exchange(lambda: EXIT_OK)[0]
+        return CompileResult(code, out_path, report_path, {}, None, sites, sched, results)
 
-    hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed},
-                       blocks=plan.blocks)
-    with _stage(timings, "export", console):
-        example = {k: v[: max(2, min(len(val), 2))] for k, v in val.inputs.items()}
-        exported: ExportResult = export_artifacts(
-            hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
-            captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
-            target=config.target, opset=config.opset, fp16=config.fp16,
-            export_original=config.export_original, engine=config.engine, console=console)
-    parity = exported.parity
-    parity_ok = exported.ok
-    exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
+    def finish() -> CompileResult:
+        """Rank 0: linearize, export, verify and report."""
+        hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed},
+                           blocks=plan.blocks)
+        with _stage(timings, "export", console):
+            example = {k: v[: max(2, min(len(val), 2))] for k, v in val.inputs.items()}
+            exported: ExportResult = export_artifacts(
+                hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
+                captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
+                target=config.target, opset=config.opset, fp16=config.fp16,
+                export_original=config.export_original, engine=config.engine, console=console)
+        parity = exported.parity
+        parity_ok = exported.ok
+        exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
 
-    report = {
-        "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
-                 "python": platform.python_version()},
-        "model": config.model,
-        "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
-                      "report_md": str(paths.markdown), "plot": str(paths.plot),
-                      "ledger": str(paths.ledger), "students": str(paths.students)}
-                     | exported.artifacts,
-        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
-                   "bounds": metric.bounds},
-        "budget": budget.to_dict(baseline, metric.higher_is_better),
-        "baseline_metric": baseline,
-        "threshold": threshold,
-        "final_metric": sched.final_metric,
-        "validation_rows": len(val),
-        "calibration_rows": len(calib),
-        "sites": [s.__dict__ | {"internal": list(s.internal)} for s in sites],
-        "rejected": [r.__dict__ for r in scan.rejected],
-        "kept": sorted(kept),
-        "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),
-                      "metric_after": m} for sid, m in zip(sched.committed, sched.metric_after_step, strict=True)],
-        "schedule": sched.to_dict(),
-        "search": search_info,
-        "distill": {sid: r.__dict__ for sid, r in results.items()},
-        "parity": [p.__dict__ for p in parity],
-        "parity_ok": parity_ok,
-        "export": exported.to_dict(),
-        "timings_s": timings,
-        "exit_code": exit_code if parity_ok else ParityError.exit_code,
-    }
-    write_json_atomic(config_path, config.to_dict())
-    write_report(report, report_path)
-    if not parity_ok:
-        failures = exported.failures()
-        raise ParityError(f"an exported artifact failed verification ({len(failures)} "
-                          f"check{'s' if len(failures) > 1 else ''}; atol {config.atol:g}): "
-                          f"{failures[0]}; artifacts kept for inspection ({out_path}, {report_path})")
-    return CompileResult(exit_code, out_path, report_path, report, hybrid, sites, sched, results)
+        report = {
+            "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+            "model": config.model,
+            "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
+                          "report_md": str(paths.markdown), "plot": str(paths.plot),
+                          "ledger": str(paths.ledger), "students": str(paths.students)}
+                         | exported.artifacts,
+            "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
+                       "bounds": metric.bounds},
+            "budget": budget.to_dict(baseline, metric.higher_is_better),
+            "baseline_metric": baseline,
+            "threshold": threshold,
+            "final_metric": sched.final_metric,
+            "validation_rows": len(val),
+            "calibration_rows": len(calib),
+            "sites": [s.__dict__ | {"internal": list(s.internal)} for s in sites],
+            "rejected": [r.__dict__ for r in scan.rejected],
+            "kept": sorted(kept),
+            "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),
+                          "metric_after": m} for sid, m in zip(sched.committed, sched.metric_after_step, strict=True)],
+            "schedule": sched.to_dict(),
+            "search": search_info,
+            "distill": {sid: r.__dict__ for sid, r in results.items()},
+            "parity": [p.__dict__ for p in parity],
+            "parity_ok": parity_ok,
+            "export": exported.to_dict(),
+            "timings_s": timings,
+            "runtime": {"device": str(placement.device), "dtype": placement.dtype_name,
+                        "ranks": group.world, "backend": group.backend or None,
+                        # MiB, per rank (rank 0's taken after the export)
+                        "memory": [peak_memory(placement.device)] + memory[1:]},
+            "exit_code": exit_code if parity_ok else ParityError.exit_code,
+        }
+        write_json_atomic(config_path, config.to_dict())
+        write_report(report, report_path)
+        if not parity_ok:
+            failures = exported.failures()
+            raise ParityError(f"an exported artifact failed verification ({len(failures)} "
+                              f"check{'s' if len(failures) > 1 else ''}; atol {config.atol:g}): "
+                              f"{failures[0]}; artifacts kept for inspection ({out_path}, {report_path})")
+        return CompileResult(exit_code, out_path, report_path, report, hybrid, sites, sched, results)
+
+    done: list[CompileResult] = []
+    group.exchange(lambda: done.append(finish()) or done[0].exit_code)
+    return done[0]
