@@ -92,6 +92,10 @@ class Group:
             raise RankError(f"rank {r} of {self.world} failed: {why}")
         return [v for _, v in got]
 
+    def guard(self, fn: Callable[[], T]) -> T:
+        """``fn()`` here, and stop every rank if it raised on any (:meth:`exchange`)."""
+        return self.exchange(fn)[self.rank]
+
     def all_gather(self, obj: Any) -> list[Any]:
         """``all_gather_object``, with a lost rank turned into :class:`RankError`."""
         if not self.distributed:
@@ -102,9 +106,10 @@ class Group:
         try:
             dist.all_gather_object(out, obj)
         except RuntimeError as exc:
+            why = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).split(
+                ". This is typically")[0][:240]
             raise RankError(f"rank {self.rank}: lost contact with the other ranks (one died or "
-                            f"did not answer within {timeout_s():g} s; see its log): "
-                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                            f"did not answer within {timeout_s():g} s; see its log): {why}"
                             ) from exc
         return out
 

@@ -287,7 +287,7 @@ def _search(
     def evaluate(linear: tuple[str, ...]) -> float:
         rows = gather_rows(lambda: None if cache is None else
                            cache.outputs(linear, base=linear[:-1]), group)
-        return metric(rows, val.labels, reference)
+        return group.guard(lambda: metric(rows, val.labels, reference))
 
     def on_eval(ev: Evaluation) -> None:
         if not ev.replayed and opened:
@@ -444,7 +444,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, placement:
             lambda: run_model(runner, mine, names, config.eval_batch,
                               lambda k: prog.advance(task, k), reduce=metric.reduce)
             if hi > lo else None, group)
-    baseline = metric(reference, val.labels, reference)
+    baseline = group.guard(lambda: metric(reference, val.labels, reference))
     budget.check_baseline(metric.name, baseline)
     threshold = budget.threshold(baseline, metric.higher_is_better)
     console.log(f"baseline {metric.name} = {baseline:.6g}; "
