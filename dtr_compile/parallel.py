@@ -14,7 +14,9 @@ each load and capture the model and then share the two expensive stages:
   to it (for any metric, user metrics included; a metric with row statistics would gather only
   those).
 
-Rank 0 alone writes the cache, the ledger, the artifacts and the report; the others log nothing.
+Rank 0 alone writes the cache, the ledger, the artifacts and the report; the others log nothing
+and leave after the search with its exit code (0 or 3) while rank 0 exports (a parity failure,
+exit 4, is rank 0's alone; torchrun fails the run when any rank fails).
 Every exchange is guarded (:meth:`Group.exchange`): a rank that raises sends its error to the
 others and every rank stops with it (:class:`RankError`); a rank that dies makes the others' next
 exchange fail, at the latest after ``DTR_DIST_TIMEOUT`` seconds (default 3600, the longest a rank
@@ -70,24 +72,26 @@ class Group:
             RankError: ``fn`` raised on some rank (the lowest such rank's error is named), or a
                 rank could not be reached (died, or did not answer within the timeout).
         """
+        local_exc: BaseException | None = None
+        value: Any = None
         try:
-            ok, value = True, fn()
+            value = fn()
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - sent to the other ranks
             if not self.distributed:
                 raise
-            ok, value = False, _describe(exc)
-            if isinstance(exc, KeyboardInterrupt):
-                value = "interrupted"
-            local_exc: BaseException | None = exc
-        else:
-            local_exc = None
+            local_exc = exc
         if not self.distributed:
             return [value]
-        got = self.all_gather((ok, value))
+        if local_exc is None:
+            got = self.all_gather((True, value))
+        else:
+            why = "interrupted" if isinstance(local_exc, KeyboardInterrupt) else \
+                _describe(local_exc)
+            got = self.all_gather((False, why))
         failed = [(r, v) for r, (o, v) in enumerate(got) if not o]
         if failed:
             r, why = failed[0]
-            if local_exc is not None and r == self.rank and isinstance(local_exc, DtrError):
+            if local_exc is not None:
                 raise local_exc  # this rank's own error, with its own exit code
             raise RankError(f"rank {r} of {self.world} failed: {why}")
         return [v for _, v in got]

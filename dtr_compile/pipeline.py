@@ -497,68 +497,64 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, placement:
     del search_gm, switches, on_device
     memory = group.exchange(lambda: peak_memory(placement.device))  # every rank's peaks
     if not group.is_main:
-        # the other ranks wait for rank 0's export and leave with its exit code
-        code = group.exchange(lambda: EXIT_OK)[0]
+        # the other ranks are done: they leave with the search's exit code, without waiting for
+        # rank 0's export (which may take longer than a collective's timeout); a parity failure
+        # is rank 0's exit code, which torchrun reports
+        code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
         return CompileResult(code, out_path, report_path, {}, None, sites, sched, results)
 
-    def finish() -> CompileResult:
-        """Rank 0: linearize, export, verify and report."""
-        hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed},
-                           blocks=plan.blocks)
-        with _stage(timings, "export", console):
-            example = {k: v[: max(2, min(len(val), 2))] for k, v in val.inputs.items()}
-            exported: ExportResult = export_artifacts(
-                hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
-                captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
-                target=config.target, opset=config.opset, fp16=config.fp16,
-                export_original=config.export_original, engine=config.engine, console=console)
-        parity = exported.parity
-        parity_ok = exported.ok
-        exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
+    hybrid = linearize(gm, sites, {sid: students[sid] for sid in sched.committed},
+                       blocks=plan.blocks)
+    with _stage(timings, "export", console):
+        example = {k: v[: max(2, min(len(val), 2))] for k, v in val.inputs.items()}
+        exported: ExportResult = export_artifacts(
+            hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
+            captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
+            target=config.target, opset=config.opset, fp16=config.fp16,
+            export_original=config.export_original, engine=config.engine, console=console)
+    parity = exported.parity
+    parity_ok = exported.ok
+    exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
 
-        report = {
-            "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-            "model": config.model,
-            "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
-                          "report_md": str(paths.markdown), "plot": str(paths.plot),
-                          "ledger": str(paths.ledger), "students": str(paths.students)}
-                         | exported.artifacts,
-            "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
-                       "bounds": metric.bounds},
-            "budget": budget.to_dict(baseline, metric.higher_is_better),
-            "baseline_metric": baseline,
-            "threshold": threshold,
-            "final_metric": sched.final_metric,
-            "validation_rows": len(val),
-            "calibration_rows": len(calib),
-            "sites": [s.__dict__ | {"internal": list(s.internal)} for s in sites],
-            "rejected": [r.__dict__ for r in scan.rejected],
-            "kept": sorted(kept),
-            "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),
-                          "metric_after": m} for sid, m in zip(sched.committed, sched.metric_after_step, strict=True)],
-            "schedule": sched.to_dict(),
-            "search": search_info,
-            "distill": {sid: r.__dict__ for sid, r in results.items()},
-            "parity": [p.__dict__ for p in parity],
-            "parity_ok": parity_ok,
-            "export": exported.to_dict(),
-            "timings_s": timings,
-            "runtime": {"device": str(placement.device), "dtype": placement.dtype_name,
-                        "ranks": group.world, "backend": group.backend or None,
-                        # MiB, per rank (rank 0's taken after the export)
-                        "memory": [peak_memory(placement.device)] + memory[1:]},
-            "exit_code": exit_code if parity_ok else ParityError.exit_code,
-        }
-        write_json_atomic(config_path, config.to_dict())
-        write_report(report, report_path)
-        if not parity_ok:
-            failures = exported.failures()
-            raise ParityError(f"an exported artifact failed verification ({len(failures)} "
-                              f"check{'s' if len(failures) > 1 else ''}; atol {config.atol:g}): "
-                              f"{failures[0]}; artifacts kept for inspection ({out_path}, {report_path})")
-        return CompileResult(exit_code, out_path, report_path, report, hybrid, sites, sched, results)
-
-    done: list[CompileResult] = []
-    group.exchange(lambda: done.append(finish()) or done[0].exit_code)
-    return done[0]
+    report = {
+        "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
+                 "python": platform.python_version()},
+        "model": config.model,
+        "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
+                      "report_md": str(paths.markdown), "plot": str(paths.plot),
+                      "ledger": str(paths.ledger), "students": str(paths.students)}
+                     | exported.artifacts,
+        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
+                   "bounds": metric.bounds},
+        "budget": budget.to_dict(baseline, metric.higher_is_better),
+        "baseline_metric": baseline,
+        "threshold": threshold,
+        "final_metric": sched.final_metric,
+        "validation_rows": len(val),
+        "calibration_rows": len(calib),
+        "sites": [s.__dict__ | {"internal": list(s.internal)} for s in sites],
+        "rejected": [r.__dict__ for r in scan.rejected],
+        "kept": sorted(kept),
+        "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),
+                      "metric_after": m} for sid, m in zip(sched.committed, sched.metric_after_step, strict=True)],
+        "schedule": sched.to_dict(),
+        "search": search_info,
+        "distill": {sid: r.__dict__ for sid, r in results.items()},
+        "parity": [p.__dict__ for p in parity],
+        "parity_ok": parity_ok,
+        "export": exported.to_dict(),
+        "timings_s": timings,
+        "runtime": {"device": str(placement.device), "dtype": placement.dtype_name,
+                    "ranks": group.world, "backend": group.backend or None,
+                    # MiB, per rank (rank 0's taken after the export)
+                    "memory": [peak_memory(placement.device)] + memory[1:]},
+        "exit_code": exit_code if parity_ok else ParityError.exit_code,
+    }
+    write_json_atomic(config_path, config.to_dict())
+    write_report(report, report_path)
+    if not parity_ok:
+        failures = exported.failures()
+        raise ParityError(f"an exported artifact failed verification ({len(failures)} "
+                          f"check{'s' if len(failures) > 1 else ''}; atol {config.atol:g}): "
+                          f"{failures[0]}; artifacts kept for inspection ({out_path}, {report_path})")
+    return CompileResult(exit_code, out_path, report_path, report, hybrid, sites, sched, results)
