@@ -278,7 +278,7 @@ def _search(
     if candidates and stop > start:
         mine = Dataset({k: v[start:stop] for k, v in val.inputs.items()},
                        None if val.labels is None else val.labels[start:stop], val.source)
-        probe = [placement_inputs(val.inputs[n][:2], placement) for n in names]
+        probe = [val.inputs[n][:2].to(placement.device) for n in names]
         with placement.autocast():
             graph = SegmentedGraph(search_gm, switches, probe)
         cache = PrefixCache(graph, mine, names, config.eval_batch, metric,
@@ -341,10 +341,6 @@ def _search(
         console.log(f"prefix cache: {st.segments_run}/{st.segments_full} segment runs "
                     f"({100 * st.saved:.0f}% saved), peak {st.peak_bytes / 2**20:.0f} MiB")
     return sched, info
-
-
-def placement_inputs(t: torch.Tensor, placement: Placement) -> torch.Tensor:
-    return t.to(placement.device)
 
 
 def _linearizable(scan: AttentionScan) -> AttentionScan:

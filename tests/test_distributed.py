@@ -255,6 +255,8 @@ def test_bf16_on_cpu(tiny_task, tmp_path) -> None:
     assert rep["parity_ok"]  # the export is fp32 whatever the teacher ran in
     assert all(r["ok"] for r in rep["distill"].values())
     assert rep["search"]["inputs"]["runtime"] == "cpu/bf16"
+    assert rep["runtime"]["memory"][0]["peak_rss_mib"] > 0
+    assert rep["runtime"]["memory"][0]["peak_gpu_mib"] is None  # no CUDA in this run
     bf16_keys = {p.name for p in (tmp_path / "cache" / "distill").glob("*.safetensors")}
     assert len(bf16_keys) == len(rep["sites"])
     # fp32 is keyed apart: nothing of the bf16 run is reused
@@ -278,3 +280,22 @@ def test_cuda_bf16_compile(tiny_task, tmp_path) -> None:
     assert rep["runtime"]["device"].startswith("cuda") and rep["runtime"]["dtype"] == "bf16"
     assert rep["runtime"]["memory"][0]["peak_gpu_mib"] > 0
     assert rep["parity_ok"] and all(r["ok"] for r in rep["distill"].values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moved_graph_on_cuda_matches_cpu(tiny_task) -> None:
+    from dtr_compile.capture import capture
+    from dtr_compile.device import OnDevice
+    from dtr_compile.load import load_model
+
+    from .conftest import make_token_data
+
+    gm = capture(load_model(tiny_task["model"])).gm
+    data = make_token_data(4, 12, seed=3)
+    ref = gm(data["input_ids"], data["attention_mask"])
+    placement = Placement(torch.device("cuda"), torch.float32)
+    out = OnDevice(placement.graph(gm), placement)(data["input_ids"], data["attention_mask"])
+    r = ref[0] if isinstance(ref, (tuple, list)) else ref
+    o = out[0] if isinstance(out, (tuple, list)) else out
+    assert o.device.type == "cpu" and (o - r).abs().max().item() < 1e-4
