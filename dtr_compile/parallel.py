@@ -11,8 +11,11 @@ each load and capture the model and then share the two expensive stages:
   ``--eval-batch`` batches, one per rank (:func:`batch_rows`); each rank evaluates its run and
   the metric-reduced rows are gathered in rank order. The batches are the very batches of a
   one-process run, so the gathered rows, the metric and every search decision are bitwise equal
-  to it (for any metric, user metrics included; a metric with row statistics would gather only
-  those).
+  to it, for any metric (user metrics included). What travels is what a one-process run keeps
+  per row anyway: ``[n, C]`` logits for accuracy, F1 and agreement, ``(NLL, tokens)`` per row for
+  perplexity (:meth:`~dtr_compile.metrics.Metric.reduce`). Metrics with per-row statistics
+  (issue 16's ``Metric.stats``) could send those instead; the sums are then formed from the
+  same rows in the same order. The baseline is computed the same way.
 
 Rank 0 alone writes the cache, the ledger, the artifacts and the report; the others log nothing
 and leave after the search with its exit code (0 or 3) while rank 0 exports (a parity failure,
