@@ -12,13 +12,14 @@ Projection (stated, not measured): with ``P`` parameters, ``L`` attention sites,
 
     teacher(P)  = teacher_m · P / P_m             # one teacher pass per rank, FLOPs ∝ P·tokens
     site(d)     = site_m · d / d_m                # a site step is O(T·d·F), F the feature dim
-    distill     = teacher(P) + ceil(L / R) · site(d)
+    distill     = teacher(P) + ceil(L / R) · site(d)   # a rank trains its sites one by one
     eval(P)     = eval_m · P / P_m                # one validation pass, ∝ P·tokens
     search      = E(L) · eval(P) / R,  E(L) = L + k (lazy) … L(L+1)/2 (greedy, worst case)
 
-``teacher_m`` is the distillation stage's time minus the trainings' (what the rank spent outside
-them), ``site_m`` the mean site training time, ``eval_m`` the mean evaluation time of the 1-rank
-run. The search's prefix cache (which skips the layers before a candidate) and the GPU's speed are
+``teacher_m`` is the 1-rank run's distillation time minus its trainings' wall share
+(``ceil(L_m / w) · site_m`` with its ``w = min(CPUs, L_m)`` worker processes), ``site_m`` the mean
+site training time, ``eval_m`` the mean evaluation time of the 1-rank run. The projection is only
+as good as the measured model is large: on a toy model fixed overheads dominate. The search's prefix cache (which skips the layers before a candidate) and the GPU's speed are
 left out: the projection is CPU time at this machine's speed, an upper bound for a GPU.
 
 Prints the table and writes it into ``docs/benchmarks.md`` between this benchmark's markers::
@@ -108,15 +109,15 @@ def summarise(r: dict[str, Any]) -> dict[str, float]:
             "committed": len(rep["replaced"]), "metric": rep["final_metric"]}
 
 
-def project(m: dict[str, float], rep: dict[str, Any], params_m: int, ranks: int,
+def project(m: dict[str, float], rep: dict[str, Any], params_m: int, ranks: int, cpus: int,
             ) -> list[tuple[str, float, float, float]]:
     """``(model, distill s, search s lazy, search s greedy worst)`` per target (see the module
     docstring for the formula)."""
     sites = rep["sites"]
     d_m = sum(s["num_heads"] * s["head_dim"] for s in sites) / len(sites)
-    # time outside the trainings; with one process the trainings of all sites ran in
-    # parallel workers, so their wall share is approximated by sum / workers ≈ the longest
-    teacher_m = max(0.0, m["distill"] - m["site"] * math.ceil(len(sites) / max(1, ranks)))
+    # the 1-rank run's time outside the trainings, which ran in min(CPUs, L) worker processes
+    workers = max(1, min(cpus, len(sites)))
+    teacher_m = max(0.0, m["distill"] - m["site"] * math.ceil(len(sites) / workers))
     out = []
     for name, p, layers, d in TARGETS:
         teacher = teacher_m * p / params_m
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "## Ranks: one compile over 1 vs N processes (`benchmarks/ranks.py`)",
         "",
-        f"Task `{args.task.name}` ({params / 1e6:.0f} M parameters, "
+        f"Task `{args.task.name}` ({params / 1e6:.3g} M parameters, "
         f"{len(runs[0]['report']['sites'])} sites), budget {args.budget}, `--device cpu`, "
         f"from an empty cache; {cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, load "
         f"{loadavg()}, Python {platform.python_version()}. Each run uses every CPU "
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
               "| model | ranks | distill h | search h (lazy) | search h (greedy, worst) |",
               "|---|---|---|---|---|"]
     for n in args.ranks:
-        for name, dist, lazy, greedy in project(ms[0], runs[0]["report"], params, n):
+        for name, dist, lazy, greedy in project(ms[0], runs[0]["report"], params, n,
+                                                len(os.sched_getaffinity(0))):
             lines.append(f"| {name} | {n} | {dist / 3600:.2f} | {lazy / 3600:.2f} | "
                          f"{greedy / 3600:.2f} |")
     table = "\n".join(lines)
