@@ -180,6 +180,15 @@ def main() -> None:
 @click.option("--cache-mb", type=int, default=None,
               help="Memory for the search's exact prefix cache, which skips the layers before "
                    "each candidate site (default 1024; 0 turns it off).")
+@click.option("--device", default=None,
+              help="Where the torch stages run (baseline, teacher activations, distillation, "
+                   "search): auto (default: CUDA when present), cpu, cuda or cuda:N. Capture, "
+                   "export and the ONNX parity check stay on the CPU. Under torchrun, cuda means "
+                   "each rank's LOCAL_RANK GPU.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Precision of the teacher and its recorded activations (baseline and search "
+                   "run in it too, under autocast); students keep fp32 weights and fp32 losses. "
+                   "Default fp32.")
 @click.option("--atol", type=float, default=None, help="ONNX parity tolerance, max-abs (default 1e-3).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
               help="Deployment runtime. tensorrt: opset 18 (no ONNX Attention op), and the ONNX "
@@ -253,6 +262,8 @@ def _compile(model: str, output: str, flags: dict[str, object]) -> None:
     from dtr_compile.report import summary_lines
 
     rep = result.report
+    if not rep:  # a rank other than 0 of a torchrun run: rank 0 reports
+        sys.exit(result.exit_code)
     lines = summary_lines(rep)
     click.echo(lines[0])
     click.echo(f"linear sites ({len(rep['replaced'])}/{len(rep['sites'])}): "

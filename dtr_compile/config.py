@@ -192,6 +192,8 @@ class CompileConfig:
     deploy_seq: str | list[int] | None = None  # bench lengths: "512,2048"; default: T and 4T; "none": skip
     bench: bool = True  # time original vs hybrid ONNX in onnxruntime after export
     bench_repeats: int = 5  # interleaved timed rounds per length (median reported)
+    device: str = "auto"  # torch stages: auto (CUDA when present) | cpu | cuda | cuda:N
+    dtype: str = "fp32"  # teacher and recorded activations: fp32 | bf16 | fp16
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

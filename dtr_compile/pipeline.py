@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,8 +33,10 @@ from dtr_compile.data import (
     read_tensors,
     run_model,
 )
-from dtr_compile.distill.cache import DistillCache
+from dtr_compile.device import OnDevice, Placement, peak_memory
+from dtr_compile.distill.cache import DistillCache, cache_key
 from dtr_compile.distill.execute import default_workers
+from dtr_compile.distill.launch import ReadOnlyCache, distill_sharded, share
 from dtr_compile.distill.plan import DistillPlan, DistillResult, DistillSettings, plan_distillation
 from dtr_compile.distill.run import distill
 from dtr_compile.errors import (
@@ -59,6 +63,7 @@ from dtr_compile.fileio import (
 from dtr_compile.linear.kernel import SiteSwitch
 from dtr_compile.load import check_model_path, load_model
 from dtr_compile.metrics import Metric, get_metric
+from dtr_compile.parallel import Group, batch_rows, from_env, gather_rows, rank_device
 from dtr_compile.passes.find_attention import (
     AttentionScan,
     AttentionSite,
@@ -243,14 +248,25 @@ def _distill_settings(config: CompileConfig) -> DistillSettings:
         window=config.window)
 
 
+def _distill_cache(config: CompileConfig, group: Group, console: Console) -> DistillCache | None:
+    """The distilled-weights cache (entries verified on load); read-only on ranks other than 0."""
+    if config.no_cache:
+        return None
+    kind = DistillCache if group.is_main else ReadOnlyCache
+    return kind(_cache_dir(config), on_warning=lambda msg: console.log(f"[yellow]{msg}[/yellow]"))
+
+
 def _distill(
     config: CompileConfig, plan: DistillPlan, gm: torch.fx.GraphModule, calib: Dataset,
-    names: list[str], console: Console,
+    names: list[str], console: Console, *, cache: DistillCache | None = None,
+    placement: Placement | None = None, teacher: torch.fx.GraphModule | None = None,
+    ranks_here: int = 1,
 ) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]]:
-    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill`)."""
-    cache = None if config.no_cache else DistillCache(
-        _cache_dir(config), on_warning=lambda msg: console.log(f"[yellow]{msg}[/yellow]"))
-    workers = config.workers or default_workers(len(plan.sites))
+    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill`).
+
+    ``ranks_here``: ranks sharing this machine; by default each takes its share of the CPUs.
+    """
+    workers = config.workers or max(1, default_workers(len(plan.sites)) // max(1, ranks_here))
     steps = plan.settings.steps
     console.log(REL_ERROR_MEANING)
     with _progress(console, config.progress) as prog:
@@ -269,6 +285,7 @@ def _distill(
         return distill(
             gm, plan, calib, names, record_batch=config.eval_batch,
             max_calib_tokens=config.max_calib_tokens, workers=workers, cache=cache,
+            placement=placement, teacher=teacher,
             on_record=lambda k: prog.advance(record, k),
             on_step=lambda sid, step, loss: prog.update(tasks[sid], completed=step,
                                                         info=f"loss {loss:.3g}"),
@@ -361,6 +378,9 @@ def _search(
     ledger_path: Path,
     console: Console,
     timings: dict[str, float],
+    *,
+    group: Group | None = None,
+    placement: Placement | None = None,
 ) -> tuple[ScheduleResult, dict[str, Any], Callable[[tuple[str, ...]], Bound | None]]:
     """Stage 6: the search, evaluated through the prefix cache and recorded in the ledger.
 
@@ -368,12 +388,19 @@ def _search(
     depends on, so ``--resume`` replays only measurements of these exact inputs. Ctrl-C
     propagates after the ledger is closed: every finished evaluation is on disk.
 
-    Each evaluation gets the bound of its degradation (:mod:`dtr_compile.search.confidence`) when the
-    metric has row statistics or ``--confidence`` is set; with ``--confidence`` a set is within
-    budget only when its metric meets the threshold and the bound is within ``allowed_drop``.
-    Returns the result, the report's search section, and ``bound_of(linear)`` (computed on
-    demand for a set never bounded).
+    Each evaluation gets the bound of its degradation (:mod:`dtr_compile.search.confidence`)
+    when the metric has row statistics or ``--confidence`` is set; with ``--confidence`` a set is
+    within budget only when its metric meets the threshold and the bound is within
+    ``allowed_drop``. Returns the result, the report's search section, and ``bound_of(linear)``
+    (computed on demand for a set never bounded; after a distributed search, only sets bounded
+    during it).
+
+    Over several ranks (``group``), each evaluates its run of whole validation batches and the
+    reduced rows are gathered before the metric (see :mod:`dtr_compile.parallel`): every rank
+    makes the same decisions; rank 0 alone reads and writes the ledger.
     """
+    group = group or Group()
+    placement = placement or Placement()
     parts = {
         "model": hashes["model"],
         "data": hashes["data"],
@@ -384,43 +411,66 @@ def _search(
         "confidence": f"{config.confidence or DEFAULT_CONFIDENCE}:{config.seed}:{DEFAULT_RESAMPLES}",
         "dtr_compile": __version__,
         "torch": torch.__version__,
+        "runtime": placement.describe(),
     }
     fp = fingerprint(parts)
-    ledger, known, note = Ledger.open(ledger_path, fp, resume=config.resume, inputs=parts)
+    opened: list[Ledger] = []
+
+    def open_ledger(resume: bool) -> tuple[dict[frozenset[str], tuple[float, float]], str,
+                                           dict[frozenset[str], dict[str, Any]]]:
+        for old in opened:
+            old.close()
+        ledger, known, note = Ledger.open(ledger_path, fp, resume=resume, inputs=parts)
+        opened[:] = [ledger]
+        intervals = {k: rec["interval"] for k, rec in ledger.recorded.items()
+                     if isinstance(rec.get("interval"), dict)}
+        return known, note, intervals
+
+    known, note, intervals = group.broadcast(lambda: open_ledger(config.resume))
     console.log(note)
     cache: PrefixCache | None = None
-    if candidates:
-        graph = SegmentedGraph(search_gm, switches, [val.inputs[n][:2] for n in names])
-        cache = PrefixCache(graph, val, names, config.eval_batch, metric,
-                            capacity_bytes=config.cache_mb << 20)
+    start, stop = batch_rows(len(val), config.eval_batch, group)
+    if candidates and stop > start:
+        mine = Dataset({k: v[start:stop] for k, v in val.inputs.items()},
+                       None if val.labels is None else val.labels[start:stop], val.source)
+        probe = [val.inputs[n][:2].to(placement.device) for n in names]
+        with placement.autocast():
+            graph = SegmentedGraph(search_gm, switches, probe)
+        cache = PrefixCache(graph, mine, names, config.eval_batch, metric,
+                            capacity_bytes=config.cache_mb << 20, placement=placement)
 
     level = config.confidence or DEFAULT_CONFIDENCE
     every = config.confidence is not None or metric.stats is not None
     bounds: dict[frozenset[str], Bound] = {}
-    for key, rec in ledger.recorded.items():
-        if isinstance(rec.get("interval"), dict):
-            try:
-                bounds[key] = Bound(**rec["interval"])
-            except TypeError:
-                pass  # a record of another format: bounded again on demand
+    for key, iv in intervals.items():
+        try:
+            bounds[key] = Bound(**iv)
+        except TypeError:
+            pass  # a record of another format: bounded again on demand
+    searching = [True]  # after a distributed search the other ranks are gone: no more gathers
+
+    def outputs(linear: tuple[str, ...], base: tuple[str, ...] | None = None) -> torch.Tensor:
+        """The reduced outputs of the whole validation set with ``linear`` replaced (gathered
+        from every rank's batches)."""
+        return gather_rows(lambda: None if cache is None else
+                           cache.outputs(linear, base=base), group)
 
     def bound(out: torch.Tensor) -> Bound:
         return degradation_bound(metric, out, val.labels, reference, level, seed=config.seed)
 
     def evaluate(linear: tuple[str, ...]) -> float:
-        assert cache is not None
-        out = cache.outputs(linear, base=linear[:-1])
+        out = outputs(linear, base=linear[:-1])
         if every:
-            bounds[frozenset(linear)] = bound(out)
-        value = metric.value(out, val.labels, reference)
+            bounds[frozenset(linear)] = group.guard(lambda: bound(out))
+        value = group.guard(lambda: metric.value(out, val.labels, reference))
         # NaN / ±inf (a diverged student, a metric's overflow) never fits: NaN is the
         # schedule's worst value, whereas +inf would pass any higher-is-better threshold
         return value if math.isfinite(value) else math.nan
 
     def bound_of(linear: tuple[str, ...]) -> Bound | None:
         key = frozenset(linear)
-        if key not in bounds and linear and cache is not None:
-            bounds[key] = bound(cache.outputs(linear))
+        if key not in bounds and linear and (searching[0] or not group.distributed):
+            bounds[key] = bound(outputs(linear))
         return bounds.get(key)
 
     def judge(linear: tuple[str, ...], m: float) -> tuple[bool, dict[str, Any] | None]:
@@ -431,8 +481,8 @@ def _search(
         return within, None if b is None else b.to_dict()
 
     def on_eval(ev: Evaluation) -> None:
-        if not ev.replayed:
-            ledger.append(ev, strategy=config.search, interval=ev.interval)
+        if not ev.replayed and opened:
+            opened[0].append(ev, strategy=config.search, interval=ev.interval)
         mark = "✓" if ev.within_budget else "✗"
         how = "replayed" if ev.replayed else f"{ev.seconds:.1f} s"
         ci = "" if ev.interval is None else \
@@ -454,13 +504,16 @@ def _search(
                     higher_is_better=metric.higher_is_better, strategy=config.search,
                     max_linear=config.max_linear, min_linear=min_linear,
                     max_evals=config.max_evals, time_limit_s=time_limit_s, known=known,
-                    on_eval=on_eval, judge=judge)
+                    on_eval=on_eval, judge=judge,
+                    clock=(lambda: group.broadcast(time.perf_counter)) if group.distributed
+                    else time.perf_counter)
         except KeyboardInterrupt:
             console.log(f"interrupted: the finished evaluations are in {ledger_path}; rerun "
                         "with --resume to continue from them")
             raise
         finally:
-            ledger.close()
+            for ledger in opened:
+                ledger.close()
 
     sched = run(known)
     verified = None
@@ -478,12 +531,14 @@ def _search(
                         f"{sched.committed}, re-measured {measured:.8g}"
                         + (" (beyond the threshold)" if claimed_fit and not within else "")
                         + "; the ledger is not trusted: searching again without it[/yellow]")
-            ledger, _, _ = Ledger.open(ledger_path, fp, resume=False, inputs=parts)
+            group.broadcast(lambda: open_ledger(False))
+            bounds.clear()
             note += "; its replayed metrics failed the re-measurement, so it was discarded"
             sched = run({})
         else:
             console.log(f"--resume: re-measured the committed set {sched.committed}: "
                         f"{metric.name} {measured:.8g}, as the ledger says")
+    searching[0] = False
     if len(sched.committed) < config.min_linear:
         sched.min_linear = config.min_linear  # not met: `fits` is False, exit 3
     info = {
@@ -501,6 +556,7 @@ def _search(
         "fingerprint": fp,
         "inputs": parts,
         "cache": cache.stats.to_dict() if cache is not None else None,
+        "ranks": group.world,
     }
     if cache is not None:
         st = cache.stats
@@ -529,27 +585,50 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     original is exported instead). Raises :class:`~dtr_compile.errors.DtrError` subclasses on bad
     input (exit 2) and :class:`ParityError` (exit 4) after writing the artifacts when onnxruntime
     disagrees with PyTorch.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) every rank calls this; they share
+    distillation and search (:mod:`dtr_compile.parallel`) and rank 0 alone writes. The other
+    ranks return a result without a report (``report == {}``) and the same exit code.
     """
     console = console or Console(stderr=True)
     budget = _validate(config)
-    plan = write_plan(config)
-    with OutputLock(plan["lock"]):
-        for junk in clean_stale_temporaries(list(plan.values())):
-            console.log(f"removed a stale temporary of an interrupted run: {junk}")
-        staging = Staging(plan["output"])
-        try:
-            return _compile(config, console, budget, staging)
-        finally:
-            staging.discard()
+    placement = Placement.parse(config.device, config.dtype)
+    plan = write_plan(config)  # every rank checks the paths: they fail alike, before any exchange
+    group = from_env(placement.device)
+    try:
+        if not group.is_main:
+            console = Console(stderr=True, quiet=True)
+        placement = Placement(rank_device(placement.device, group), placement.dtype)
+        if placement.device.type == "cuda":
+            torch.cuda.set_device(placement.device)
+            torch.cuda.reset_peak_memory_stats(placement.device)
+        if not group.is_main:  # writes nothing beside the output: a private staging folder
+            with tempfile.TemporaryDirectory(prefix="dtr-rank-") as tmp:
+                return _compile(config, console, budget, Staging(Path(tmp) / "rank"),
+                                placement, group)
+        with OutputLock(plan["lock"]):
+            for junk in clean_stale_temporaries(list(plan.values())):
+                console.log(f"removed a stale temporary of an interrupted run: {junk}")
+            staging = Staging(plan["output"])
+            try:
+                return _compile(config, console, budget, staging, placement, group)
+            finally:
+                staging.discard()
+    finally:
+        group.close()
 
 
-def _compile(config: CompileConfig, console: Console, budget: Budget,
-             staging: Staging) -> CompileResult:
+def _compile(config: CompileConfig, console: Console, budget: Budget, staging: Staging,
+             placement: Placement, group: Group) -> CompileResult:
     """:func:`compile_model` once its paths are checked and its output locked: the artifacts
-    are written into ``staging`` and moved into place together at the end."""
+    are written into ``staging`` and moved into place together at the end (rank 0)."""
     out_path, report_path, config_path = artifact_paths(config)
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
+    if group.distributed:
+        console.log(f"{group.world} ranks ({group.backend}); rank 0 writes the artifacts")
+    if not placement.is_default:
+        console.log(f"torch stages run on {placement.describe()}; capture and export on cpu/fp32")
 
     with _stage(timings, "load", console):
         loaded = load_model(config.model, trust_pickle=config.trust_pickle)
@@ -591,11 +670,19 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
         console.log(f"[yellow]--window {config.window} has no effect[/yellow]: it applies to "
                     "causal sites, and every site here is bidirectional")
 
+    # the graph the run-only stages use: gm itself on cpu/fp32, else a moved copy
+    run_gm = placement.graph(gm)
+    runner = run_gm if placement.is_default else OnDevice(run_gm, placement)
     with _progress(console, config.progress) as prog, _stage(timings, "baseline", console):
         task = prog.add_task("baseline", total=len(val), info="")
-        reference = run_model(gm, val, names, config.eval_batch, lambda k: prog.advance(task, k),
-                              reduce=metric.reduce)
-    baseline = metric(reference, val.labels, reference)
+        lo, hi = batch_rows(len(val), config.eval_batch, group)
+        mine = Dataset({k: v[lo:hi] for k, v in val.inputs.items()},
+                       None if val.labels is None else val.labels[lo:hi], val.source)
+        reference = gather_rows(
+            lambda: run_model(runner, mine, names, config.eval_batch,
+                              lambda k: prog.advance(task, k), reduce=metric.reduce)
+            if hi > lo else None, group)
+    baseline = group.guard(lambda: metric(reference, val.labels, reference))
     budget.check_baseline(metric.name, baseline)
     threshold = budget.threshold(baseline, metric.higher_is_better)
     console.log(f"baseline {metric.name} = {baseline:.6g}; "
@@ -604,29 +691,57 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
     paths = report_paths(report_path)
     hashes = _input_hashes(config)
     plan = plan_distillation(gm, sites, _distill_settings(config), calib, config.eval_batch)
+    if not placement.is_default:
+        # the teacher's device and dtype change its activations, hence the students
+        for sid in plan.keys:
+            plan.key_parts[sid] = dict(plan.key_parts[sid], runtime=f"{placement.device.type}/"
+                                       f"{placement.dtype_name}")
+            plan.keys[sid] = cache_key(plan.key_parts[sid])
     for sid, note in plan.notes.items():
         console.log(f"[yellow]{sid}[/yellow]: {note}")
     # each site's cache key covers its teacher, settings, calibration rows and code
     distill_fp = fingerprint({sid: plan.keys[sid] for sid in sorted(plan.keys)})
-    reused = _reuse_students(paths.students, distill_fp, sites, config, console,
-                             lambda sid: plan.empty_student(gm, sid))
+    reused = share(group, lambda: _reuse_students(paths.students, distill_fp, sites, config,
+                                                  console, lambda sid: plan.empty_student(gm, sid)),
+                   plan, gm)
     with _stage(timings, "distill", console):
         if reused is not None:
             students, results = reused
         else:
-            students, results = _distill(config, plan, gm, calib, names, console)
-            save_students(paths.students, distill_fp, students,
-                          {sid: r.__dict__ for sid, r in results.items()})
+            cache = _distill_cache(config, group, console)
+            students, results = distill_sharded(
+                group, plan, gm,
+                lambda sub: _distill(config, sub, gm, calib, names, console, cache=cache,
+                                     placement=placement, teacher=run_gm,
+                                     ranks_here=group.local_world),
+                cache)
+            if group.is_main:
+                save_students(paths.students, distill_fp, students,
+                              {sid: r.__dict__ for sid, r in results.items()})
 
     candidates = [s.id for s in sites if s.id not in kept and results[s.id].ok]
-    switches = {sid: plan.switch(gm, sid, students[sid]) for sid in candidates}
-    search_gm = rewrite_sites(gm, sites, switches, class_name="SearchGraph", blocks=plan.blocks)
+    # students run in the search on the placement's device (copies: the exported hybrid takes
+    # the CPU originals)
+    on_device = students if placement.is_default else \
+        {sid: copy.deepcopy(m).to(placement.device) for sid, m in students.items()}
+    switches = {sid: plan.switch(run_gm, sid, on_device[sid]) for sid in candidates}
+    search_gm = rewrite_sites(run_gm, sites, switches, class_name="SearchGraph",
+                              blocks=plan.blocks)
     allowed_drop = budget.allowed_drop(baseline)
     sched, search_info, bound_of = _search(
         config, hashes, search_gm, switches, candidates, students, val, names, metric, reference,
-        baseline, threshold, allowed_drop, paths.ledger, console, timings)
+        baseline, threshold, allowed_drop, paths.ledger, console, timings, group=group,
+        placement=placement)
     search_info["students"] = {"path": str(paths.students), "reused": reused is not None}
     console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
+    del search_gm, switches, on_device
+    memory = group.exchange(lambda: peak_memory(placement.device))  # every rank's peaks
+    if not group.is_main:
+        # the other ranks are done: they leave with the search's exit code, without waiting for
+        # rank 0's export (which may take longer than a collective's timeout); a parity failure
+        # is rank 0's exit code, which torchrun reports
+        code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
+        return CompileResult(code, out_path, report_path, {}, None, sites, sched, results)
 
     outputs = _outputs(config, sched, bound_of)
     delivered = tuple(outputs[outputs["selected"]]["linear"]) if outputs[outputs["selected"]] \
@@ -711,6 +826,10 @@ def _compile(config: CompileConfig, console: Console, budget: Budget,
         "parity_ok": parity_ok,
         "export": exported.to_dict(),
         "timings_s": timings,
+        "runtime": {"device": str(placement.device), "dtype": placement.dtype_name,
+                    "ranks": group.world, "backend": group.backend or None,
+                    # MiB, per rank (rank 0's taken after the export)
+                    "memory": [peak_memory(placement.device)] + memory[1:]},
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }
     if not sched.fits:

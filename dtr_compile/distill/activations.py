@@ -19,6 +19,7 @@ import torch
 from torch.fx import GraphModule
 
 from dtr_compile.data import Dataset, record_nodes
+from dtr_compile.device import Placement, to_device
 from dtr_compile.distill.plan import DistillPlan
 from dtr_compile.linear.kernel import key_valid_from_mask
 from dtr_compile.passes.attention_block import AttentionBlock
@@ -128,8 +129,15 @@ def record_teacher(
     batch_size: int,
     store: ActivationStore,
     on_batch: Callable[[int], None] | None = None,
+    placement: Placement | None = None,
 ) -> None:
-    """Run the teacher over ``calib`` once, batch by batch, into ``store``."""
+    """Run the teacher over ``calib`` once, batch by batch, into ``store``.
+
+    With a ``placement`` (see :mod:`dtr_compile.device`), ``gm`` is its graph: batches run on its
+    device under its autocast, and the tensors are stored on the CPU in the dtype they came in
+    (``bf16`` activations take half the memory of fp32; trainings up-cast them).
+    """
+    cpu = torch.device("cpu")
     raw: set[str] = set()
     masks: dict[str, str] = {}
     for site in plan.sites:
@@ -137,7 +145,13 @@ def record_teacher(
         raw |= r
         masks.update({name: site.mask_kind for name in m})
     for batch in calib.batches(batch_size):
-        rec = record_nodes(gm, [batch[n] for n in input_names], raw | set(masks))
+        args = [batch[n] for n in input_names]
+        if placement is None or placement.is_default:
+            rec = record_nodes(gm, args, raw | set(masks))
+        else:
+            with placement.autocast():
+                rec = record_nodes(gm, to_device(args, placement.device), raw | set(masks))
+            rec = to_device(rec, cpu)
         rows = int(batch[input_names[0]].shape[0])
         values = {n: rec[n] for n in raw}
         # tokens = rows × the longest sequence among the recorded activations (q: [B, H, T, Dk],
@@ -155,21 +169,31 @@ def record_teacher(
 
 
 class TeacherData:
-    """Named teacher tensors by row: ``get(name, idx)``; ``n`` rows."""
+    """Named teacher tensors by row: ``get(name, idx)``; ``n`` rows; on ``device``, floating
+    tensors in fp32 (a store in bf16/fp16 is up-cast as it is read)."""
 
     n: int
+    device: torch.device = torch.device("cpu")
 
     def get(self, name: str, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
 class StoreData(TeacherData):
-    def __init__(self, store: ActivationStore, names: Mapping[str, str | None]) -> None:
+    def __init__(self, store: ActivationStore, names: Mapping[str, str | None],
+                 device: torch.device | None = None) -> None:
         self.store, self.names, self.n = store, names, store.rows
+        if device is not None:
+            self.device = device
 
     def get(self, name: str, idx: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         node = self.names.get(name)
-        return None if node is None else self.store.get(node, idx)
+        if node is None:
+            return None
+        t = self.store.get(node, idx)
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = t.float()
+        return t.to(self.device)
 
 
 class RecordData(TeacherData):

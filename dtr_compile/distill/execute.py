@@ -33,6 +33,7 @@ class _Context:
     store: ActivationStore
     threads: int
     progress: Any = None  # a multiprocessing queue of (site id, step, loss)
+    device: torch.device = torch.device("cpu")  # where students train
 
 
 _CONTEXT: _Context | None = None
@@ -45,10 +46,11 @@ def _task(ctx: _Context, site_id: str) -> SiteTask | BlockTask:
     block = ctx.plan.blocks.get(site_id)
     if block is None:
         names = {"q": site.q, "k": site.k, "v": site.v, "out": site.output, "key_valid": kv}
-        return SiteTask(site, settings, StoreData(ctx.store, names))
+        return SiteTask(site, settings, StoreData(ctx.store, names, ctx.device))
     inputs: dict[str, str | None] = {f"in{i}": n for i, n in enumerate(block.inputs)}
     return BlockTask(ctx.gm, site, block, settings,
-                      StoreData(ctx.store, inputs | {"out": block.output, "key_valid": kv}))
+                      StoreData(ctx.store, inputs | {"out": block.output, "key_valid": kv},
+                                ctx.device))
 
 
 def _run_one(site_id: str) -> tuple[str, bytes, DistillResult]:
@@ -72,7 +74,7 @@ def _run_one(site_id: str) -> tuple[str, bytes, DistillResult]:
     else:
         res = train_task(task, site_id, on_step)
     res.note = "; ".join(x for x in (ctx.plan.notes.get(site_id, ""), res.note) if x)
-    state = {k: v.detach().contiguous() for k, v in task.module.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in task.module.state_dict().items()}
     return site_id, safetensors_save(state), res
 
 
@@ -99,17 +101,20 @@ def run_trainings(
     todo: Sequence[str],
     workers: int,
     on_step: Callable[[str, int, float], None] | None = None,
+    device: torch.device | None = None,
 ) -> Generator[tuple[str, bytes, DistillResult], None, None]:
     """Train the sites ``todo`` of ``plan`` on ``store`` in ``workers`` processes (1: here).
 
-    Yields ``(site id, safetensors bytes of the student's state, result)`` as trainings finish;
+    On a CUDA ``device`` the trainings run here, one after the other (a forked process cannot
+    use its parent's CUDA context). Yields ``(site id, safetensors bytes of the student's state, result)`` as trainings finish;
     ``on_step(site id, step, loss)`` reports progress. Close the generator to cancel the rest.
     """
     global _CONTEXT
-    workers = max(1, min(workers, len(todo)))
+    device = device or torch.device("cpu")
+    workers = 1 if device.type != "cpu" else max(1, min(workers, len(todo)))
     try:
         if workers == 1:
-            _CONTEXT = _Context(gm, plan, store, threads=1)
+            _CONTEXT = _Context(gm, plan, store, threads=1, device=device)
             for sid in todo:
                 yield _run_one_local(sid, on_step)
             return

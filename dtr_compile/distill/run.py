@@ -47,6 +47,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from dtr_compile.data import Dataset
+from dtr_compile.device import Placement
 from dtr_compile.distill.activations import ActivationStore, record_teacher
 from dtr_compile.distill.cache import DistillCache
 from dtr_compile.distill.execute import run_trainings
@@ -67,9 +68,15 @@ def distill(
     on_record: Callable[[int], None] | None = None,
     on_step: Callable[[str, int, float], None] | None = None,
     on_done: Callable[[str, DistillResult], None] | None = None,
+    placement: Placement | None = None,
+    teacher: GraphModule | None = None,
 ) -> tuple[dict[str, nn.Module], dict[str, DistillResult]]:
     """Distil every site of ``plan``: cached weights first, then one teacher pass and the
     trainings of the rest in ``workers`` processes.
+
+    ``placement``: the teacher runs as ``teacher`` (``placement.graph(gm)``, built here when not
+    given) on its device and dtype, and the students train on its device in fp32 (see
+    :mod:`dtr_compile.device`); students come back on the CPU.
 
     Returns ``({site id: student}, {site id: result})``; students are in eval mode. A result
     with ``ok=False`` (non-finite loss or error) must stay softmax. Only successful trainings
@@ -97,8 +104,14 @@ def distill(
     sub = dataclasses.replace(plan, sites=tuple(s for s in plan.sites if s.id in todo))
     store = ActivationStore(max_calib_tokens, spill_dir)
     try:
-        record_teacher(gm, sub, calib, input_names, record_batch, store, on_record)
-        with contextlib.closing(run_trainings(gm, plan, store, todo, workers, on_step)) as done:
+        if placement is not None and not placement.is_default:
+            record_teacher(teacher if teacher is not None else placement.graph(gm), sub, calib,
+                           input_names, record_batch, store, on_record, placement)
+        else:
+            record_teacher(gm, sub, calib, input_names, record_batch, store, on_record)
+        device = placement.device if placement is not None else None
+        with contextlib.closing(run_trainings(gm, plan, store, todo, workers, on_step,
+                                              device)) as done:
             for out in done:
                 _collect(plan, gm, out, students, results, cache, on_done)
     finally:

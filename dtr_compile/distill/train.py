@@ -35,11 +35,12 @@ from dtr_compile.passes.find_attention import AttentionSite
 _EPS = 1e-6
 
 
-def query_weights(key_valid: torch.Tensor | None, rows: int, t: int) -> torch.Tensor:
+def query_weights(key_valid: torch.Tensor | None, rows: int, t: int,
+                  device: torch.device | None = None) -> torch.Tensor:
     """``[rows, T]`` weight of each query position: 0 for padding (a key padding vector marks
     queries too when T == S), else 1."""
     if key_valid is None or key_valid.shape[-1] != t:
-        return torch.ones(rows, t)
+        return torch.ones(rows, t, device=device)
     return key_valid.float().expand(rows, -1)
 
 
@@ -88,11 +89,11 @@ def _attention_kl(q: torch.Tensor, k: torch.Tensor, phi_q: torch.Tensor, phi_k: 
     ``w: [B, T']`` query weights.
     """
     T, S = q.shape[-2], k.shape[-2]
-    allowed = torch.ones(1, 1, T, S, dtype=torch.bool)
+    allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=q.device)
     if key_valid is not None:
         allowed = allowed & (key_valid[:, None, None, :] > 0)
     if causal:
-        allowed = allowed & torch.ones(T, S, dtype=torch.bool).tril()
+        allowed = allowed & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, T', S]
     log_p = torch.log_softmax(scores.masked_fill(~allowed, -1e9), dim=-1)
     a = torch.matmul(phi_q, phi_k.transpose(-1, -2)) * allowed  # [B, H, T', S]
@@ -106,7 +107,7 @@ class SiteTask:
 
     def __init__(self, site: AttentionSite, settings: DistillSettings, data: TeacherData) -> None:
         self.site, self.settings, self.data = site, settings, data
-        self.module = new_student(site, settings)
+        self.module = new_student(site, settings).to(data.device)
         self.subsample = (settings.query_positions > 0 and not site.causal
                           and not self.module.window)
 
@@ -123,7 +124,7 @@ class SiteTask:
         if self.subsample and s.query_positions < T:
             positions = torch.randperm(T, generator=gen)[: s.query_positions]
         pred, phi_q, phi_k = _site_forward(self.module, q, k, v, key_valid, positions)
-        w = query_weights(key_valid, len(idx), T)  # [b, T]
+        w = query_weights(key_valid, len(idx), T, q.device)  # [b, T]
         if positions is not None:
             out, w = out[:, :, positions], w[:, positions]
         wq = w[:, None, :, None]
@@ -142,7 +143,7 @@ class SiteTask:
             q, k, v, out = (d.get(n, part) for n in ("q", "k", "v", "out"))
             key_valid = d.get("key_valid", part)
             pred = _site_forward(self.module, q, k, v, key_valid)[0]
-            w = query_weights(key_valid, len(part), q.shape[2])[:, None, :, None]
+            w = query_weights(key_valid, len(part), q.shape[2], q.device)[:, None, :, None]
             num += float(((pred - out) ** 2 * w).sum())
             den += float((out**2 * w).sum())
         return math.sqrt(num / max(den, 1e-30))
@@ -155,7 +156,7 @@ class BlockTask:
                  settings: DistillSettings, data: TeacherData) -> None:
         self.site, self.block, self.settings, self.data = site, block, settings, data
         self.module = block_module(gm, block, site, new_student(site, settings),
-                                   copy_weights=True)
+                                   copy_weights=True).to(data.device)
 
     def param_groups(self) -> list[dict[str, Any]]:
         fmap: list[nn.Parameter] = []
@@ -173,7 +174,7 @@ class BlockTask:
     def _batch(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         inputs = [self.data.get(f"in{i}", idx) for i in range(len(self.block.inputs))]
         out = self.data.get("out", idx)  # [b, T, C]
-        w = query_weights(self.data.get("key_valid", idx), len(idx), out.shape[1])
+        w = query_weights(self.data.get("key_valid", idx), len(idx), out.shape[1], out.device)
         return inputs, out, w.reshape(len(idx), out.shape[1], *([1] * (out.dim() - 2)))
 
     def loss(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -207,7 +207,7 @@ def linear_attention(
     phi_k, v1 = _align_keys(phi_k, T), _align_keys(v1, T)  # [B, H, T, *]
     q_c, k_c, v_c = _chunk(phi_q, chunk_size), _chunk(phi_k, chunk_size), _chunk(v1, chunk_size)
     # q_c: [B, H, N, C, F], k_c: [B, H, N, C, F], v_c: [B, H, N, C, Dv+1]
-    causal_mask = torch.ones(chunk_size, chunk_size).tril()  # [C, C], query row, key column
+    causal_mask = torch.ones(chunk_size, chunk_size, device=q_c.device).tril()  # [C, C], query row, key column
     a = torch.matmul(q_c, k_c.transpose(-1, -2)) * causal_mask  # [B, H, N, C, C] within chunk
     state = _prefix_state(k_c, v_c, shift=1)  # earlier chunks: [B, H, N, F, Dv+1]
     num_den = torch.matmul(q_c, state) + torch.matmul(a, v_c)  # [B, H, N, C, Dv+1]
@@ -230,17 +230,19 @@ def naive_linear_attention(
         a = a * key_valid[:, None, None, :].double()
     if causal:
         T, S = a.shape[-2:]
-        a = a * torch.ones(T, S, dtype=torch.float64).tril()  # SDPA's is_causal: top-left
+        a = a * torch.ones(T, S, dtype=torch.float64, device=a.device).tril()  # SDPA's is_causal: top-left
     return ((a @ v) / (a.sum(-1, keepdim=True) + eps)).float()
 
 
-def _window_masks(chunk: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_masks(chunk: int, window: int,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks ``[C, 2C]`` of query ``i`` of chunk ``n`` against keys ``j`` of chunks ``n−1, n``.
 
     The distance is ``t − s = C + i − j``; the window is ``0 <= t − s < W``, the linear part inside
     these two chunks is ``t − s >= W`` (chunks before ``n − 1`` are all linear when ``W <= C``).
     """
-    dist = chunk + torch.arange(chunk)[:, None] - torch.arange(2 * chunk)[None, :]  # [C, 2C]
+    dist = (chunk + torch.arange(chunk, device=device)[:, None]
+            - torch.arange(2 * chunk, device=device)[None, :])  # [C, 2C]
     return (dist >= 0) & (dist < window), (dist >= window).float()
 
 
@@ -297,7 +299,7 @@ def sliding_window_linear_attention(
     k_l, v_l, phi_k_l = local(k_c, -2), local(v_c, -2), local(phi_k_c, -2)  # [B, H, N, 2C, *]
     valid_l = local(valid_c, -1) > 0  # [B|1, 1, N, 1, 2C]
 
-    in_window, linear_mask = _window_masks(C, window)  # [C, 2C]
+    in_window, linear_mask = _window_masks(C, window, q.device)  # [C, 2C]
     allowed = in_window & valid_l  # [B|1, 1, N, C, 2C]
     scores = torch.matmul(q_c, k_l.transpose(-1, -2)) * scale  # [B, H, N, C, 2C]
     scores = torch.where(allowed, scores, _MASKED_SCORE)

@@ -34,6 +34,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
 from dtr_compile.data import Dataset, _first_tensor
+from dtr_compile.device import Placement, to_device
 from dtr_compile.metrics import Metric
 
 
@@ -225,15 +226,20 @@ class PrefixCache:
         input_names: the graph's inputs, in call order.
         metric: its :meth:`Metric.reduce` is applied to each batch's first output.
         capacity_bytes: the most state bytes kept (0: no cache, every evaluation runs in full).
+        placement: the device (and autocast dtype) ``graph`` runs on; the data is moved there
+            once and the reduced outputs come back to the CPU (see :mod:`dtr_compile.device`).
     """
 
     def __init__(self, graph: SegmentedGraph, data: Dataset, input_names: Sequence[str],
-                 batch_size: int, metric: Metric | None = None, capacity_bytes: int = 1 << 30) -> None:
+                 batch_size: int, metric: Metric | None = None, capacity_bytes: int = 1 << 30,
+                 placement: Placement | None = None) -> None:
         self.graph, self.data, self.names = graph, data, list(input_names)
         self.batch_size, self.metric, self.capacity_bytes = batch_size, metric, capacity_bytes
-        self.batches = list(data.batches(batch_size))
+        self.placement = placement or Placement()
+        dev = self.placement.device
+        self.batches = [to_device(b, dev) for b in data.batches(batch_size)]
         labels = data.labels
-        self.labels = [None if labels is None else labels[i:i + batch_size]
+        self.labels = [None if labels is None else to_device(labels[i:i + batch_size], dev)
                        for i in range(0, len(data), batch_size)]
         self.states: dict[Key, list[tuple[object, ...]]] = {}
         self.base: tuple[bool, ...] | None = None
@@ -294,7 +300,7 @@ class PrefixCache:
             sw.use_linear = sid in linear  # type: ignore[assignment]
         outs: list[torch.Tensor] = []
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.placement.autocast():
                 for b, batch in enumerate(self.batches):
                     if start >= 0:
                         state: tuple[object, ...] = self.states[(start, flags[:start])][b]
@@ -308,8 +314,8 @@ class PrefixCache:
                                 pending[seg].append(state)
                         else:
                             y = _first_tensor(out)
-                            outs.append(self.metric.reduce(y, batch, self.labels[b])
-                                        if self.metric is not None else y.float())
+                            outs.append((self.metric.reduce(y, batch, self.labels[b])
+                                         if self.metric is not None else y.float()).cpu())
         finally:
             for sw in self.graph.switches.values():
                 sw.use_linear = False  # type: ignore[assignment]
