@@ -58,9 +58,8 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                          "torch.save({'input_ids': ..., 'attention_mask': ..., 'labels': ...}, path)")
     try:
         obj = torch.load(p, weights_only=True, map_location="cpu")
-    except BaseException as exc:  # noqa: BLE001 - EOFError/UnpicklingError/…: a bad file
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # noqa: BLE001 - EOFError (which click reports as "Aborted!"),
+        # UnpicklingError (weights_only refusing a non-tensor object), …: a bad file
         text = str(exc).strip()
         raise InputError(f"{p}: not a torch.save'd dict of tensors readable with "
                          f"weights_only=True ({type(exc).__name__}: "

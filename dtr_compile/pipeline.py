@@ -635,8 +635,10 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     with _stage(timings, "capture", console):
         captured = capture(loaded, _example_inputs(config) if loaded.program is None else None)
     gm, names = captured.gm, captured.input_names
+    # inputs the model takes as integers: whole-number float data is cast, fractions refused
     ints = {n.name for n in gm.graph.nodes if n.op == "placeholder"
-            and getattr(n.meta.get("val"), "dtype", torch.float32).is_floating_point is False}
+            and isinstance(n.meta.get("val"), torch.Tensor)
+            and not n.meta["val"].is_floating_point()}
     val = load_dataset(config.data, names, ints)  # type: ignore[arg-type]
     check_inputs(captured, val.inputs, str(config.data))
     check_index_ranges(captured, val.inputs, str(config.data))

@@ -92,4 +92,4 @@ def test_out_of_vocabulary_ids_with_hf_model_are_exit_2(hf_folder: Path, tmp_pat
                   "-o", str(tmp_path / "out.onnx"), "--metric", "agreement", *FAST)
     assert res.returncode == 2, res.stderr
     assert "'input_ids'" in res.stderr and "row 4" in res.stderr and "128" in res.stderr
-    assert "distill" not in res.stderr
+    assert "distilled site" not in res.stderr

@@ -46,7 +46,7 @@ def test_labels_n_by_1_give_the_right_accuracy(tiny) -> None:
     base = evaluate_onnx(tiny["path"], Path(tiny["dir"]) / "data.pt", metric="accuracy")
     assert base.value == 1.0
     p = _save(tiny, "labels_n1.pt", labels=tiny["data"]["labels"][:, None])
-    assert evaluate_onnx(tiny["path"], p, metric="accuracy").value == 1.0  # 0.x before
+    assert evaluate_onnx(tiny["path"], p, metric="accuracy").value == 1.0  # squeezed, not [N, N]
 
 
 def test_out_of_range_labels_exit_2(tiny) -> None:

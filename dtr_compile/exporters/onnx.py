@@ -470,7 +470,7 @@ def parity_cases(
         for name, t in inputs.items():
             t = t[rows]
             for d in seq_dims.get(name, []):
-                t = t.narrow(d, 0, max(2, int(t.shape[d] * frac)))
+                t = t.narrow(d, 0, min(t.shape[d], max(2, int(t.shape[d] * frac))))
             out[name] = t
         return out
 
