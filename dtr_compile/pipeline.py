@@ -33,6 +33,12 @@ from dtr_compile.errors import (
 )
 from dtr_compile.exporters.artifacts import ExportResult, check_export_options, export_artifacts
 from dtr_compile.exporters.onnx import parity_cases
+from dtr_compile.exporters.stateful import (
+    check_decoder,
+    decoder_paths,
+    export_stateful_onnx,
+    parity_prompts,
+)
 from dtr_compile.fileio import write_json_atomic
 from dtr_compile.linear.kernel import SiteSwitch
 from dtr_compile.load import check_model_path, load_model
@@ -44,6 +50,7 @@ from dtr_compile.passes.find_attention import (
     find_attention,
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
+from dtr_compile.passes.stateful import StatefulGraph, make_stateful
 from dtr_compile.report import report_paths, write_report
 from dtr_compile.search.ledger import (
     Ledger,
@@ -313,6 +320,53 @@ def _linearizable(scan: AttentionScan) -> AttentionScan:
     return AttentionScan(sites=ok, rejected=scan.rejected + moved)
 
 
+def _decoder_artifacts(stateful: dict[str, Any] | None) -> dict[str, str]:
+    return {f"{k}_decoder_onnx": v["path"] for k, v in (stateful or {}).items()
+            if isinstance(v, dict) and v.get("path")}
+
+
+def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionScan,
+              students: dict[str, Any], blocks: dict[str, Any], hybrid: torch.fx.GraphModule,
+              val: Dataset, names: list[str], out_path: Path, opset: int,
+              console: Console) -> dict[str, Any] | None:
+    """The stateful decoders of a causal model (:mod:`dtr_compile.passes.stateful`): the hybrid
+    (and the KV-cached original with ``--export-original``) written beside the prefill ONNX and
+    checked by a greedy continuation against full recomputation. None for a model with no causal
+    site (encoders: nothing written, no report section); a ``not_stateful`` record with the
+    reasons when the pass cannot make the graph stateful (the prefill artifacts stand)."""
+    if not config.decoder or not any(s.causal for s in scan.sites):
+        return None
+    block_sites = sorted(sid for sid in students if sid in blocks)
+    if block_sites:
+        return {"status": "not_stateful",
+                "reasons": [f"{sid}: a whole-block student (--distill-target block) has no "
+                            "stateful form yet" for sid in block_sites]}
+    out: dict[str, Any] = {"status": "written"}
+    paths = decoder_paths(out_path)
+    todo = [("hybrid", students, hybrid)]
+    if config.export_original:
+        todo.append(("original", {}, gm))
+    prompts = parity_prompts(val.inputs)
+    for key, studs, prefill in todo:
+        sg = make_stateful(gm, scan.sites, studs, rejected=scan.rejected)
+        if not isinstance(sg, StatefulGraph):
+            console.log(f"[yellow]no stateful decoder[/yellow]: {sg.describe()}")
+            return {"status": "not_stateful", "reasons": list(sg.reasons)}
+        t0 = time.perf_counter()
+        path = export_stateful_onnx(sg, paths[key], opset=opset)
+        parity = check_decoder(path, sg, prefill, prompts, config.decode_steps,
+                               has_mask="attention_mask" in names)
+        out[key] = {"path": str(path), "inputs": sg.input_names, "outputs": sg.output_names,
+                    "layers": [{"layer": lay.layer, "site": lay.site, "kind": lay.kind,
+                                "state": list(lay.names)} for lay in sg.layers],
+                    "parity": parity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+        verdict = ("token for token" if parity.tokens_equal
+                   else f"[red]differs from step {parity.first_mismatch}[/red]")
+        console.log(f"wrote {path}: {parity.steps} greedy tokens x {parity.batch} rows {verdict} "
+                    f"(logits max-abs {parity.worst_max_abs:.2e}, rel-RMS {parity.worst_rel_rms:.2e})")
+    return out
+
+
 def compile_model(config: CompileConfig, console: Console | None = None) -> CompileResult:
     """Compile ``config.model`` into a hybrid within ``config.budget`` and export it.
 
@@ -406,6 +460,8 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
             target=config.target, opset=config.opset, fp16=config.fp16,
             export_original=config.export_original, engine=config.engine, console=console)
+        stateful = _decoders(config, gm, scan, {sid: students[sid] for sid in sched.committed},
+                             plan.blocks, hybrid, val, names, out_path, exported.opset, console)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
@@ -417,7 +473,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
                       "report_md": str(paths.markdown), "plot": str(paths.plot),
                       "ledger": str(paths.ledger), "students": str(paths.students)}
-                     | exported.artifacts,
+                     | exported.artifacts | _decoder_artifacts(stateful),
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
                    "bounds": metric.bounds},
         "budget": budget.to_dict(baseline, metric.higher_is_better),
@@ -437,6 +493,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
         "parity": [p.__dict__ for p in parity],
         "parity_ok": parity_ok,
         "export": exported.to_dict(),
+        **({"stateful": stateful} if stateful is not None else {}),
         "timings_s": timings,
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }

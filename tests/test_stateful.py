@@ -129,8 +129,11 @@ def test_left_padded_batch_rows_generate_what_they_generate_alone(kind, window):
         assert (got.logits[i] - alone.logits[0]).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize(("kind", "window"), [("llama", 0), ("llama", None), ("gpt2", 0)],
-                         ids=["llama-linear", "llama-original", "gpt2-linear"])
+@pytest.mark.parametrize(("kind", "window"), [
+    ("llama", 0),
+    pytest.param("llama", None, marks=pytest.mark.slow),  # each export ~1 min on a loaded machine
+    pytest.param("gpt2", 0, marks=pytest.mark.slow),
+], ids=["llama-linear", "llama-original", "gpt2-linear"])
 def test_stateful_onnx_greedy_equals_full_recompute(tmp_path, kind, window):
     import onnx
 
@@ -170,3 +173,37 @@ def test_not_stateful_says_why():
     assert isinstance(res, NotStateful) and not res
     assert all("not causal" in r for r in res.reasons) and len(res.reasons) == len(scan.sites)
     assert "encoder.layer.0" in res.describe()
+
+
+@pytest.mark.slow  # minutes on a loaded machine: a compile plus two decoder exports
+def test_compile_writes_checked_decoders(tmp_path):
+    from dtr_compile.config import CompileConfig
+    from dtr_compile.pipeline import compile_model
+
+    model = LM("llama", layers=2)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (8, 24), generator=g)
+    mask = torch.ones_like(ids)
+    prog = torch.export.export(model, (), kwargs={"input_ids": ids[:2], "attention_mask": mask[:2]},
+                               dynamic_shapes={"input_ids": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},
+                                               "attention_mask": {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}})
+    torch.export.save(prog, tmp_path / "model.pt")
+    torch.save({"input_ids": ids, "attention_mask": mask}, tmp_path / "val.pt")
+    out = tmp_path / "hybrid.onnx"
+    res = compile_model(CompileConfig(
+        model=str(tmp_path / "model.pt"), output=str(out), data=str(tmp_path / "val.pt"),
+        metric="perplexity", budget="99%", max_linear=1, distill_steps=5, max_calib_samples=4,
+        progress=False, workers=1, export_original=True, decode_steps=STEPS))
+    rep = res.report
+    assert len(rep["replaced"]) == 1
+    st = rep["stateful"]
+    assert st["status"] == "written", st
+    for key, file in (("hybrid", "hybrid.decoder.onnx"), ("original", "hybrid.original.decoder.onnx")):
+        assert (tmp_path / file).is_file()
+        assert rep["artifacts"][f"{key}_decoder_onnx"] == str(tmp_path / file)
+        par = st[key]["parity"]
+        assert par["tokens_equal"] and par["steps"] == STEPS and par["batch"] == 2, par
+        assert par["worst_max_abs"] < 1e-3, par
+    kinds = sorted(lay["kind"] for lay in st["hybrid"]["layers"])
+    assert kinds == ["linear", "softmax"]
+    assert {lay["kind"] for lay in st["original"]["layers"]} == {"softmax"}

@@ -266,3 +266,40 @@ def left_pad(prompts: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Te
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
     return ids, mask
+
+
+# --- the compile's decoder artifacts -----------------------------------------------------------
+
+
+def decoder_paths(output: str | os.PathLike[str]) -> dict[str, Path]:
+    """``<output>.decoder.onnx`` (the hybrid) and ``<output>.original.decoder.onnx``."""
+    out = Path(output)
+    return {"hybrid": out.with_suffix(".decoder.onnx"),
+            "original": out.with_suffix(".original.decoder.onnx")}
+
+
+def parity_prompts(inputs: Mapping[str, torch.Tensor], *, rows: int = 2,
+                   lengths: Sequence[int] = (16, 11)) -> list[torch.Tensor]:
+    """Prompts for the decode parity check: the first ``rows`` validation rows' real tokens (by
+    their ``attention_mask``, if any), cut to ``lengths`` (different lengths, so the batch is
+    left padded)."""
+    ids = inputs[TOKENS]
+    mask = inputs.get(MASK)
+    out = []
+    for r in range(min(rows, len(ids))):
+        row = ids[r] if mask is None else ids[r][mask[r] > 0]
+        out.append(row[: max(1, lengths[r % len(lengths)])].clone())
+    return out
+
+
+def check_decoder(path: str | os.PathLike[str], sg: StatefulGraph, prefill: Callable[..., Any],
+                  prompts: Sequence[torch.Tensor], steps: int, *, has_mask: bool) -> DecodeParity:
+    """Greedy ``steps`` tokens from the ONNX decoder at ``path`` on the left-padded batch of
+    ``prompts``, against each prompt's continuation alone by full recomputation of ``prefill``."""
+    ids, mask = left_pad(prompts)
+    got = greedy_stateful(ort_runner(path), sg.empty_past(len(prompts)), ids, steps, mask)
+    refs = [greedy_reference(prefill, p[None], steps,
+                             torch.ones(1, len(p), dtype=torch.long) if has_mask else None)
+            for p in prompts]
+    ref = Continuation(torch.cat([r.tokens for r in refs]), torch.cat([r.logits for r in refs]))
+    return decode_parity(str(path), got, ref)
