@@ -59,6 +59,9 @@ class Inspection:
         site_flops: site id → FLOPs of its attention core at these inputs.
         site_lengths: site id → ``(T, S)``, the query and key lengths the site saw.
         other_flops: FLOPs of everything else (projections, MLPs, embeddings …).
+        stateful: causal models only: ``()`` when a stateful decoder (KV cache / recurrent
+            state, :mod:`dtr_compile.passes.stateful`) can be built, else the reasons it cannot;
+            None for a model with no causal site.
     """
 
     model: str
@@ -71,6 +74,7 @@ class Inspection:
     site_flops: dict[str, int]
     site_lengths: dict[str, tuple[int, int]]
     other_flops: int
+    stateful: tuple[str, ...] | None = None
 
     @property
     def attention_flops(self) -> int:
@@ -107,7 +111,8 @@ class Inspection:
                 for s in self.sites
             ],
             "rejected": [asdict(r) for r in self.rejected],
-        }
+        } | ({} if self.stateful is None else
+             {"stateful": {"possible": not self.stateful, "reasons": list(self.stateful)}})
 
 
 # --- example inputs ---------------------------------------------------------------------------
@@ -340,7 +345,18 @@ def inspect_model(model: str, *, seq_len: int | None = None, data: str | None = 
         seq_len=int(seq) if seq is not None else None,
         inputs={k: list(v.shape) for k, v in example.items()}, sites=sites,
         rejected=scan.rejected, site_flops=site_flops, site_lengths=lengths, other_flops=other,
+        stateful=_stateful(gm, scan),
     )
+
+
+def _stateful(gm: torch.fx.GraphModule, scan: Any) -> tuple[str, ...] | None:
+    """Why the model cannot have a stateful decoder (``()``: it can); None without causal sites."""
+    from dtr_compile.passes.stateful import NotStateful, make_stateful
+
+    if not any(s.causal for s in scan.sites):
+        return None
+    res = make_stateful(gm, scan.sites, {}, rejected=scan.rejected)
+    return res.reasons if isinstance(res, NotStateful) else ()
 
 
 def _flops(n: float) -> str:
@@ -380,6 +396,12 @@ def render(ins: Inspection, console: Console) -> None:
         for r in ins.rejected:
             why.add_row(r.node, r.module_path or "(top level)", r.reason)
         console.print(why)
+    if ins.stateful is not None:
+        if ins.stateful:
+            console.print("Stateful decoder: not possible: " + "; ".join(ins.stateful))
+        else:
+            console.print("Stateful decoder: possible (a KV cache per softmax layer, a recurrent "
+                          "state per linear layer, positions from attention_mask)")
 
 
 __all__ = ["Inspection", "count_flops", "example_from_config", "example_from_graph",

@@ -207,3 +207,38 @@ def test_compile_writes_checked_decoders(tmp_path):
     kinds = sorted(lay["kind"] for lay in st["hybrid"]["layers"])
     assert kinds == ["linear", "softmax"]
     assert {lay["kind"] for lay in st["original"]["layers"]} == {"softmax"}
+
+
+class SinusoidalCausal(torch.nn.Module):
+    """A causal block with sinusoidal positions computed in the graph (``arange(T) · freq``): a
+    position computation the pass does not recognise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        pos = torch.arange(t)[:, None] * torch.arange(1, 17)[None, :]  # [T, 16]
+        x = self.emb(input_ids) + torch.sin(pos.float())
+        q, k, v = self.qkv(x).view(x.shape[0], t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.transpose(1, 2).reshape(x.shape[0], t, 16)
+
+
+def test_unrecognised_positions_say_why(tmp_path):
+    from dtr_compile.inspect import inspect_model
+
+    ex = {"input_ids": torch.randint(1, VOCAB, (2, 8))}
+    gm = flat_graph_module(export_module(SinusoidalCausal(), ex).module())
+    scan = find_attention(gm)
+    assert scan.sites and all(s.causal for s in scan.sites)
+    res = make_stateful(gm, scan.sites, {})
+    assert isinstance(res, NotStateful)
+    assert "not a recognised position computation" in res.describe()
+    prog = export_module(SinusoidalCausal(), ex)
+    torch.export.save(prog, tmp_path / "m.pt2")
+    ins = inspect_model(str(tmp_path / "m.pt2"))
+    assert ins.stateful and "position" in ins.stateful[0]
+    assert ins.to_dict()["stateful"]["possible"] is False

@@ -6,7 +6,7 @@ new tokens after a past of ``P`` tokens summarised per layer, and returns the ne
 
 * inputs ``input_ids: [B, t]``, ``attention_mask: [B, P + t]`` (int64, 1 = real token; left
   padding allowed), then per layer ``i`` (the model's layer number, from the site's module path:
-  ``model.layers.7.self_attn`` → 7), in layer order: softmax layers
+  ``model.layers.7.self_attn`` → 7; graph order when no site has one), in layer order: softmax layers
   ``past_key_values.{i}.key`` / ``.value: [B, Hkv, P, Dk|Dv]``, linear layers
   ``past.{i}.{name}`` for each name of the student's
   :meth:`~dtr_compile.linear.base.LinearStudent.state_names`;
@@ -312,14 +312,16 @@ def make_stateful(
         reasons.append(f"the model returns {len(outputs)} outputs; a decoder returns logits only")
 
     layers: dict[int, tuple[AttentionSite, str]] = {}
-    for site in sites:
-        sid = f"{site.id} ({site.module_path})"
+    numbered = any(layer_index(s.module_path) is not None for s in sites)
+    for order, site in enumerate(sites):
+        sid = f"{site.id} ({site.module_path or 'top level'})"
         if not site.causal:
             reasons.append(f"{sid} is not causal ({site.masking}): a bidirectional site has no "
                            "past/future split")
         if site.layout != "BHTD":
             reasons.append(f"{sid}: layout {site.layout} (only [B, H, T, D] sites get a cache)")
-        idx = layer_index(site.module_path)
+        # no site with a layer number (e.g. one block at the top level): number them in order
+        idx = layer_index(site.module_path) if numbered else order
         if idx is None:
             reasons.append(f"{sid}: no layer number in its module path")
         elif idx in layers:
