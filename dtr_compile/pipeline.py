@@ -35,8 +35,10 @@ from dtr_compile.exporters.artifacts import ExportResult, check_export_options, 
 from dtr_compile.exporters.onnx import parity_cases
 from dtr_compile.exporters.stateful import (
     check_decoder,
+    copy_tokenizer,
     decoder_paths,
     export_stateful_onnx,
+    find_model_tokenizer,
     parity_prompts,
 )
 from dtr_compile.fileio import write_json_atomic
@@ -321,8 +323,10 @@ def _linearizable(scan: AttentionScan) -> AttentionScan:
 
 
 def _decoder_artifacts(stateful: dict[str, Any] | None) -> dict[str, str]:
-    return {f"{k}_decoder_onnx": v["path"] for k, v in (stateful or {}).items()
-            if isinstance(v, dict) and v.get("path")}
+    st = stateful or {}
+    return ({f"{k}_decoder_onnx": v["path"] for k, v in st.items()
+             if isinstance(v, dict) and v.get("path")}
+            | ({"tokenizer": st["tokenizer"]} if "tokenizer" in st else {}))
 
 
 def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionScan,
@@ -364,6 +368,10 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
                    else f"[red]differs from step {parity.first_mismatch}[/red]")
         console.log(f"wrote {path}: {parity.steps} greedy tokens x {parity.batch} rows {verdict} "
                     f"(logits max-abs {parity.worst_max_abs:.2e}, rel-RMS {parity.worst_rel_rms:.2e})")
+    source = find_model_tokenizer(config.model)
+    if source is not None:
+        out["tokenizer"] = str(copy_tokenizer(source, out_path))
+        console.log(f"wrote {out['tokenizer']} (the tokenizer of {source})")
     return out
 
 

@@ -47,8 +47,11 @@ class LM(torch.nn.Module):
                                 n_positions=512, attn_implementation="sdpa",
                                 bos_token_id=0, eos_token_id=0)
             self.lm = tf.GPT2LMHeadModel(cfg)
-        with torch.no_grad():  # sharper logits than the default init: fewer near-ties
-            self.lm.lm_head.weight.mul_(8.0) if kind == "llama" else None
+        with torch.no_grad():  # varied continuations, fewer near-ties than the default init
+            if kind == "llama":
+                self.lm.lm_head.weight.mul_(8.0)
+            else:  # tied head: stronger positions instead
+                self.lm.transformer.wpe.weight.mul_(5.0)
         self.lm.eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -242,3 +245,26 @@ def test_unrecognised_positions_say_why(tmp_path):
     ins = inspect_model(str(tmp_path / "m.pt2"))
     assert ins.stateful and "position" in ins.stateful[0]
     assert ins.to_dict()["stateful"]["possible"] is False
+
+
+def test_tokenizer_is_found_and_copied_beside_the_artifacts(tmp_path):
+    from dtr_compile.exporters.stateful import copy_tokenizer, find_model_tokenizer, tokenizer_path
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json"):
+        (hf / f).write_text(f)
+    assert find_model_tokenizer(hf) == hf
+    out = tmp_path / "out" / "hybrid.onnx"
+    out.parent.mkdir()
+    dest = copy_tokenizer(hf, out)
+    assert dest == tokenizer_path(out) == out.parent / "hybrid.tokenizer"
+    assert sorted(p.name for p in dest.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    # an archive with X.tokenizer/ beside it (the SmolLM2 demo's model.tokenizer/)
+    (tmp_path / "model.pt").write_text("")
+    assert find_model_tokenizer(tmp_path / "model.pt") is None
+    (tmp_path / "model.tokenizer").mkdir()
+    (tmp_path / "model.tokenizer" / "tokenizer.json").write_text("{}")
+    assert find_model_tokenizer(tmp_path / "model.pt") == tmp_path / "model.tokenizer"
+    dest = copy_tokenizer(tmp_path / "model.tokenizer", out)  # replaces the older copy
+    assert [p.name for p in dest.iterdir()] == ["tokenizer.json"]

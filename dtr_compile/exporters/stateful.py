@@ -303,3 +303,50 @@ def check_decoder(path: str | os.PathLike[str], sg: StatefulGraph, prefill: Call
             for p in prompts]
     ref = Continuation(torch.cat([r.tokens for r in refs]), torch.cat([r.logits for r in refs]))
     return decode_parity(str(path), got, ref)
+
+
+#: Files of a Hugging Face tokenizer (copied from a model folder; never its weights).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja")
+
+
+def find_model_tokenizer(model: str | os.PathLike[str]) -> Path | None:
+    """The tokenizer that came with the input model: a Hugging Face folder holding
+    ``tokenizer.json`` or ``tokenizer_config.json``; for a file ``X.pt``, ``X.tokenizer/`` or
+    ``tokenizer/`` beside it (``examples/smollm2/prepare.py`` writes ``model.tokenizer/``).
+    None when there is none."""
+    p = Path(model)
+    if p.is_dir():
+        return p if any((p / f).is_file() for f in TOKENIZER_FILES[:2]) else None
+    for cand in (p.with_name(p.name.split(".")[0] + ".tokenizer"), p.parent / "tokenizer"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def tokenizer_path(output: str | os.PathLike[str]) -> Path:
+    """``<output name up to its first dot>.tokenizer/`` (``hybrid.onnx`` → ``hybrid.tokenizer``),
+    where ``dtr-compile generate`` looks for it beside ``hybrid.decoder.onnx``."""
+    out = Path(output)
+    return out.with_name(out.name.split(".")[0] + ".tokenizer")
+
+
+def copy_tokenizer(source: Path, output: str | os.PathLike[str]) -> Path:
+    """Copy the tokenizer files of ``source`` (all files of a ``*.tokenizer``/``tokenizer``
+    folder, only :data:`TOKENIZER_FILES` of a model folder) to :func:`tokenizer_path`, replacing
+    an older copy only once the new one is complete."""
+    import shutil
+    import tempfile
+
+    target = tokenizer_path(output)
+    files = ([source / f for f in TOKENIZER_FILES if (source / f).is_file()]
+             if not (source.name.endswith(".tokenizer") or source.name == "tokenizer")
+             else [f for f in source.iterdir() if f.is_file()])
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    for f in files:
+        shutil.copy2(f, tmp / f.name)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target

@@ -404,8 +404,11 @@ def make_stateful(
         return NotStateful(("no position computation found (arange over the sequence → "
                             "position_ids or a position embedding): the positions of new tokens "
                             "could not be offset by the past",))
-    with graph.inserting_after(current_mask):
-        positions = graph.call_function(positions_from_mask, (mask, t_len))
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last_input):
+        t_now = graph.call_function(_SYM_SIZE, (tokens, 1))
+    with graph.inserting_after(t_now):
+        positions = graph.call_function(positions_from_mask, (mask, t_now))
     for node in found:
         node.replace_all_uses_with(positions)
     graph.eliminate_dead_code(is_impure_node=_keep)
