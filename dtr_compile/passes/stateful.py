@@ -313,7 +313,7 @@ def make_stateful(
 
     layers: dict[int, tuple[AttentionSite, str]] = {}
     numbered = any(layer_index(s.module_path) is not None for s in sites)
-    for order, site in enumerate(sites):
+    for pos, site in enumerate(sites):
         sid = f"{site.id} ({site.module_path or 'top level'})"
         if not site.causal:
             reasons.append(f"{sid} is not causal ({site.masking}): a bidirectional site has no "
@@ -321,7 +321,7 @@ def make_stateful(
         if site.layout != "BHTD":
             reasons.append(f"{sid}: layout {site.layout} (only [B, H, T, D] sites get a cache)")
         # no site with a layer number (e.g. one block at the top level): number them in order
-        idx = layer_index(site.module_path) if numbered else order
+        idx = layer_index(site.module_path) if numbered else pos
         if idx is None:
             reasons.append(f"{sid}: no layer number in its module path")
         elif idx in layers:
@@ -354,13 +354,15 @@ def make_stateful(
     modules: dict[str, nn.Module] = {}
     for idx in sorted(layers):
         site, kind = layers[idx]
+        ins: tuple[str, ...]
+        snames: tuple[str, ...]
         if kind == "softmax":
-            snames: tuple[str, ...] = ("key", "value")
+            snames = ("key", "value")
             ins = (f"past_key_values.{idx}.key", f"past_key_values.{idx}.value")
             modules[site.id] = KVCacheAttention(site)
         else:
-            modules[site.id] = StatefulLinear(students[site.id])  # type: ignore[arg-type]
-            snames = modules[site.id].names  # type: ignore[assignment]
+            wrapped = StatefulLinear(students[site.id])  # type: ignore[arg-type]
+            modules[site.id], snames = wrapped, wrapped.names
             ins = tuple(f"past.{idx}.{n}" for n in snames)
         outs = tuple(f"present.{idx}.{n}" for n in snames)
         for name in ins:
@@ -422,10 +424,11 @@ def make_stateful(
     for sid, mod in modules.items():
         root[f"dtr_stateful.{sid}"] = mod
     new_gm = GraphModule(root, graph, class_name="StatefulGraph")
-    order = [TOKENS, MASK] + [n for s in layer_states for n in s.inputs]
+    order = [TOKENS, MASK] + [n for lay in layer_states for n in lay.inputs]
     _reorder_placeholders(new_gm.graph, [_identifier(n) for n in order])
     new_gm.recompile()
-    return StatefulGraph(new_gm, order, ["logits"] + [n for s in layer_states for n in s.outputs],
+    return StatefulGraph(new_gm, order,
+                         ["logits"] + [n for lay in layer_states for n in lay.outputs],
                          layer_states, modules)
 
 
