@@ -364,6 +364,10 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
                     "layers": [{"layer": lay.layer, "site": lay.site, "kind": lay.kind,
                                 "state": list(lay.names)} for lay in sg.layers],
                     "parity": parity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+        if config.target == "tensorrt":  # reported, not blocking: the prefill ONNX is the artifact
+            from dtr_compile.exporters.tensorrt import lint_trt
+
+            out[key]["tensorrt_lint"] = [f.to_dict() for f in lint_trt(path)]
         verdict = ("token for token" if parity.tokens_equal
                    else f"[red]differs from step {parity.first_mismatch}[/red]")
         console.log(f"wrote {path}: {parity.steps} greedy tokens x {parity.batch} rows {verdict} "
