@@ -153,6 +153,9 @@ def _stateful_section(st: dict[str, Any] | None) -> list[str]:
         d = st.get(key)
         if not d:
             continue
+        if d.get("status") == "export_failed":
+            lines.append(f"| {key} | not written: {d.get('reason')} | | | | | |")
+            continue
         kinds = [lay["kind"] for lay in d.get("layers", [])]
         p = d.get("parity", {})
         same = "yes" if p.get("tokens_equal") else f"no (from step {p.get('first_mismatch')})"

@@ -135,8 +135,9 @@ def test_left_padded_batch_rows_generate_what_they_generate_alone(kind, window):
 @pytest.mark.parametrize(("kind", "window"), [
     ("llama", 0),
     pytest.param("llama", None, marks=pytest.mark.slow),  # each export ~1 min on a loaded machine
+    pytest.param("llama", 4, marks=pytest.mark.slow),
     pytest.param("gpt2", 0, marks=pytest.mark.slow),
-], ids=["llama-linear", "llama-original", "gpt2-linear"])
+], ids=["llama-linear", "llama-original", "llama-window4", "gpt2-linear"])
 def test_stateful_onnx_greedy_equals_full_recompute(tmp_path, kind, window):
     import onnx
 

@@ -531,20 +531,28 @@ class LinearAttention(LinearStudent):
         v_all = torch.cat([state["window_value"].to(v.dtype), v], dim=-2)  # [B, Hkv, W+t, Dv]
         valid_all = torch.cat([state["window_valid"].float(), valid], dim=-1)  # [B, W+t]
         q_all = torch.cat([q.new_zeros(q.shape[0], q.shape[1], W, q.shape[-1]), q], dim=-2)
-        kh, vh = repeat_kv(k_all, self.num_heads), repeat_kv(v_all, self.num_heads)
+        # heads repeated before concatenating: repeating a length W + t makes torch.export guard
+        kh = torch.cat([repeat_kv(state["window_key"].to(k.dtype), self.num_heads),
+                        repeat_kv(k, self.num_heads)], dim=-2)  # [B, H, W+t, Dk]
+        vh = torch.cat([repeat_kv(state["window_value"].to(v.dtype), self.num_heads),
+                        repeat_kv(v, self.num_heads)], dim=-2)  # [B, H, W+t, Dv]
         phi_q, phi_k = self.feature_map_q(q_all), self.feature_map_k(kh)  # [B, H, W+t, F]
         out = sliding_window_linear_attention(
             q_all, kh, vh, phi_q, phi_k, valid_all, window=W, scale=self.scale,
             softmax_weight=torch.sigmoid(self.window_factor), eps=self.eps,
-            chunk_size=self.chunk_size, initial_state=past)[..., W:, :]  # [B, H, t, Dv]
-        # the first t of [window; new] leave the window: they join the linear state
-        leave = phi_k[..., :t, :] * valid_all[:, None, :t, None]  # [B, H, t, F]
-        new = past + torch.matmul(leave.transpose(-1, -2), _with_ones(vh[..., :t, :].float()))
+            chunk_size=self.chunk_size, initial_state=past)
+        # Gathers, not slices: torch.export cannot prove the slice bounds of W + t for every t.
+        first = torch.arange(t, device=q.device)  # [t]: leave the window
+        last = torch.arange(t, t + W, device=q.device)  # [W]: the new window
+        out = out.index_select(2, first + W)  # [B, H, t, Dv]
+        leave = phi_k.index_select(2, first) * valid_all.index_select(1, first)[:, None, :, None]
+        new = past + torch.matmul(leave.transpose(-1, -2),
+                                  _with_ones(vh.index_select(2, first).float()))
         return out.to(q.dtype), {
             "recurrent": new,
-            "window_key": k_all[..., t:, :].to(state["window_key"].dtype),
-            "window_value": v_all[..., t:, :].to(state["window_value"].dtype),
-            "window_valid": valid_all[:, t:].to(state["window_valid"].dtype),
+            "window_key": k_all.index_select(2, last).to(state["window_key"].dtype),
+            "window_value": v_all.index_select(2, last).to(state["window_value"].dtype),
+            "window_valid": valid_all.index_select(1, last).to(state["window_valid"].dtype),
         }
 
 
