@@ -527,32 +527,42 @@ class LinearAttention(LinearStudent):
             return out.to(q.dtype), {"recurrent": new}
 
         W = self.window
-        k_all = torch.cat([state["window_key"].to(k.dtype), k], dim=-2)  # [B, Hkv, W+t, Dk]
-        v_all = torch.cat([state["window_value"].to(v.dtype), v], dim=-2)  # [B, Hkv, W+t, Dv]
-        valid_all = torch.cat([state["window_valid"].float(), valid], dim=-1)  # [B, W+t]
-        q_all = torch.cat([q.new_zeros(q.shape[0], q.shape[1], W, q.shape[-1]), q], dim=-2)
-        # heads repeated before concatenating: repeating a length W + t makes torch.export guard
-        kh = torch.cat([repeat_kv(state["window_key"].to(k.dtype), self.num_heads),
-                        repeat_kv(k, self.num_heads)], dim=-2)  # [B, H, W+t, Dk]
-        vh = torch.cat([repeat_kv(state["window_value"].to(v.dtype), self.num_heads),
-                        repeat_kv(v, self.num_heads)], dim=-2)  # [B, H, W+t, Dv]
-        phi_q, phi_k = self.feature_map_q(q_all), self.feature_map_k(kh)  # [B, H, W+t, F]
+        # [lead zeros; last W keys; new keys]: C + t positions with C = max(chunk, W) one chunk,
+        # so that torch.export sees the chunk count of a length "C + t" and emits no guard
+        C = max(self.chunk_size, W)
+        lead = C - W
+
+        def front(x: torch.Tensor, dim: int) -> torch.Tensor:  # lead zeros before the buffer
+            pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [lead, 0]
+            return F.pad(x, pad) if lead else x
+
+        win_k = front(state["window_key"].to(k.dtype), 2)  # [B, Hkv, C, Dk]
+        win_v = front(state["window_value"].to(v.dtype), 2)
+        win_valid = front(state["window_valid"].float(), 1)  # [B, C]
+        valid_all = torch.cat([win_valid, valid], dim=-1)  # [B, C+t]
+        q_all = torch.cat([q.new_zeros(q.shape[0], q.shape[1], C, q.shape[-1]), q], dim=-2)
+        # heads repeated before concatenating: repeating a length C + t makes torch.export guard
+        kh = torch.cat([repeat_kv(win_k, self.num_heads), repeat_kv(k, self.num_heads)], dim=-2)
+        vh = torch.cat([repeat_kv(win_v, self.num_heads), repeat_kv(v, self.num_heads)], dim=-2)
+        phi_q, phi_k = self.feature_map_q(q_all), self.feature_map_k(kh)  # [B, H, C+t, F]
         out = sliding_window_linear_attention(
             q_all, kh, vh, phi_q, phi_k, valid_all, window=W, scale=self.scale,
             softmax_weight=torch.sigmoid(self.window_factor), eps=self.eps,
-            chunk_size=self.chunk_size, initial_state=past)
-        # Gathers, not slices: torch.export cannot prove the slice bounds of W + t for every t.
-        first = torch.arange(t, device=q.device)  # [t]: leave the window
-        last = torch.arange(t, t + W, device=q.device)  # [W]: the new window
-        out = out.index_select(2, first + W)  # [B, H, t, Dv]
-        leave = phi_k.index_select(2, first) * valid_all.index_select(1, first)[:, None, :, None]
-        new = past + torch.matmul(leave.transpose(-1, -2),
-                                  _with_ones(vh.index_select(2, first).float()))
+            chunk_size=self.chunk_size, initial_state=past)  # [B, H, C+t, Dv]
+        # Gathers, not slices: torch.export cannot prove slice bounds of C + t for every t.
+        leave = torch.arange(lead, lead + t, device=q.device)  # [t]: the first t of [window; new]
+        keep = torch.arange(lead + t, C + t, device=q.device)  # [W]: the new window
+        out = out.index_select(2, torch.arange(C, C + t, device=q.device))  # [B, H, t, Dv]
+        phi_leave = phi_k.index_select(2, leave) * valid_all.index_select(1, leave)[:, None, :, None]
+        new = past + torch.matmul(phi_leave.transpose(-1, -2),
+                                  _with_ones(vh.index_select(2, leave).float()))
+        k_all = torch.cat([win_k, k], dim=-2)  # [B, Hkv, C+t, Dk]
+        v_all = torch.cat([win_v, v], dim=-2)
         return out.to(q.dtype), {
             "recurrent": new,
-            "window_key": k_all.index_select(2, last).to(state["window_key"].dtype),
-            "window_value": v_all.index_select(2, last).to(state["window_value"].dtype),
-            "window_valid": valid_all.index_select(1, last).to(state["window_valid"].dtype),
+            "window_key": k_all.index_select(2, keep).to(state["window_key"].dtype),
+            "window_value": v_all.index_select(2, keep).to(state["window_value"].dtype),
+            "window_valid": valid_all.index_select(1, keep).to(state["window_valid"].dtype),
         }
 
 
