@@ -204,6 +204,10 @@ def main() -> None:
 @click.option("--export-original", is_flag=True, default=None,
               help="Also write the original model as OUTPUT.original.onnx (verified), for "
                    "side-by-side runs.")
+@click.option("--no-decoder", "decoder", flag_value=False, default=None,
+              help="Causal models: do not write the stateful decoder OUTPUT.decoder.onnx "
+                   "(input_ids, attention_mask and per-layer KV cache / recurrent state → logits "
+                   "and the new states), written by default.")
 @click.option("--engine", default=None, type=click.Path(path_type=str),
               help="Build a TensorRT engine of the hybrid at this path (needs the [tensorrt] "
                    "extra and a CUDA GPU; with --fp16, fp16 kernels).")

@@ -177,6 +177,8 @@ class CompileConfig:
     opset: int | None = None  # default: 23 for onnxruntime, 18 for tensorrt
     fp16: bool = False  # also write <output>.fp16.onnx, verified at the fp16 tolerance
     export_original: bool = False  # also write <output>.original.onnx
+    decoder: bool = True  # causal models: also write <output>.decoder.onnx (KV cache + state)
+    decode_steps: int = 64  # greedy tokens of the decoder's parity check
     engine: str | None = None  # build a TensorRT engine here (needs [tensorrt] and a GPU)
     trust_pickle: bool = False
     keep: tuple[str, ...] = ()

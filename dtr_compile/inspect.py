@@ -77,6 +77,9 @@ class Inspection:
         other_flops: FLOPs of everything else (projections, MLPs, embeddings …; in a hybrid,
             its linear attention too).
         linear: the sites of a dtr-compile hybrid that are already linear attention.
+        stateful: causal models only: ``()`` when a stateful decoder (KV cache / recurrent
+            state, :mod:`dtr_compile.passes.stateful`) can be built, else the reasons it cannot;
+            None for a model with no causal site.
     """
 
     model: str
@@ -90,6 +93,7 @@ class Inspection:
     site_lengths: dict[str, tuple[int, int]]
     other_flops: int
     linear: tuple[LinearSite, ...] = ()
+    stateful: tuple[str, ...] | None = None
 
     @property
     def attention_flops(self) -> int:
@@ -127,7 +131,8 @@ class Inspection:
             ],
             "rejected": [asdict(r) for r in self.rejected],
             "linear_sites": [asdict(s) for s in self.linear],
-        }
+        } | ({} if self.stateful is None else
+             {"stateful": {"possible": not self.stateful, "reasons": list(self.stateful)}})
 
 
 @dataclass(frozen=True)
@@ -472,7 +477,18 @@ def inspect_model(model: str, *, seq_len: int | None = None, data: str | None = 
         inputs={k: list(v.shape) for k, v in example.items()}, sites=sites,
         rejected=scan.rejected, site_flops=site_flops, site_lengths=lengths, other_flops=other,
         linear=linear,
+        stateful=_stateful(gm, scan),
     )
+
+
+def _stateful(gm: torch.fx.GraphModule, scan: Any) -> tuple[str, ...] | None:
+    """Why the model cannot have a stateful decoder (``()``: it can); None without causal sites."""
+    from dtr_compile.passes.stateful import NotStateful, make_stateful
+
+    if not any(s.causal for s in scan.sites):
+        return None
+    res = make_stateful(gm, scan.sites, {}, rejected=scan.rejected)
+    return res.reasons if isinstance(res, NotStateful) else ()
 
 
 def _flops(n: float) -> str:
@@ -531,6 +547,12 @@ def render(ins: Inspection | OnnxInspection, console: Console) -> None:
         for r in ins.rejected:
             why.add_row(r.node, r.module_path or "(top level)", r.reason)
         console.print(why)
+    if ins.stateful is not None:
+        if ins.stateful:
+            console.print("Stateful decoder: not possible: " + "; ".join(ins.stateful))
+        else:
+            console.print("Stateful decoder: possible (a KV cache per softmax layer, a recurrent "
+                          "state per linear layer, positions from attention_mask)")
 
 
 __all__ = ["Inspection", "LinearSite", "OnnxInspection", "count_flops", "inspect_onnx",

@@ -42,6 +42,7 @@ from dtr_compile.distill.run import distill
 from dtr_compile.errors import (
     EXIT_NO_REPLACEMENT,
     EXIT_OK,
+    DtrError,
     InputError,
     ParityError,
 )
@@ -52,6 +53,14 @@ from dtr_compile.exporters.artifacts import (
     export_paths,
 )
 from dtr_compile.exporters.onnx import parity_cases
+from dtr_compile.exporters.stateful import (
+    check_decoder,
+    copy_tokenizer,
+    decoder_paths,
+    export_stateful_onnx,
+    find_model_tokenizer,
+    parity_prompts,
+)
 from dtr_compile.fileio import (
     OutputLock,
     Staging,
@@ -71,6 +80,7 @@ from dtr_compile.passes.find_attention import (
     find_attention,
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
+from dtr_compile.passes.stateful import StatefulGraph, make_stateful
 from dtr_compile.report import REL_ERROR_MEANING, next_steps, report_paths, write_report
 from dtr_compile.search.confidence import (
     DEFAULT_CONFIDENCE,
@@ -132,6 +142,11 @@ def write_plan(config: CompileConfig) -> dict[str, Path]:
         plan["original ONNX"] = exp["original_onnx"]
     if config.engine:
         plan["engine"] = Path(config.engine)
+    if config.decoder:  # written for causal models only; planned for all (the checks are cheap)
+        dec = decoder_paths(out)
+        plan["decoder ONNX"] = dec["hybrid"]
+        if config.export_original:
+            plan["original decoder ONNX"] = dec["original"]
     return plan
 
 
@@ -578,6 +593,69 @@ def _linearizable(scan: AttentionScan) -> AttentionScan:
     return AttentionScan(sites=ok, rejected=scan.rejected + moved)
 
 
+def _decoder_artifacts(stateful: dict[str, Any] | None) -> dict[str, str]:
+    st = stateful or {}
+    return ({f"{k}_decoder_onnx": v["path"] for k, v in st.items()
+             if isinstance(v, dict) and v.get("path")}
+            | ({"tokenizer": st["tokenizer"]} if "tokenizer" in st else {}))
+
+
+def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionScan,
+              students: dict[str, Any], blocks: dict[str, Any], hybrid: torch.nn.Module,
+              val: Dataset, names: list[str], out_path: Path, opset: int,
+              console: Console, write_to: Callable[[Path], Path] = lambda p: p,
+              ) -> dict[str, Any] | None:
+    """The stateful decoders of a causal model (:mod:`dtr_compile.passes.stateful`): the hybrid
+    (and the KV-cached original with ``--export-original``) written beside the prefill ONNX and
+    checked by a greedy continuation against full recomputation. None for a model with no causal
+    site (encoders: nothing written, no report section); a ``not_stateful`` record with the
+    reasons when the pass cannot make the graph stateful (the prefill artifacts stand)."""
+    if not config.decoder or not any(s.causal for s in scan.sites):
+        return None
+    block_sites = sorted(sid for sid in students if sid in blocks)
+    if block_sites:
+        return {"status": "not_stateful",
+                "reasons": [f"{sid}: a whole-block student (--distill-target block) has no "
+                            "stateful form yet" for sid in block_sites]}
+    out: dict[str, Any] = {"status": "written"}
+    paths = decoder_paths(out_path)
+    todo = [("hybrid", students, hybrid)]
+    if config.export_original:
+        todo.append(("original", {}, gm))
+    prompts = parity_prompts(val.inputs)
+    for key, studs, prefill in todo:
+        sg = make_stateful(gm, scan.sites, studs, rejected=scan.rejected)
+        if not isinstance(sg, StatefulGraph):
+            console.log(f"[yellow]no stateful decoder[/yellow]: {sg.describe()}")
+            return {"status": "not_stateful", "reasons": list(sg.reasons)}
+        t0 = time.perf_counter()
+        try:
+            path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset)
+        except DtrError as exc:  # the prefill artifacts stand; the report says why
+            console.log(f"[yellow]no stateful decoder[/yellow] ({key}): {exc}")
+            out[key] = {"status": "export_failed", "reason": str(exc)}
+            continue
+        parity = check_decoder(path, sg, prefill, prompts, config.decode_steps,
+                               has_mask="attention_mask" in names)
+        out[key] = {"path": str(paths[key]), "inputs": sg.input_names, "outputs": sg.output_names,
+                    "layers": [{"layer": lay.layer, "site": lay.site, "kind": lay.kind,
+                                "state": list(lay.names)} for lay in sg.layers],
+                    "parity": parity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+        if config.target == "tensorrt":  # reported, not blocking: the prefill ONNX is the artifact
+            from dtr_compile.exporters.tensorrt import lint_trt
+
+            out[key]["tensorrt_lint"] = [f.to_dict() for f in lint_trt(path)]
+        verdict = ("token for token" if parity.tokens_equal
+                   else f"[red]differs from step {parity.first_mismatch}[/red]")
+        console.log(f"wrote {paths[key].name}: {parity.steps} greedy tokens x {parity.batch} rows {verdict} "
+                    f"(logits max-abs {parity.worst_max_abs:.2e}, rel-RMS {parity.worst_rel_rms:.2e})")
+    source = find_model_tokenizer(config.model)
+    if source is not None:
+        out["tokenizer"] = str(copy_tokenizer(source, out_path))
+        console.log(f"wrote {out['tokenizer']} (the tokenizer of {source})")
+    return out
+
+
 def compile_model(config: CompileConfig, console: Console | None = None) -> CompileResult:
     """Compile ``config.model`` into a hybrid within ``config.budget`` and export it.
 
@@ -779,6 +857,9 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
             write_to=staging.path,
             output_names=captured.output_names, sites=[(s.id, s.module_path) for s in sites],
             linear=list(delivered))
+        stateful = _decoders(config, gm, scan, {sid: students[sid] for sid in delivered},
+                             plan.blocks, hybrid, val, names, out_path, exported.opset, console,
+                             write_to=staging.path)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if fits else EXIT_NO_REPLACEMENT
@@ -800,7 +881,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
                       "report_md": str(paths.markdown), "plot": str(paths.plot),
                       "ledger": str(paths.ledger), "students": str(paths.students)}
-                     | exported.artifacts,
+                     | exported.artifacts | _decoder_artifacts(stateful),
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
                    "bounds": metric.bounds},
         "budget": budget.to_dict(baseline, metric.higher_is_better),
@@ -827,6 +908,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "parity": [p.__dict__ for p in parity],
         "parity_ok": parity_ok,
         "export": exported.to_dict(),
+        **({"stateful": stateful} if stateful is not None else {}),
         "timings_s": timings,
         "runtime": {"device": str(placement.device), "dtype": placement.dtype_name,
                     "ranks": group.world, "backend": group.backend or None,

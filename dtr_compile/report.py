@@ -330,12 +330,40 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                          f"| {_fmt(r.get('init_error'), 3)} → {_fmt(r.get('final_error'), 3)} | "
                          f"{_fmt(r.get('seconds'), 3)} |")
         lines.append("")
+    lines += _stateful_section(report.get("stateful"))
     timings = report.get("timings_s") or {}
     if timings:
         lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v, 4)} |" for k, v in timings.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _stateful_section(st: dict[str, Any] | None) -> list[str]:
+    """The stateful decoders: files, layer kinds and the greedy decode parity (or why not)."""
+    if not st:
+        return []
+    lines = ["## Stateful decoder", ""]
+    if st.get("status") != "written":
+        lines += ["No stateful decoder: " + "; ".join(st.get("reasons", [])), ""]
+        return lines
+    lines += ["| model | file | layers (softmax / linear) | greedy tokens × rows | token for token "
+              "| logits max-abs | logits rel-RMS |", "|---|---|---|---|---|---|---|"]
+    for key in ("hybrid", "original"):
+        d = st.get(key)
+        if not d:
+            continue
+        if d.get("status") == "export_failed":
+            lines.append(f"| {key} | not written: {d.get('reason')} | | | | | |")
+            continue
+        kinds = [lay["kind"] for lay in d.get("layers", [])]
+        p = d.get("parity", {})
+        same = "yes" if p.get("tokens_equal") else f"no (from step {p.get('first_mismatch')})"
+        lines.append(f"| {key} | {Path(d['path']).name} | {kinds.count('softmax')} / "
+                     f"{kinds.count('linear')} | {p.get('steps')} × {p.get('batch')} | {same} | "
+                     f"{_fmt(p.get('worst_max_abs'), 3)} | {_fmt(p.get('worst_rel_rms'), 3)} |")
+    lines.append("")
+    return lines
 
 
 def plot_search(report: dict[str, Any], path: str | Path) -> None:

@@ -96,6 +96,11 @@ def test_causal_decoder_gqa_rope_end_to_end(tmp_path, window):
     assert len(students) == 2 and all(m.window == window for m in students)
     assert rep["baseline_metric"] > 1.0 and rep["final_metric"] > 1.0
     assert res.hybrid is not None
+    # the stateful decoder of a model without an attention_mask input (one is added)
+    dec = rep["stateful"]["hybrid"]
+    assert dec["inputs"][:2] == ["input_ids", "attention_mask"]
+    assert dec["parity"]["tokens_equal"] and dec["parity"]["steps"] == 64, dec["parity"]
+    assert (tmp_path / "hybrid.decoder.onnx").is_file()
 
     # other batch sizes and lengths than the validation rows' (RoPE: no position table), and
     # lengths past a causal chunk

@@ -268,3 +268,11 @@ def test_minilm_hybrid_parity_at_three_shapes(tmp_path: Path) -> None:
                            cap.axis_ranges, output=tmp_path / "hybrid.onnx", atol=1e-4, fp16=True)
     assert len({tuple(p.shape["input_ids"]) for p in res.parity}) >= 3
     assert res.ok, res.failures()
+
+
+def test_encoder_gets_no_stateful_decoder(compiled) -> None:
+    # bidirectional sites: no decoder artifacts, no report section (the MiniLM path is unchanged)
+    out = compiled["out"]
+    assert not list(out.parent.glob("*.decoder.onnx"))
+    assert "stateful" not in compiled["report"]
+    assert not any("decoder" in k for k in compiled["report"]["artifacts"])

