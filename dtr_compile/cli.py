@@ -89,6 +89,11 @@ def main() -> None:
 @click.option("--feature-map", default=None,
               help="Linear-attention feature map: hedgehog (default), elu, relu, t2r, taylor, "
                    "performer.")
+@click.option("--student", default=None,
+              help="Linear-attention student kind: a feature map (hedgehog, elu, relu, t2r, "
+                   "taylor, performer; as --feature-map), or gla (gated linear attention), "
+                   "deltanet, gated-deltanet (causal sites only; no --window yet). "
+                   "Default: --feature-map's.")
 @click.option("--distill-target", type=click.Choice(["site", "block"]), default=None,
               help="What each linear attention is trained to reproduce. site (default): the "
                    "attention core's output from the teacher's q, k, v (trains the feature map). "

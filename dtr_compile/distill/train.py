@@ -1,6 +1,6 @@
 """One site's training in stage 5: the student, its loss, and the optimisation loop.
 
-A :class:`SiteTask` trains a site's :class:`~dtr_compile.linear.kernel.LinearAttention` on the
+A :class:`SiteTask` trains a site's student (:mod:`dtr_compile.linear`, any kind) on the
 teacher's ``q, k, v`` (target ``site``); a :class:`BlockTask` trains the site's attention block,
 teacher-initialised, on the block's input and output (target ``block``). :func:`train_task` runs
 Adam with a cosine schedule, evaluates held-out rows every ``eval_every`` steps, keeps the best
@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 
 from dtr_compile.distill.activations import RecordData, SiteRecord, TeacherData
 from dtr_compile.distill.plan import MAX_HOLDOUT_ROWS, DistillResult, DistillSettings, new_student
+from dtr_compile.linear.base import LinearStudent
 from dtr_compile.linear.kernel import (
     LinearAttention,
     linear_attention,
@@ -57,14 +58,18 @@ def torch_threads(n: int) -> Iterator[None]:
 # --- students and their forward passes -------------------------------------------------------
 
 
-def _site_forward(m: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  key_valid: torch.Tensor | None,
-                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _site_forward(m: LinearStudent, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  key_valid: torch.Tensor | None, positions: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``m(q, k, v, mask)`` from the mask's key padding vector ``[B|1, S]``, at query
-    ``positions`` only (bidirectional, no window) or at all of them.
+    ``positions`` only (bidirectional feature maps, no window) or at all of them.
 
-    Returns ``(out: [B, H, T', Dv], φ(q): [B, H, T', F], φ(k): [B, H, S, F])``.
+    Returns ``(out: [B, H, T', Dv], φ(q): [B, H, T', F], φ(k): [B, H, S, F])``; the features
+    are None for students that are not feature maps (their own ``forward_valid``).
     """
+    if not isinstance(m, LinearAttention):
+        assert positions is None, "query subsampling is for bidirectional feature maps"
+        return m.forward_valid(q, k, v, key_valid), None, None  # type: ignore[attr-defined]
     k, v = repeat_kv(k, m.num_heads), repeat_kv(v, m.num_heads)  # [B, H, S, *]
     if positions is not None:
         q = q[:, :, positions]  # [B, H, T', Dk]
@@ -102,13 +107,13 @@ def _attention_kl(q: torch.Tensor, k: torch.Tensor, phi_q: torch.Tensor, phi_k: 
 
 
 class SiteTask:
-    """Training of a ``site`` target: the student is a :class:`LinearAttention`."""
+    """Training of a ``site`` target: the student (any kind) on the teacher's q, k, v."""
 
     def __init__(self, site: AttentionSite, settings: DistillSettings, data: TeacherData) -> None:
         self.site, self.settings, self.data = site, settings, data
         self.module = new_student(site, settings)
         self.subsample = (settings.query_positions > 0 and not site.causal
-                          and not self.module.window)
+                          and not self.module.window and isinstance(self.module, LinearAttention))
 
     def param_groups(self) -> list[dict[str, Any]]:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -129,6 +134,7 @@ class SiteTask:
         wq = w[:, None, :, None]
         loss = ((pred - out) ** 2 * wq).sum() / (out**2 * wq).sum().clamp_min(1e-30)
         if s.loss == "mse+ce":
+            assert phi_q is not None and phi_k is not None  # feature maps only (settings.check)
             qs = q if positions is None else q[:, :, positions]
             loss = loss + _attention_kl(qs, repeat_kv(k, self.module.num_heads), phi_q, phi_k,
                                         key_valid, self.site.causal, self.site.scale, w)
@@ -218,7 +224,7 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
     init_error = task.error(hold_idx)
     groups = task.param_groups()
     if not groups or s.steps == 0:
-        why = (f"{s.feature_map} has no trainable parameters: nothing to distill for target "
+        why = (f"{s.kind} has no trainable parameters: nothing to distill for target "
                f"{s.target}" if not groups else "0 steps")
         ok = math.isfinite(init_error)
         module.eval()
@@ -283,8 +289,8 @@ def distill_site(
     seed: int = 0,
     settings: DistillSettings | None = None,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[LinearAttention, DistillResult]:
-    """Train one site's :class:`LinearAttention` (target ``site``) on an in-memory record.
+) -> tuple[LinearStudent, DistillResult]:
+    """Train one site's student (target ``site``) on an in-memory record.
 
     ``settings`` gives every hyper-parameter; the keyword arguments override its fields.
     """

@@ -348,11 +348,18 @@ class MatrixStateStudent(LinearStudent):
         """q: [B, H, T, Dk], k: [B, Hkv, S, Dk], v: [B, Hkv, S, Dv], the site's mask (read as a
         key padding mask) → [B, H, T, Dv] in q's dtype. Keys align top-left (``S != T``: keys
         ``s >= T`` unseen, as SDPA's ``is_causal``)."""
+        valid = None if mask is None else key_valid_from_mask(mask, self.mask_kind)
+        return self.forward_valid(q, k, v, valid)
+
+    def forward_valid(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_valid: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` from a key padding vector ``key_valid: [B|1, S]`` (1 = real token)
+        instead of the site's mask (what distillation records)."""
         T = q.shape[-2]
         k, v = self._heads(k, v)
         k, v = _align_keys(k, T), _align_keys(v, T)
-        valid = None if mask is None else key_valid_from_mask(mask, self.mask_kind)
-        valid = key_valid_or_ones(None if valid is None else _align_keys(valid[..., None], T)[..., 0], k)
+        valid = key_valid_or_ones(
+            None if key_valid is None else _align_keys(key_valid.float()[..., None], T)[..., 0], k)
         q_, k_, g, beta = self._inputs(q, k, v, valid)
         out, _ = chunked_recurrence(q_, k_, v.float() * valid[:, None, :, None], g, beta,
                                     chunk_size=self.chunk_size)
