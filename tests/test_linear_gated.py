@@ -198,3 +198,62 @@ def test_output_is_rms_normalised() -> None:
     rms = out.square().mean(-1).sqrt()
     assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
     assert F.mse_loss(out, out) == 0
+
+
+class _Bundle(torch.nn.Module):
+    """The three kinds in one graph: one export (seconds each) for all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.students = torch.nn.ModuleList(
+            make_student(kind, mask_kind="bool", chunk_size=16, seed="onnx") for kind in KINDS)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(q, k, v, mask) for m in self.students)
+
+
+def test_onnx_export_is_plain_ops_and_matches(tmp_path) -> None:
+    """torch.onnx.export(dynamo=True) with dynamic B and T: no Loop/Scan/If, no Einsum, CumSum
+    axes constant (TensorRT's parser), and onnxruntime equals PyTorch at lengths within one chunk,
+    on a boundary and across many chunks."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+    from torch.export import Dim
+
+    from tests.test_linear_attention import tensorrt_problems
+
+    bundle = _Bundle().eval()
+    g = seeded("onnx-inputs")
+
+    def inputs(B: int, T: int) -> tuple[torch.Tensor, ...]:
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[0, : T // 3] = False  # left padding
+        mask = valid[:, None, None, :] & torch.ones(T, T, dtype=torch.bool).tril()
+        return (torch.randn(B, 4, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g),
+                torch.randn(B, 2, T, 8, generator=g), mask)
+
+    batch, t = Dim("batch"), Dim("T", min=2)
+    dyn = ({0: batch, 2: t}, {0: batch, 2: t}, {0: batch, 2: t}, {0: batch, 2: t, 3: t})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(bundle, inputs(2, 37), dynamo=True, dynamic_shapes=dyn,
+                                 verbose=False)
+    path = tmp_path / "students.onnx"
+    prog.save(str(path))
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert tensorrt_problems(model) == []
+    ops = {n.op_type for n in model.graph.node}
+    assert not ops & {"Loop", "Scan", "If", "Einsum"}, ops
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for B, T in ((1, 5), (3, 16), (2, 200)):
+        x = inputs(B, T)
+        got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), x, strict=True)})
+        with torch.no_grad():
+            want = bundle(*x)
+        for kind, o, w in zip(KINDS, got, want, strict=True):
+            keep = x[3][:, 0, -1, :][:, None, :, None].expand_as(w)  # real query positions
+            assert_close(torch.from_numpy(o)[keep], w[keep], tol=1e-4, what=f"{kind} B{B}-T{T}")

@@ -73,8 +73,8 @@ def decay_matrix(g_cum: torch.Tensor, *, strict: bool) -> torch.Tensor:
     ``g_cum: [..., C]`` inclusive cumulative log-decays (non-increasing) → ``[..., C, C]``; every
     exponent taken is ``<= 0``, so nothing overflows whatever the gates.
     """
-    c = g_cum.shape[-1]
-    mask = torch.ones(c, c, dtype=torch.bool, device=g_cum.device).tril(-1 if strict else 0)
+    idx = torch.arange(g_cum.shape[-1], device=g_cum.device)  # no Trilu: works for a symbolic C
+    mask = idx[:, None] > idx[None, :] if strict else idx[:, None] >= idx[None, :]
     diff = g_cum[..., :, None] - g_cum[..., None, :]
     return torch.exp(torch.where(mask, diff, _MASKED_LOG))
 
@@ -207,7 +207,9 @@ def chunked_recurrence(
       ``B_ij = Γ_ij β_j q_i·k_j`` (``j <= i``): ``O = (diag(γ) Q − B W) S_0 + B U`` and
       ``S_C = (γ_C I − K̃ᵀ W) S_0 + K̃ᵀ U``, ``K̃ = K ⊙ β γ_C/γ``.
 
-    Across chunks ``S_C = P S_0 + R`` is scanned by :func:`affine_scan`. Memory is
+    Across chunks ``S_C = P S_0 + R``: for GLA (scalar ``P``) the states are one ``[N, N]``
+    matrix of chunk decays times the ``R``; for DeltaNet they are scanned by
+    :func:`affine_scan`. Memory is
     ``O(T·(C + D) + T/C·Dk·(Dk + Dv))`` per head; every exponent is ``<= 0``.
     """
     T = q.shape[-2]
@@ -241,7 +243,12 @@ def chunked_recurrence(
     if initial_state is not None:
         # chunk 0 is all front padding (see _chunk), so its map is the identity: S after it = S_0
         r = torch.cat([initial_state.float()[:, :, None], r[:, :, 1:]], dim=2)
-    states = affine_scan(p, r, matrix=beta is not None)  # after each chunk
+    if beta is None:
+        # scalar decays: S_n = Σ_{m <= n} exp(L_n − L_m) R_m, one [N, N] matmul, no scan rounds
+        chunk_decay = decay_matrix(torch.cumsum(g_last[..., 0], dim=2), strict=False)  # [B, H, N, N]
+        states = torch.matmul(chunk_decay, r.flatten(-2)).unflatten(-1, r.shape[-2:])
+    else:
+        states = affine_scan(p, r, matrix=True)  # after each chunk: [B, H, N, Dk, Dv]
     out = torch.matmul(q_eff, _shift(states, 1)) + torch.matmul(b_mat, u)  # [B, H, N, C, Dv]
     return _unchunk(out, T), states[:, :, -1]
 
