@@ -64,3 +64,22 @@ def test_initial_beta_and_gates() -> None:
     assert float(torch.sigmoid(m.gate.bias).min()) > 0.94
     assert not hasattr(DeltaNet(4, 2, 8, 8), "gate")
     assert m.kind == "gated-deltanet" and DeltaNet(4, 2, 8, 8).kind == "deltanet"
+
+
+def test_extra_scan_rounds_change_nothing() -> None:
+    """The exported graph runs MAX_SCAN_ROUNDS rounds whatever N; rounds past ceil(log2 N)
+    compose with the identity. (The export tests lower the count to keep export fast.)"""
+    from dtr_compile.linear.recurrence import MAX_SCAN_ROUNDS, affine_scan
+
+    g = seeded("rounds")
+    for n in (1, 2, 5, 9):
+        p = torch.randn(1, 2, n, 4, 4, generator=g) * 0.5
+        r = torch.randn(1, 2, n, 4, 3, generator=g)
+        want = affine_scan(p, r, matrix=True)
+        assert_close(affine_scan(p, r, matrix=True, rounds=MAX_SCAN_ROUNDS), want, tol=1e-6)
+        # the sequential definition
+        s, seq = torch.zeros(1, 2, 4, 3), []
+        for i in range(n):
+            s = p[:, :, i] @ s + r[:, :, i]
+            seq.append(s)
+        assert_close(want, torch.stack(seq, 2), tol=1e-5)

@@ -21,6 +21,15 @@ from tests.test_decoder_vision import FAST, VOCAB, TinyCausalLM
 KINDS = ("gla", "deltanet", "gated-deltanet")
 
 
+@pytest.fixture(autouse=True)
+def _fewer_scan_rounds(monkeypatch) -> None:  # noqa: ANN001
+    """Exports here run the delta rule's chunk scan 4 rounds (up to 16 chunks; the checks go to
+    3): the default 16 only add identity compositions (tests/test_linear_delta.py) and time."""
+    import dtr_compile.linear.recurrence as recurrence
+
+    monkeypatch.setattr(recurrence, "MAX_SCAN_ROUNDS", 4)
+
+
 class TinyGPT2(torch.nn.Module):
     """Tiny random-weight ``GPT2LMHeadModel``: ``input_ids: [B, T]`` → ``logits: [B, T, V]``."""
 

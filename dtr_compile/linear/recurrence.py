@@ -31,7 +31,7 @@ _MASKED_LOG = -1.0e4
 
 def scan_rounds(n: int | torch.SymInt) -> int:
     """Rounds of :func:`affine_scan` for ``n`` chunks: ``ceil(log2 n)`` when ``n`` is a plain
-    int (eager), :data:`MAX_SCAN_ROUNDS` when it is symbolic (export)."""
+    int (eager), :data:`MAX_SCAN_ROUNDS` (read at call time) when it is symbolic (export)."""
     if isinstance(n, int):
         return max(0, (n - 1).bit_length())
     return MAX_SCAN_ROUNDS
@@ -42,18 +42,21 @@ def _shift(x: torch.Tensor, d: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, 0, d, 0))[:, :, : x.shape[2], :, :]
 
 
-def affine_scan(p: torch.Tensor, r: torch.Tensor, *, matrix: bool) -> torch.Tensor:
+def affine_scan(p: torch.Tensor, r: torch.Tensor, *, matrix: bool,
+                rounds: int | None = None) -> torch.Tensor:
     """Inclusive scan of ``S_n = P_n S_{n−1} + R_n`` from ``S_{−1} = 0``.
 
     Args:
         p: ``[B, H, N, 1, 1]`` (``matrix=False``, scalar decay) or ``[B, H, N, Dk, Dk]``.
         r: ``[B, H, N, Dk, Dv]``.
+        rounds: scan rounds (default :func:`scan_rounds`); more than ``ceil(log2 N)`` change
+            nothing, which is what makes the exported graph's fixed count exact.
 
     Returns:
         ``[B, H, N, Dk, Dv]``: the state after each chunk.
     """
     eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device) if matrix else None
-    for i in range(scan_rounds(p.shape[2])):
+    for i in range(scan_rounds(p.shape[2]) if rounds is None else rounds):
         d = 1 << i
         r_prev = _shift(r, d)
         if matrix:
