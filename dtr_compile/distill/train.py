@@ -30,6 +30,7 @@ from dtr_compile.linear.kernel import (
     repeat_kv,
     sliding_window_linear_attention,
 )
+from dtr_compile.linear.recurrence import MatrixStateStudent
 from dtr_compile.passes.attention_block import ATTENTION_MODULE, AttentionBlock, block_module
 from dtr_compile.passes.find_attention import AttentionSite
 
@@ -69,7 +70,8 @@ def _site_forward(m: LinearStudent, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """
     if not isinstance(m, LinearAttention):
         assert positions is None, "query subsampling is for bidirectional feature maps"
-        return m.forward_valid(q, k, v, key_valid), None, None  # type: ignore[attr-defined]
+        assert isinstance(m, MatrixStateStudent), type(m)
+        return m.forward_valid(q, k, v, key_valid), None, None
     k, v = repeat_kv(k, m.num_heads), repeat_kv(v, m.num_heads)  # [B, H, S, *]
     if positions is not None:
         q = q[:, :, positions]  # [B, H, T', Dk]

@@ -55,7 +55,7 @@ def affine_scan(p: torch.Tensor, r: torch.Tensor, *, matrix: bool,
     Returns:
         ``[B, H, N, Dk, Dv]``: the state after each chunk.
     """
-    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device) if matrix else None
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
     for i in range(scan_rounds(p.shape[2]) if rounds is None else rounds):
         d = 1 << i
         r_prev = _shift(r, d)
