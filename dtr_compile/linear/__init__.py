@@ -11,6 +11,14 @@ The registry :data:`STUDENTS` maps every student kind (``--student``) to its bui
 map name is a feature-map kind (``hedgehog``, ``elu``, …), plus ``gla``, ``deltanet`` and
 ``gated-deltanet``. :func:`make_student` builds one; :func:`kinds_for_site` says which apply to a
 causal or bidirectional site.
+
+flash-linear-attention (``fla-core`` 0.6.0, the field's library for GLA and Gated DeltaNet) is
+not a dependency: ``import fla.ops`` imports its Triton kernels and fails on a CPU-only install,
+and its layers own their projections where ours reuse the teacher's q/k/v. Its plain-PyTorch
+sequential references (``fla/ops/gla/naive.py``, ``fla/ops/gated_delta_rule/naive.py``) agree
+with our chunked forms and serve as a second test oracle when fla is installed
+(``tests/test_linear_fla_oracle.py``, skipped otherwise). On CUDA its chunked kernels would be
+the faster training kernel; CPU training and export use ours.
 """
 
 from __future__ import annotations
