@@ -262,3 +262,29 @@ def test_onnx_export_is_plain_ops_and_matches(tmp_path, monkeypatch) -> None:
         for kind, o, w in zip(KINDS, got, want, strict=True):
             keep = x[3][:, 0, -1, :][:, None, :, None].expand_as(w)  # real query positions
             assert_close(torch.from_numpy(o)[keep], w[keep], tol=1e-4, what=f"{kind} B{B}-T{T}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_output_scale_starts_at_the_teachers(kind: str) -> None:
+    """After init_output_scale the student's per-head output RMS is softmax attention's on the
+    same rows (real queries only), whatever the values' scale."""
+    g = seeded(f"scale-{kind}")
+    m = make_student(kind, seed="scale")
+    B, T = 2, 40
+    q, k = torch.randn(B, 4, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g)
+    v = torch.randn(B, 2, T, 8, generator=g) * torch.tensor([0.03, 3.0])[None, :, None, None]
+    valid = torch.ones(B, T)
+    valid[1, :9] = 0
+    m.init_output_scale(q, k, v, valid)
+    mask = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool).tril()
+    with torch.no_grad():
+        teacher = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=m.scale,
+                                                 enable_gqa=True)
+        out = m.forward_valid(q, k, v, valid)
+    w = valid[:, None, :, None].expand_as(out)
+
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        return ((x.square() * w).sum((0, 2, 3)) / w.sum((0, 2, 3))).sqrt()
+
+    assert torch.allclose(rms(out), rms(teacher), rtol=1e-3)
+    assert float(rms(teacher)[0]) < 0.1 < 1.0 < float(rms(teacher)[-1])  # heads differ 100x

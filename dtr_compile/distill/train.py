@@ -26,6 +26,7 @@ from dtr_compile.distill.plan import MAX_HOLDOUT_ROWS, DistillResult, DistillSet
 from dtr_compile.linear.base import LinearStudent
 from dtr_compile.linear.kernel import (
     LinearAttention,
+    key_valid_from_mask,
     linear_attention,
     repeat_kv,
     sliding_window_linear_attention,
@@ -117,6 +118,13 @@ class SiteTask:
         self.subsample = (settings.query_positions > 0 and not site.causal
                           and not self.module.window and isinstance(self.module, LinearAttention))
 
+    def init_output_scale(self, idx: torch.Tensor) -> None:
+        """Matrix-state students: the output norm starts at the teacher's scale on ``idx``."""
+        if isinstance(self.module, MatrixStateStudent):
+            d = self.data
+            self.module.init_output_scale(d.get("q", idx), d.get("k", idx), d.get("v", idx),
+                                          d.get("key_valid", idx))
+
     def param_groups(self) -> list[dict[str, Any]]:
         params = [p for p in self.module.parameters() if p.requires_grad]
         return [{"params": params, "lr": self.settings.lr}] if params else []
@@ -164,6 +172,26 @@ class BlockTask:
         self.site, self.block, self.settings, self.data = site, block, settings, data
         self.module = block_module(gm, block, site, new_student(site, settings),
                                    copy_weights=True)
+
+    def init_output_scale(self, idx: torch.Tensor) -> None:
+        """Matrix-state students: the output norm starts at the scale of softmax attention on
+        the q, k, v the block computes for ``idx`` (caught by a pre-hook on one forward)."""
+        student = getattr(self.module, ATTENTION_MODULE, None)
+        if not isinstance(student, MatrixStateStudent):
+            return
+
+        def hook(mod: MatrixStateStudent, args: tuple[Any, ...]) -> None:
+            q, k, v = args[:3]
+            mask = args[3] if len(args) > 3 else None
+            key_valid = None if mask is None else key_valid_from_mask(mask, mod.mask_kind)
+            mod.init_output_scale(q, k, v, key_valid)
+
+        handle = student.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                self.module(*self._batch(idx)[0])
+        finally:
+            handle.remove()
 
     def param_groups(self) -> list[dict[str, Any]]:
         fmap: list[nn.Parameter] = []
@@ -223,6 +251,7 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
     train_idx, hold_idx = _split(task.data.n)
     module = task.module
     module.train()
+    task.init_output_scale(train_idx[: s.batch_rows])
     init_error = task.error(hold_idx)
     groups = task.param_groups()
     if not groups or s.steps == 0:

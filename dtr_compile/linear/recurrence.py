@@ -375,6 +375,27 @@ class MatrixStateStudent(LinearStudent):
                                     chunk_size=self.chunk_size)
         return self.norm(out).to(q.dtype)
 
+    @torch.no_grad()
+    def init_output_scale(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          key_valid: torch.Tensor | None) -> None:
+        """Set the output norm's gain ``g_h`` to the per-head RMS of the teacher's output on
+        these rows: softmax attention with the site's scale, causal, over valid keys (real query
+        positions only). The normalised output has RMS 1 per position, so the student starts at
+        the teacher's output scale instead of 1 (which can be 20× off). Shapes as
+        :meth:`forward_valid`; called once before training (``distill.train``)."""
+        T = q.shape[-2]
+        k, v = self._heads(k, v)
+        k, v = _align_keys(k, T), _align_keys(v, T)
+        valid = key_valid_or_ones(
+            None if key_valid is None else _align_keys(key_valid.float()[..., None], T)[..., 0], k)
+        allowed = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool,
+                                                             device=q.device).tril()
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=allowed, scale=self.scale)  # [B, H, T, Dv]
+        w = valid[:, None, :, None].expand_as(out)  # real query positions
+        rms = ((out.square() * w).sum(dim=(0, 2, 3)) / (w.sum(dim=(0, 2, 3)).clamp_min(1.0))).sqrt()
+        self.norm.weight.copy_(rms.clamp_min(1e-6)[:, None].expand_as(self.norm.weight))
+
     def state_names(self) -> tuple[str, ...]:
         return ("recurrent",)
 
