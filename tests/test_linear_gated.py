@@ -286,5 +286,5 @@ def test_output_scale_starts_at_the_teachers(kind: str) -> None:
     def rms(x: torch.Tensor) -> torch.Tensor:
         return ((x.square() * w).sum((0, 2, 3)) / w.sum((0, 2, 3))).sqrt()
 
-    assert torch.allclose(rms(out), rms(teacher), rtol=1e-3)
+    assert torch.allclose(rms(out), rms(teacher), rtol=1e-3), (rms(out), rms(teacher))
     assert float(rms(teacher)[0]) < 0.1 < 1.0 < float(rms(teacher)[-1])  # heads differ 100x
