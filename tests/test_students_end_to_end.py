@@ -131,3 +131,24 @@ def test_window_with_a_recurrent_kind_is_refused(tmp_path) -> None:
 def test_student_and_feature_map_must_agree(tmp_path) -> None:
     with pytest.raises(InputError, match="disagree"):
         _compile(tmp_path, TinyCausalLM(), student="elu", feature_map="relu")
+
+
+def test_cli_student_option(tmp_path) -> None:
+    """--student reaches the settings: an unknown kind is exit 2 naming the known ones, before
+    any work; a recurrent kind with --window is exit 2 too."""
+    from click.testing import CliRunner
+
+    from dtr_compile.cli import main
+
+    ids = torch.randint(1, VOCAB, (2, 16))
+    prog = torch.export.export(TinyCausalLM(), (), kwargs={"input_ids": ids})
+    torch.export.save(prog, tmp_path / "model.pt")
+    torch.save({"input_ids": ids}, tmp_path / "val.pt")
+    base = ["compile", str(tmp_path / "model.pt"), "-o", str(tmp_path / "h.onnx"), "--data",
+            str(tmp_path / "val.pt")]
+    res = CliRunner().invoke(main, [*base, "--student", "mamba"])
+    assert res.exit_code == 2 and "unknown student kind 'mamba'" in res.output
+    assert "gated-deltanet" in res.output
+    res = CliRunner().invoke(main, [*base, "--student", "gla", "--window", "8"])
+    assert res.exit_code == 2 and "not supported with --student gla" in res.output
+    assert not (tmp_path / "h.onnx").exists()
