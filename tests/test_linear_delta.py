@@ -83,3 +83,29 @@ def test_extra_scan_rounds_change_nothing() -> None:
             s = p[:, :, i] @ s + r[:, :, i]
             seq.append(s)
         assert_close(want, torch.stack(seq, 2), tol=1e-5)
+
+
+def test_scan_rounds_never_allocate_past_n_chunks() -> None:
+    """Every tensor the 16-round scan makes is at most the size of its inputs: the shift by
+    ``d = 2**15`` chunks must not pad to ``N + d`` chunks (the exported graph takes 1.5 GiB at
+    T = 512 if it does)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dtr_compile.linear.recurrence import MAX_SCAN_ROUNDS, affine_scan
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    p, r = torch.randn(1, 2, 3, 4, 4), torch.randn(1, 2, 3, 4, 5)
+    with Largest() as mode:
+        affine_scan(p, r, matrix=True, rounds=MAX_SCAN_ROUNDS)
+    assert mode.numel <= r.numel(), mode.numel

@@ -38,8 +38,14 @@ def scan_rounds(n: int | torch.SymInt) -> int:
 
 
 def _shift(x: torch.Tensor, d: int) -> torch.Tensor:
-    """``x: [B, H, N, a, b]`` → chunk ``n`` holds chunk ``n − d`` (zeros before chunk 0)."""
-    return torch.nn.functional.pad(x, (0, 0, 0, 0, d, 0))[:, :, : x.shape[2], :, :]
+    """``x: [B, H, N, a, b]`` → chunk ``n`` holds chunk ``n − d`` (zeros before chunk 0).
+
+    A gather of clamped indices times a validity mask, not Pad + Slice: padding by ``d`` would
+    allocate ``N + d`` chunks, and the exported scan's last rounds have ``d = 2**15`` whatever
+    ``N`` (1.5 GiB at T = 512 before this)."""
+    idx = torch.arange(x.shape[2], device=x.device) - d  # [N]
+    keep = (idx >= 0).to(x.dtype)[:, None, None]  # [N, 1, 1]
+    return x.index_select(2, idx.clamp_min(0)) * keep
 
 
 def affine_scan(p: torch.Tensor, r: torch.Tensor, *, matrix: bool,
