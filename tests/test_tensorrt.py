@@ -108,6 +108,7 @@ def test_tensorrt_target_export_has_no_blocking_finding(tmp_path: Path) -> None:
     assert "Attention" not in ops and "Einsum" not in ops
     res = CliRunner().invoke(main, ["lint-trt", str(path)])
     assert res.exit_code == 0 and "TensorRT-ready" in res.output
+    assert "linear-attention form: plain ops" in res.output
 
 
 def test_lint_cli_exits_4_on_a_blocking_finding(tmp_path: Path) -> None:
