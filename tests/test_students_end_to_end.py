@@ -87,6 +87,12 @@ def _cases() -> list:  # noqa: ANN201
         for kind in KINDS:
             for target in ("site", "block"):
                 marks = [] if (model, kind, target) in DEFAULT else [pytest.mark.slow]
+                if (model, target) == ("gpt2", "block"):  # not the students': hedgehog too
+                    marks.append(pytest.mark.xfail(
+                        strict=True, raises=RuntimeError,
+                        reason="block target on GPT2LMHeadModel: the block's recorded output "
+                               "and its replay differ in shape ([32, …] vs [256, …]) for every "
+                               "student kind, feature maps included"))
                 out.append(pytest.param(model, kind, target, marks=marks,
                                         id=f"{model}-{kind}-{target}"))
     return out
