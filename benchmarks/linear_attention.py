@@ -1,6 +1,7 @@
 """Benchmark: every linear-attention variant against softmax attention in onnxruntime (CPU).
 
-Each variant (feature map × form) and softmax attention (the site's SDPA, exported the same way)
+Each variant (feature map × form; the chunked forms of gla, deltanet and gated-deltanet, causal)
+and softmax attention (the site's SDPA, exported the same way)
 is exported once with ``torch.onnx.export(dynamo=True)`` and a dynamic sequence length, then
 measured side by side in one run at ``T ∈ {512, …, 8192}``, ``B = 1``, ``H = 12``, ``Dk = Dv = 32``,
 no mask:
@@ -77,11 +78,16 @@ class Variant:
         return self.form != "bidirectional"
 
 
+#: The matrix-state student kinds (issue 14), chunked form, causal only (no window form yet).
+RECURRENT_KINDS = ("gla", "deltanet", "gated-deltanet")
+
+
 def variants() -> list[Variant]:
     from dtr_compile.linear.feature_maps import FEATURE_MAPS
 
     out = [Variant(None, "bidirectional"), Variant(None, "causal"), Variant(None, "floor")]
-    return out + [Variant(fm, form) for form in FORMS for fm in FEATURE_MAPS]
+    out += [Variant(fm, form) for form in FORMS for fm in FEATURE_MAPS]
+    return out + [Variant(kind, "causal") for kind in RECURRENT_KINDS]
 
 
 def export(v: Variant, path: Path) -> None:
@@ -104,6 +110,11 @@ def export(v: Variant, path: Path) -> None:
         module = Stream()
     elif v.feature_map is None:
         module = SoftmaxAttention(H, H, scale=DK**-0.5, causal=v.causal)
+    elif v.feature_map in RECURRENT_KINDS:  # the chunked (prefill) form, as the hybrid exports it
+        from dtr_compile.linear import make_student
+
+        module = make_student(v.feature_map, num_heads=H, num_kv_heads=H, head_dim=DK,
+                              head_dim_v=DV, causal=True)
     else:
         module = LinearAttention(
             H,

@@ -108,6 +108,11 @@ def main() -> None:
 @click.option("--feature-map", default=None,
               help="Linear-attention feature map: hedgehog (default), elu, relu, t2r, taylor, "
                    "performer.")
+@click.option("--student", default=None,
+              help="Linear-attention student kind: a feature map (hedgehog, elu, relu, t2r, "
+                   "taylor, performer; as --feature-map), or gla (gated linear attention), "
+                   "deltanet, gated-deltanet (causal sites only; no --window yet). "
+                   "Default: --feature-map's.")
 @click.option("--distill-target", type=click.Choice(["site", "block"]), default=None,
               help="What each linear attention is trained to reproduce. site (default): the "
                    "attention core's output from the teacher's q, k, v (trains the feature map). "
@@ -593,7 +598,8 @@ TRT003 CumSum axis / TopK K computed at run time (reject); TRT004 Einsum (reject
 diagonal, else avoid); TRT005 CumSum/ReduceSum accumulating in fp16 (avoid); TRT006 op needing a
 recent TensorRT: Attention 10.14, RMSNormalization/RotaryEmbedding 10.15, LayerNormalization 8.6
 (warn); TRT007 opset > 20 (warn); TRT008 int64 I/O (warn); TRT009 float64 (warn); TRT010 control
-flow / data-dependent shapes (warn).
+flow / data-dependent shapes (warn); TRT011 fused LinearAttention-27 (reject). The last line
+says which linear-attention form the file holds (plain ops or fused LinearAttention).
 Exit codes:
   0  no reject/avoid finding (no finding at all with --strict)
   4  TensorRT would reject the model or it holds something --target tensorrt avoids
@@ -618,6 +624,9 @@ def lint_trt_cmd(model: str, strict: bool, json_path: str | None) -> None:
     failing = blocking(findings, strict=strict)
     click.echo(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}, {len(failing)} "
                f"blocking" + ("" if failing else ": TensorRT-ready"))
+    fused = any(f.rule == "TRT011" for f in findings)
+    click.echo("linear-attention form: " + ("fused (ONNX LinearAttention-27)" if fused
+                                            else "plain ops (no LinearAttention node)"))
     sys.exit(EXIT_PARITY if failing else 0)
 
 

@@ -157,6 +157,7 @@ class CompileConfig:
     metric: str | None = None
     report: str | None = None
     feature_map: str = "hedgehog"
+    student: str | None = None  # a dtr_compile.linear.STUDENTS kind; None: --feature-map's
     distill_target: str = "site"  # "site" | "block" (see dtr_compile.distill)
     distill_loss: str = "mse"  # "mse" | "mse+ce" (site only)
     distill_steps: int = 400

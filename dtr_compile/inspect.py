@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dtr_compile.capture import capture
 from dtr_compile.errors import CaptureError, InputError
+from dtr_compile.linear import kinds_for_site
 from dtr_compile.load import LoadedModel, load_model
 from dtr_compile.passes.find_attention import AttentionSite, Rejected, find_attention
 from dtr_compile.passes.linearize import rewrite_sites
@@ -126,7 +127,8 @@ class Inspection:
                              "query_len": self.site_lengths[s.id][0],
                              "key_len": self.site_lengths[s.id][1],
                              "flops": self.site_flops[s.id],
-                             "flops_share": self.site_flops[s.id] / total}
+                             "flops_share": self.site_flops[s.id] / total,
+                             "students": list(kinds_for_site(s.causal))}
                 for s in self.sites
             ],
             "rejected": [asdict(r) for r in self.rejected],
@@ -498,6 +500,13 @@ def _flops(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _students(causal: bool) -> str:
+    """The ``--student`` kinds a site takes, short: causal sites take every kind."""
+    if causal:
+        return "all"
+    return "feature maps (" + ", ".join(kinds_for_site(False)) + ")"
+
+
 def render(ins: Inspection | OnnxInspection, console: Console) -> None:
     """The sites as a table, then the rejected look-alikes with their reasons (an ONNX file:
     its sites and how they were found)."""
@@ -526,12 +535,14 @@ def render(ins: Inspection | OnnxInspection, console: Console) -> None:
     table.add_column("T×S", justify="right")
     table.add_column("FLOPs", justify="right", no_wrap=True)
     table.add_column("share", justify="right")
+    table.add_column("--student")
     for s in ins.sites:
         mask = s.masking + (f" ({s.mask_kind})" if s.mask is not None else "")
         t, k = ins.site_lengths[s.id]
         table.add_row(s.id, s.module_path or "(top level)", s.kind,
                       f"{s.num_heads}/{s.num_kv_heads}/{s.head_dim}", mask, f"{t}×{k}",
-                      _flops(ins.site_flops[s.id]), f"{ins.site_flops[s.id] / total:.1%}")
+                      _flops(ins.site_flops[s.id]), f"{ins.site_flops[s.id] / total:.1%}",
+                      _students(s.causal))
     console.print(table)
     if ins.linear:
         lin = Table(title="Linear attention (replaced by dtr-compile)", title_justify="left")

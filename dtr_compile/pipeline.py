@@ -69,6 +69,8 @@ from dtr_compile.fileio import (
     clean_stale_temporaries,
     write_json_atomic,
 )
+from dtr_compile.linear import kinds_for_site
+from dtr_compile.linear.feature_maps import FEATURE_MAPS
 from dtr_compile.linear.kernel import SiteSwitch
 from dtr_compile.load import check_model_path, load_model
 from dtr_compile.metrics import Metric, get_metric
@@ -256,8 +258,20 @@ def _validate(config: CompileConfig) -> Budget:
 
 
 def _distill_settings(config: CompileConfig) -> DistillSettings:
+    """The distillation settings; ``--student`` naming a feature map is ``--feature-map``.
+
+    Raises:
+        InputError: ``--student`` and ``--feature-map`` name different feature maps.
+    """
+    feature_map, student = config.feature_map, config.student
+    if student in FEATURE_MAPS:
+        if feature_map not in ("hedgehog", student):
+            raise InputError(f"--student {student} and --feature-map {feature_map} disagree; "
+                             "give one of them")
+        feature_map, student = student, None
     return DistillSettings(
-        target=config.distill_target, feature_map=config.feature_map, steps=config.distill_steps,
+        target=config.distill_target, feature_map=feature_map, student=student,
+        steps=config.distill_steps,
         lr=config.distill_lr, block_lr=config.distill_block_lr, batch_rows=config.distill_batch,
         query_positions=config.distill_queries, loss=config.distill_loss, seed=config.seed,
         window=config.window)
@@ -897,7 +911,9 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "speed": speed,
         "warnings": warnings_,
         "calibration_rows": len(calib),
-        "sites": [s.__dict__ | {"internal": list(s.internal)} for s in sites],
+        "student": _distill_settings(config).kind,
+        "sites": [s.__dict__ | {"internal": list(s.internal),
+                                "students": list(kinds_for_site(s.causal))} for s in sites],
         "rejected": [r.__dict__ for r in scan.rejected],
         "kept": sorted(kept),
         "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),

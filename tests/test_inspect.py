@@ -71,6 +71,7 @@ def test_inspect_archive_lengths(tmp_path: Path) -> None:
     assert short.seq_len == 10  # the archive's example length
     ins = inspect_model(path, seq_len=20)
     assert ins.site_lengths["site0"] == (20, 20) and {s.masking for s in ins.sites} == {"causal+padding"}
+    assert {"gla", "deltanet", "gated-deltanet"} <= set(ins.to_dict()["sites"][0]["students"])
     assert ins.attention_share > short.attention_share  # quadratic cores grow faster
     assert ins.stateful == () and ins.to_dict()["stateful"] == {"possible": True, "reasons": []}
     with pytest.raises(InputError, match="--seq-len 100"):
@@ -110,6 +111,8 @@ def test_cli_inspect_table_and_json(bert_folder: str) -> None:
     site = out["sites"][0]
     assert {site["num_heads"], site["num_kv_heads"], site["head_dim"]} == {4, 8}
     assert site["masking"] == "padding" and site["flops"] == 2 * 2 * 4 * 12 * 12 * 16
+    # an encoder site takes the feature-map students only (issue 14)
+    assert "hedgehog" in site["students"] and "gla" not in site["students"]
     assert out["attention_share"] == pytest.approx(out["attention_flops"] / out["total_flops"])
 
 

@@ -108,6 +108,7 @@ def test_tensorrt_target_export_has_no_blocking_finding(tmp_path: Path) -> None:
     assert "Attention" not in ops and "Einsum" not in ops
     res = CliRunner().invoke(main, ["lint-trt", str(path)])
     assert res.exit_code == 0 and "TensorRT-ready" in res.output
+    assert "linear-attention form: plain ops" in res.output
 
 
 def test_lint_cli_exits_4_on_a_blocking_finding(tmp_path: Path) -> None:
@@ -156,3 +157,19 @@ def test_engine_build(tmp_path: Path) -> None:
                         ranges={"batch": (1, 2, 8), "sequence": (1, 8, 64)})
     assert Path(info.path).stat().st_size == info.bytes > 0
     assert info.profile["input_ids"] == [[1, 1], [2, 8], [8, 64]]
+
+
+def test_fused_linear_attention_is_rejected_and_named() -> None:
+    """TRT011: an ONNX LinearAttention-27 node (the fused form of the gla/deltanet students)."""
+    from onnx import TensorProto, helper
+
+    from dtr_compile.exporters.tensorrt import lint_trt
+
+    vi = lambda n, s: helper.make_tensor_value_info(n, TensorProto.FLOAT, s)  # noqa: E731
+    node = helper.make_node("LinearAttention", ["q", "k", "v"], ["o"], update_rule="linear",
+                            q_num_heads=1, kv_num_heads=1, name="la")
+    graph = helper.make_graph([node], "g", [vi("q", [1, 2, 4]), vi("k", [1, 2, 4]),
+                                            vi("v", [1, 2, 4])], [vi("o", [1, 2, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 27)])
+    hits = [f for f in lint_trt(model) if f.rule == "TRT011"]
+    assert len(hits) == 1 and hits[0].severity == "reject" and hits[0].nodes == ("la",)

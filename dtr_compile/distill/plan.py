@@ -20,8 +20,10 @@ from torch.fx import GraphModule
 from dtr_compile.data import Dataset
 from dtr_compile.distill.cache import cache_key, code_digest, node_hashes
 from dtr_compile.errors import InputError
+from dtr_compile.linear import STUDENTS, make_student, student_kind
+from dtr_compile.linear.base import LinearStudent
 from dtr_compile.linear.feature_maps import FEATURE_MAPS
-from dtr_compile.linear.kernel import LinearAttention, SiteSwitch, SoftmaxAttention
+from dtr_compile.linear.kernel import SiteSwitch, SoftmaxAttention
 from dtr_compile.passes.attention_block import (
     AttentionBlock,
     BlockMiss,
@@ -44,7 +46,10 @@ class DistillSettings:
 
     Attributes:
         target: ``"site"`` or ``"block"``.
-        feature_map: a name in :data:`~dtr_compile.linear.feature_maps.FEATURE_MAPS`.
+        feature_map: a name in :data:`~dtr_compile.linear.feature_maps.FEATURE_MAPS`: the
+            student kind when ``student`` is None (``--feature-map``, as before ``--student``).
+        student: a kind in :data:`~dtr_compile.linear.STUDENTS` other than a feature map
+            (``gla``, ``deltanet``, ``gated-deltanet``), or None; see :attr:`kind`.
         steps: optimiser steps per site (at most; early stopping may end sooner).
         lr: Adam learning rate of the feature map's parameters (cosine-annealed).
         block_lr: learning rate of a block's teacher-initialised weights (q/k/v/o), relative to
@@ -73,6 +78,12 @@ class DistillSettings:
     patience: int = 3
     seed: int = 0
     window: int = 0
+    student: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The student kind: ``student``, or the feature-map kind ``feature_map``."""
+        return self.student or self.feature_map
 
     def check(self) -> None:
         """Raises :class:`InputError` naming the bad setting."""
@@ -82,6 +93,18 @@ class DistillSettings:
         if self.feature_map not in FEATURE_MAPS:
             raise InputError(f"unknown feature map {self.feature_map!r}: expected one of "
                              f"{', '.join(FEATURE_MAPS)}; pick one with --feature-map")
+        if self.student is not None:
+            if self.student in FEATURE_MAPS:
+                raise InputError(f"student {self.student!r} is a feature map: give it as "
+                                 "feature_map (the CLI does)")
+            student_kind(self.student)
+            if self.window and not STUDENTS[self.student].window:
+                raise InputError(f"--window {self.window} is not supported with --student "
+                                 f"{self.student} (no sliding-window form for it yet); drop "
+                                 "--window or use a feature-map student (hedgehog, …)")
+            if self.loss != "mse":
+                raise InputError(f"--distill-loss {self.loss} is the feature maps' attention-"
+                                 f"weight loss; --student {self.student} trains with mse")
         if self.loss not in LOSSES:
             raise InputError(f"unknown distillation loss {self.loss!r}: expected one of "
                              f"{', '.join(LOSSES)}")
@@ -125,12 +148,29 @@ class DistillResult:
     note: str = ""
 
 
-def new_student(site: AttentionSite, settings: DistillSettings) -> LinearAttention:
-    """The untrained student of ``site``; ``settings.window`` applies to causal sites only."""
-    return LinearAttention(site.num_heads, site.num_kv_heads, site.head_dim,
-                           mask_kind=site.mask_kind, causal=site.causal,
-                           feature_map=settings.feature_map, scale=site.scale,
-                           window=settings.window if site.causal else 0)
+def new_student(site: AttentionSite, settings: DistillSettings) -> LinearStudent:
+    """The untrained student of ``site`` (kind ``settings.kind``); ``settings.window`` applies
+    to causal sites only.
+
+    Raises:
+        InputError: a causal-only kind (``gla``, ``deltanet``, ``gated-deltanet``) on a
+            bidirectional site.
+    """
+    check_site_kind(site, settings.kind)
+    return make_student(settings.kind, num_heads=site.num_heads, num_kv_heads=site.num_kv_heads,
+                        head_dim=site.head_dim, head_dim_v=site.head_dim_v,
+                        mask_kind=site.mask_kind, causal=site.causal, scale=site.scale,
+                        window=settings.window if site.causal else 0)
+
+
+def check_site_kind(site: AttentionSite, kind: str) -> None:
+    """Raises :class:`InputError` when ``kind`` has no form for ``site`` (causal-only kinds on
+    bidirectional sites: a recurrence over positions has no "future" to read)."""
+    if student_kind(kind).causal_only and not site.causal:
+        fit = [n for n, k in STUDENTS.items() if not k.causal_only]
+        raise InputError(f"--student {kind} is causal only, and {site.id} ({site.module_path}) is "
+                         f"a bidirectional site; use one of {', '.join(fit)} (`dtr-compile "
+                         "inspect` lists the kinds each site takes)")
 
 
 
@@ -188,6 +228,8 @@ def plan_distillation(
 ) -> DistillPlan:
     """Find each site's block (target ``block``) and compute every site's cache key."""
     settings.check()
+    for site in sites:
+        check_site_kind(site, settings.kind)
     targets, blocks, notes = {}, {}, {}
     for site in sites:
         target = settings.target
@@ -219,6 +261,8 @@ def plan_distillation(
         own = dataclasses.asdict(settings.for_target(targets[site.id]))
         if not (site.causal and own["window"]):
             del own["window"]  # no window here: the key stays that of a run without --window
+        if own["student"] is None:
+            del own["student"]  # feature-map kinds: the key of a run before --student
         p = dict(common, teacher=hashlib.sha256("|".join(teacher).encode()).hexdigest(),
                  site=json.dumps(shape, sort_keys=True), settings=json.dumps(own, sort_keys=True))
         parts[site.id], keys[site.id] = p, cache_key(p)

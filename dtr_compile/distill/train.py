@@ -1,6 +1,6 @@
 """One site's training in stage 5: the student, its loss, and the optimisation loop.
 
-A :class:`SiteTask` trains a site's :class:`~dtr_compile.linear.kernel.LinearAttention` on the
+A :class:`SiteTask` trains a site's student (:mod:`dtr_compile.linear`, any kind) on the
 teacher's ``q, k, v`` (target ``site``); a :class:`BlockTask` trains the site's attention block,
 teacher-initialised, on the block's input and output (target ``block``). :func:`train_task` runs
 Adam with a cosine schedule, evaluates held-out rows every ``eval_every`` steps, keeps the best
@@ -23,12 +23,15 @@ from torch.fx import GraphModule
 
 from dtr_compile.distill.activations import RecordData, SiteRecord, TeacherData
 from dtr_compile.distill.plan import MAX_HOLDOUT_ROWS, DistillResult, DistillSettings, new_student
+from dtr_compile.linear.base import LinearStudent
 from dtr_compile.linear.kernel import (
     LinearAttention,
+    key_valid_from_mask,
     linear_attention,
     repeat_kv,
     sliding_window_linear_attention,
 )
+from dtr_compile.linear.recurrence import MatrixStateStudent
 from dtr_compile.passes.attention_block import ATTENTION_MODULE, AttentionBlock, block_module
 from dtr_compile.passes.find_attention import AttentionSite
 
@@ -58,14 +61,19 @@ def torch_threads(n: int) -> Iterator[None]:
 # --- students and their forward passes -------------------------------------------------------
 
 
-def _site_forward(m: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  key_valid: torch.Tensor | None,
-                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _site_forward(m: LinearStudent, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  key_valid: torch.Tensor | None, positions: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``m(q, k, v, mask)`` from the mask's key padding vector ``[B|1, S]``, at query
-    ``positions`` only (bidirectional, no window) or at all of them.
+    ``positions`` only (bidirectional feature maps, no window) or at all of them.
 
-    Returns ``(out: [B, H, T', Dv], φ(q): [B, H, T', F], φ(k): [B, H, S, F])``.
+    Returns ``(out: [B, H, T', Dv], φ(q): [B, H, T', F], φ(k): [B, H, S, F])``; the features
+    are None for students that are not feature maps (their own ``forward_valid``).
     """
+    if not isinstance(m, LinearAttention):
+        assert positions is None, "query subsampling is for bidirectional feature maps"
+        assert isinstance(m, MatrixStateStudent), type(m)
+        return m.forward_valid(q, k, v, key_valid), None, None
     k, v = repeat_kv(k, m.num_heads), repeat_kv(v, m.num_heads)  # [B, H, S, *]
     if positions is not None:
         q = q[:, :, positions]  # [B, H, T', Dk]
@@ -103,13 +111,20 @@ def _attention_kl(q: torch.Tensor, k: torch.Tensor, phi_q: torch.Tensor, phi_k: 
 
 
 class SiteTask:
-    """Training of a ``site`` target: the student is a :class:`LinearAttention`."""
+    """Training of a ``site`` target: the student (any kind) on the teacher's q, k, v."""
 
     def __init__(self, site: AttentionSite, settings: DistillSettings, data: TeacherData) -> None:
         self.site, self.settings, self.data = site, settings, data
         self.module = new_student(site, settings).to(data.device)
         self.subsample = (settings.query_positions > 0 and not site.causal
-                          and not self.module.window)
+                          and not self.module.window and isinstance(self.module, LinearAttention))
+
+    def init_output_scale(self, idx: torch.Tensor) -> None:
+        """Matrix-state students: the output norm starts at the teacher's scale on ``idx``."""
+        if isinstance(self.module, MatrixStateStudent):
+            d = self.data
+            self.module.init_output_scale(d.get("q", idx), d.get("k", idx), d.get("v", idx),
+                                          d.get("key_valid", idx))
 
     def param_groups(self) -> list[dict[str, Any]]:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -130,6 +145,7 @@ class SiteTask:
         wq = w[:, None, :, None]
         loss = ((pred - out) ** 2 * wq).sum() / (out**2 * wq).sum().clamp_min(1e-30)
         if s.loss == "mse+ce":
+            assert phi_q is not None and phi_k is not None  # feature maps only (settings.check)
             qs = q if positions is None else q[:, :, positions]
             loss = loss + _attention_kl(qs, repeat_kv(k, self.module.num_heads), phi_q, phi_k,
                                         key_valid, self.site.causal, self.site.scale, w)
@@ -157,6 +173,26 @@ class BlockTask:
         self.site, self.block, self.settings, self.data = site, block, settings, data
         self.module = block_module(gm, block, site, new_student(site, settings),
                                    copy_weights=True).to(data.device)
+
+    def init_output_scale(self, idx: torch.Tensor) -> None:
+        """Matrix-state students: the output norm starts at the scale of softmax attention on
+        the q, k, v the block computes for ``idx`` (caught by a pre-hook on one forward)."""
+        student = getattr(self.module, ATTENTION_MODULE, None)
+        if not isinstance(student, MatrixStateStudent):
+            return
+
+        def hook(mod: MatrixStateStudent, args: tuple[Any, ...]) -> None:
+            q, k, v = args[:3]
+            mask = args[3] if len(args) > 3 else None
+            key_valid = None if mask is None else key_valid_from_mask(mask, mod.mask_kind)
+            mod.init_output_scale(q, k, v, key_valid)
+
+        handle = student.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                self.module(*self._batch(idx)[0])
+        finally:
+            handle.remove()
 
     def param_groups(self) -> list[dict[str, Any]]:
         fmap: list[nn.Parameter] = []
@@ -216,10 +252,11 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
     train_idx, hold_idx = _split(task.data.n)
     module = task.module
     module.train()
+    task.init_output_scale(train_idx[: s.batch_rows])
     init_error = task.error(hold_idx)
     groups = task.param_groups()
     if not groups or s.steps == 0:
-        why = (f"{s.feature_map} has no trainable parameters: nothing to distill for target "
+        why = (f"{s.kind} has no trainable parameters: nothing to distill for target "
                f"{s.target}" if not groups else "0 steps")
         ok = math.isfinite(init_error)
         module.eval()
@@ -284,8 +321,8 @@ def distill_site(
     seed: int = 0,
     settings: DistillSettings | None = None,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[LinearAttention, DistillResult]:
-    """Train one site's :class:`LinearAttention` (target ``site``) on an in-memory record.
+) -> tuple[LinearStudent, DistillResult]:
+    """Train one site's student (target ``site``) on an in-memory record.
 
     ``settings`` gives every hyper-parameter; the keyword arguments override its fields.
     """

@@ -25,6 +25,9 @@ TRT008   warn      int64 graph inputs or outputs: TensorRT 10 takes them, 8.x ca
 TRT009   warn      float64 tensors: TensorRT casts DOUBLE to FLOAT (clamping to ±FLT_MAX)
 TRT010   warn      control flow or data-dependent shapes (``Loop``, ``If``, ``Scan``,
                    ``NonZero``, ``NonMaxSuppression``): imported with restrictions, often slow
+TRT011   reject    the fused linear-attention form, ONNX ``LinearAttention`` (opset 27): no
+                   TensorRT parser imports it; the plain form (MatMul, CumSum, …) is what
+                   dtr-compile exports
 =======  ========  ==========================================================================
 
 Sources: onnx-tensorrt ``docs/operators.md`` (TensorRT 8.5 and 10.0 tables) and its changelog
@@ -242,6 +245,13 @@ def _control_flow(g: _Graph) -> Iterable[Finding]:
         "and it often runs slowly"))
 
 
+def _fused_linear_attention(g: _Graph) -> Iterable[Finding]:
+    hits = {op: g.by_op[op] for op in ("LinearAttention",) if op in g.by_op}
+    yield from _grouped("TRT011", "reject", hits, lambda op: (
+        f"{op} (opset 27) is the fused linear-attention form; TensorRT does not import it; "
+        "export the students in their plain form (dtr-compile's default)"))
+
+
 #: The lint rules, in report order.
 RULES: tuple[Rule, ...] = (
     Rule("TRT001", "op not imported by TensorRT", _unsupported_ops),
@@ -254,6 +264,7 @@ RULES: tuple[Rule, ...] = (
     Rule("TRT008", "int64 inputs/outputs", _int64_io),
     Rule("TRT009", "float64 tensors", _float64),
     Rule("TRT010", "control flow / data-dependent shapes", _control_flow),
+    Rule("TRT011", "fused LinearAttention", _fused_linear_attention),
 )
 
 

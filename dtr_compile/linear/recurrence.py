@@ -1,0 +1,431 @@
+"""Shared machinery of the matrix-state students (:mod:`~dtr_compile.linear.gated`,
+:mod:`~dtr_compile.linear.delta`): the chunk-level scan, the intra-chunk masks, the
+unit-lower-triangular inverse, the output normalisation and the gate projections.
+
+Both families keep a state ``S: [B, H, Dk, Dv]`` (fp32) updated per token; over a chunk of ``C``
+tokens the update is affine in the state at the chunk start, ``S_end = P_n S_start + R_n`` with
+``P_n`` a scalar ``[B, H, N, 1, 1]`` (GLA) or a matrix ``[B, H, N, Dk, Dk]`` (DeltaNet). The
+states between chunks are an inclusive scan of these affine maps, computed here without a loop
+(Hillis & Steele 1986): ``ceil(log2 N)`` rounds of ``x_n ← x_n ∘ x_{n−d}``, ``d = 1, 2, 4, …``.
+Under ``torch.export`` ``N`` is symbolic, so the graph always runs :data:`MAX_SCAN_ROUNDS` rounds
+(rounds with ``d >= N`` compose with the identity and change nothing): the exported graph is
+exact for ``N <= 2**MAX_SCAN_ROUNDS`` chunks, i.e. ``T < 64·65536`` tokens at ``C = 64``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from dtr_compile.linear.base import LinearStudent
+from dtr_compile.linear.kernel import _align_keys, _chunk, _unchunk, key_valid_from_mask, repeat_kv
+
+#: Scan rounds of an exported graph: exact for up to ``2**MAX_SCAN_ROUNDS`` chunks.
+MAX_SCAN_ROUNDS = 16
+# Masked log-decays: exp() of it is exactly 0 in fp32, and it is finite (no inf − inf).
+_MASKED_LOG = -1.0e4
+
+
+def scan_rounds(n: int | torch.SymInt) -> int:
+    """Rounds of :func:`affine_scan` for ``n`` chunks: ``ceil(log2 n)`` when ``n`` is a plain
+    int (eager), :data:`MAX_SCAN_ROUNDS` (read at call time) when it is symbolic (export)."""
+    if isinstance(n, int):
+        return max(0, (n - 1).bit_length())
+    return MAX_SCAN_ROUNDS
+
+
+def _shift(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``x: [B, H, N, a, b]`` → chunk ``n`` holds chunk ``n − d`` (zeros before chunk 0).
+
+    A gather of clamped indices times a validity mask, not Pad + Slice: padding by ``d`` would
+    allocate ``N + d`` chunks, and the exported scan's last rounds have ``d = 2**15`` whatever
+    ``N`` (1.5 GiB at T = 512 before this)."""
+    idx = torch.arange(x.shape[2], device=x.device) - d  # [N]
+    keep = (idx >= 0).to(x.dtype)[:, None, None]  # [N, 1, 1]
+    return x.index_select(2, idx.clamp_min(0)) * keep
+
+
+def affine_scan(p: torch.Tensor, r: torch.Tensor, *, matrix: bool,
+                rounds: int | None = None) -> torch.Tensor:
+    """Inclusive scan of ``S_n = P_n S_{n−1} + R_n`` from ``S_{−1} = 0``.
+
+    Args:
+        p: ``[B, H, N, 1, 1]`` (``matrix=False``, scalar decay) or ``[B, H, N, Dk, Dk]``.
+        r: ``[B, H, N, Dk, Dv]``.
+        rounds: scan rounds (default :func:`scan_rounds`); more than ``ceil(log2 N)`` change
+            nothing, which is what makes the exported graph's fixed count exact.
+
+    Returns:
+        ``[B, H, N, Dk, Dv]``: the state after each chunk.
+    """
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+    for i in range(scan_rounds(p.shape[2]) if rounds is None else rounds):
+        d = 1 << i
+        r_prev = _shift(r, d)
+        if matrix:
+            p_prev = _shift(p - eye, d) + eye  # identity before chunk 0
+            r = torch.matmul(p, r_prev) + r
+            p = torch.matmul(p, p_prev)
+        else:
+            p_prev = _shift(p - 1.0, d) + 1.0
+            r = p * r_prev + r
+            p = p * p_prev
+    return r
+
+
+def decay_matrix(g_cum: torch.Tensor, *, strict: bool) -> torch.Tensor:
+    """``Γ_ij = exp(G_i − G_j)`` for ``j <= i`` (``j < i`` when ``strict``), else 0.
+
+    ``g_cum: [..., C]`` inclusive cumulative log-decays (non-increasing) → ``[..., C, C]``; every
+    exponent taken is ``<= 0``, so nothing overflows whatever the gates.
+    """
+    idx = torch.arange(g_cum.shape[-1], device=g_cum.device)  # no Trilu: works for a symbolic C
+    mask = idx[:, None] > idx[None, :] if strict else idx[:, None] >= idx[None, :]
+    diff = g_cum[..., :, None] - g_cum[..., None, :]
+    return torch.exp(torch.where(mask, diff, _MASKED_LOG))
+
+
+def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """``(I + A)^{-1}`` for ``A: [..., C, C]`` strictly lower triangular, without a loop.
+
+    Blocked forward substitution by doubling: ``X`` starts as the inverse of the ``1×1``
+    diagonal blocks (``I``); at level ``s = 1, 2, 4, …`` each diagonal block of size ``2s`` is
+    ``[[L11, 0], [L21, L22]]`` with ``X`` already holding ``L11⁻¹`` and ``L22⁻¹``, and its inverse
+    is ``X − X N X`` where ``N`` holds the ``L21`` blocks (``(X N)² = 0``). ``ceil(log2 C)``
+    levels of two ``[C, C]`` matmuls; the same products as forward substitution in blocks, so
+    none of the cancellation of the power series ``Σ (−A)^k``.
+    """
+    c = a.shape[-1]
+    eye = torch.eye(c, dtype=a.dtype, device=a.device)
+    x = eye.expand_as(a)
+    idx = torch.arange(c, device=a.device)
+    s = 1
+    while s < c:
+        same_block = (idx[:, None] // (2 * s)) == (idx[None, :] // (2 * s))
+        lower_half = ((idx[:, None] // s) % 2 == 1) & ((idx[None, :] // s) % 2 == 0)
+        n = a * (same_block & lower_half).to(a.dtype)
+        x = x - torch.matmul(x, torch.matmul(n, x))
+        s *= 2
+    return x
+
+
+class HeadRMSNorm(nn.Module):
+    """Per-head RMS normalisation of the output: ``o / sqrt(mean_Dv(o²) + eps) · g_h``.
+
+    GLA and DeltaNet outputs ``Sᵀq`` are not convex combinations of the values (their scale grows
+    with the number and alignment of keys), unlike softmax; as in the GLA and DeltaNet layers
+    (Yang et al. 2024) a per-head RMS norm restores a fixed scale. ``g: [H, Dv]`` is 1 at
+    construction; distillation sets it to the teacher's per-head output RMS before training
+    (:meth:`MatrixStateStudent.init_output_scale`) and trains it. An empty state gives ``0``,
+    never NaN (``eps = 1e-6``; smaller values amplify rounding where ``o`` nearly cancels, and
+    the exported graph then drifts from PyTorch).
+    """
+
+    def __init__(self, num_heads: int, head_dim_v: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_heads, head_dim_v))
+        self.eps = eps
+
+    def forward(self, o: torch.Tensor) -> torch.Tensor:
+        """o: [B, H, T, Dv] fp32 → [B, H, T, Dv] fp32."""
+        o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + self.eps)
+        return o * self.weight[None, :, None, :].float()
+
+
+class HeadGate(nn.Module):
+    """A per-head scalar projection of the values: ``z_t = w_h · v_t + b_h``, ``[B, H, T]``.
+
+    The gate reads ``v`` because the student of a site sees only ``q, k, v`` and, of those, ``v``
+    is the only one without a rotary position embedding: a linear projection of the (normalised)
+    block input in every architecture, as the paper's gate projections are. It therefore works the
+    same for ``--distill-target site`` and ``block``. ``w`` starts at 0 (the gate is first a
+    per-head constant ``σ(b_h)``) so the first steps change only what the teacher's q/k/v give.
+
+    Args:
+        num_heads: ``H`` (values are repeated from ``Hkv`` heads first).
+        head_dim_v: ``Dv``.
+        bias: ``[H]`` initial biases.
+    """
+
+    def __init__(self, num_heads: int, head_dim_v: int, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, head_dim_v))
+        self.bias = nn.Parameter(bias.detach().clone().float())
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """v: [B, H, T, Dv] → [B, H, T] fp32 logits."""
+        z = torch.matmul(v.float(), self.weight[:, :, None])[..., 0]  # [B, H, T]
+        return z + self.bias[None, :, None]
+
+
+def slow_decay_bias(num_heads: int, slowest: float = 0.999, fastest: float = 0.95) -> torch.Tensor:
+    """``[H]`` logits whose sigmoids (per-head decays ``α_h``) spread log-uniformly in ``1 − α``
+    from ``1 − fastest`` to ``1 − slowest``: half-lives of 14 to 690 tokens, as RetNet's heads
+    (Sun et al. 2023) spread theirs. Slow decays keep the first steps close to plain linear
+    attention over the whole past, which is what softmax attention most resembles."""
+    if num_heads == 1:
+        one_minus = torch.tensor([1 - slowest])
+    else:
+        one_minus = torch.logspace(math.log10(1 - fastest), math.log10(1 - slowest), num_heads)
+    alpha = 1 - one_minus.double()
+    return torch.log(alpha / (1 - alpha)).float()
+
+
+def key_valid_or_ones(key_valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``[B|1, T]`` fp32 validity (1 = real token) for ``like: [B, H, T, D]``."""
+    if key_valid is None:
+        return torch.ones_like(like[:1, 0, :, 0], dtype=torch.float32)
+    return key_valid.float()
+
+
+# --- the chunked form, shared by GLA (no β) and DeltaNet (β) ---------------------------------
+
+
+def chunked_recurrence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor | None = None,
+    *,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked form of ``S_t = α_t S_{t−1} + k_t v_tᵀ`` (``beta is None``, GLA with a per-head
+    decay) or ``S_t = α_t (I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ`` (DeltaNet), ``o_t = S_tᵀ q_t``.
+
+    Args:
+        q: ``[B, H, T, Dk]``; k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (any float dtype).
+        log_alpha: ``[B, H, T]``, ``log α_t <= 0`` (0 at padding: the state is kept).
+        beta: ``[B, H, T]`` in ``[0, 1]`` (0 at padding), or None.
+        chunk_size: ``C``.
+        initial_state: ``[B, H, Dk, Dv]`` before token 0, or None for zeros.
+
+    Returns:
+        ``(o: [B, H, T, Dv], S_T: [B, H, Dk, Dv])``, both fp32.
+
+    Within a chunk, with ``γ_i = exp(G_i)``, ``G`` the inclusive cumulative log-decay,
+    ``Γ_ij = γ_i/γ_j`` (``j <= i``) and ``S_0`` the state at the chunk start:
+
+    * GLA: ``O = diag(γ) Q S_0 + (QKᵀ ⊙ Γ) V``; ``S_C = γ_C S_0 + (K ⊙ γ_C/γ)ᵀ V``.
+    * DeltaNet, the WY/UT form (Yang et al. 2024, "Parallelizing linear transformers with the
+      delta rule over sequence length", and its gated version, Yang et al. 2025): the per-token
+      "new values" ``E = V − …`` solve ``(I + A) E = V − diag(γ) K S_0`` with
+      ``A_ij = Γ_ij β_j k_i·k_j`` (``j < i``), so with ``M = (I + A)⁻¹``
+      (:func:`unit_lower_inverse`), ``U = M V``, ``W = M diag(γ) K`` and
+      ``B_ij = Γ_ij β_j q_i·k_j`` (``j <= i``): ``O = (diag(γ) Q − B W) S_0 + B U`` and
+      ``S_C = (γ_C I − K̃ᵀ W) S_0 + K̃ᵀ U``, ``K̃ = K ⊙ β γ_C/γ``.
+
+    Across chunks ``S_C = P S_0 + R``: for GLA (scalar ``P``) the states are one ``[N, N]``
+    matrix of chunk decays times the ``R``; for DeltaNet they are scanned by
+    :func:`affine_scan`. Memory is
+    ``O(T·(C + D) + T/C·Dk·(Dk + Dv))`` per head; every exponent is ``<= 0``.
+    """
+    T = q.shape[-2]
+    c = chunk_size
+    q_c, k_c, v_c = (_chunk(x.float(), c) for x in (q, k, v))  # [B, H, N, C, D]
+    g_c = _chunk(log_alpha.float()[..., None], c)[..., 0]  # [B, H, N, C]; front padding: 0
+    g_cum = torch.cumsum(g_c, dim=3)  # [B, H, N, C]
+    gamma = torch.exp(g_cum)
+    g_last = g_cum[..., -1:]  # [B, H, N, 1]
+    to_end = torch.exp(g_last - g_cum)  # [B, H, N, C], γ_C / γ_i <= 1
+    scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * decay_matrix(g_cum, strict=False)
+    q_decay = q_c * gamma[..., None]  # diag(γ) Q
+    if beta is None:
+        b_mat, u = scores, v_c  # [B, H, N, C, C], [B, H, N, C, Dv]
+        q_eff = q_decay
+        k_end = k_c * to_end[..., None]
+        p = torch.exp(g_last)[..., None]  # [B, H, N, 1, 1]
+        r = torch.matmul(k_end.transpose(-1, -2), v_c)  # [B, H, N, Dk, Dv]
+    else:
+        b_c = _chunk(beta.float()[..., None], c)[..., 0][..., None, :]  # [B, H, N, 1, C], β_j
+        a = torch.matmul(k_c, k_c.transpose(-1, -2)) * decay_matrix(g_cum, strict=True) * b_c
+        m = unit_lower_inverse(a)  # [B, H, N, C, C]
+        u = torch.matmul(m, v_c)  # [B, H, N, C, Dv]
+        w = torch.matmul(m, k_c * gamma[..., None])  # [B, H, N, C, Dk]
+        b_mat = scores * b_c
+        q_eff = q_decay - torch.matmul(b_mat, w)  # [B, H, N, C, Dk]
+        k_end = k_c * (to_end[..., None] * b_c.transpose(-1, -2))  # K̃: [B, H, N, C, Dk]
+        eye = torch.eye(k.shape[-1], dtype=torch.float32, device=k.device)
+        p = torch.exp(g_last)[..., None] * eye - torch.matmul(k_end.transpose(-1, -2), w)
+        r = torch.matmul(k_end.transpose(-1, -2), u)  # [B, H, N, Dk, Dv]
+    if initial_state is not None:
+        # chunk 0 is all front padding (see _chunk), so its map is the identity: S after it = S_0
+        r = torch.cat([initial_state.float()[:, :, None], r[:, :, 1:]], dim=2)
+    if beta is None:
+        # scalar decays: S_n = Σ_{m <= n} exp(L_n − L_m) R_m, one [N, N] matmul, no scan rounds
+        chunk_decay = decay_matrix(torch.cumsum(g_last[..., 0], dim=2), strict=False)  # [B, H, N, N]
+        states = torch.matmul(chunk_decay, r.flatten(-2)).unflatten(-1, r.shape[-2:])
+    else:
+        states = affine_scan(p, r, matrix=True)  # after each chunk: [B, H, N, Dk, Dv]
+    out = torch.matmul(q_eff, _shift(states, 1)) + torch.matmul(b_mat, u)  # [B, H, N, C, Dv]
+    return _unchunk(out, T), states[:, :, -1]
+
+
+def recurrent_steps(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor | None,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence token by token (decode), fp32: shapes as :func:`chunked_recurrence`,
+    ``state: [B, H, Dk, Dv]``; one step per token (a Python loop over the static ``t``)."""
+    state = state.float()
+    outs = []
+    for i in range(q.shape[-2]):
+        q_t, k_t, v_t = (x[:, :, i].float() for x in (q, k, v))  # [B, H, D]
+        alpha = torch.exp(log_alpha[:, :, i].float())[..., None, None]  # [B, H, 1, 1]
+        if beta is None:
+            state = alpha * state + k_t[..., :, None] * v_t[..., None, :]
+        else:
+            b = beta[:, :, i].float()[..., None, None]
+            k_s = torch.matmul(k_t[..., None, :], state)  # kᵀS: [B, H, 1, Dv]
+            state = alpha * (state - b * k_t[..., :, None] * k_s) + b * k_t[..., :, None] * v_t[..., None, :]
+        outs.append(torch.matmul(q_t[..., None, :], state))  # [B, H, 1, Dv]
+    return torch.cat(outs, dim=2), state
+
+
+def naive_recurrence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequential reference of :func:`chunked_recurrence`: the defining recurrence token by token
+    with the explicit ``(I − β k kᵀ)`` product, in fp64, returned in fp32."""
+    q, k, v, log_alpha = (x.double() for x in (q, k, v, log_alpha))
+    B, H, T, dk = k.shape
+    eye = torch.eye(dk, dtype=torch.float64)
+    s = (torch.zeros(B, H, dk, v.shape[-1], dtype=torch.float64) if initial_state is None
+         else initial_state.double())
+    outs = []
+    for t in range(T):
+        alpha = torch.exp(log_alpha[:, :, t])[..., None, None]
+        kv = k[:, :, t, :, None] * v[:, :, t, None, :]  # [B, H, Dk, Dv]
+        if beta is None:
+            s = alpha * s + kv
+        else:
+            b = beta.double()[:, :, t][..., None, None]
+            erase = eye - b * k[:, :, t, :, None] * k[:, :, t, None, :]  # [B, H, Dk, Dk]
+            s = alpha * (erase @ s) + b * kv
+        outs.append((s.transpose(-1, -2) @ q[:, :, t, :, None])[..., 0])  # [B, H, Dv]
+    return torch.stack(outs, dim=2).float(), s.float()
+
+
+# --- the students' common module -------------------------------------------------------------
+
+
+class MatrixStateStudent(LinearStudent):
+    """Common part of GLA and DeltaNet students (see :class:`~dtr_compile.linear.base.
+    LinearStudent` for the contract): mask handling, kv-head repeat, the output norm and the
+    stateful form. Subclasses implement :meth:`_inputs` (gates, β, q/k transforms).
+
+    State: ``{"recurrent": [B, H, Dk, Dv]}`` fp32. Causal sites only: the recurrence has no
+    bidirectional form (raises ValueError; the distillation planner refuses earlier with an
+    InputError naming the site).
+    """
+
+    kind = ""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int, *,
+                 mask_kind: str = "none", causal: bool = True, scale: float | None = None,
+                 chunk_size: int = 64, window: int = 0) -> None:
+        super().__init__()
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        if not causal:
+            raise ValueError(f"{self.kind} is causal only (a recurrence over positions)")
+        if window:
+            raise ValueError(f"{self.kind} has no sliding-window form (window={window})")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.head_dim_v = head_dim, head_dim_v
+        self.mask_kind, self.causal, self.chunk_size = mask_kind, causal, chunk_size
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.norm = HeadRMSNorm(num_heads, head_dim_v)
+
+    def _inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(q, k, log α, β)`` fp32 from q: [B, H, t, Dk], k: [B, H, t, Dk], v: [B, H, t, Dv]
+        and ``valid: [B|1, t]``; padding must give ``log α = 0`` and a zero key (and β = 0)."""
+        raise NotImplementedError
+
+    def _heads(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [B, H, T, Dk], k: [B, Hkv, S, Dk], v: [B, Hkv, S, Dv], the site's mask (read as a
+        key padding mask) → [B, H, T, Dv] in q's dtype. Keys align top-left (``S != T``: keys
+        ``s >= T`` unseen, as SDPA's ``is_causal``)."""
+        valid = None if mask is None else key_valid_from_mask(mask, self.mask_kind)
+        return self.forward_valid(q, k, v, valid)
+
+    def forward_valid(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_valid: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` from a key padding vector ``key_valid: [B|1, S]`` (1 = real token)
+        instead of the site's mask (what distillation records)."""
+        T = q.shape[-2]
+        k, v = self._heads(k, v)
+        k, v = _align_keys(k, T), _align_keys(v, T)
+        valid = key_valid_or_ones(
+            None if key_valid is None else _align_keys(key_valid.float()[..., None], T)[..., 0], k)
+        q_, k_, g, beta = self._inputs(q, k, v, valid)
+        out, _ = chunked_recurrence(q_, k_, v.float() * valid[:, None, :, None], g, beta,
+                                    chunk_size=self.chunk_size)
+        return self.norm(out).to(q.dtype)
+
+    @torch.no_grad()
+    def init_output_scale(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          key_valid: torch.Tensor | None) -> None:
+        """Set the output norm's gain ``g_h`` to the per-head RMS of the teacher's output on
+        these rows: softmax attention with the site's scale, causal, over valid keys (real query
+        positions only). The normalised output has RMS 1 per position, so the student starts at
+        the teacher's output scale instead of 1 (which can be 20× off). Shapes as
+        :meth:`forward_valid`; called once before training (``distill.train``)."""
+        T = q.shape[-2]
+        k, v = self._heads(k, v)
+        k, v = _align_keys(k, T), _align_keys(v, T)
+        valid = key_valid_or_ones(
+            None if key_valid is None else _align_keys(key_valid.float()[..., None], T)[..., 0], k)
+        allowed = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool,
+                                                             device=q.device).tril()
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=allowed, scale=self.scale)  # [B, H, T, Dv]
+        w = valid[:, None, :, None].expand_as(out)  # real query positions
+        rms = ((out.square() * w).sum(dim=(0, 2, 3)) / (w.sum(dim=(0, 2, 3)).clamp_min(1.0))).sqrt()
+        self.norm.weight.copy_(rms.clamp_min(1e-6)[:, None].expand_as(self.norm.weight))
+
+    def state_names(self) -> tuple[str, ...]:
+        return ("recurrent",)
+
+    def init_state(self, batch: int, *, dtype: torch.dtype = torch.float32,
+                   device: torch.device | None = None) -> dict[str, torch.Tensor]:
+        """``{"recurrent": zeros [batch, H, Dk, Dv]}`` (fp32 whatever ``dtype``)."""
+        return {"recurrent": torch.zeros(batch, self.num_heads, self.head_dim, self.head_dim_v,
+                                         dtype=torch.float32, device=device)}
+
+    def forward_stateful(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         key_valid: torch.Tensor | None, state: dict[str, torch.Tensor],
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``t`` new tokens after ``state`` (see the contract): the token-by-token recurrence
+        when ``t`` is a static 1 (decode), else the chunked form from the state."""
+        k, v = self._heads(k, v)
+        valid = key_valid_or_ones(key_valid, k)
+        q_, k_, g, beta = self._inputs(q, k, v, valid)
+        v_ = v.float() * valid[:, None, :, None]
+        if statically_known_true(q.shape[-2] == 1):
+            out, s = recurrent_steps(q_, k_, v_, g, beta, state["recurrent"])
+        else:
+            out, s = chunked_recurrence(q_, k_, v_, g, beta, chunk_size=self.chunk_size,
+                                        initial_state=state["recurrent"])
+        return self.norm(out).to(q.dtype), {"recurrent": s}

@@ -1,0 +1,94 @@
+"""Checks shared by tests/test_linear_gated.py and tests/test_linear_delta.py: every form of a
+matrix-state student (chunked, token-by-token, the module's prefill and stateful forms) against
+the fp64 sequential reference, as max-abs and relative RMS errors."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from dtr_compile.linear.delta import DeltaNet, l2_normalise
+from dtr_compile.linear.gated import GatedLinearAttention
+from dtr_compile.linear.recurrence import (
+    MatrixStateStudent,
+    chunked_recurrence,
+    naive_recurrence,
+    recurrent_steps,
+)
+
+TOL = 2e-5
+
+
+def seeded(name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max-abs relative to ref's max-abs, rel-RMS)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    diff = out - ref
+    scale = float(ref.abs().max().clamp_min(1.0))
+    return float(diff.abs().max()) / scale, float(diff.norm() / ref.norm().clamp_min(1e-30))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float = TOL, what: str = "") -> None:
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    max_abs, rel_rms = errors(out, ref)
+    assert max_abs <= tol and rel_rms <= tol, f"{what} max_abs={max_abs:.3g} rel_rms={rel_rms:.3g}"
+
+
+def functional_inputs(kind: str, B: int, H: int, T: int, dk: int, dv: int, g: torch.Generator,
+                      ) -> tuple[torch.Tensor, ...]:
+    """(q, k, v, log α, β or None) as the students feed them: unit q/k for the delta rule,
+    decays in (0.5, 1), β in (0, 1)."""
+    q, k = torch.randn(B, H, T, dk, generator=g), torch.randn(B, H, T, dk, generator=g)
+    v = torch.randn(B, H, T, dv, generator=g)
+    log_alpha = F.logsigmoid(torch.randn(B, H, T, generator=g) + 3.0)
+    if kind == "deltanet":
+        log_alpha = torch.zeros_like(log_alpha)
+    if kind == "gla":
+        return q * dk**-0.5, k, v, log_alpha, None
+    beta = torch.sigmoid(torch.randn(B, H, T, generator=g))
+    return l2_normalise(q), l2_normalise(k), v, log_alpha, beta
+
+
+def make_student(kind: str, H: int = 4, Hkv: int = 2, dk: int = 8, dv: int = 8, *,
+                 mask_kind: str = "none", chunk_size: int = 16, seed: str = "") -> MatrixStateStudent:
+    """A student with randomised (not initial) gate, β and norm parameters."""
+    if kind == "gla":
+        m: MatrixStateStudent = GatedLinearAttention(H, Hkv, dk, dv, mask_kind=mask_kind,
+                                                     chunk_size=chunk_size)
+    else:
+        m = DeltaNet(H, Hkv, dk, dv, gated=kind == "gated-deltanet", mask_kind=mask_kind,
+                     chunk_size=chunk_size)
+    g = seeded(f"params-{kind}-{seed}")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def module_reference(m: MatrixStateStudent, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     valid: torch.Tensor | None) -> torch.Tensor:
+    """The module's output through :func:`naive_recurrence` (its own gate/β/q/k transforms)."""
+    k, v = m._heads(k, v)
+    valid_ = torch.ones(1, k.shape[2]) if valid is None else valid.float()
+    q_, k_, g, beta = m._inputs(q, k, v, valid_)
+    out, _ = naive_recurrence(q_, k_, v.float() * valid_[:, None, :, None], g, beta)
+    return m.norm(out)
+
+
+__all__ = [
+    "TOL",
+    "assert_close",
+    "chunked_recurrence",
+    "errors",
+    "functional_inputs",
+    "make_student",
+    "module_reference",
+    "naive_recurrence",
+    "recurrent_steps",
+    "seeded",
+]
