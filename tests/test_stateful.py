@@ -269,3 +269,32 @@ def test_tokenizer_is_found_and_copied_beside_the_artifacts(tmp_path):
     assert find_model_tokenizer(tmp_path / "model.pt") == tmp_path / "model.tokenizer"
     dest = copy_tokenizer(tmp_path / "model.tokenizer", out)  # replaces the older copy
     assert [p.name for p in dest.iterdir()] == ["tokenizer.json"]
+
+
+@pytest.mark.parametrize("student", ["gla", "deltanet", "gated-deltanet"])
+def test_matrix_state_students_decode_like_full_recompute(student):
+    """The stateful pass calls only the student contract: the gated / delta-rule kinds decode
+    token for token like full recomputation, in a left-padded batch too."""
+    from dtr_compile.linear import make_student
+
+    gm, scan = _captured("llama")
+    s = scan.sites[1]
+    torch.manual_seed(11)
+    st = make_student(student, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                      head_dim=s.head_dim, head_dim_v=s.head_dim_v, mask_kind=s.mask_kind,
+                      causal=True, scale=s.scale)
+    with torch.no_grad():
+        for p in st.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    students = {s.id: st.eval()}
+    sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
+    assert isinstance(sg, StatefulGraph), sg
+    assert "past.1.recurrent" in sg.input_names
+    prefill = linearize(gm, scan.sites, students)
+    prompts = [_prompt(6, 5), _prompt(7, 70)]
+    ids, mask = left_pad(prompts)
+    got = greedy_stateful(torch_runner(sg), sg.empty_past(2), ids, 16, mask)
+    for i, p in enumerate(prompts):
+        alone = greedy_reference(prefill, p[None], 16, torch.ones(1, len(p), dtype=torch.long))
+        assert torch.equal(got.tokens[i], alone.tokens[0]), (student, i)
+        assert (got.logits[i] - alone.logits[0]).abs().max() < 1e-3
