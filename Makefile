@@ -73,11 +73,12 @@ demo-llm: $(VENV)/.llm $(LLM)/model.pt
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
 	$(BIN)/python examples/smollm2/evaluate.py --dir $(LLM)
 
+# tests run in one process per CPU (pytest-xdist); a file's tests stay in one process
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-all: $(VENV)/.dev
-	$(BIN)/python -m pytest -q -m "" 
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m ""
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check dtr_compile tests examples benchmarks
