@@ -55,3 +55,9 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_NO_REPLACEMENT = 3
 EXIT_PARITY = 4
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``: an exception in one line, for error messages."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dtr_compile.errors import InputError
+from dtr_compile.errors import InputError, first_line
 
 
 def _umask() -> int:
@@ -322,3 +322,27 @@ def clean_stale_temporaries(paths: Sequence[Path]) -> list[Path]:
                 shutil.rmtree(junk, ignore_errors=True)
                 removed.append(junk)
     return removed
+
+
+def read_onnx(path: str | os.PathLike[str], *, with_data: bool = False) -> Any:
+    """The ONNX ``ModelProto`` at ``path`` (external data loaded only ``with_data``).
+
+    Raises:
+        InputError: the file is missing, empty, unreadable, or parses to no graph (protobuf
+            accepts many byte strings as a message).
+    """
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"ONNX file not found: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p} is empty (0 bytes), not an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=with_data)
+    except Exception as exc:  # noqa: BLE001 - a decode error means a corrupt file
+        raise InputError(f"{p}: not a readable ONNX model ({first_line(exc)[:200]})") from exc
+    if not proto.ir_version or not proto.graph.node or not proto.graph.output:
+        raise InputError(f"{p}: not an ONNX model (no graph: ir_version {proto.ir_version}, "
+                         f"{len(proto.graph.node)} nodes, {len(proto.graph.output)} outputs)")
+    return proto

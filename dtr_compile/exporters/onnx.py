@@ -48,7 +48,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.fx.node import Argument
 
-from dtr_compile.errors import DtrError
+from dtr_compile.errors import DtrError, first_line
 from dtr_compile.fileio import atomic_path
 from dtr_compile.passes.attention_block import ATTENTION_MODULE
 
@@ -259,11 +259,6 @@ def _ranges(dynamic_dims: Mapping[str, Mapping[int, str]],
     return ranges
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def export_program(
     model: torch.nn.Module,
     example: Mapping[str, torch.Tensor],
@@ -284,7 +279,7 @@ def export_program(
             warnings.simplefilter("ignore")
             return torch.export.export(model, args, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # noqa: BLE001
-        raise DtrError(f"torch.export of the hybrid failed: {_first_line(exc)}") from exc
+        raise DtrError(f"torch.export of the hybrid failed: {first_line(exc)}") from exc
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> Path:
@@ -366,7 +361,7 @@ def export_onnx(
                     output_names=names, dynamic_shapes=shapes, verbose=False,
                 )
         except Exception as exc:  # noqa: BLE001
-            raise DtrError(f"ONNX export failed: {_first_line(exc)}") from exc
+            raise DtrError(f"ONNX export failed: {first_line(exc)}") from exc
         assert prog is not None
         for key, value in (metadata or {}).items():
             prog.model.metadata_props[key] = value
@@ -374,7 +369,7 @@ def export_onnx(
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as exc:
-            raise DtrError(f"the exported ONNX fails the ONNX checker: {_first_line(exc)}") from exc
+            raise DtrError(f"the exported ONNX fails the ONNX checker: {first_line(exc)}") from exc
     return target
 
 

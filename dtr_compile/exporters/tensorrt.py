@@ -40,11 +40,10 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from dtr_compile.errors import DependencyError, DtrError, InputError
-from dtr_compile.fileio import atomic_path
+from dtr_compile.errors import DependencyError, DtrError
+from dtr_compile.fileio import atomic_path, read_onnx
 
 SEVERITIES = ("reject", "avoid", "warn")
 
@@ -296,23 +295,9 @@ def lint_trt(model: str | os.PathLike[str] | Any) -> list[Finding]:
     Raises:
         InputError: the file is missing or not an ONNX model.
     """
-    import onnx
 
     if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.is_file():
-            raise InputError(f"ONNX file not found: {path}")
-        if path.stat().st_size == 0:
-            raise InputError(f"{path} is empty (0 bytes), not an ONNX model")
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
-        # protobuf parses many byte strings as a message: an empty graph is not a model
-        if not model.ir_version or not model.graph.node or not model.graph.output:
-            raise InputError(f"{path}: not an ONNX model (no graph: ir_version "
-                             f"{model.ir_version}, {len(model.graph.node)} nodes, "
-                             f"{len(model.graph.output)} outputs)")
+        model = read_onnx(model)
     facts = _graph_facts(model)
     return [f for rule in RULES for f in rule.check(facts)]
 

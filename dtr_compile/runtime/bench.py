@@ -27,11 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from dtr_compile.errors import DtrError, InputError
+from dtr_compile.errors import DtrError, InputError, first_line
 from dtr_compile.runtime.evaluate import (
     OnnxModel,
     extend_positions,
-    first_line,
     load_proto,
     position_limit,
     synthesize_inputs,

@@ -25,8 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dtr_compile.errors import InputError
-from dtr_compile.runtime.evaluate import first_line
+from dtr_compile.errors import InputError, first_line
 from dtr_compile.runtime.generate import StatefulSession
 
 

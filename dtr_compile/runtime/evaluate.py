@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from dtr_compile.errors import InputError
+from dtr_compile.errors import InputError, first_line
+from dtr_compile.fileio import read_onnx
 
 #: Metrics that compare with the original model's outputs: ``run`` needs ``--reference`` for them.
 REFERENCE_METRICS = frozenset({"agreement", "cosine"})
@@ -95,11 +96,6 @@ class OnnxModel:
                                  "(token ids, 0/1 masks) as an integer tensor")
             arrays[spec.name] = arr.astype(spec.dtype, copy=False)
         return self.session.run(self.output_names[:1], arrays)[0]
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -230,25 +226,12 @@ def _check_ids(model: OnnxModel, dataset: Any, source: str) -> None:
 
 
 def load_proto(path: str | os.PathLike[str], *, with_data: bool = False) -> Any:
-    """The ONNX model at ``path``.
+    """The ONNX model at ``path`` (see :func:`dtr_compile.fileio.read_onnx`).
 
     Raises:
         InputError: the file is missing, empty or not an ONNX model.
     """
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"ONNX file not found: {p}")
-    if p.stat().st_size == 0:
-        raise InputError(f"{p} is empty (0 bytes), not an ONNX model")
-    try:
-        proto = onnx.load(str(p), load_external_data=with_data)
-    except Exception as exc:  # noqa: BLE001 - a decode error means a corrupt file
-        raise InputError(f"{p}: not a readable ONNX model ({first_line(exc)[:200]})") from exc
-    if not proto.graph.node and not proto.graph.output:
-        raise InputError(f"{p}: not an ONNX model (no graph)")
-    return proto
+    return read_onnx(path, with_data=with_data)
 
 
 def _index_bound(proto: Any, input_name: str) -> int | None:

@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dtr_compile.errors import DependencyError, InputError
-from dtr_compile.runtime.evaluate import first_line
+from dtr_compile.errors import DependencyError, InputError, first_line
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
