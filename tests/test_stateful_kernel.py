@@ -98,3 +98,28 @@ def test_states_finite_at_16k_context(dtype, window):
     # the normaliser counts every key: the state's ones column sums φ(k) over 16K keys
     assert state["recurrent"][..., -1].sum() > 0
     assert step.dtype == dtype
+
+
+@pytest.mark.parametrize("window", [0, 1, 8], ids=["linear", "window1", "window8"])
+def test_decode_step_equals_chunked_form_at_one_token(window):
+    """The t = 1 fast path (recurrent form) against the chunked form it replaces in a decode
+    step, from a random state of 40 tokens with padding in the window, for a real and a padding
+    token."""
+    m = _student(window, seed=3)
+    q, k, v = _qkv(2, 41, seed=11)
+    valid = torch.ones(2, 41)
+    valid[1, :5] = 0  # row 1 left-padded: the padding is in the recurrent state by now
+    valid[0, 36:38] = 0  # padding inside the last window
+    with torch.no_grad():
+        _, state = m.forward_stateful(q[:, :, :40], k[:, :, :40], v[:, :, :40], valid[:, :40],
+                                      m.init_state(2))
+        for last in (1.0, 0.0):
+            kv = valid[:, 40:].clone().fill_(last)
+            fast, s_fast = m.decode_step(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], kv, state)
+            ref, s_ref = m.extend(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], kv, state)
+            assert fast.shape == ref.shape == (2, 4, 1, 8)
+            assert (fast - ref).abs().max() < 1e-5
+            assert set(s_fast) == set(s_ref)
+            for n in s_ref:
+                assert s_fast[n].dtype == s_ref[n].dtype and s_fast[n].shape == s_ref[n].shape
+                assert (s_fast[n].float() - s_ref[n].float()).abs().max() < 1e-5, n

@@ -173,3 +173,26 @@ def test_fused_linear_attention_is_rejected_and_named() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 27)])
     hits = [f for f in lint_trt(model) if f.rule == "TRT011"]
     assert len(hits) == 1 and hits[0].severity == "reject" and hits[0].nodes == ("la",)
+
+
+def _if_model(else_rank: int, else_op: str = "Identity") -> onnx.ModelProto:
+    """``y = If(c, then: x, else: op(x))`` with the else branch's output declared at ``else_rank``."""
+    x = helper.make_tensor_value_info("x", F32, [2, 3])
+    c = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", F32, None)
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", F32, [2, 3])])
+    e_nodes = ([helper.make_node("Einsum", ["x", "x"], ["e"], equation="ij,ij->i")]
+               if else_op == "Einsum" else [helper.make_node(else_op, ["x"], ["e"])])
+    other = helper.make_graph(e_nodes, "else", [],
+                              [helper.make_tensor_value_info("e", F32, [2, 3][:else_rank])])
+    node = helper.make_node("If", ["c"], ["y"], name="choose", then_branch=then, else_branch=other)
+    return _model([node], [c, x], [y])
+
+
+def test_if_needs_equal_branch_ranks_and_its_branches_are_linted() -> None:
+    equal = lint_trt(_if_model(2))
+    assert not [f for f in equal if f.rule == "TRT010"], equal  # TensorRT imports it
+    uneven = [f for f in lint_trt(_if_model(1, "Einsum")) if f.rule in ("TRT010", "TRT004")]
+    assert {(f.rule, f.severity) for f in uneven} == {("TRT010", "reject"), ("TRT004", "avoid")}
+    assert [f.nodes for f in uneven if f.rule == "TRT010"] == [("choose",)]

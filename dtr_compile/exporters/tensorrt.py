@@ -23,8 +23,12 @@ TRT007   warn      opset above 20, the newest TensorRT 10.0 parses
 TRT008   warn      int64 graph inputs or outputs: TensorRT 10 takes them, 8.x casts them to
                    int32 (clamping); feed int32 on 8.x
 TRT009   warn      float64 tensors: TensorRT casts DOUBLE to FLOAT (clamping to ±FLT_MAX)
-TRT010   warn      control flow or data-dependent shapes (``Loop``, ``If``, ``Scan``,
-                   ``NonZero``, ``NonMaxSuppression``): imported with restrictions, often slow
+TRT010   warn      control flow or data-dependent shapes (``Loop``, ``Scan``, ``NonZero``,
+                   ``NonMaxSuppression``): imported with restrictions, often slow
+         reject    an ``If`` whose two branches give outputs of different ranks (TensorRT's
+                   ``IIfConditional`` needs equal ranks unless the condition is a build-time
+                   constant); an ``If`` with equal ranks (the stateful decoders' decode/prefill
+                   choice) is imported and not reported
 TRT011   reject    the fused linear-attention form, ONNX ``LinearAttention`` (opset 27): no
                    TensorRT parser imports it; the plain form (MatMul, CumSum, …) is what
                    dtr-compile exports
@@ -83,7 +87,7 @@ VERSIONED_OPS: dict[str, tuple[str, str]] = {
 CONSTANT_INPUTS: dict[str, tuple[int, str]] = {"CumSum": (1, "axis"), "TopK": (1, "K")}
 #: The newest opset TensorRT 10.0 parses.
 MAX_OPSET = 20
-_CONTROL_FLOW = ("Loop", "If", "Scan", "NonZero", "NonMaxSuppression")
+_CONTROL_FLOW = ("Loop", "Scan", "NonZero", "NonMaxSuppression")
 _FP16_SUMS = ("CumSum", "ReduceSum")
 
 
@@ -237,11 +241,24 @@ def _float64(g: _Graph) -> Iterable[Finding]:
             tuple(dbl[:3]), len(dbl))
 
 
+def _branch_ranks(node: Any, branch: str) -> list[int | None]:
+    graph = next(a.g for a in node.attribute if a.name == branch)
+    return [len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None
+            for o in graph.output]
+
+
 def _control_flow(g: _Graph) -> Iterable[Finding]:
     hits = {op: g.by_op[op] for op in _CONTROL_FLOW if op in g.by_op}
     yield from _grouped("TRT010", "warn", hits, lambda op: (
         f"{op}: control flow or a data-dependent shape; TensorRT imports it with restrictions "
         "and it often runs slowly"))
+    uneven = [n for n in g.by_op.get("If", [])
+              if any(a is not None and b is not None and a != b for a, b in
+                     zip(_branch_ranks(n, "then_branch"), _branch_ranks(n, "else_branch"),
+                         strict=False))]
+    yield from _grouped("TRT010", "reject", {"If": uneven} if uneven else {}, lambda op: (
+        "If with branch outputs of different ranks: TensorRT's IIfConditional needs equal "
+        "ranks; make both branches return the same rank"))
 
 
 def _fused_linear_attention(g: _Graph) -> Iterable[Finding]:
@@ -267,6 +284,17 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+def _with_subgraphs(graph: Any) -> list[Any]:
+    """``graph`` and every graph nested in its nodes' attributes (If branches, Loop bodies),
+    depth first."""
+    out = [graph]
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out.extend(_with_subgraphs(sub))
+    return out
+
+
 def _graph_facts(model: Any) -> _Graph:
     import onnx
 
@@ -275,12 +303,13 @@ def _graph_facts(model: Any) -> _Graph:
     except Exception:  # noqa: BLE001 - types are a best effort; rules needing them find less
         inferred = model
     g = inferred.graph
-    nodes = list(g.node)  # subgraphs (Loop/If bodies) are not descended into
-    constants = {i.name for i in g.initializer}
+    graphs = _with_subgraphs(g)  # If/Loop/Scan bodies hold nodes TensorRT imports too
+    nodes = [n for sub in graphs for n in sub.node]
+    constants = {i.name for sub in graphs for i in sub.initializer}
     constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
     elem_types = {v.name: v.type.tensor_type.elem_type
-                  for v in (*g.value_info, *g.input, *g.output)}
-    elem_types |= {i.name: i.data_type for i in g.initializer}
+                  for sub in graphs for v in (*sub.value_info, *sub.input, *sub.output)}
+    elem_types |= {i.name: i.data_type for sub in graphs for i in sub.initializer}
     opset = next((o.version for o in inferred.opset_import if o.domain in ("", "ai.onnx")), 0)
     facts = _Graph(nodes, opset, constants, elem_types, list(g.input), list(g.output),
                    list(g.initializer))

@@ -484,15 +484,72 @@ class LinearAttention(LinearStudent):
             state["window_valid"] = torch.zeros(batch, W, dtype=torch.float32, device=device)
         return state
 
-    def forward_stateful(
+    def decode_step(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        key_valid: torch.Tensor | None,
+        key_valid: torch.Tensor,
         state: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``t >= 1`` new tokens after the past in ``state`` (causal sites only).
+        """One new token after ``state`` (``t = 1``; see :meth:`LinearStudent.decode_step`).
+
+        Without a window: ``S ← S + φ(k)[v, 1]ᵀ``, ``out = (φ(q)·S)`` normalised. With a window
+        ``W``: the key leaving the window (the oldest stored one) moves into ``S``; the query gets
+        softmax weights over the other ``W − 1`` stored keys and its own, linear weights over
+        ``S`` (the module docstring's ``a_ts``, the same terms :func:`sliding_window_linear_attention`
+        forms for this query). O(``W + F·Dv``) per head; no chunk, no padding.
+
+        Args:
+            q: [B, H, 1, Dk]; k: [B, Hkv, 1, Dk]; v: [B, Hkv, 1, Dv]; key_valid: [B, 1] fp32.
+            state: see :meth:`init_state`.
+
+        Returns:
+            ``(out: [B, H, 1, Dv]`` fp32``, new state)``.
+        """
+        q, k, v, valid = q[:, :, :1], k[:, :, :1], v[:, :, :1], key_valid[:, :1]
+        past = state["recurrent"].float()  # [B, H, F, Dv+1]
+        phi_q = self.feature_map_q(q)  # [B, H, 1, F] fp32
+        if not self.window:
+            kh, vh = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)  # [B, H, 1, *]
+            phi_k = self.feature_map_k(kh) * valid[:, None, :, None]
+            new = past + torch.matmul(phi_k.transpose(-1, -2), _with_ones(vh.float()))
+            return _normalise(torch.matmul(phi_q, new), self.eps), {"recurrent": new}
+
+        win_k, win_v = state["window_key"], state["window_value"]  # [B, Hkv, W, D]
+        win_valid = state["window_valid"].float()  # [B, W]
+        # the oldest stored key is W positions back: it leaves the window for the state
+        leave_k = repeat_kv(win_k[:, :, :1].to(k.dtype), self.num_heads)  # [B, H, 1, Dk]
+        leave_v = repeat_kv(win_v[:, :, :1].to(v.dtype), self.num_heads)
+        phi_leave = self.feature_map_k(leave_k) * win_valid[:, None, :1, None]  # [B, H, 1, F]
+        new = past + torch.matmul(phi_leave.transpose(-1, -2), _with_ones(leave_v.float()))
+        keys = torch.cat([win_k[:, :, 1:].to(k.dtype), k], dim=2)  # [B, Hkv, W, Dk]: the window
+        values = torch.cat([win_v[:, :, 1:].to(v.dtype), v], dim=2)
+        keys_valid = torch.cat([win_valid[:, 1:], valid], dim=1)  # [B, W]
+        kh = repeat_kv(keys, self.num_heads).float()  # [B, H, W, Dk]
+        vh = _with_ones(repeat_kv(values, self.num_heads).float())  # [B, H, W, Dv+1]
+        allowed = keys_valid[:, None, None, :] > 0  # [B, 1, 1, W]
+        scores = torch.matmul(q.float(), kh.transpose(-1, -2)) * self.scale  # [B, H, 1, W]
+        scores = torch.where(allowed, scores, _MASKED_SCORE)
+        a = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed.float()
+        a = a * torch.sigmoid(self.window_factor).float()[:, None, None]
+        num_den = torch.matmul(a, vh) + torch.matmul(phi_q, new)  # [B, H, 1, Dv+1]
+        return _normalise(num_den, self.eps), {
+            "recurrent": new,
+            "window_key": keys.to(win_k.dtype),
+            "window_value": values.to(win_v.dtype),
+            "window_valid": keys_valid.to(state["window_valid"].dtype),
+        }
+
+    def extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_valid: torch.Tensor,
+        state: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``t >= 1`` new tokens after the past in ``state``: the chunked form (prefill).
 
         Without a window: the causal chunked form on the new tokens with the past's
         ``Σ φ(k)[v, 1]ᵀ`` added to every chunk's prefix state, then the new keys added to it.
@@ -503,21 +560,14 @@ class LinearAttention(LinearStudent):
 
         Args:
             q: [B, H, t, Dk]; k: [B, Hkv, t, Dk]; v: [B, Hkv, t, Dv].
-            key_valid: [B, t] (1 = real token), or None (all real).
+            key_valid: [B, t] fp32 (1 = real token).
             state: see :meth:`init_state`.
 
         Returns:
-            ``(out: [B, H, t, Dv] in q's dtype, new state)``.
-
-        Raises:
-            ValueError: the site is not causal.
+            ``(out: [B, H, t, Dv]`` fp32``, new state)``.
         """
-        if not self.causal:
-            raise ValueError("forward_stateful needs a causal site (a bidirectional site has no "
-                             "past/future split)")
         t = q.shape[-2]
-        valid = (torch.ones_like(k[:, 0, :, 0], dtype=torch.float32) if key_valid is None
-                 else key_valid.to(torch.float32))  # [B, t]
+        valid = key_valid
         past = state["recurrent"].float()  # [B, H, F, Dv+1]
         if not self.window:
             kh, vh = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
@@ -526,7 +576,7 @@ class LinearAttention(LinearStudent):
                                    chunk_size=self.chunk_size, initial_state=past)
             phi_k = phi_k * valid[:, None, :, None]
             new = past + torch.matmul(phi_k.transpose(-1, -2), _with_ones(vh.float()))
-            return out.to(q.dtype), {"recurrent": new}
+            return out, {"recurrent": new}
 
         W = self.window
         # [lead zeros; last W keys; new keys]: C + t positions with C = max(chunk, W) one chunk,

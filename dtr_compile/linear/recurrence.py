@@ -18,7 +18,6 @@ import math
 
 import torch
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from dtr_compile.linear.base import LinearStudent
 from dtr_compile.linear.kernel import _align_keys, _chunk, _unchunk, key_valid_from_mask, repeat_kv
@@ -414,18 +413,28 @@ class MatrixStateStudent(LinearStudent):
         return {"recurrent": torch.zeros(batch, self.num_heads, self.head_dim, self.head_dim_v,
                                          dtype=torch.float32, device=device)}
 
-    def forward_stateful(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         key_valid: torch.Tensor | None, state: dict[str, torch.Tensor],
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``t`` new tokens after ``state`` (see the contract): the token-by-token recurrence
-        when ``t`` is a static 1 (decode), else the chunked form from the state."""
+    def _step_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_valid: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         k, v = self._heads(k, v)
-        valid = key_valid_or_ones(key_valid, k)
-        q_, k_, g, beta = self._inputs(q, k, v, valid)
-        v_ = v.float() * valid[:, None, :, None]
-        if statically_known_true(q.shape[-2] == 1):
-            out, s = recurrent_steps(q_, k_, v_, g, beta, state["recurrent"])
-        else:
-            out, s = chunked_recurrence(q_, k_, v_, g, beta, chunk_size=self.chunk_size,
-                                        initial_state=state["recurrent"])
-        return self.norm(out).to(q.dtype), {"recurrent": s}
+        q_, k_, g, beta = self._inputs(q, k, v, key_valid)
+        return q_, k_, v.float() * key_valid[:, None, :, None], g, beta
+
+    def decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    key_valid: torch.Tensor, state: dict[str, torch.Tensor],
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One token (position 0) after ``state``: one step of the recurrence
+        (:func:`recurrent_steps`), normalised; see :meth:`LinearStudent.decode_step`."""
+        q_, k_, v_, g, beta = self._step_inputs(q[:, :, :1], k[:, :, :1], v[:, :, :1],
+                                                key_valid[:, :1])
+        out, s = recurrent_steps(q_, k_, v_, g, beta, state["recurrent"])
+        return self.norm(out), {"recurrent": s}
+
+    def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_valid: torch.Tensor, state: dict[str, torch.Tensor],
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``t`` tokens after ``state``: the chunked form from the state (prefill)."""
+        q_, k_, v_, g, beta = self._step_inputs(q, k, v, key_valid)
+        out, s = chunked_recurrence(q_, k_, v_, g, beta, chunk_size=self.chunk_size,
+                                    initial_state=state["recurrent"])
+        return self.norm(out), {"recurrent": s}
