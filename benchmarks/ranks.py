@@ -26,6 +26,9 @@ Prints the table and writes it into ``docs/benchmarks.md`` between this benchmar
 
     .venv/bin/python benchmarks/ranks.py --task build/smollm2 --ranks 1 2
     .venv/bin/python benchmarks/ranks.py --task build/bbc_news --no-doc
+    .venv/bin/python benchmarks/ranks.py --task build/smollm2 --budget 5% --metric perplexity \
+        --search ranked --window 64 --distill-steps 40 --max-calib-samples 8 --eval-batch 2 \
+        --no-bench --no-decoder      # options it does not know go to dtr-compile unchanged
 """
 
 from __future__ import annotations
@@ -139,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-steps", type=int, default=None)
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--no-doc", action="store_true", help="print only")
-    args = ap.parse_args(argv)
-    extra = ["--budget", args.budget]
+    args, passthrough = ap.parse_known_args(argv)  # other dtr-compile options go to every run
+    extra = ["--budget", args.budget, *passthrough]
     if args.metric:
         extra += ["--metric", args.metric]
     if args.distill_steps:
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Task `{args.task.name}` ({params / 1e6:.3g} M parameters, "
         f"{len(runs[0]['report']['sites'])} sites), budget {args.budget}, `--device cpu`, "
-        f"from an empty cache; {cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, load "
+        f"from an empty cache{', options ' + ' '.join(passthrough) if passthrough else ''}; "
+        f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, load "
         f"{loadavg()}, Python {platform.python_version()}. Each run uses every CPU "
         "(`OMP_NUM_THREADS = CPUs / ranks`); rank 0's report.",
         "",
