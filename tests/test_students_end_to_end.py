@@ -113,6 +113,12 @@ def test_distils_searches_exports(tmp_path, model: str, kind: str, target: str) 
     assert len(students) == 2 and all(m.kind == kind for m in students)
     assert all(s["students"][-3:] == list(KINDS) for s in rep["sites"])
     _check_onnx(res, out)
+    st = rep["stateful"]  # the stateful decoder: exported and token-for-token with PyTorch
+    if target == "block":
+        assert st["status"] == "not_stateful", st
+    else:
+        assert st["status"] == "written" and "path" in st["hybrid"], st
+        assert st["hybrid"]["parity"]["tokens_equal"], st["hybrid"]["parity"]
 
 
 def test_causal_only_kind_on_an_encoder_is_refused(tmp_path) -> None:

@@ -28,12 +28,40 @@ one decoder graph serves prefill and decode and a decode step never pays for a p
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 #: A form of the stateful step on flat tensors: ``(q, k, v, key_valid, *state) → (out, *state)``.
 StepFn = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def align_length(x: torch.Tensor, length: int | torch.SymInt, dim: int) -> torch.Tensor:
+    """``x`` with axis ``dim`` of size ``length`` (cut, or zero-padded at the end); ``x`` itself
+    when the sizes are provably equal.
+
+    The captured graph may spell the new tokens' length differently for ``q``, ``k`` and the mask
+    (the same value, different symbols); expressing ``k``, ``v`` and the mask in ``q``'s length
+    keeps torch.export from adding guards that pin the length (``t <= 64``) when they meet.
+    """
+    if statically_known_true(x.shape[dim] == length):
+        return x
+    d = dim % x.dim()
+    pad: list[Any] = [0, 0] * (x.dim() - 1 - d) + [0, length]  # ints or SymInts
+    return F.pad(x, pad).narrow(d, 0, length)
+
+
+def first_token(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Position 0 of ``x`` along ``dim``, kept as an axis of static size 1.
+
+    A gather with a constant index, not ``x[:, :1]``: under ``torch.export`` the slice of a
+    symbolic length has a symbolic size (``min(1, t)``), and a ``torch.cond`` branch cannot add
+    the guard that would tie it to a static axis it is concatenated or broadcast with.
+    """
+    return x.index_select(dim, torch.zeros(1, dtype=torch.long, device=x.device))
 
 
 def by_phase(t: int | torch.SymInt, decode: StepFn, extend: StepFn,
@@ -109,8 +137,17 @@ class LinearStudent(nn.Module):
             raise ValueError("forward_stateful needs a causal site (a bidirectional site has no "
                              "past/future split)")
         names = self.state_names()
+        shapes = {n: tuple(x.shape[1:]) for n, x in  # static, per stream; meta: no allocation
+                  self.init_state(1, device=torch.device("meta")).items()}
+        t = q.shape[-2]
+        # static head counts: the captured graph may compute them (a view with -1), and inside
+        # torch.cond's branches such an expression stays symbolic and the branches disagree
+        b = q.shape[0]
+        q = q.reshape(b, self.num_heads, t, q.shape[-1])
+        k = align_length(k, t, 2).reshape(b, self.num_kv_heads, t, k.shape[-1])
+        v = align_length(v, t, 2).reshape(b, self.num_kv_heads, t, v.shape[-1])
         valid = (torch.ones_like(k[:, 0, :, 0], dtype=torch.float32) if key_valid is None
-                 else key_valid.to(torch.float32).expand(k.shape[0], -1))  # [B, t]
+                 else align_length(key_valid.to(torch.float32), t, 1).expand(k.shape[0], -1))
 
         def flat(form: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]],
                  expand: bool) -> StepFn:
@@ -118,11 +155,21 @@ class LinearStudent(nn.Module):
                     *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 out, new = form(q, k, v, valid, dict(zip(names, past, strict=True)))
                 if expand:  # one token computed; t == 1 whenever this branch runs
-                    out = out.expand(-1, -1, q.shape[-2], -1).clone()
-                return (out.to(q.dtype), *(new[n].to(past[i].dtype) for i, n in enumerate(names)))
+                    # static head count and dense strides: torch.cond needs both branches'
+                    # outputs alike, and q's head axis may be a symbolic expression in the graph
+                    dv = out.shape[-1]
+                    out = out.reshape(q.shape[0], self.num_heads, 1, dv).expand(
+                        q.shape[0], self.num_heads, q.shape[-2], dv).contiguous()
+                # fresh dense tensors: torch.cond merges the branches' outputs only when their
+                # strides and storage offsets agree (a state sliced off a scan has an offset)
+                # and static shapes: head axes computed in the graph are symbolic expressions
+                b = q.shape[0]  # the branch's own: a closure over an outer SymInt breaks tracing
+                outs = (out.to(q.dtype), *(new[n].to(past[i].dtype).reshape(b, *shapes[n])
+                                           for i, n in enumerate(names)))
+                return tuple(x.clone(memory_format=torch.contiguous_format) for x in outs)
             return run
 
-        outs = by_phase(q.shape[-2], flat(self.decode_step, True), flat(self.extend, False),
+        outs = by_phase(t, flat(self.decode_step, True), flat(self.extend, False),
                         (q, k, v, valid, *(state[n] for n in names)))
         return outs[0], dict(zip(names, outs[1:], strict=True))
 

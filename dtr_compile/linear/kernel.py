@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from dtr_compile.linear.base import LinearStudent
+from dtr_compile.linear.base import LinearStudent, first_token
 from dtr_compile.linear.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
 
 __all__ = [
@@ -507,7 +507,8 @@ class LinearAttention(LinearStudent):
         Returns:
             ``(out: [B, H, 1, Dv]`` fp32``, new state)``.
         """
-        q, k, v, valid = q[:, :, :1], k[:, :, :1], v[:, :, :1], key_valid[:, :1]
+        q, k, v = first_token(q, 2), first_token(k, 2), first_token(v, 2)
+        valid = first_token(key_valid, 1)  # [B, 1]
         past = state["recurrent"].float()  # [B, H, F, Dv+1]
         phi_q = self.feature_map_q(q)  # [B, H, 1, F] fp32
         if not self.window:

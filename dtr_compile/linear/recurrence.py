@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from dtr_compile.linear.base import LinearStudent
+from dtr_compile.linear.base import LinearStudent, first_token
 from dtr_compile.linear.kernel import _align_keys, _chunk, _unchunk, key_valid_from_mask, repeat_kv
 
 #: Scan rounds of an exported graph: exact for up to ``2**MAX_SCAN_ROUNDS`` chunks.
@@ -31,7 +31,8 @@ _MASKED_LOG = -1.0e4
 def scan_rounds(n: int | torch.SymInt) -> int:
     """Rounds of :func:`affine_scan` for ``n`` chunks: ``ceil(log2 n)`` when ``n`` is a plain
     int (eager), :data:`MAX_SCAN_ROUNDS` (read at call time) when it is symbolic (export)."""
-    if isinstance(n, int):
+    # under torch.compile/cond tracing a SymInt passes isinstance(n, int): ask the tracer too
+    if isinstance(n, int) and not isinstance(n, torch.SymInt) and not torch.compiler.is_compiling():
         return max(0, (n - 1).bit_length())
     return MAX_SCAN_ROUNDS
 
@@ -253,7 +254,10 @@ def chunked_recurrence(
         r = torch.matmul(k_end.transpose(-1, -2), u)  # [B, H, N, Dk, Dv]
     if initial_state is not None:
         # chunk 0 is all front padding (see _chunk), so its map is the identity: S after it = S_0
-        r = torch.cat([initial_state.float()[:, :, None], r[:, :, 1:]], dim=2)
+        # a select, not cat(S_0, r[:, :, 1:]): the slice's size N − 1 made torch.export guard
+        # on it (pinning T <= 64) inside the stateful decoder's torch.cond
+        first = (torch.arange(r.shape[2], device=r.device) == 0)[:, None, None]  # [N, 1, 1]
+        r = torch.where(first, initial_state.float()[:, :, None], r)
     if beta is None:
         # scalar decays: S_n = Σ_{m <= n} exp(L_n − L_m) R_m, one [N, N] matmul, no scan rounds
         chunk_decay = decay_matrix(torch.cumsum(g_last[..., 0], dim=2), strict=False)  # [B, H, N, N]
@@ -425,8 +429,8 @@ class MatrixStateStudent(LinearStudent):
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One token (position 0) after ``state``: one step of the recurrence
         (:func:`recurrent_steps`), normalised; see :meth:`LinearStudent.decode_step`."""
-        q_, k_, v_, g, beta = self._step_inputs(q[:, :, :1], k[:, :, :1], v[:, :, :1],
-                                                key_valid[:, :1])
+        q_, k_, v_, g, beta = self._step_inputs(first_token(q, 2), first_token(k, 2),
+                                                first_token(v, 2), first_token(key_valid, 1))
         out, s = recurrent_steps(q_, k_, v_, g, beta, state["recurrent"])
         return self.norm(out), {"recurrent": s}
 
