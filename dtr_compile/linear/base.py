@@ -75,7 +75,9 @@ def by_phase(t: int | torch.SymInt, decode: StepFn, extend: StepFn,
     """
     if isinstance(t, int):
         return (decode if t == 1 else extend)(*operands)
-    return torch.cond(t == 1, decode, extend, operands)
+    # torch.cond refuses operands that alias each other (GPT-2's q, k, v are views of one
+    # projection); clones cost nothing in the exported graph (Identity)
+    return torch.cond(t == 1, decode, extend, tuple(x.clone() for x in operands))
 
 
 class LinearStudent(nn.Module):
