@@ -75,9 +75,17 @@ def by_phase(t: int | torch.SymInt, decode: StepFn, extend: StepFn,
     """
     if isinstance(t, int):
         return (decode if t == 1 else extend)(*operands)
+
+    def dense(form: StepFn) -> StepFn:
+        # torch.cond merges the branches' outputs only when their strides and storage offsets
+        # agree (a state sliced off a scan has an offset): fresh dense tensors
+        def run(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(x.clone(memory_format=torch.contiguous_format) for x in form(*xs))
+        return run
+
     # torch.cond refuses operands that alias each other (GPT-2's q, k, v are views of one
-    # projection); clones cost nothing in the exported graph (Identity)
-    return torch.cond(t == 1, decode, extend, tuple(x.clone() for x in operands))
+    # projection); clones cost nothing in the exported graph (Identity), and eager never gets here
+    return torch.cond(t == 1, dense(decode), dense(extend), tuple(x.clone() for x in operands))
 
 
 class LinearStudent(nn.Module):
@@ -161,14 +169,12 @@ class LinearStudent(nn.Module):
                     # outputs alike, and q's head axis may be a symbolic expression in the graph
                     dv = out.shape[-1]
                     out = out.reshape(q.shape[0], self.num_heads, 1, dv).expand(
-                        q.shape[0], self.num_heads, q.shape[-2], dv).contiguous()
-                # fresh dense tensors: torch.cond merges the branches' outputs only when their
-                # strides and storage offsets agree (a state sliced off a scan has an offset)
-                # and static shapes: head axes computed in the graph are symbolic expressions
+                        q.shape[0], self.num_heads, q.shape[-2], dv)
+                # static shapes: head axes computed in the graph are symbolic expressions, and
+                # torch.cond needs both branches' outputs alike
                 b = q.shape[0]  # the branch's own: a closure over an outer SymInt breaks tracing
-                outs = (out.to(q.dtype), *(new[n].to(past[i].dtype).reshape(b, *shapes[n])
+                return (out.to(q.dtype), *(new[n].to(past[i].dtype).reshape(b, *shapes[n])
                                            for i, n in enumerate(names)))
-                return tuple(x.clone(memory_format=torch.contiguous_format) for x in outs)
             return run
 
         outs = by_phase(t, flat(self.decode_step, True), flat(self.extend, False),
