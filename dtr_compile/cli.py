@@ -111,7 +111,7 @@ def main() -> None:
 @click.option("--student", default=None,
               help="Linear-attention student kind: a feature map (hedgehog, elu, relu, t2r, "
                    "taylor, performer; as --feature-map), or gla (gated linear attention), "
-                   "deltanet, gated-deltanet (causal sites only; no --window yet). "
+                   "deltanet, gated-deltanet (causal sites only). "
                    "Default: --feature-map's.")
 @click.option("--distill-target", type=click.Choice(["site", "block"]), default=None,
               help="What each linear attention is trained to reproduce. site (default): the "
@@ -129,7 +129,9 @@ def main() -> None:
                    "move by 0.003 of their RMS per step).")
 @click.option("--window", type=int, default=None,
               help="Causal sites: keep softmax over the last W keys beside the linear attention "
-                   "(LoLCATs' sliding window; costs O(T·W) more; bidirectional sites ignore it). "
+                   "(LoLCATs' sliding window; feature maps share one normaliser with it, gla and "
+                   "(gated-)deltanet add their state's read-out of the older keys; costs O(T·W) "
+                   "more; bidirectional sites ignore it). "
                    "Default 0: off.")
 @click.option("--max-calib-samples", type=int, default=None,
               help="Calibration sequences used for distillation (default 64).")

@@ -14,9 +14,11 @@ from dtr_compile.linear.gated import GatedLinearAttention
 from dtr_compile.linear.recurrence import (
     MatrixStateStudent,
     chunked_recurrence,
+    delay,
     naive_recurrence,
     recurrent_steps,
 )
+from dtr_compile.linear.window import naive_sliding_window_attention
 
 TOL = 2e-5
 
@@ -55,14 +57,15 @@ def functional_inputs(kind: str, B: int, H: int, T: int, dk: int, dv: int, g: to
 
 
 def make_student(kind: str, H: int = 4, Hkv: int = 2, dk: int = 8, dv: int = 8, *,
-                 mask_kind: str = "none", chunk_size: int = 16, seed: str = "") -> MatrixStateStudent:
+                 mask_kind: str = "none", chunk_size: int = 16, seed: str = "",
+                 window: int = 0) -> MatrixStateStudent:
     """A student with randomised (not initial) gate, β and norm parameters."""
     if kind == "gla":
         m: MatrixStateStudent = GatedLinearAttention(H, Hkv, dk, dv, mask_kind=mask_kind,
-                                                     chunk_size=chunk_size)
+                                                     chunk_size=chunk_size, window=window)
     else:
         m = DeltaNet(H, Hkv, dk, dv, gated=kind == "gated-deltanet", mask_kind=mask_kind,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, window=window)
     g = seeded(f"params-{kind}-{seed}")
     with torch.no_grad():
         for p in m.parameters():
@@ -72,12 +75,20 @@ def make_student(kind: str, H: int = 4, Hkv: int = 2, dk: int = 8, dv: int = 8, 
 
 def module_reference(m: MatrixStateStudent, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      valid: torch.Tensor | None) -> torch.Tensor:
-    """The module's output through :func:`naive_recurrence` (its own gate/β/q/k transforms)."""
+    """The module's output through :func:`naive_recurrence` (its own gate/β/q/k transforms); with
+    a window, the recurrence on inputs delayed by ``W`` plus the quadratic window softmax."""
     k, v = m._heads(k, v)
     valid_ = torch.ones(1, k.shape[2]) if valid is None else valid.float()
-    q_, k_, g, beta = m._inputs(q, k, v, valid_)
-    out, _ = naive_recurrence(q_, k_, v.float() * valid_[:, None, :, None], g, beta)
-    return m.norm(out)
+    kd, vd, valid_d = k, v, valid_
+    if m.window:
+        kd, vd, valid_d = delay(k, m.window, 2), delay(v, m.window, 2), delay(valid_, m.window, 1)
+    q_, k_, g, beta = m._inputs(q, kd, vd, valid_d)
+    out, _ = naive_recurrence(q_, k_, vd.float() * valid_d[:, None, :, None], g, beta)
+    out = m.norm(out)
+    if m.window:
+        out = out + naive_sliding_window_attention(q, k, v, valid_, window=m.window,
+                                                   scale=m.scale)
+    return out
 
 
 __all__ = [

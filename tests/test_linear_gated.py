@@ -65,9 +65,12 @@ def test_gla_named_forms_agree() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
-def test_module_matches_reference_with_padding(kind: str, mask_kind: str) -> None:
-    g = seeded(f"module-{kind}-{mask_kind}")
-    m = make_student(kind, mask_kind=mask_kind, chunk_size=8, seed=mask_kind)
+@pytest.mark.parametrize("window", [0, 5, 11])
+def test_module_matches_reference_with_padding(kind: str, mask_kind: str, window: int) -> None:
+    """The module (chunked forms) against the fp64 sequential recurrence (plus, with a window,
+    the quadratic window softmax); W = 11 > C = 8 widens the chunks."""
+    g = seeded(f"module-{kind}-{mask_kind}-{window}")
+    m = make_student(kind, mask_kind=mask_kind, chunk_size=8, seed=mask_kind, window=window)
     B, T = 3, 29
     q, k, v = torch.randn(B, 4, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g)
     lengths = torch.tensor([29, 20, 3])
@@ -89,12 +92,15 @@ def test_module_matches_reference_with_padding(kind: str, mask_kind: str) -> Non
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_prefill_then_stateful_equals_full_forward(kind: str) -> None:
+@pytest.mark.parametrize("window", [0, 4, 11, 24])
+def test_prefill_then_stateful_equals_full_forward(kind: str, window: int) -> None:
     """Prefill P tokens, then t = 1 steps (the recurrent form) and a t = 5 block (the chunked
     form from a state): equal to the full forward at the same positions; left padding never
-    enters the state (a padded batch row's state is the unpadded row's)."""
-    g = seeded(f"stateful-{kind}")
-    m = make_student(kind, chunk_size=8, seed="stateful")
+    enters the state (a padded batch row's state is the unpadded row's). Windows shorter than
+    a chunk, longer (11 > C = 8) and longer than the prefill (24 > P = 21: keys still inside
+    it when decoding starts)."""
+    g = seeded(f"stateful-{kind}-{window}")
+    m = make_student(kind, chunk_size=8, seed="stateful", window=window)
     B, P, T = 2, 21, 29
     q, k, v = torch.randn(B, 4, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g), torch.randn(B, 2, T, 8, generator=g)
     pad = 6
@@ -122,12 +128,17 @@ def test_prefill_then_stateful_equals_full_forward(kind: str) -> None:
         alone = m.forward_stateful(q[1:, :, pad:], k[1:, :, pad:], v[1:, :, pad:], None,
                                    m.init_state(1))[1]
         assert_close(state["recurrent"][1:], alone["recurrent"], what="padding entered the state")
+        assert set(state) == set(m.state_names())
+        if window:
+            assert state["window_key"].shape == (B, 2, window, 8)
+            assert torch.equal(state["window_valid"][1], alone["window_valid"][0])
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_padding_values_never_matter(kind: str) -> None:
+@pytest.mark.parametrize("window", [0, 5])
+def test_padding_values_never_matter(kind: str, window: int) -> None:
     g = seeded(f"pad-{kind}")
-    m = make_student(kind, chunk_size=8, seed="pad")
+    m = make_student(kind, chunk_size=8, seed="pad", window=window)
     m.mask_kind = "bool"
     T = 20
     q, k, v = torch.randn(1, 4, T, 8, generator=g), torch.randn(1, 2, T, 8, generator=g), torch.randn(1, 2, T, 8, generator=g)
@@ -144,9 +155,10 @@ def test_padding_values_never_matter(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_finite_at_8k_in_half_precision(kind: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("window", [0, 64])
+def test_finite_at_8k_in_half_precision(kind: str, dtype: torch.dtype, window: int) -> None:
     g = seeded(f"half-{kind}")
-    m = make_student(kind, 2, 1, 8, 8, chunk_size=64, seed="half")
+    m = make_student(kind, 2, 1, 8, 8, chunk_size=64, seed="half", window=window)
     T = 8192
     q, k, v = (torch.randn(1, h, T, 8, generator=g).mul(4).to(dtype) for h in (2, 1, 1))
     with torch.no_grad():
@@ -157,9 +169,10 @@ def test_finite_at_8k_in_half_precision(kind: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradients_are_finite_and_reach_every_parameter(kind: str) -> None:
+@pytest.mark.parametrize("window", [0, 4])
+def test_gradients_are_finite_and_reach_every_parameter(kind: str, window: int) -> None:
     g = seeded(f"grad-{kind}")
-    m = make_student(kind, chunk_size=8, seed="grad").train()
+    m = make_student(kind, chunk_size=8, seed="grad", window=window).train()
     q, k, v = torch.randn(2, 4, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g)
     m(q, k, v).square().mean().backward()
     for name, p in m.named_parameters():
@@ -175,11 +188,13 @@ def test_gla_initial_decays_are_slow() -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_causal_only_and_no_window(kind: str) -> None:
+def test_causal_only_and_window_checked(kind: str) -> None:
     with pytest.raises(ValueError, match="causal only"):
         make_student_raw(kind, causal=False)
-    with pytest.raises(ValueError, match="sliding-window"):
-        make_student_raw(kind, window=4)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        make_student_raw(kind, window=-1)
+    assert make_student_raw(kind, window=4).state_names() == (
+        "recurrent", "window_key", "window_value", "window_valid")
 
 
 def make_student_raw(kind: str, **kw: object):  # noqa: ANN201
@@ -206,7 +221,8 @@ class _Bundle(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.students = torch.nn.ModuleList(
-            make_student(kind, mask_kind="bool", chunk_size=16, seed="onnx") for kind in KINDS)
+            make_student(kind, mask_kind="bool", chunk_size=16, seed="onnx", window=w)
+            for w in (0, 6) for kind in KINDS)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -259,7 +275,7 @@ def test_onnx_export_is_plain_ops_and_matches(tmp_path, monkeypatch) -> None:
         got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), x, strict=True)})
         with torch.no_grad():
             want = bundle(*x)
-        for kind, o, w in zip(KINDS, got, want, strict=True):
+        for kind, o, w in zip([*KINDS, *(f"{k}+window" for k in KINDS)], got, want, strict=True):
             keep = x[3][:, 0, -1, :][:, None, :, None].expand_as(w)  # real query positions
             assert_close(torch.from_numpy(o)[keep], w[keep], tol=1e-4, what=f"{kind} B{B}-T{T}")
 
@@ -289,3 +305,32 @@ def test_output_scale_starts_at_the_teachers(kind: str) -> None:
 
     assert torch.allclose(rms(out), rms(teacher), rtol=0.1), (rms(out), rms(teacher))
     assert float(rms(teacher)[0]) < 0.1 < 1.0 < float(rms(teacher)[-1])  # heads differ 100x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_window_gain_starts_no_worse_than_the_window_alone(kind: str) -> None:
+    """With a window, init_output_scale fits the state part's gain by least squares to what the
+    window leaves of the teacher: the student starts at least as close to the teacher as the
+    window alone (gain 0), and the gain is not 0 here (the state carries the keys the window
+    has dropped)."""
+    from dtr_compile.linear.window import sliding_window_attention
+
+    g = seeded(f"wgain-{kind}")
+    m = make_student(kind, seed="wgain", window=4)
+    B, T = 2, 48
+    q, k, v = (torch.randn(B, h, T, 8, generator=g) for h in (4, 2, 2))
+    valid = torch.ones(B, T)
+    valid[1, :9] = 0
+    m.init_output_scale(q, k, v, valid)
+    mask = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool).tril()
+    with torch.no_grad():
+        teacher = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=m.scale,
+                                                 enable_gqa=True)
+        out = m.forward_valid(q, k, v, valid)
+        kh, vh = m._heads(k, v)
+        window_only = sliding_window_attention(q, kh, vh, valid, window=4, scale=m.scale)
+    w = valid[:, None, :, None]
+    err = float(((out - teacher).square() * w).sum())
+    err_window = float(((window_only - teacher).square() * w).sum())
+    assert err <= err_window * (1 + 1e-6), (err, err_window)
+    assert float(m.norm.weight.detach().abs().sum()) > 0

@@ -277,10 +277,13 @@ def test_tokenizer_is_found_and_copied_beside_the_artifacts(tmp_path):
     assert [p.name for p in dest.iterdir()] == ["tokenizer.json"]
 
 
-@pytest.mark.parametrize("student", ["gla", "deltanet", "gated-deltanet"])
-def test_matrix_state_students_decode_like_full_recompute(student):
+@pytest.mark.parametrize(("student", "window"), [("gla", 0), ("deltanet", 0),
+                                                 ("gated-deltanet", 0), ("gla", 4),
+                                                 ("gated-deltanet", 4)])
+def test_matrix_state_students_decode_like_full_recompute(student, window):
     """The stateful pass calls only the student contract: the gated / delta-rule kinds decode
-    token for token like full recomputation, in a left-padded batch too."""
+    token for token like full recomputation, in a left-padded batch too; with a window, past
+    its boundary (prompts of 5 and 70 tokens, 16 new ones, W = 4)."""
     from dtr_compile.linear import make_student
 
     gm, scan = _captured("llama")
@@ -288,7 +291,7 @@ def test_matrix_state_students_decode_like_full_recompute(student):
     torch.manual_seed(11)
     st = make_student(student, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
                       head_dim=s.head_dim, head_dim_v=s.head_dim_v, mask_kind=s.mask_kind,
-                      causal=True, scale=s.scale)
+                      causal=True, scale=s.scale, window=window)
     with torch.no_grad():
         for p in st.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -296,6 +299,7 @@ def test_matrix_state_students_decode_like_full_recompute(student):
     sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
     assert isinstance(sg, StatefulGraph), sg
     assert "past.1.recurrent" in sg.input_names
+    assert ("past.1.window_key" in sg.input_names) == bool(window)
     prefill = linearize(gm, scan.sites, students)
     prompts = [_prompt(6, 5), _prompt(7, 70)]
     ids, mask = left_pad(prompts)

@@ -135,7 +135,24 @@ def test_causal_only_kind_on_an_encoder_is_refused(tmp_path) -> None:
                                     data=str(tmp_path / "val.pt"), student="gla", **FAST))
 
 
-def test_window_with_a_recurrent_kind_is_refused(tmp_path) -> None:
+def test_window_with_a_recurrent_kind(tmp_path) -> None:
+    """--window with gla: distils, searches, exports, and the stateful decoder (recurrent state
+    plus the stored window) matches PyTorch token for token."""
+    res, out = _compile(tmp_path, TinyCausalLM(), student="gla", window=8)
+    students = [m for m in res.hybrid.modules() if isinstance(m, MatrixStateStudent)]
+    assert len(students) == 2 and all(m.window == 8 for m in students)
+    _check_onnx(res, out)
+    st = res.report["stateful"]
+    assert st["status"] == "written" and st["hybrid"]["parity"]["tokens_equal"], st
+
+
+def test_window_refused_for_a_kind_without_a_window_form(tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    from dtr_compile.linear import STUDENTS
+
+    monkeypatch.setitem(STUDENTS, "deltanet", dataclasses.replace(STUDENTS["deltanet"],
+                                                                  window=False))
     with pytest.raises(InputError, match="--window 8 is not supported with --student deltanet"):
         _compile(tmp_path, TinyCausalLM(), student="deltanet", window=8)
 
@@ -147,7 +164,7 @@ def test_student_and_feature_map_must_agree(tmp_path) -> None:
 
 def test_cli_student_option(tmp_path) -> None:
     """--student reaches the settings: an unknown kind is exit 2 naming the known ones, before
-    any work; a recurrent kind with --window is exit 2 too."""
+    any work."""
     from click.testing import CliRunner
 
     from dtr_compile.cli import main
@@ -161,6 +178,6 @@ def test_cli_student_option(tmp_path) -> None:
     res = CliRunner().invoke(main, [*base, "--student", "mamba"])
     assert res.exit_code == 2 and "unknown student kind 'mamba'" in res.output
     assert "gated-deltanet" in res.output
-    res = CliRunner().invoke(main, [*base, "--student", "gla", "--window", "8"])
-    assert res.exit_code == 2 and "not supported with --student gla" in res.output
+    res = CliRunner().invoke(main, [*base, "--student", "gla", "--window", "-1"])
+    assert res.exit_code == 2 and "--window -1" in res.output
     assert not (tmp_path / "h.onnx").exists()

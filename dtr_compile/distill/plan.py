@@ -63,7 +63,8 @@ class DistillSettings:
         seed: random seed.
         window: ``W > 0``: causal sites keep softmax over their last ``W`` keys beside the linear
             attention (LoLCATs' sliding window, :func:`~dtr_compile.linear.kernel.
-            sliding_window_linear_attention`); bidirectional sites ignore it.
+            sliding_window_linear_attention` for feature maps, :class:`~dtr_compile.linear.
+            recurrence.MatrixStateStudent` for gla / deltanet); bidirectional sites ignore it.
     """
 
     target: str = "site"

@@ -5,7 +5,10 @@
   causal and sliding-window, with :mod:`~dtr_compile.linear.feature_maps`;
 * :mod:`~dtr_compile.linear.gated` — gated linear attention (GLA), causal;
 * :mod:`~dtr_compile.linear.delta` — DeltaNet and Gated DeltaNet, causal;
-* :mod:`~dtr_compile.linear.recurrence` — what GLA and DeltaNet share (chunk scan, output norm).
+* :mod:`~dtr_compile.linear.recurrence` — what GLA and DeltaNet share (chunk scan, output norm,
+  the sliding window beside the state);
+* :mod:`~dtr_compile.linear.window` — exact softmax over the last ``W`` keys (the matrix-state
+  students' ``--window``).
 
 The registry :data:`STUDENTS` maps every student kind (``--student``) to its builder: each feature
 map name is a feature-map kind (``hedgehog``, ``elu``, …), plus ``gla``, ``deltanet`` and
@@ -71,9 +74,9 @@ def _deltanet(gated: bool) -> Callable[..., LinearStudent]:
 
 STUDENTS: dict[str, StudentKind] = {
     **{n: StudentKind(n, "feature-map", False, True, _feature_map(n)) for n in FEATURE_MAPS},
-    "gla": StudentKind("gla", "gla", True, False, GatedLinearAttention),
-    "deltanet": StudentKind("deltanet", "delta", True, False, _deltanet(False)),
-    "gated-deltanet": StudentKind("gated-deltanet", "delta", True, False, _deltanet(True)),
+    "gla": StudentKind("gla", "gla", True, True, GatedLinearAttention),
+    "deltanet": StudentKind("deltanet", "delta", True, True, _deltanet(False)),
+    "gated-deltanet": StudentKind("gated-deltanet", "delta", True, True, _deltanet(True)),
 }
 
 

@@ -66,7 +66,9 @@ class GatedLinearAttention(MatrixStateStudent):
         causal: must be True (ValueError otherwise).
         scale: the site's softmax scale, applied to ``q``.
         chunk_size: ``C`` of the chunked form.
-        window: must be 0 (no sliding-window form yet; ValueError otherwise).
+        window: ``W > 0`` adds exact softmax over the last ``W`` keys beside the state, which
+            then holds the keys before them (:class:`~dtr_compile.linear.recurrence.
+            MatrixStateStudent`).
 
     Parameters: ``gate.weight [H, Dv] = 0``, ``gate.bias [H]`` (slow decays),
     ``norm.weight [H, Dv] = 1``.

@@ -17,10 +17,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dtr_compile.linear.base import LinearStudent, first_token
 from dtr_compile.linear.kernel import _align_keys, _chunk, _unchunk, key_valid_from_mask, repeat_kv
+from dtr_compile.linear.window import sliding_window_attention, window_attention_step
 
 #: Scan rounds of an exported graph: exact for up to ``2**MAX_SCAN_ROUNDS`` chunks.
 MAX_SCAN_ROUNDS = 16
@@ -322,17 +324,40 @@ def naive_recurrence(
     return torch.stack(outs, dim=2).float(), s.float()
 
 
+def delay(x: torch.Tensor, steps: int, dim: int) -> torch.Tensor:
+    """``x`` shifted ``steps`` positions later along ``dim`` (zeros first, same length): position
+    ``t`` holds position ``t − steps``."""
+    d = dim % x.dim()
+    pad = [0, 0] * (x.dim() - 1 - d) + [steps, 0]
+    return F.pad(x, pad).narrow(d, 0, x.shape[d])
+
+
 # --- the students' common module -------------------------------------------------------------
 
 
 class MatrixStateStudent(LinearStudent):
     """Common part of GLA and DeltaNet students (see :class:`~dtr_compile.linear.base.
-    LinearStudent` for the contract): mask handling, kv-head repeat, the output norm and the
-    stateful form. Subclasses implement :meth:`_inputs` (gates, β, q/k transforms).
+    LinearStudent` for the contract): mask handling, kv-head repeat, the output norm, the
+    optional sliding window and the stateful form. Subclasses implement :meth:`_inputs` (gates,
+    β, q/k transforms).
 
-    State: ``{"recurrent": [B, H, Dk, Dv]}`` fp32. Causal sites only: the recurrence has no
-    bidirectional form (raises ValueError; the distillation planner refuses earlier with an
-    InputError naming the site).
+    With ``window = W > 0`` query ``t`` gets exact softmax over its last ``W`` keys (the site's
+    scale; :func:`~dtr_compile.linear.window.sliding_window_attention`) *plus* the recurrence's
+    normalised read-out of the keys that have left the window (``s <= t − W``)::
+
+        out_t = SWA_W(q_t; k, v)_t + RMSNorm_h(S_{t−W}ᵀ q_t) · g_h
+
+    where ``S_{t−W}`` is the recurrence run on the keys, values, gates and β delayed by ``W``
+    positions. This is LoLCATs' split (Zhang et al. 2025: softmax inside the window, linear
+    attention before it) for recurrences that have no normaliser to share with the softmax; the
+    two parts add, and :meth:`init_output_scale` fits ``g_h`` to what the window leaves of the
+    teacher's output. The gates and β read the values (:class:`HeadGate`), so a key leaving a
+    stored window has everything its state update needs.
+
+    State: ``{"recurrent": [B, H, Dk, Dv]}`` fp32, plus with a window ``window_key: [B, Hkv, W,
+    Dk]``, ``window_value: [B, Hkv, W, Dv]`` and ``window_valid: [B, W]`` (the last ``W``
+    positions, oldest first). Causal sites only: the recurrence has no bidirectional form (raises
+    ValueError; the distillation planner refuses earlier with an InputError naming the site).
     """
 
     kind = ""
@@ -346,13 +371,14 @@ class MatrixStateStudent(LinearStudent):
                              f"num_kv_heads={num_kv_heads}")
         if not causal:
             raise ValueError(f"{self.kind} is causal only (a recurrence over positions)")
-        if window:
-            raise ValueError(f"{self.kind} has no sliding-window form (window={window})")
+        if window < 0:
+            raise ValueError(f"window must be >= 0 tokens, got {window}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.head_dim_v = head_dim, head_dim_v
         self.mask_kind, self.causal, self.chunk_size = mask_kind, causal, chunk_size
+        self.window = window
         self.scale = scale if scale is not None else head_dim**-0.5
         self.norm = HeadRMSNorm(num_heads, head_dim_v)
 
@@ -373,49 +399,93 @@ class MatrixStateStudent(LinearStudent):
         valid = None if mask is None else key_valid_from_mask(mask, self.mask_kind)
         return self.forward_valid(q, k, v, valid)
 
+    def _aligned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 key_valid: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v repeated to ``H`` heads and aligned to q's ``T``; validity ``[B|1, T]`` fp32."""
+        T = q.shape[-2]
+        k, v = self._heads(k, v)
+        k, v = _align_keys(k, T), _align_keys(v, T)
+        valid = key_valid_or_ones(
+            None if key_valid is None else _align_keys(key_valid.float()[..., None], T)[..., 0], k)
+        return k, v, valid
+
+    def _state_readout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+        """The recurrence's read-out (before the norm) for the whole sequence: ``[B, H, T, Dv]``
+        fp32; with a window, of the keys ``W`` or more positions back."""
+        if self.window:
+            k, v, valid = (delay(x, self.window, 2 if x.dim() == 4 else 1) for x in (k, v, valid))
+        q_, k_, g, beta = self._inputs(q, k, v, valid)
+        out, _ = chunked_recurrence(q_, k_, v.float() * valid[:, None, :, None], g, beta,
+                                    chunk_size=self.chunk_size)
+        return out
+
     def forward_valid(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_valid: torch.Tensor | None) -> torch.Tensor:
         """:meth:`forward` from a key padding vector ``key_valid: [B|1, S]`` (1 = real token)
         instead of the site's mask (what distillation records)."""
-        T = q.shape[-2]
-        k, v = self._heads(k, v)
-        k, v = _align_keys(k, T), _align_keys(v, T)
-        valid = key_valid_or_ones(
-            None if key_valid is None else _align_keys(key_valid.float()[..., None], T)[..., 0], k)
-        q_, k_, g, beta = self._inputs(q, k, v, valid)
-        out, _ = chunked_recurrence(q_, k_, v.float() * valid[:, None, :, None], g, beta,
-                                    chunk_size=self.chunk_size)
-        return self.norm(out).to(q.dtype)
+        k, v, valid = self._aligned(q, k, v, key_valid)
+        out = self.norm(self._state_readout(q, k, v, valid))
+        if self.window:
+            out = out + sliding_window_attention(q, k, v, valid, window=self.window,
+                                                 scale=self.scale, chunk_size=self.chunk_size)
+        return out.to(q.dtype)
 
     @torch.no_grad()
     def init_output_scale(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_valid: torch.Tensor | None) -> None:
-        """Set the output norm's gain ``g_h`` to the per-head RMS of the teacher's output on
-        these rows: softmax attention with the site's scale, causal, over valid keys (real query
-        positions only). The normalised output has RMS 1 per position, so the student starts at
-        the teacher's output scale instead of 1 (which can be 20× off). Shapes as
-        :meth:`forward_valid`; called once before training (``distill.train``)."""
+        """Set the output norm's gain ``g_h`` from the teacher — softmax attention with the
+        site's scale, causal, over valid keys — on these rows (real query positions only).
+
+        Without a window: the teacher's per-head output RMS (the normalised output has RMS 1
+        per position, so the student starts at the teacher's scale instead of 1, which can be
+        20× off). With a window: the per-head least-squares gain of the normalised state
+        read-out ``n`` against what the window leaves, ``r = teacher − SWA``:
+        ``g_h = max(Σ r·n / Σ n², 0)``, so the student starts no further from the teacher than
+        the window alone. Shapes as :meth:`forward_valid`; called once before training
+        (``distill.train``).
+        """
         T = q.shape[-2]
-        k, v = self._heads(k, v)
-        k, v = _align_keys(k, T), _align_keys(v, T)
-        valid = key_valid_or_ones(
-            None if key_valid is None else _align_keys(key_valid.float()[..., None], T)[..., 0], k)
+        k, v, valid = self._aligned(q, k, v, key_valid)
         allowed = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool,
                                                              device=q.device).tril()
         out = torch.nn.functional.scaled_dot_product_attention(
             q.float(), k.float(), v.float(), attn_mask=allowed, scale=self.scale)  # [B, H, T, Dv]
         w = valid[:, None, :, None].expand_as(out)  # real query positions
-        rms = ((out.square() * w).sum(dim=(0, 2, 3)) / (w.sum(dim=(0, 2, 3)).clamp_min(1.0))).sqrt()
-        self.norm.weight.copy_(rms.clamp_min(1e-6)[:, None].expand_as(self.norm.weight))
+        if self.window:
+            resid = out - sliding_window_attention(q, k, v, valid, window=self.window,
+                                                   scale=self.scale, chunk_size=self.chunk_size)
+            o = self._state_readout(q, k, v, valid)
+            n = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + self.norm.eps)
+            gain = ((resid * n * w).sum(dim=(0, 2, 3))
+                    / (n.square() * w).sum(dim=(0, 2, 3)).clamp_min(1e-12)).clamp_min(0.0)
+        else:
+            gain = ((out.square() * w).sum(dim=(0, 2, 3))
+                    / w.sum(dim=(0, 2, 3)).clamp_min(1.0)).sqrt().clamp_min(1e-6)
+        self.norm.weight.copy_(gain[:, None].expand_as(self.norm.weight))
 
     def state_names(self) -> tuple[str, ...]:
-        return ("recurrent",)
+        """``("recurrent",)``, plus ``("window_key", "window_value", "window_valid")`` with a
+        window."""
+        names: tuple[str, ...] = ("recurrent",)
+        return names + (("window_key", "window_value", "window_valid") if self.window else ())
 
     def init_state(self, batch: int, *, dtype: torch.dtype = torch.float32,
                    device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        """``{"recurrent": zeros [batch, H, Dk, Dv]}`` (fp32 whatever ``dtype``)."""
-        return {"recurrent": torch.zeros(batch, self.num_heads, self.head_dim, self.head_dim_v,
-                                         dtype=torch.float32, device=device)}
+        """``{"recurrent": zeros [batch, H, Dk, Dv]}`` (fp32 whatever ``dtype``); with a window
+        also ``window_key: [B, Hkv, W, Dk]`` / ``window_value: [B, Hkv, W, Dv]`` zeros in
+        ``dtype`` and ``window_valid: [B, W]`` zeros (no key yet)."""
+        state = {"recurrent": torch.zeros(batch, self.num_heads, self.head_dim, self.head_dim_v,
+                                          dtype=torch.float32, device=device)}
+        if self.window:
+            W, hkv = self.window, self.num_kv_heads
+            state["window_key"] = torch.zeros(batch, hkv, W, self.head_dim, dtype=dtype,
+                                              device=device)
+            state["window_value"] = torch.zeros(batch, hkv, W, self.head_dim_v, dtype=dtype,
+                                                device=device)
+            state["window_valid"] = torch.zeros(batch, W, dtype=torch.float32, device=device)
+        return state
 
     def _step_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      key_valid: torch.Tensor,
@@ -428,17 +498,80 @@ class MatrixStateStudent(LinearStudent):
                     key_valid: torch.Tensor, state: dict[str, torch.Tensor],
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One token (position 0) after ``state``: one step of the recurrence
-        (:func:`recurrent_steps`), normalised; see :meth:`LinearStudent.decode_step`."""
-        q_, k_, v_, g, beta = self._step_inputs(first_token(q, 2), first_token(k, 2),
-                                                first_token(v, 2), first_token(key_valid, 1))
+        (:func:`recurrent_steps`), normalised; see :meth:`LinearStudent.decode_step`. With a
+        window the step's key is the one leaving the window (the oldest stored), and the query
+        also attends the other ``W − 1`` stored keys and its own
+        (:func:`~dtr_compile.linear.window.window_attention_step`). O(``Dk·Dv + W·D``) per head."""
+        q, k, v = first_token(q, 2), first_token(k, 2), first_token(v, 2)
+        valid = first_token(key_valid, 1)  # [B, 1]
+        if not self.window:
+            q_, k_, v_, g, beta = self._step_inputs(q, k, v, valid)
+            out, s = recurrent_steps(q_, k_, v_, g, beta, state["recurrent"])
+            return self.norm(out), {"recurrent": s}
+        win_k, win_v = state["window_key"], state["window_value"]  # [B, Hkv, W, D]
+        win_valid = state["window_valid"].float()  # [B, W]
+        q_, k_, v_, g, beta = self._step_inputs(q, win_k[:, :, :1].to(k.dtype),
+                                                win_v[:, :, :1].to(v.dtype), win_valid[:, :1])
         out, s = recurrent_steps(q_, k_, v_, g, beta, state["recurrent"])
-        return self.norm(out), {"recurrent": s}
+        keys = torch.cat([win_k[:, :, 1:].to(k.dtype), k], dim=2)  # [B, Hkv, W, Dk]
+        values = torch.cat([win_v[:, :, 1:].to(v.dtype), v], dim=2)
+        keys_valid = torch.cat([win_valid[:, 1:], valid], dim=1)  # [B, W]
+        kh, vh = self._heads(keys, values)
+        out = self.norm(out) + window_attention_step(q, kh, vh, keys_valid, scale=self.scale)
+        return out, {
+            "recurrent": s,
+            "window_key": keys.to(win_k.dtype),
+            "window_value": values.to(win_v.dtype),
+            "window_valid": keys_valid.to(state["window_valid"].dtype),
+        }
 
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                key_valid: torch.Tensor, state: dict[str, torch.Tensor],
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``t`` tokens after ``state``: the chunked form from the state (prefill)."""
-        q_, k_, v_, g, beta = self._step_inputs(q, k, v, key_valid)
+        """``t`` tokens after ``state``: the chunked form from the state (prefill). With a
+        window the recurrence takes the first ``t`` of ``[stored window; new keys]`` (the keys
+        leaving the window) and the new queries attend ``[stored window; new keys]`` by
+        :func:`~dtr_compile.linear.window.sliding_window_attention`; the last ``W`` positions
+        become the new window."""
+        t = q.shape[-2]
+        if not self.window:
+            q_, k_, v_, g, beta = self._step_inputs(q, k, v, key_valid)
+            out, s = chunked_recurrence(q_, k_, v_, g, beta, chunk_size=self.chunk_size,
+                                        initial_state=state["recurrent"])
+            return self.norm(out), {"recurrent": s}
+        W = self.window
+        # [lead zeros; last W keys; new keys]: C + t positions, C = max(chunk, W) one chunk, so
+        # torch.export sees a chunk count of "C + t" and adds no guard (as the feature maps' form)
+        C = max(self.chunk_size, W)
+        lead = C - W
+
+        def front(x: torch.Tensor, dim: int) -> torch.Tensor:  # lead zeros before the window
+            pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [lead, 0]
+            return F.pad(x, pad) if lead else x
+
+        win_k = front(state["window_key"].to(k.dtype), 2)  # [B, Hkv, C, Dk]
+        win_v = front(state["window_value"].to(v.dtype), 2)
+        win_valid = front(state["window_valid"].float(), 1)  # [B, C]
+        k_all, v_all = torch.cat([win_k, k], dim=2), torch.cat([win_v, v], dim=2)  # [B, Hkv, C+t, D]
+        valid_all = torch.cat([win_valid, key_valid], dim=1)  # [B, C+t]
+        # gathers, not slices: torch.export cannot prove slice bounds of C + t for every t
+        leave = torch.arange(lead, lead + t, device=q.device)  # [t]: they enter the state
+        keep = torch.arange(lead + t, C + t, device=q.device)  # [W]: the new window
+        q_, k_, v_, g, beta = self._step_inputs(q, k_all.index_select(2, leave),
+                                                v_all.index_select(2, leave),
+                                                valid_all.index_select(1, leave))
         out, s = chunked_recurrence(q_, k_, v_, g, beta, chunk_size=self.chunk_size,
                                     initial_state=state["recurrent"])
-        return self.norm(out), {"recurrent": s}
+        q_all = torch.cat([q.new_zeros(q.shape[0], q.shape[1], C, q.shape[-1]), q], dim=2)
+        # heads repeated before concatenating: repeating a length C + t makes torch.export guard
+        kh = torch.cat([repeat_kv(win_k, self.num_heads), repeat_kv(k, self.num_heads)], dim=2)
+        vh = torch.cat([repeat_kv(win_v, self.num_heads), repeat_kv(v, self.num_heads)], dim=2)
+        sw = sliding_window_attention(q_all, kh, vh, valid_all, window=W, scale=self.scale,
+                                      chunk_size=self.chunk_size)  # [B, H, C+t, Dv]
+        out = self.norm(out) + sw.index_select(2, torch.arange(C, C + t, device=q.device))
+        return out, {
+            "recurrent": s,
+            "window_key": k_all.index_select(2, keep).to(state["window_key"].dtype),
+            "window_value": v_all.index_select(2, keep).to(state["window_value"].dtype),
+            "window_valid": valid_all.index_select(1, keep).to(state["window_valid"].dtype),
+        }
