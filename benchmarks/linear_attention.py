@@ -1,6 +1,7 @@
 """Benchmark: every linear-attention variant against softmax attention in onnxruntime (CPU).
 
-Each variant (feature map × form; the chunked forms of gla, deltanet and gated-deltanet, causal)
+Each variant (feature map × form; the chunked forms of gla, deltanet and gated-deltanet, causal
+and with a window)
 and softmax attention (the site's SDPA, exported the same way)
 is exported once with ``torch.onnx.export(dynamo=True)`` and a dynamic sequence length, then
 measured side by side in one run at ``T ∈ {512, …, 8192}``, ``B = 1``, ``H = 12``, ``Dk = Dv = 32``,
@@ -78,7 +79,7 @@ class Variant:
         return self.form != "bidirectional"
 
 
-#: The matrix-state student kinds (issue 14), chunked form, causal only (no window form yet).
+#: The matrix-state student kinds (issue 14), chunked form, causal only (plain and with a window).
 RECURRENT_KINDS = ("gla", "deltanet", "gated-deltanet")
 
 
@@ -87,7 +88,7 @@ def variants() -> list[Variant]:
 
     out = [Variant(None, "bidirectional"), Variant(None, "causal"), Variant(None, "floor")]
     out += [Variant(fm, form) for form in FORMS for fm in FEATURE_MAPS]
-    return out + [Variant(kind, "causal") for kind in RECURRENT_KINDS]
+    return out + [Variant(kind, form) for form in FORMS[1:] for kind in RECURRENT_KINDS]
 
 
 def export(v: Variant, path: Path) -> None:
@@ -114,7 +115,8 @@ def export(v: Variant, path: Path) -> None:
         from dtr_compile.linear import make_student
 
         module = make_student(v.feature_map, num_heads=H, num_kv_heads=H, head_dim=DK,
-                              head_dim_v=DV, causal=True)
+                              head_dim_v=DV, causal=True,
+                              window=WINDOW if v.form.startswith("window") else 0)
     else:
         module = LinearAttention(
             H,

@@ -86,8 +86,8 @@ def module_reference(m: MatrixStateStudent, q: torch.Tensor, k: torch.Tensor, v:
     out, _ = naive_recurrence(q_, k_, vd.float() * valid_d[:, None, :, None], g, beta)
     out = m.norm(out)
     if m.window:
-        out = out + naive_sliding_window_attention(q, k, v, valid_, window=m.window,
-                                                   scale=m.scale)
+        sw = naive_sliding_window_attention(q, k, v, valid_, window=m.window, scale=m.scale)
+        out = out + sw * m.window_weight.detach()[None, :, None, None]
     return out
 
 

@@ -334,3 +334,23 @@ def test_window_gain_starts_no_worse_than_the_window_alone(kind: str) -> None:
     err_window = float(((window_only - teacher).square() * w).sum())
     assert err <= err_window * (1 + 1e-6), (err, err_window)
     assert float(m.norm.weight.detach().abs().sum()) > 0
+
+
+def test_window_weight_fit_finds_a_sink_head() -> None:
+    """A head whose teacher output is not the window's (here: the teacher is the state part
+    alone) gets window weight ~0; a head whose teacher is the window gets ~1 and gain ~0. The
+    fit is exact least squares with a, g >= 0 (_nonnegative_fit against a grid search)."""
+    from dtr_compile.linear.recurrence import _nonnegative_fit
+
+    g = seeded("fit")
+    x, y = torch.randn(2, 3, 20, 4, generator=g), torch.randn(2, 3, 20, 4, generator=g)
+    target = torch.stack([y[:, 0] * 2.0, x[:, 1] * 1.0, 0.5 * x[:, 2] - 0.7 * y[:, 2]], dim=1)
+    w = torch.ones(2, 1, 20, 1)
+    a, gain = _nonnegative_fit(target, x, y, w)
+    assert abs(float(a[0])) < 1e-5 and abs(float(gain[0]) - 2.0) < 1e-5
+    assert abs(float(a[1]) - 1.0) < 1e-5 and float(gain[1]) < 1e-5
+    grid = torch.linspace(0, 2, 201)
+    errs = [float(((target[:, 2] - ai * x[:, 2] - gi * y[:, 2]) ** 2).sum())
+            for ai in grid for gi in grid]
+    fit = float(((target[:, 2] - a[2] * x[:, 2] - gain[2] * y[:, 2]) ** 2).sum())
+    assert fit <= min(errs) + 1e-4 and float(gain[2]) < 1e-5 < float(a[2])

@@ -135,6 +135,9 @@ def test_causal_only_kind_on_an_encoder_is_refused(tmp_path) -> None:
                                     data=str(tmp_path / "val.pt"), student="gla", **FAST))
 
 
+# slow: the default suite checks the window's forms and its decoder in seconds
+# (tests/test_linear_gated.py, tests/test_stateful.py); this is the whole pipeline
+@pytest.mark.slow
 def test_window_with_a_recurrent_kind(tmp_path) -> None:
     """--window with gla: distils, searches, exports, and the stateful decoder (recurrent state
     plus the stored window) matches PyTorch token for token."""

@@ -332,6 +332,38 @@ def delay(x: torch.Tensor, steps: int, dim: int) -> torch.Tensor:
     return F.pad(x, pad).narrow(d, 0, x.shape[d])
 
 
+def _nonnegative_fit(target: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                     w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, ``(a, g) >= 0`` minimising ``Σ w·(target − a·x − g·y)²``.
+
+    All ``[B, H, T, D]`` (``w`` broadcastable) → ``a, g: [H]``. Two unknowns: the minimum is the
+    joint least-squares solution when both are ``>= 0``, else on an edge (one of them 0), so the
+    best of those candidates is exact.
+    """
+    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (u * v * w).sum(dim=(0, 2, 3)).double()  # [H]
+
+    tt, tx, ty = dot(target, target), dot(target, x), dot(target, y)
+    xx, xy, yy = dot(x, x), dot(x, y), dot(y, y)
+    det = xx * yy - xy * xy
+    tiny = 1e-30
+    cands = [
+        ((tx * yy - ty * xy) / det.clamp_min(tiny), (ty * xx - tx * xy) / det.clamp_min(tiny)),
+        ((tx / xx.clamp_min(tiny)).clamp_min(0.0), torch.zeros_like(tt)),
+        (torch.zeros_like(tt), (ty / yy.clamp_min(tiny)).clamp_min(0.0)),
+    ]
+    best_a, best_g = cands[1]
+    best = tt - 2 * best_a * tx + best_a * best_a * xx
+    solvable = det > 1e-9 * (xx * yy)  # the joint solution: only when x and y are not parallel
+    for (a, g), ok in ((cands[0], solvable), (cands[2], torch.ones_like(solvable))):
+        ok = ok & (a >= 0) & (g >= 0)
+        err = tt - 2 * a * tx - 2 * g * ty + a * a * xx + 2 * a * g * xy + g * g * yy
+        better = ok & (err < best)
+        best_a, best_g = torch.where(better, a, best_a), torch.where(better, g, best_g)
+        best = torch.where(better, err, best)
+    return best_a.float(), best_g.float().clamp_min(1e-6)
+
+
 # --- the students' common module -------------------------------------------------------------
 
 
@@ -345,14 +377,17 @@ class MatrixStateStudent(LinearStudent):
     scale; :func:`~dtr_compile.linear.window.sliding_window_attention`) *plus* the recurrence's
     normalised read-out of the keys that have left the window (``s <= t − W``)::
 
-        out_t = SWA_W(q_t; k, v)_t + RMSNorm_h(S_{t−W}ᵀ q_t) · g_h
+        out_t = a_h · SWA_W(q_t; k, v)_t + RMSNorm_h(S_{t−W}ᵀ q_t) · g_h
 
     where ``S_{t−W}`` is the recurrence run on the keys, values, gates and β delayed by ``W``
     positions. This is LoLCATs' split (Zhang et al. 2025: softmax inside the window, linear
-    attention before it) for recurrences that have no normaliser to share with the softmax; the
-    two parts add, and :meth:`init_output_scale` fits ``g_h`` to what the window leaves of the
-    teacher's output. The gates and β read the values (:class:`HeadGate`), so a key leaving a
-    stored window has everything its state update needs.
+    attention before it) for recurrences that have no normaliser to share with the softmax: the
+    two parts add, weighted per head. :meth:`init_output_scale` fits ``a_h`` (``window_weight``)
+    and ``g_h`` to the teacher's output by least squares; a head whose teacher attends mostly
+    outside the window (an attention sink at the first token, common in decoder LLMs) starts
+    with a small ``a_h`` instead of the window's recent values at full weight. The gates and β
+    read the values (:class:`HeadGate`), so a key leaving a stored window has everything its
+    state update needs.
 
     State: ``{"recurrent": [B, H, Dk, Dv]}`` fp32, plus with a window ``window_key: [B, Hkv, W,
     Dk]``, ``window_value: [B, Hkv, W, Dv]`` and ``window_valid: [B, W]`` (the last ``W``
@@ -381,6 +416,8 @@ class MatrixStateStudent(LinearStudent):
         self.window = window
         self.scale = scale if scale is not None else head_dim**-0.5
         self.norm = HeadRMSNorm(num_heads, head_dim_v)
+        if window:
+            self.window_weight = nn.Parameter(torch.ones(num_heads))  # a_h: [H]
 
     def _inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -421,6 +458,10 @@ class MatrixStateStudent(LinearStudent):
                                     chunk_size=self.chunk_size)
         return out
 
+    def _window_part(self, sw: torch.Tensor) -> torch.Tensor:
+        """``a_h · SWA``: sw ``[B, H, t, Dv]`` fp32."""
+        return sw * self.window_weight.float()[None, :, None, None]
+
     def forward_valid(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_valid: torch.Tensor | None) -> torch.Tensor:
         """:meth:`forward` from a key padding vector ``key_valid: [B|1, S]`` (1 = real token)
@@ -428,23 +469,24 @@ class MatrixStateStudent(LinearStudent):
         k, v, valid = self._aligned(q, k, v, key_valid)
         out = self.norm(self._state_readout(q, k, v, valid))
         if self.window:
-            out = out + sliding_window_attention(q, k, v, valid, window=self.window,
-                                                 scale=self.scale, chunk_size=self.chunk_size)
+            out = out + self._window_part(sliding_window_attention(
+                q, k, v, valid, window=self.window, scale=self.scale, chunk_size=self.chunk_size))
         return out.to(q.dtype)
 
     @torch.no_grad()
     def init_output_scale(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           key_valid: torch.Tensor | None) -> None:
-        """Set the output norm's gain ``g_h`` from the teacher — softmax attention with the
-        site's scale, causal, over valid keys — on these rows (real query positions only).
+        """Set the output norm's gain ``g_h`` (and with a window the window's weight ``a_h``)
+        from the teacher — softmax attention with the site's scale, causal, over valid keys — on
+        these rows (real query positions only).
 
         Without a window: the teacher's per-head output RMS (the normalised output has RMS 1
         per position, so the student starts at the teacher's scale instead of 1, which can be
-        20× off). With a window: the per-head least-squares gain of the normalised state
-        read-out ``n`` against what the window leaves, ``r = teacher − SWA``:
-        ``g_h = max(Σ r·n / Σ n², 0)``, so the student starts no further from the teacher than
-        the window alone. Shapes as :meth:`forward_valid`; called once before training
-        (``distill.train``).
+        20× off). With a window: the per-head least-squares fit of ``teacher ≈ a·SWA + g·n``
+        (``n`` the normalised state read-out) with ``a, g >= 0``: the best of the joint fit and
+        the two one-part fits, so the student starts no further from the teacher than the
+        window alone (``a = 1, g = 0``). Shapes as :meth:`forward_valid`; called once before
+        training (``distill.train``).
         """
         T = q.shape[-2]
         k, v, valid = self._aligned(q, k, v, key_valid)
@@ -454,12 +496,12 @@ class MatrixStateStudent(LinearStudent):
             q.float(), k.float(), v.float(), attn_mask=allowed, scale=self.scale)  # [B, H, T, Dv]
         w = valid[:, None, :, None].expand_as(out)  # real query positions
         if self.window:
-            resid = out - sliding_window_attention(q, k, v, valid, window=self.window,
-                                                   scale=self.scale, chunk_size=self.chunk_size)
+            sw = sliding_window_attention(q, k, v, valid, window=self.window, scale=self.scale,
+                                          chunk_size=self.chunk_size)
             o = self._state_readout(q, k, v, valid)
             n = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + self.norm.eps)
-            gain = ((resid * n * w).sum(dim=(0, 2, 3))
-                    / (n.square() * w).sum(dim=(0, 2, 3)).clamp_min(1e-12)).clamp_min(0.0)
+            weight, gain = _nonnegative_fit(out, sw, n, w)
+            self.window_weight.copy_(weight)
         else:
             gain = ((out.square() * w).sum(dim=(0, 2, 3))
                     / w.sum(dim=(0, 2, 3)).clamp_min(1.0)).sqrt().clamp_min(1e-6)
@@ -517,7 +559,8 @@ class MatrixStateStudent(LinearStudent):
         values = torch.cat([win_v[:, :, 1:].to(v.dtype), v], dim=2)
         keys_valid = torch.cat([win_valid[:, 1:], valid], dim=1)  # [B, W]
         kh, vh = self._heads(keys, values)
-        out = self.norm(out) + window_attention_step(q, kh, vh, keys_valid, scale=self.scale)
+        out = self.norm(out) + self._window_part(
+            window_attention_step(q, kh, vh, keys_valid, scale=self.scale))
         return out, {
             "recurrent": s,
             "window_key": keys.to(win_k.dtype),
@@ -568,7 +611,8 @@ class MatrixStateStudent(LinearStudent):
         vh = torch.cat([repeat_kv(win_v, self.num_heads), repeat_kv(v, self.num_heads)], dim=2)
         sw = sliding_window_attention(q_all, kh, vh, valid_all, window=W, scale=self.scale,
                                       chunk_size=self.chunk_size)  # [B, H, C+t, Dv]
-        out = self.norm(out) + sw.index_select(2, torch.arange(C, C + t, device=q.device))
+        out = self.norm(out) + self._window_part(
+            sw.index_select(2, torch.arange(C, C + t, device=q.device)))
         return out, {
             "recurrent": s,
             "window_key": k_all.index_select(2, keep).to(state["window_key"].dtype),
