@@ -223,6 +223,10 @@ class _Bundle(torch.nn.Module):
         self.students = torch.nn.ModuleList(
             make_student(kind, mask_kind="bool", chunk_size=16, seed="onnx", window=w)
             for w in (0, 6) for kind in KINDS)
+        with torch.no_grad():  # gate logits far below -88: exp underflows, log σ must not
+            for m in self.students:
+                if hasattr(m, "gate"):
+                    m.gate.bias[0] = -150.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -354,3 +358,13 @@ def test_window_weight_fit_finds_a_sink_head() -> None:
             for ai in grid for gi in grid]
     fit = float(((target[:, 2] - a[2] * x[:, 2] - gain[2] * y[:, 2]) ** 2).sum())
     assert fit <= min(errs) + 1e-4 and float(gain[2]) < 1e-5 < float(a[2])
+
+
+def test_log_sigmoid_is_finite_where_log_of_sigmoid_is_not() -> None:
+    from dtr_compile.linear.recurrence import log_sigmoid
+
+    x = torch.tensor([-1e4, -150.0, -88.0, -3.0, 0.0, 2.5, 40.0, 1e4], dtype=torch.float64)
+    got = log_sigmoid(x.float()).double()
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, F.logsigmoid(x), rtol=1e-6, atol=1e-7)
+    assert not torch.isfinite(torch.log(torch.sigmoid(x.float()))).all()  # what it replaces

@@ -23,12 +23,12 @@ Forms: :func:`delta_chunked` (WY/UT chunked form, the triangular inverse by bloc
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dtr_compile.linear.recurrence import (
     HeadGate,
     MatrixStateStudent,
     chunked_recurrence,
+    log_sigmoid,
     naive_recurrence,
     recurrent_steps,
     slow_decay_bias,
@@ -96,7 +96,7 @@ class DeltaNet(MatrixStateStudent):
         m = valid[:, None, :]  # [B|1, 1, t]
         beta = torch.sigmoid(self.beta(v)) * m  # [B, H, t]
         if self.gated:
-            log_alpha = F.logsigmoid(self.gate(v)) * m
+            log_alpha = log_sigmoid(self.gate(v)) * m
         else:
             log_alpha = torch.zeros_like(beta)
         return l2_normalise(q), l2_normalise(k) * m[..., None], log_alpha, beta

@@ -22,12 +22,12 @@ sequential reference :func:`naive_gla`; :class:`GatedLinearAttention` is the stu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dtr_compile.linear.recurrence import (
     HeadGate,
     MatrixStateStudent,
     chunked_recurrence,
+    log_sigmoid,
     naive_recurrence,
     recurrent_steps,
     slow_decay_bias,
@@ -84,5 +84,5 @@ class GatedLinearAttention(MatrixStateStudent):
     def _inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         m = valid[:, None, :]  # [B|1, 1, t]
-        log_alpha = F.logsigmoid(self.gate(v)) * m  # [B, H, t]
+        log_alpha = log_sigmoid(self.gate(v)) * m  # [B, H, t]
         return q.float() * self.scale, k.float() * m[..., None], log_alpha, None

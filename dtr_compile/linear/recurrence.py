@@ -163,6 +163,18 @@ class HeadGate(nn.Module):
         return z + self.bias[None, :, None]
 
 
+def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """``log σ(x) = min(x, 0) − log(1 + exp(−|x|))``, finite for every finite ``x``.
+
+    Not ``F.logsigmoid``: torch.onnx exports that as ``Log(Sigmoid(x))``, which is ``−inf`` once
+    ``σ(x)`` underflows (``x < −88`` in fp32), and a ``−inf`` log-decay turns the chunked form's
+    ``G_i − G_j`` into NaN. Gate logits that large occur: they are projections of the values, and
+    decoder LLMs have outlier channels (SmolLM2's hybrid gave NaN in onnxruntime, not PyTorch).
+    """
+    x = x.float()
+    return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-x.abs()))
+
+
 def slow_decay_bias(num_heads: int, slowest: float = 0.999, fastest: float = 0.95) -> torch.Tensor:
     """``[H]`` logits whose sigmoids (per-head decays ``α_h``) spread log-uniformly in ``1 − α``
     from ``1 − fastest`` to ``1 − slowest``: half-lives of 14 to 690 tokens, as RetNet's heads
