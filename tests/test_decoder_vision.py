@@ -187,7 +187,7 @@ def test_smollm2_decoder_demo(tmp_path):
     res = compile_model(CompileConfig(
         model=str(tmp_path / "model.pt"), output=str(tmp_path / "hybrid.onnx"),
         data=str(tmp_path / "val.pt"), calib=str(tmp_path / "calib.pt"), metric="perplexity",
-        budget="5%", search="ranked", max_evals=8, distill_steps=10, max_calib_samples=4,
+        budget="5%", search="ranked", max_linear=3, distill_steps=10, max_calib_samples=4,
         distill_batch=4, eval_batch=2, window=64, export_original=True, progress=False))
     assert res.exit_code == 0, res.report.get("replaced")
     rep = res.report
