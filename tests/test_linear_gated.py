@@ -215,14 +215,18 @@ def test_output_is_rms_normalised() -> None:
     assert F.mse_loss(out, out) == 0
 
 
+#: The students of the ONNX test: every kind, and the window form of the two families.
+BUNDLE = (*((kind, 0) for kind in KINDS), ("gla", 6), ("gated-deltanet", 6))
+
+
 class _Bundle(torch.nn.Module):
-    """The three kinds in one graph: one export (seconds each) for all."""
+    """The students of :data:`BUNDLE` in one graph: one export for all."""
 
     def __init__(self) -> None:
         super().__init__()
         self.students = torch.nn.ModuleList(
             make_student(kind, mask_kind="bool", chunk_size=16, seed="onnx", window=w)
-            for w in (0, 6) for kind in KINDS)
+            for kind, w in BUNDLE)
         with torch.no_grad():  # gate logits far below -88: exp underflows, log σ must not
             for m in self.students:
                 if hasattr(m, "gate"):
@@ -279,9 +283,10 @@ def test_onnx_export_is_plain_ops_and_matches(tmp_path, monkeypatch) -> None:
         got = sess.run(None, {i.name: a.numpy() for i, a in zip(sess.get_inputs(), x, strict=True)})
         with torch.no_grad():
             want = bundle(*x)
-        for kind, o, w in zip([*KINDS, *(f"{k}+window" for k in KINDS)], got, want, strict=True):
+        for (kind, win), o, w in zip(BUNDLE, got, want, strict=True):
             keep = x[3][:, 0, -1, :][:, None, :, None].expand_as(w)  # real query positions
-            assert_close(torch.from_numpy(o)[keep], w[keep], tol=1e-4, what=f"{kind} B{B}-T{T}")
+            assert_close(torch.from_numpy(o)[keep], w[keep], tol=1e-4,
+                         what=f"{kind} window {win} B{B}-T{T}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
