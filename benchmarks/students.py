@@ -131,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="")
     ap.add_argument("--doc", default="docs/benchmarks.md")
     ap.add_argument("--no-doc", action="store_true")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    tail: list[str] = []
+    if "--" in argv:  # everything after "--" goes to dtr-compile
+        argv, tail = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args, common = ap.parse_known_args(argv)
-    common = [c for c in common if c != "--"]
+    common += tail
+    bad = [r for r in args.runs if "=" not in r or r.startswith("-")]
+    if bad:
+        ap.error(f"runs are NAME=\"FLAGS\", got {bad}")
     console = Console()
     before, t0 = loadavg(), time.perf_counter()
     rows = []
