@@ -88,6 +88,28 @@ def by_phase(t: int | torch.SymInt, decode: StepFn, extend: StepFn,
     return torch.cond(t == 1, dense(decode), dense(extend), tuple(x.clone() for x in operands))
 
 
+def stored_window(state: dict[str, torch.Tensor], window: int, chunk_size: int,
+                  dtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A state's stored window as one leading chunk for the chunked forms' ``extend``.
+
+    ``[lead zeros; last W keys]`` with ``C = max(chunk_size, W)`` positions, so ``[window; new]``
+    has length ``C + t`` and torch.export sees a whole number of chunks (no guard on ``t``).
+
+    Returns:
+        ``(C, keys: [B, Hkv, C, Dk], values: [B, Hkv, C, Dv]`` in ``dtype``, ``valid: [B, C]``
+        fp32) from ``state["window_key" | "window_value" | "window_valid"]``.
+    """
+    C = max(chunk_size, window)
+    lead = C - window
+
+    def front(x: torch.Tensor, dim: int) -> torch.Tensor:
+        pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [lead, 0]
+        return F.pad(x, pad) if lead else x
+
+    return (C, front(state["window_key"].to(dtype), 2), front(state["window_value"].to(dtype), 2),
+            front(state["window_valid"].float(), 1))
+
+
 class LinearStudent(nn.Module):
     """Base class of linear-attention students (see the module docstring for the contract).
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from dtr_compile.linear.base import LinearStudent, first_token
+from dtr_compile.linear.base import LinearStudent, first_token, stored_window
 from dtr_compile.linear.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
 
 __all__ = [
@@ -580,18 +580,8 @@ class LinearAttention(LinearStudent):
             return out, {"recurrent": new}
 
         W = self.window
-        # [lead zeros; last W keys; new keys]: C + t positions with C = max(chunk, W) one chunk,
-        # so that torch.export sees the chunk count of a length "C + t" and emits no guard
-        C = max(self.chunk_size, W)
+        C, win_k, win_v, win_valid = stored_window(state, W, self.chunk_size, k.dtype)
         lead = C - W
-
-        def front(x: torch.Tensor, dim: int) -> torch.Tensor:  # lead zeros before the buffer
-            pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [lead, 0]
-            return F.pad(x, pad) if lead else x
-
-        win_k = front(state["window_key"].to(k.dtype), 2)  # [B, Hkv, C, Dk]
-        win_v = front(state["window_value"].to(v.dtype), 2)
-        win_valid = front(state["window_valid"].float(), 1)  # [B, C]
         valid_all = torch.cat([win_valid, valid], dim=-1)  # [B, C+t]
         q_all = torch.cat([q.new_zeros(q.shape[0], q.shape[1], C, q.shape[-1]), q], dim=-2)
         # heads repeated before concatenating: repeating a length C + t makes torch.export guard

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtr_compile.linear.base import LinearStudent, first_token
+from dtr_compile.linear.base import LinearStudent, first_token, stored_window
 from dtr_compile.linear.kernel import _align_keys, _chunk, _unchunk, key_valid_from_mask, repeat_kv
 from dtr_compile.linear.window import sliding_window_attention, window_attention_step
 
@@ -595,18 +595,8 @@ class MatrixStateStudent(LinearStudent):
                                         initial_state=state["recurrent"])
             return self.norm(out), {"recurrent": s}
         W = self.window
-        # [lead zeros; last W keys; new keys]: C + t positions, C = max(chunk, W) one chunk, so
-        # torch.export sees a chunk count of "C + t" and adds no guard (as the feature maps' form)
-        C = max(self.chunk_size, W)
+        C, win_k, win_v, win_valid = stored_window(state, W, self.chunk_size, k.dtype)
         lead = C - W
-
-        def front(x: torch.Tensor, dim: int) -> torch.Tensor:  # lead zeros before the window
-            pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [lead, 0]
-            return F.pad(x, pad) if lead else x
-
-        win_k = front(state["window_key"].to(k.dtype), 2)  # [B, Hkv, C, Dk]
-        win_v = front(state["window_value"].to(v.dtype), 2)
-        win_valid = front(state["window_valid"].float(), 1)  # [B, C]
         k_all, v_all = torch.cat([win_k, k], dim=2), torch.cat([win_v, v], dim=2)  # [B, Hkv, C+t, D]
         valid_all = torch.cat([win_valid, key_valid], dim=1)  # [B, C+t]
         # gathers, not slices: torch.export cannot prove slice bounds of C + t for every t
