@@ -289,6 +289,14 @@ def test_onnx_export_is_plain_ops_and_matches(tmp_path, monkeypatch) -> None:
                          what=f"{kind} window {win} B{B}-T{T}")
 
 
+def _teacher(m, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # noqa: ANN001
+             valid: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention over the valid keys with the student's scale."""
+    T = q.shape[-2]
+    mask = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=m.scale, enable_gqa=True)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_output_scale_starts_at_the_teachers(kind: str) -> None:
     """After init_output_scale the student's per-head output RMS is softmax attention's on the
@@ -302,10 +310,8 @@ def test_output_scale_starts_at_the_teachers(kind: str) -> None:
     valid = torch.ones(B, T)
     valid[1, :9] = 0
     m.init_output_scale(q, k, v, valid)
-    mask = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool).tril()
     with torch.no_grad():
-        teacher = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=m.scale,
-                                                 enable_gqa=True)
+        teacher = _teacher(m, q, k, v, valid)
         out = m.forward_valid(q, k, v, valid)
     w = valid[:, None, :, None].expand_as(out)
 
@@ -318,10 +324,10 @@ def test_output_scale_starts_at_the_teachers(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_window_gain_starts_no_worse_than_the_window_alone(kind: str) -> None:
-    """With a window, init_output_scale fits the state part's gain by least squares to what the
-    window leaves of the teacher: the student starts at least as close to the teacher as the
-    window alone (gain 0), and the gain is not 0 here (the state carries the keys the window
-    has dropped)."""
+    """With a window, init_output_scale fits the window weight and the state part's gain by
+    least squares to the teacher: the student starts at least as close to the teacher as the
+    window alone (weight 1, gain 0), and the gain is not 0 here (the state carries the keys the
+    window has dropped)."""
     from dtr_compile.linear.window import sliding_window_attention
 
     g = seeded(f"wgain-{kind}")
@@ -331,10 +337,8 @@ def test_window_gain_starts_no_worse_than_the_window_alone(kind: str) -> None:
     valid = torch.ones(B, T)
     valid[1, :9] = 0
     m.init_output_scale(q, k, v, valid)
-    mask = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool).tril()
     with torch.no_grad():
-        teacher = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=m.scale,
-                                                 enable_gqa=True)
+        teacher = _teacher(m, q, k, v, valid)
         out = m.forward_valid(q, k, v, valid)
         kh, vh = m._heads(k, v)
         window_only = sliding_window_attention(q, kh, vh, valid, window=4, scale=m.scale)
