@@ -202,8 +202,10 @@ def main() -> None:
                    "is linted for TensorRT (a reject/avoid finding fails with exit 4). "
                    "Default onnxruntime (opset 23).")
 @click.option("--opset", type=int, default=None,
-              help="ONNX opset (default 23, or 18 with --target tensorrt). Every opset keeps "
-                   "PyTorch's result for fully masked attention rows.")
+              help="ONNX opset (default 23, or 18 with --target tensorrt; 27 at most). Every "
+                   "opset keeps PyTorch's result for fully masked attention rows. From 27 on, "
+                   "gla/deltanet/gated-deltanet recurrences are ONNX LinearAttention nodes "
+                   "(onnxruntime >= 1.32, not TensorRT); below, plain ops.")
 @click.option("--fp16", is_flag=True, default=None,
               help="Also write OUTPUT.fp16.onnx (fp16 weights and activations, linear-attention "
                    "state in fp32), verified against the fp32 PyTorch hybrid at the fp16 "

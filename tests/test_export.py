@@ -76,7 +76,7 @@ def _masked_inputs() -> dict[str, torch.Tensor]:
     return {"x": x, "mask": mask}
 
 
-@pytest.mark.parametrize("opset", [18, 23], ids=lambda v: f"opset{v}")
+@pytest.mark.parametrize("opset", [18, 23, 27], ids=lambda v: f"opset{v}")
 def test_fully_masked_row_matches_pytorch(tmp_path: Path, opset: int) -> None:
     # torch.onnx alone gives mean(V) (bool) or NaN (-inf) here at opsets 18-22; PyTorch gives 0
     model, inputs = MaskedSDPA(), _masked_inputs()

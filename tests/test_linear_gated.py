@@ -289,6 +289,87 @@ def test_onnx_export_is_plain_ops_and_matches(tmp_path, monkeypatch) -> None:
                          what=f"{kind} window {win} B{B}-T{T}")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_op_is_the_recurrence_and_the_students_route_through_it(kind: str) -> None:
+    """``dtr_compile::linear_attention`` equals the fp64 reference (prefill, and one token from a
+    state); a student under ``fused_recurrence()`` gives what it gives without, and its trace
+    holds exactly one such node (its rule named); a rule that does not match β is refused."""
+    from dtr_compile.linear.recurrence import fused_recurrence, linear_attention_op
+
+    rule = {"gla": "gated", "deltanet": "delta", "gated-deltanet": "gated_delta"}[kind]
+    g = seeded(f"fused-op-{kind}")
+    q, k, v, la, beta = functional_inputs(kind, 2, 3, 37, 8, 6, g)
+    s0 = torch.randn(2, 3, 8, 6, generator=g)
+    for init in (None, s0):
+        ref, ref_state = naive_recurrence(q, k, v, la, beta, init)
+        out, state = linear_attention_op(q, k, v, la, beta, init, rule, 16)
+        assert_close(out, ref, what=f"fused op {kind}")
+        assert_close(state, ref_state, what=f"fused op state {kind}")
+    with pytest.raises(ValueError, match="β"):
+        linear_attention_op(q, k, v, la, None if beta is not None else la, None, rule, 16)
+    m = make_student(kind, seed="fused").eval()
+    x = (torch.randn(2, 4, 21, 8, generator=g), torch.randn(2, 2, 21, 8, generator=g),
+         torch.randn(2, 2, 21, 8, generator=g))
+    with torch.no_grad():
+        plain = m(*x)
+        with fused_recurrence():
+            fused = m(*x)
+            prog = torch.export.export(m, x, strict=False)
+    assert_close(fused, plain, what=f"student {kind} fused vs plain")
+    calls = [n for n in prog.graph.nodes
+             if n.target is torch.ops.dtr_compile.linear_attention.default]
+    assert len(calls) == 1 and rule in calls[0].args
+
+
+def test_onnx_fused_form_is_linear_attention_27_and_matches(tmp_path) -> None:
+    """At opset 27 every recurrence of :data:`BUNDLE` is one ONNX ``LinearAttention`` node (its
+    ``gated`` / ``delta`` / ``gated_delta`` rule, standard domain, opset 27 in the file), the
+    rest stays plain ops, lint-trt's TRT011 flags the file, and onnxruntime's kernel equals
+    PyTorch's chunked form on left-padded rows within one chunk and across many."""
+    import onnx
+
+    from dtr_compile.exporters.fused import PENDING_DOMAIN
+    from dtr_compile.exporters.onnx import export_onnx, ort_session
+    from dtr_compile.exporters.tensorrt import lint_trt
+
+    bundle = _Bundle().eval()
+    g = seeded("onnx-fused-inputs")
+
+    def inputs(B: int, T: int) -> dict[str, torch.Tensor]:
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[0, : T // 3] = False  # left padding
+        mask = valid[:, None, None, :] & torch.ones(T, T, dtype=torch.bool).tril()
+        return {"q": torch.randn(B, 4, T, 8, generator=g), "k": torch.randn(B, 2, T, 8, generator=g),
+                "v": torch.randn(B, 2, T, 8, generator=g), "mask": mask}
+
+    names = ["q", "k", "v", "mask"]
+    dims = {n: {0: "batch", 2: "sequence"} for n in names}
+    dims["mask"][3] = "sequence"
+    path = export_onnx(bundle, inputs(2, 37), names, dims, tmp_path / "fused.onnx", opset=27)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 27)}
+    assert all(o.domain != PENDING_DOMAIN for o in model.opset_import)
+    fused = [n for n in model.graph.node if n.op_type == "LinearAttention"]
+    rules = sorted(next(a.s.decode() for a in n.attribute if a.name == "update_rule")
+                   for n in fused)
+    want_rules = sorted({"gla": "gated", "deltanet": "delta",
+                         "gated-deltanet": "gated_delta"}[kind] for kind, _ in BUNDLE)
+    assert rules == want_rules and all(n.domain == "" for n in fused)
+    assert not {n.op_type for n in model.graph.node} & {"Loop", "Scan", "If", "Einsum"}
+    assert [f.rule for f in lint_trt(path) if f.rule == "TRT011"] == ["TRT011"]
+    sess = ort_session(path)
+    for B, T in ((1, 5), (3, 16), (2, 200)):
+        x = inputs(B, T)
+        got = sess.run(None, {n: x[n].numpy() for n in names})
+        with torch.no_grad():
+            want = bundle(*(x[n] for n in names))
+        for (kind, win), o, w in zip(BUNDLE, got, want, strict=True):
+            keep = x["mask"][:, 0, -1, :][:, None, :, None].expand_as(w)  # real query positions
+            assert_close(torch.from_numpy(o)[keep], w[keep], tol=1e-4,
+                         what=f"fused {kind} window {win} B{B}-T{T}")
+
+
 def _teacher(m, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # noqa: ANN001
              valid: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention over the valid keys with the student's scale."""

@@ -308,3 +308,45 @@ def test_matrix_state_students_decode_like_full_recompute(student, window):
         alone = greedy_reference(prefill, p[None], 16, torch.ones(1, len(p), dtype=torch.long))
         assert torch.equal(got.tokens[i], alone.tokens[0]), (student, i)
         assert (got.logits[i] - alone.logits[0]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize(("student", "window"), [
+    ("gated-deltanet", 0),
+    pytest.param("gla", 4, marks=pytest.mark.slow),
+], ids=["gated-deltanet", "gla-window4"])
+def test_fused_stateful_onnx_decodes_like_full_recompute(tmp_path, student, window):
+    """The stateful decoder at opset 27: each recurrence is one ONNX ``LinearAttention`` reading
+    ``past.1.recurrent`` and writing ``present.1.recurrent``; without a window the graph has no
+    ``If`` (the op serves prefill and one-token decode). onnxruntime continues a left-padded
+    batch token for token like PyTorch's full recomputation."""
+    import onnx
+
+    from dtr_compile.exporters.tensorrt import _with_subgraphs
+    from dtr_compile.linear import make_student
+
+    gm, scan = _captured("llama")
+    s = scan.sites[1]
+    torch.manual_seed(12)
+    st = make_student(student, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                      head_dim=s.head_dim, head_dim_v=s.head_dim_v, mask_kind=s.mask_kind,
+                      causal=True, scale=s.scale, window=window)
+    with torch.no_grad():
+        for p in st.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    students = {s.id: st.eval()}
+    sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
+    prefill = linearize(gm, scan.sites, students)
+    path = export_stateful_onnx(sg, tmp_path / "decoder.onnx", opset=27)
+    model = onnx.load(str(path))
+    nodes = [n for g in _with_subgraphs(model.graph) for n in g.node]
+    fused = [n for n in nodes if n.op_type == "LinearAttention"]
+    assert fused and all(n.domain == "" for n in fused)
+    assert any("past.1.recurrent" in n.input for n in fused) or window  # inside If with a window
+    assert len([n for n in model.graph.node if n.op_type == "If"]) == (1 if window else 0)
+    prompts = [_prompt(8, 5), _prompt(9, 70)]
+    ids, mask = left_pad(prompts)
+    got = greedy_stateful(ort_runner(path), sg.empty_past(2), ids, 12, mask)
+    for i, p in enumerate(prompts):
+        alone = greedy_reference(prefill, p[None], 12, torch.ones(1, len(p), dtype=torch.long))
+        assert torch.equal(got.tokens[i], alone.tokens[0]), (student, i)
+        assert (got.logits[i] - alone.logits[0]).abs().max() < 1e-3

@@ -121,6 +121,29 @@ def test_distils_searches_exports(tmp_path, model: str, kind: str, target: str) 
         assert st["hybrid"]["parity"]["tokens_equal"], st["hybrid"]["parity"]
 
 
+def test_opset_27_writes_fused_linear_attention(tmp_path) -> None:
+    """``--opset 27``: the hybrid and its stateful decoder hold one ONNX ``LinearAttention`` per
+    linear site (standard domain), both pass their parity checks (the decoder token for token),
+    onnxruntime matches PyTorch past a chunk, and the report says opset 27."""
+    import onnx
+
+    from dtr_compile.exporters.tensorrt import _with_subgraphs
+
+    res, out = _compile(tmp_path, TinyCausalLM(), student="gated-deltanet", opset=27)
+    rep = res.report
+    assert rep["export"]["opset"] == 27 and rep["parity_ok"], rep["parity"]
+    st = rep["stateful"]
+    assert st["status"] == "written" and st["hybrid"]["parity"]["tokens_equal"], st
+    for path in (out, Path(st["hybrid"]["path"])):
+        model = onnx.load(str(path))
+        assert next(o.version for o in model.opset_import if o.domain == "") == 27
+        fused = [n for g in _with_subgraphs(model.graph) for n in g.node
+                 if n.op_type == "LinearAttention"]
+        assert len(fused) == len(rep["replaced"]) == 2, (path.name, len(fused))
+        assert {n.domain for n in fused} == {""}
+    _check_onnx(res, out)
+
+
 def test_causal_only_kind_on_an_encoder_is_refused(tmp_path) -> None:
     from tests.test_decoder_vision import TinyViT
 

@@ -31,6 +31,7 @@ import torch
 from rich.console import Console
 
 from dtr_compile.errors import InputError
+from dtr_compile.exporters.fused import LINEAR_ATTENTION_OPSET, is_fused
 from dtr_compile.exporters.onnx import (
     DEFAULT_OPSET,
     FP16_ATOL,
@@ -70,11 +71,12 @@ def _needed(fp16: bool, export_original: bool, engine: str | None) -> set[str]:
 
 
 def max_opset() -> int:
-    """The highest opset both the installed torch.onnx exporter and onnx support."""
+    """The highest opset dtr-compile writes: the installed onnx's (torch.onnx writes up to its
+    own maximum, 23, and onnx's version converter takes the file the rest of the way), capped at
+    :data:`~dtr_compile.exporters.fused.LINEAR_ATTENTION_OPSET` (27), the highest tested."""
     import onnx
-    from torch.onnx import _constants
 
-    return min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version())
+    return min(LINEAR_ATTENTION_OPSET, onnx.defs.onnx_opset_version())
 
 
 def resolve_opset(target: str, opset: int | None) -> int:
@@ -89,8 +91,12 @@ def resolve_opset(target: str, opset: int | None) -> int:
         raise InputError(f"--opset {opset}: torch.onnx.export(dynamo=True) exports opset 18 and up")
     top = max_opset()
     if opset is not None and opset > top:
-        raise InputError(f"--opset {opset}: the installed torch.onnx exporter and onnx support opset "
-                         f"{top} at most")
+        raise InputError(f"--opset {opset}: dtr-compile writes opset {top} at most with the "
+                         "installed onnx")
+    if opset is not None and target == "tensorrt" and is_fused(opset):
+        raise InputError(f"--opset {opset} writes linear attention as ONNX LinearAttention, which "
+                         f"TensorRT does not import; use --opset {LINEAR_ATTENTION_OPSET - 1} or "
+                         "lower with --target tensorrt (the plain-op form)")
     return opset if opset is not None else (TENSORRT_OPSET if target == "tensorrt" else DEFAULT_OPSET)
 
 
@@ -227,8 +233,9 @@ def export_artifacts(
     _timed(res.seconds, "pt2", t0)
 
     t0 = time.perf_counter()
-    export_onnx(program, example, input_names, dynamic_dims, paths["onnx"], opset=res.opset,
-                metadata=meta(linear), **common)
+    # the fused form needs its own trace (the .pt2 keeps plain ops: it loads without dtr_compile)
+    export_onnx(hybrid if is_fused(res.opset) else program, example, input_names, dynamic_dims,
+                paths["onnx"], opset=res.opset, metadata=meta(linear), **common)
     res.artifacts["onnx"] = str(final["onnx"])
     res.interface = onnx_interface(paths["onnx"])
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)

@@ -49,6 +49,13 @@ from torch.fx import GraphModule
 from torch.fx.node import Argument
 
 from dtr_compile.errors import DtrError, first_line
+from dtr_compile.exporters.fused import (
+    finish,
+    is_fused,
+    torch_max_opset,
+    tracing,
+    translation_table,
+)
 from dtr_compile.fileio import atomic_path
 from dtr_compile.passes.attention_block import ATTENTION_MODULE
 
@@ -326,8 +333,10 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` (flat positional inputs ``input_names``) to ONNX at ``path``, atomically.
 
-    ``model`` may already be a ``torch.export`` program of it (see :func:`export_program`). Its
-    SDPA nodes are made exact for ``opset`` (:func:`prepare_for_export`) on the inlined ATen graph,
+    ``model`` may already be a ``torch.export`` program of it (see :func:`export_program`), except
+    from opset 27 on, where the students' recurrences are traced as fused ops and written as ONNX
+    ``LinearAttention`` (:mod:`~dtr_compile.exporters.fused`); opsets above the torch exporter's
+    own (23) are reached with onnx's version converter. Its SDPA nodes are made exact for ``opset`` (:func:`prepare_for_export`) on the inlined ATen graph,
     so SDPA calls inside submodules are covered too. Dynamic axes carry the names in
     ``dynamic_dims`` (``batch``, ``sequence``). Inputs are named ``input_names``; outputs
     ``output_names`` when given (the model's own, e.g. ``logits``) and as many as the model's
@@ -336,14 +345,22 @@ def export_onnx(
     checker runs on the file before it is renamed into place.
 
     Raises:
-        DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
+        DtrError: torch.export, torch.onnx or the opset conversion failed, the checker rejected
+            the model, or ``model`` is a program at a fused opset.
     """
     import onnx
 
     from dtr_compile.capture import flat_graph_module
 
-    program = model if isinstance(model, torch.export.ExportedProgram) else export_program(
-        model, example, input_names, dynamic_dims, axis_ranges=axis_ranges)
+    if isinstance(model, torch.export.ExportedProgram):
+        if is_fused(opset):
+            raise DtrError(f"opset {opset} writes fused LinearAttention nodes: export the module, "
+                           "not a torch.export program traced without them")
+        program = model
+    else:
+        with tracing(opset):
+            program = export_program(model, example, input_names, dynamic_dims,
+                                     axis_ranges=axis_ranges)
     gm = prepare_for_export(flat_graph_module(program.module()), opset)
     args = tuple(example[n] for n in input_names)
     outs = gm.graph.output_node().args[0]
@@ -357,8 +374,9 @@ def export_onnx(
             with warnings.catch_warnings(), _no_rotary_fusion():
                 warnings.simplefilter("ignore")
                 prog = torch.onnx.export(
-                    gm, args, dynamo=True, opset_version=opset, input_names=list(input_names),
-                    output_names=names, dynamic_shapes=shapes, verbose=False,
+                    gm, args, dynamo=True, opset_version=min(opset, torch_max_opset()),
+                    input_names=list(input_names), output_names=names, dynamic_shapes=shapes,
+                    verbose=False, custom_translation_table=translation_table(opset),
                 )
         except Exception as exc:  # noqa: BLE001
             raise DtrError(f"ONNX export failed: {first_line(exc)}") from exc
@@ -366,6 +384,10 @@ def export_onnx(
         for key, value in (metadata or {}).items():
             prog.model.metadata_props[key] = value
         prog.save(str(tmp))
+        try:
+            finish(tmp, opset)
+        except Exception as exc:  # noqa: BLE001
+            raise DtrError(f"converting the ONNX to opset {opset} failed: {first_line(exc)}") from exc
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as exc:

@@ -5,7 +5,8 @@
   ``past_sequence`` (P) and ``total_sequence`` (P + t) axes. Softmax layers export as ONNX
   ``Attention`` (opset 23) on the concatenated past and new keys (or MatMul/Softmax below 23, see
   :func:`~dtr_compile.exporters.onnx.prepare_for_export`); linear layers as plain ops (the chunked
-  causal form serves prefill and decode alike).
+  causal form serves prefill and decode alike), or from opset 27 their recurrences as ONNX
+  ``LinearAttention`` nodes (:mod:`~dtr_compile.exporters.fused`).
 * :func:`greedy_reference`: greedy continuation by full recomputation of a prefill graph, the
   reference; :func:`greedy_stateful`: the same in onnxruntime (or in PyTorch on the stateful
   graph) with one prefill then one token per step; :func:`decode_parity`: the two compared,
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from dtr_compile.errors import DtrError
+from dtr_compile.errors import DtrError, first_line
+from dtr_compile.exporters.fused import finish, torch_max_opset, tracing, translation_table
 from dtr_compile.exporters.onnx import DEFAULT_OPSET, _no_rotary_fusion, prepare_for_export
 from dtr_compile.fileio import atomic_path
 from dtr_compile.passes.stateful import MASK, TOKENS, StatefulGraph
@@ -86,18 +88,27 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
         try:
             with warnings.catch_warnings(), _no_rotary_fusion():
                 warnings.simplefilter("ignore")
-                program = torch.export.export(sg.gm, args, dynamic_shapes=shapes, strict=False)
+                with tracing(opset):
+                    program = torch.export.export(sg.gm, args, dynamic_shapes=shapes,
+                                                  strict=False)
                 gm = prepare_for_export(flat_graph_module(program.module()), opset)
-                prog = torch.onnx.export(gm, args, dynamo=True, opset_version=opset,
+                prog = torch.onnx.export(gm, args, dynamo=True,
+                                         opset_version=min(opset, torch_max_opset()),
                                          input_names=list(sg.input_names),
                                          output_names=list(sg.output_names),
-                                         dynamic_shapes=shapes, verbose=False)
+                                         dynamic_shapes=shapes, verbose=False,
+                                         custom_translation_table=translation_table(opset))
         except Exception as exc:  # noqa: BLE001
             text = str(exc)
             raise DtrError(f"stateful ONNX export failed: {type(exc).__name__}: "
                            f"{text.splitlines()[0] if text else ''}") from exc
         assert prog is not None
         prog.save(str(tmp))
+        try:
+            finish(tmp, opset)
+        except Exception as exc:  # noqa: BLE001
+            raise DtrError(f"converting the stateful ONNX to opset {opset} failed: "
+                           f"{first_line(exc)}") from exc
         _name_axes(Path(tmp), sg)
         try:
             onnx.checker.check_model(str(tmp), full_check=True)

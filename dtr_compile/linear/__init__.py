@@ -6,7 +6,8 @@
 * :mod:`~dtr_compile.linear.gated` — gated linear attention (GLA), causal;
 * :mod:`~dtr_compile.linear.delta` — DeltaNet and Gated DeltaNet, causal;
 * :mod:`~dtr_compile.linear.recurrence` — what GLA and DeltaNet share (chunk scan, output norm,
-  the sliding window beside the state);
+  the sliding window beside the state, and the fused op ``dtr_compile::linear_attention`` that
+  ``--opset 27`` writes as ONNX ``LinearAttention``);
 * :mod:`~dtr_compile.linear.window` — exact softmax over the last ``W`` keys (the matrix-state
   students' ``--window``).
 

@@ -22,7 +22,8 @@ The stateful form has two phases, chosen per call by :func:`by_phase`: *decode* 
 :meth:`LinearStudent.decode_step`: the recurrence for one token, O(state) work) and *extend*
 (``t > 1``, :meth:`LinearStudent.extend`: the chunked form from the state, the prefill). Under
 ``torch.export`` with a dynamic ``t`` both are traced into one ``torch.cond`` (ONNX ``If``), so
-one decoder graph serves prefill and decode and a decode step never pays for a padded chunk.
+one decoder graph serves prefill and decode and a decode step never pays for a padded chunk; a
+student whose extend is one fused op for every ``t`` (:meth:`LinearStudent.one_form`) skips it.
 """
 
 from __future__ import annotations
@@ -199,9 +200,18 @@ class LinearStudent(nn.Module):
                                            for i, n in enumerate(names)))
             return run
 
-        outs = by_phase(t, flat(self.decode_step, True), flat(self.extend, False),
-                        (q, k, v, valid, *(state[n] for n in names)))
+        operands = (q, k, v, valid, *(state[n] for n in names))
+        if self.one_form():
+            outs = flat(self.extend, False)(*operands)
+        else:
+            outs = by_phase(t, flat(self.decode_step, True), flat(self.extend, False), operands)
         return outs[0], dict(zip(names, outs[1:], strict=True))
+
+    def one_form(self) -> bool:
+        """Whether :meth:`extend` serves ``t == 1`` as cheaply as :meth:`decode_step` (a fused
+        op with its own per-length kernels): then :meth:`forward_stateful` calls it alone, with
+        no ``torch.cond``. False here."""
+        return False
 
     def decode_step(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,

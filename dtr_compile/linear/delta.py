@@ -85,6 +85,7 @@ class DeltaNet(MatrixStateStudent):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int, *,
                  gated: bool = False, **kwargs: object) -> None:
         self.kind = "gated-deltanet" if gated else "deltanet"
+        self.update_rule = "gated_delta" if gated else "delta"
         super().__init__(num_heads, num_kv_heads, head_dim, head_dim_v, **kwargs)  # type: ignore[arg-type]
         self.gated = gated
         self.beta = HeadGate(num_heads, head_dim_v, torch.full((num_heads,), BETA_INIT_LOGIT))

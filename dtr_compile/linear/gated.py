@@ -75,6 +75,7 @@ class GatedLinearAttention(MatrixStateStudent):
     """
 
     kind = "gla"
+    update_rule = "gated"
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int,
                  **kwargs: object) -> None:

@@ -10,11 +10,18 @@ states between chunks are an inclusive scan of these affine maps, computed here 
 Under ``torch.export`` ``N`` is symbolic, so the graph always runs :data:`MAX_SCAN_ROUNDS` rounds
 (rounds with ``d >= N`` compose with the identity and change nothing): the exported graph is
 exact for ``N <= 2**MAX_SCAN_ROUNDS`` chunks, i.e. ``T < 64·65536`` tokens at ``C = 64``.
+
+The students reach a recurrence only through :func:`recurrence`: the chunked form, the
+token-by-token form for a decode step, or — under :func:`fused_recurrence`, for an export at
+opset 27 — one :func:`linear_attention_op` node (ONNX ``LinearAttention``,
+:mod:`dtr_compile.exporters.fused`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -336,6 +343,79 @@ def naive_recurrence(
     return torch.stack(outs, dim=2).float(), s.float()
 
 
+# --- the fused form: one op per recurrence (ONNX LinearAttention, opset 27) -------------------
+
+#: ``update_rule`` names of ONNX ``LinearAttention`` (opset 27) the students use.
+UPDATE_RULES = ("gated", "delta", "gated_delta")
+# A plain global, not a ContextVar: torch.cond traces its branches with dynamo, which reads
+# module globals but cannot call ContextVar.get. Exports run one at a time.
+_FUSED = [False]
+
+
+@contextlib.contextmanager
+def fused_recurrence() -> Iterator[None]:
+    """While active, the matrix-state students run each recurrence as one
+    ``torch.ops.dtr_compile.linear_attention`` call (:func:`linear_attention_op`) instead of its
+    chunked or token-by-token form spelled in plain ops. A trace (``torch.export``) taken inside
+    it holds one node per recurrence, which the ONNX exporter writes as ``LinearAttention``
+    (opset 27, :mod:`dtr_compile.exporters.fused`). Results in PyTorch are unchanged: the op runs
+    :func:`chunked_recurrence`."""
+    before, _FUSED[0] = _FUSED[0], True
+    try:
+        yield
+    finally:
+        _FUSED[0] = before
+
+
+def _linear_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           log_alpha: torch.Tensor, beta: torch.Tensor | None,
+                           initial_state: torch.Tensor | None, update_rule: str,
+                           chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if update_rule not in UPDATE_RULES:
+        raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {update_rule!r}")
+    if (beta is None) != (update_rule == "gated"):
+        raise ValueError(f"update_rule {update_rule!r} {'takes no' if beta is None else 'needs'} β")
+    return chunked_recurrence(q, k, v, log_alpha, beta, chunk_size=chunk_size,
+                              initial_state=initial_state)
+
+
+linear_attention_op = torch.library.custom_op(
+    "dtr_compile::linear_attention", _linear_attention_impl, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor log_alpha, Tensor? beta, Tensor? initial_state, "
+           "str update_rule, int chunk_size) -> (Tensor, Tensor)")
+linear_attention_op.__doc__ = """One recurrence as one op: :func:`chunked_recurrence` (same
+arguments and results, ``update_rule`` in :data:`UPDATE_RULES`: ``"gated"`` without β, ``"delta"``
+with ``log_alpha = 0``, ``"gated_delta"``), ONNX ``LinearAttention``'s rules with ``scale = 1``.
+Raises ValueError for an unknown rule or a β that does not match it."""
+
+
+@linear_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+      beta: torch.Tensor | None, initial_state: torch.Tensor | None, update_rule: str,
+      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    return (q.new_empty(B, H, T, dv, dtype=torch.float32),
+            q.new_empty(B, H, dk, dv, dtype=torch.float32))
+
+
+def recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor,
+               beta: torch.Tensor | None, *, update_rule: str, chunk_size: int,
+               initial_state: torch.Tensor | None = None, step: bool = False,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The students' one entry to a recurrence (shapes as :func:`chunked_recurrence`): the fused
+    op under :func:`fused_recurrence`, else :func:`recurrent_steps` when ``step`` (decode; needs
+    ``initial_state``) or :func:`chunked_recurrence`."""
+    if _FUSED[0]:
+        return linear_attention_op(q, k, v, log_alpha, beta, initial_state, update_rule,
+                                   chunk_size)
+    if step:
+        assert initial_state is not None, "a decode step continues a state"
+        return recurrent_steps(q, k, v, log_alpha, beta, initial_state)
+    return chunked_recurrence(q, k, v, log_alpha, beta, chunk_size=chunk_size,
+                              initial_state=initial_state)
+
+
 def delay(x: torch.Tensor, steps: int, dim: int) -> torch.Tensor:
     """``x`` shifted ``steps`` positions later along ``dim`` (zeros first, same length): position
     ``t`` holds position ``t − steps``."""
@@ -408,6 +488,8 @@ class MatrixStateStudent(LinearStudent):
     """
 
     kind = ""
+    #: ONNX ``LinearAttention``'s ``update_rule`` of this kind (:data:`UPDATE_RULES`).
+    update_rule = ""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, head_dim_v: int, *,
                  mask_kind: str = "none", causal: bool = True, scale: float | None = None,
@@ -466,8 +548,8 @@ class MatrixStateStudent(LinearStudent):
         if self.window:
             k, v, valid = (delay(x, self.window, 2 if x.dim() == 4 else 1) for x in (k, v, valid))
         q_, k_, g, beta = self._inputs(q, k, v, valid)
-        out, _ = chunked_recurrence(q_, k_, v.float() * valid[:, None, :, None], g, beta,
-                                    chunk_size=self.chunk_size)
+        out, _ = recurrence(q_, k_, v.float() * valid[:, None, :, None], g, beta,
+                            update_rule=self.update_rule, chunk_size=self.chunk_size)
         return out
 
     def _window_part(self, sw: torch.Tensor) -> torch.Tensor:
@@ -519,6 +601,12 @@ class MatrixStateStudent(LinearStudent):
                     / w.sum(dim=(0, 2, 3)).clamp_min(1.0)).sqrt().clamp_min(1e-6)
         self.norm.weight.copy_(gain[:, None].expand_as(self.norm.weight))
 
+    def one_form(self) -> bool:
+        """True while tracing the fused form (:func:`fused_recurrence`) without a window: the
+        ``LinearAttention`` op runs one token as its recurrence (no padded chunk), so the
+        stateful graph needs no ``If`` between phases."""
+        return _FUSED[0] and not self.window
+
     def state_names(self) -> tuple[str, ...]:
         """``("recurrent",)``, plus ``("window_key", "window_value", "window_valid")`` with a
         window."""
@@ -560,13 +648,16 @@ class MatrixStateStudent(LinearStudent):
         valid = first_token(key_valid, 1)  # [B, 1]
         if not self.window:
             q_, k_, v_, g, beta = self._step_inputs(q, k, v, valid)
-            out, s = recurrent_steps(q_, k_, v_, g, beta, state["recurrent"])
+            out, s = recurrence(q_, k_, v_, g, beta, update_rule=self.update_rule,
+                                chunk_size=self.chunk_size, initial_state=state["recurrent"],
+                                step=True)
             return self.norm(out), {"recurrent": s}
         win_k, win_v = state["window_key"], state["window_value"]  # [B, Hkv, W, D]
         win_valid = state["window_valid"].float()  # [B, W]
         q_, k_, v_, g, beta = self._step_inputs(q, win_k[:, :, :1].to(k.dtype),
                                                 win_v[:, :, :1].to(v.dtype), win_valid[:, :1])
-        out, s = recurrent_steps(q_, k_, v_, g, beta, state["recurrent"])
+        out, s = recurrence(q_, k_, v_, g, beta, update_rule=self.update_rule,
+                            chunk_size=self.chunk_size, initial_state=state["recurrent"], step=True)
         keys = torch.cat([win_k[:, :, 1:].to(k.dtype), k], dim=2)  # [B, Hkv, W, Dk]
         values = torch.cat([win_v[:, :, 1:].to(v.dtype), v], dim=2)
         keys_valid = torch.cat([win_valid[:, 1:], valid], dim=1)  # [B, W]
@@ -591,8 +682,8 @@ class MatrixStateStudent(LinearStudent):
         t = q.shape[-2]
         if not self.window:
             q_, k_, v_, g, beta = self._step_inputs(q, k, v, key_valid)
-            out, s = chunked_recurrence(q_, k_, v_, g, beta, chunk_size=self.chunk_size,
-                                        initial_state=state["recurrent"])
+            out, s = recurrence(q_, k_, v_, g, beta, update_rule=self.update_rule,
+                                chunk_size=self.chunk_size, initial_state=state["recurrent"])
             return self.norm(out), {"recurrent": s}
         W = self.window
         C, win_k, win_v, win_valid = stored_window(state, W, self.chunk_size, k.dtype)
@@ -605,8 +696,8 @@ class MatrixStateStudent(LinearStudent):
         q_, k_, v_, g, beta = self._step_inputs(q, k_all.index_select(2, leave),
                                                 v_all.index_select(2, leave),
                                                 valid_all.index_select(1, leave))
-        out, s = chunked_recurrence(q_, k_, v_, g, beta, chunk_size=self.chunk_size,
-                                    initial_state=state["recurrent"])
+        out, s = recurrence(q_, k_, v_, g, beta, update_rule=self.update_rule,
+                            chunk_size=self.chunk_size, initial_state=state["recurrent"])
         q_all = torch.cat([q.new_zeros(q.shape[0], q.shape[1], C, q.shape[-1]), q], dim=2)
         # heads repeated before concatenating: repeating a length C + t makes torch.export guard
         kh = torch.cat([repeat_kv(win_k, self.num_heads), repeat_kv(k, self.num_heads)], dim=2)
