@@ -237,6 +237,12 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                 lines.append(f"| {kind[:-1]} | `{v.get('name')}` | {v.get('dtype')} | "
                              f"[{shape}] |")
         lines += ["", "Named axes (`batch`, `sequence`) are dynamic; numbers are fixed sizes.", ""]
+        exp = report.get("export") or {}
+        fused = (exp.get("linear_attention") or {}).get("nodes", 0)
+        if "opset" in exp:
+            lines += [f"Opset {exp['opset']}; linear attention "
+                      + (f"fused: {fused} ONNX `LinearAttention` node(s) (onnxruntime, not "
+                         "TensorRT)." if fused else "in plain ops (every runtime)."), ""]
     outs = report.get("outputs") or {}
     if outs:
         lines += ["## Outputs", "", f"`--select {outs.get('select')}`: `-o` gets "

@@ -358,6 +358,13 @@ def test_onnx_fused_form_is_linear_attention_27_and_matches(tmp_path) -> None:
     assert rules == want_rules and all(n.domain == "" for n in fused)
     assert not {n.op_type for n in model.graph.node} & {"Loop", "Scan", "If", "Einsum"}
     assert [f.rule for f in lint_trt(path) if f.rule == "TRT011"] == ["TRT011"]
+    from click.testing import CliRunner
+
+    from dtr_compile.cli import main
+
+    res = CliRunner().invoke(main, ["lint-trt", str(path)])
+    assert res.exit_code != 0 and "linear-attention form: fused (ONNX LinearAttention-27)" \
+        in res.output, res.output
     sess = ort_session(path)
     for B, T in ((1, 5), (3, 16), (2, 200)):
         x = inputs(B, T)

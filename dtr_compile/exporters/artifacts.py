@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 
 from dtr_compile.errors import InputError
-from dtr_compile.exporters.fused import LINEAR_ATTENTION_OPSET, is_fused
+from dtr_compile.exporters.fused import LINEAR_ATTENTION_OPSET, count_fused, is_fused
 from dtr_compile.exporters.onnx import (
     DEFAULT_OPSET,
     FP16_ATOL,
@@ -129,6 +129,8 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
     #: the hybrid ONNX's inputs and outputs (:func:`~dtr_compile.exporters.onnx.onnx_interface`)
     interface: dict[str, Any] = field(default_factory=dict)
+    #: ``LinearAttention`` nodes in the hybrid ONNX (0: the plain form)
+    fused_nodes: int = 0
 
     def failures(self) -> list[str]:
         """One line per failed check (empty when every artifact verified)."""
@@ -157,6 +159,8 @@ class ExportResult:
             "fp16_tolerance": {"atol_relative": FP16_ATOL, "rel_rms": FP16_RTOL},
             "tensorrt_lint": {k: [f.to_dict() for f in v] for k, v in self.lint.items()},
             "engine": self.engine, "seconds": self.seconds, "interface": self.interface,
+            "linear_attention": {"form": "fused" if self.fused_nodes else "plain",
+                                 "nodes": self.fused_nodes},
         }
 
 
@@ -238,6 +242,7 @@ def export_artifacts(
                 paths["onnx"], opset=res.opset, metadata=meta(linear), **common)
     res.artifacts["onnx"] = str(final["onnx"])
     res.interface = onnx_interface(paths["onnx"])
+    res.fused_nodes = count_fused(paths["onnx"])
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)
     _timed(res.seconds, "onnx", t0)
     console.log(f"exported {final['onnx'].name} (opset {res.opset}) and {final['pt2'].name}")

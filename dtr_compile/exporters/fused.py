@@ -139,6 +139,15 @@ def finish(path: str | os.PathLike[str], opset: int) -> None:
     onnx.save(model, str(Path(path)))
 
 
+def count_fused(path: str | os.PathLike[str]) -> int:
+    """``LinearAttention`` nodes in the ONNX file at ``path`` (subgraphs included): 0 for the
+    plain form."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(n.op_type == "LinearAttention" for n in _nodes(model.graph))
+
+
 def _nodes(graph: Any) -> Iterator[Any]:  # noqa: ANN401 - onnx.GraphProto
     """Every node of ``graph`` and of its subgraphs (``If`` branches, ``Loop`` bodies)."""
     for node in graph.node:
