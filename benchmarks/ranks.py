@@ -66,7 +66,8 @@ def _model(task: Path) -> Path:
 
 
 def _parameters(model: Path) -> int:
-    """Parameter count of the model file (weights and buffers of the floating dtypes)."""
+    """Parameter count of the model file (weights and buffers of the floating dtypes), each
+    storage once: tied weights (SmolLM2's embedding and LM head) count once."""
     import torch
 
     from dtr_compile.load import load_model
@@ -77,7 +78,9 @@ def _parameters(model: Path) -> int:
     else:
         assert loaded.module is not None
         tensors = list(loaded.module.state_dict().values())
-    return sum(t.numel() for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
+    unique = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel()
+              for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return sum(unique.values())
 
 
 def run(task: Path, ranks: int, extra: list[str], work: Path) -> dict[str, Any]:
