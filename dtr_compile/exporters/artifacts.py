@@ -242,7 +242,7 @@ def export_artifacts(
                 paths["onnx"], opset=res.opset, metadata=meta(linear), **common)
     res.artifacts["onnx"] = str(final["onnx"])
     res.interface = onnx_interface(paths["onnx"])
-    res.fused_nodes = count_fused(paths["onnx"])
+    res.fused_nodes = count_fused(paths["onnx"]) if is_fused(res.opset) else 0
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)
     _timed(res.seconds, "onnx", t0)
     console.log(f"exported {final['onnx'].name} (opset {res.opset}) and {final['pt2'].name}")

@@ -119,10 +119,12 @@ def finish(path: str | os.PathLike[str], opset: int) -> None:
     """Bring the ONNX file at ``path`` (written by torch.onnx at :func:`torch_max_opset` or
     below) to ``opset`` in place: onnx's version converter for the standard ops, then every
     pending ``LinearAttention`` into the standard domain. Weights stored beside the file
-    (external data) are left where they are. No-op when the file is already at ``opset`` and
-    has no pending node."""
+    (external data) are left where they are. No-op (the file is not read) at an opset torch.onnx
+    writes itself below :data:`LINEAR_ATTENTION_OPSET`."""
     import onnx
 
+    if opset <= torch_max_opset() and not is_fused(opset):
+        return  # torch.onnx wrote it at this opset, plain: nothing to load
     model = onnx.load(str(path), load_external_data=False)
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
     pending = any(n.domain == PENDING_DOMAIN for n in _nodes(model.graph))
