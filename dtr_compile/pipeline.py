@@ -245,7 +245,8 @@ def _validate(config: CompileConfig) -> Budget:
         parse_duration(config.time_limit)
     if config.cache_mb < 0:
         raise InputError("--cache-mb must be >= 0 (0 turns the prefix cache off)")
-    check_export_options(target=config.target, opset=config.opset, engine=config.engine)
+    check_export_options(target=config.target, opset=config.opset, engine=config.engine,
+                         linear_attention=config.linear_attention)
     _distill_settings(config).check()
     if config.max_calib_tokens < 1:
         raise InputError("--max-calib-tokens must be >= 1")
@@ -618,7 +619,7 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
               students: dict[str, Any], blocks: dict[str, Any], hybrid: torch.nn.Module,
               val: Dataset, names: list[str], out_path: Path, opset: int,
               console: Console, write_to: Callable[[Path], Path] = lambda p: p,
-              ) -> dict[str, Any] | None:
+              fused: bool = False) -> dict[str, Any] | None:
     """The stateful decoders of a causal model (:mod:`dtr_compile.passes.stateful`): the hybrid
     (and the KV-cached original with ``--export-original``) written beside the prefill ONNX and
     checked by a greedy continuation against full recomputation. None for a model with no causal
@@ -644,7 +645,7 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
             return {"status": "not_stateful", "reasons": list(sg.reasons)}
         t0 = time.perf_counter()
         try:
-            path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset)
+            path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset, fused=fused)
         except DtrError as exc:  # the prefill artifacts stand; the report says why
             console.log(f"[yellow]no stateful decoder[/yellow] ({key}): {exc}")
             out[key] = {"status": "export_failed", "reason": str(exc)}
@@ -870,10 +871,10 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
             export_original=config.export_original, engine=config.engine, console=console,
             write_to=staging.path,
             output_names=captured.output_names, sites=[(s.id, s.module_path) for s in sites],
-            linear=list(delivered))
+            linear=list(delivered), linear_attention=config.linear_attention)
         stateful = _decoders(config, gm, scan, {sid: students[sid] for sid in delivered},
                              plan.blocks, hybrid, val, names, out_path, exported.opset, console,
-                             write_to=staging.path)
+                             write_to=staging.path, fused=exported.fused)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if fits else EXIT_NO_REPLACEMENT

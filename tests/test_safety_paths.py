@@ -121,8 +121,9 @@ def test_output_inside_a_model_folder_is_refused(tmp_path) -> None:
     (["--max-linear", "0"], "--max-linear 0"),
     (["--opset", "30"], "writes opset 27 at most"),
     (["--target", "tensorrt", "--opset", "27"], "LinearAttention, which TensorRT does not import"),
+    (["--target", "tensorrt", "--linear-attention", "fused"], "TensorRT does not import"),
 ], ids=["eval-batch-0", "calib-0", "atol-neg", "atol-nan", "max-linear-0", "opset-30",
-        "tensorrt-opset-27"])
+        "tensorrt-opset-27", "tensorrt-fused"])
 def test_bad_flags_fail_before_loading(task, tmp_path, flags, needle) -> None:
     out = tmp_path / "o" / "h.onnx"
     res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(out), *flags)

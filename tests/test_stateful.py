@@ -310,15 +310,16 @@ def test_matrix_state_students_decode_like_full_recompute(student, window):
         assert (got.logits[i] - alone.logits[0]).abs().max() < 1e-3
 
 
-@pytest.mark.parametrize(("student", "window"), [
-    ("gated-deltanet", 0),
-    pytest.param("gla", 4, marks=pytest.mark.slow),
-], ids=["gated-deltanet", "gla-window4"])
-def test_fused_stateful_onnx_decodes_like_full_recompute(tmp_path, student, window):
-    """The stateful decoder at opset 27: each recurrence is one ONNX ``LinearAttention`` reading
-    ``past.1.recurrent`` and writing ``present.1.recurrent``; without a window the graph has no
-    ``If`` (the op serves prefill and one-token decode). onnxruntime continues a left-padded
-    batch token for token like PyTorch's full recomputation."""
+@pytest.mark.parametrize(("student", "window", "opset"), [
+    ("gated-deltanet", 0, 23),
+    pytest.param("gated-deltanet", 0, 27, marks=pytest.mark.slow),
+    pytest.param("gla", 4, 27, marks=pytest.mark.slow),
+], ids=["gated-deltanet-com.microsoft", "gated-deltanet-opset27", "gla-window4-opset27"])
+def test_fused_stateful_onnx_decodes_like_full_recompute(tmp_path, student, window, opset):
+    """The fused stateful decoder (onnxruntime's ``com.microsoft`` op at opset 23, the standard
+    op at 27): each recurrence is one ``LinearAttention`` reading ``past.1.recurrent``; without a
+    window the graph has no ``If`` (the op serves prefill and one-token decode). onnxruntime
+    continues a left-padded batch token for token like PyTorch's full recomputation."""
     import onnx
 
     from dtr_compile.exporters.tensorrt import _with_subgraphs
@@ -336,11 +337,11 @@ def test_fused_stateful_onnx_decodes_like_full_recompute(tmp_path, student, wind
     students = {s.id: st.eval()}
     sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
     prefill = linearize(gm, scan.sites, students)
-    path = export_stateful_onnx(sg, tmp_path / "decoder.onnx", opset=27)
+    path = export_stateful_onnx(sg, tmp_path / "decoder.onnx", opset=opset, fused=True)
     model = onnx.load(str(path))
     nodes = [n for g in _with_subgraphs(model.graph) for n in g.node]
     fused = [n for n in nodes if n.op_type == "LinearAttention"]
-    assert fused and all(n.domain == "" for n in fused)
+    assert fused and all(n.domain == ("" if opset == 27 else "com.microsoft") for n in fused)
     assert any("past.1.recurrent" in n.input for n in fused) or window  # inside If with a window
     assert len([n for n in model.graph.node if n.op_type == "If"]) == (1 if window else 0)
     prompts = [_prompt(8, 5), _prompt(9, 70)]

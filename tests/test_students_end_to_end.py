@@ -132,7 +132,7 @@ def test_opset_27_writes_fused_linear_attention(tmp_path) -> None:
     res, out = _compile(tmp_path, TinyCausalLM(), student="gated-deltanet", opset=27)
     rep = res.report
     assert rep["export"]["opset"] == 27 and rep["parity_ok"], rep["parity"]
-    assert rep["export"]["linear_attention"] == {"form": "fused", "nodes": 2}
+    assert rep["export"]["linear_attention"] == {"form": "fused", "nodes": 2, "domain": "ai.onnx"}
     md = out.with_suffix(".report.md").read_text()
     assert "Opset 27; linear attention fused: 2 ONNX `LinearAttention` node(s)" in md
     st = rep["stateful"]

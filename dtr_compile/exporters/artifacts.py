@@ -31,7 +31,12 @@ import torch
 from rich.console import Console
 
 from dtr_compile.errors import InputError
-from dtr_compile.exporters.fused import LINEAR_ATTENTION_OPSET, count_fused, is_fused
+from dtr_compile.exporters.fused import (
+    LINEAR_ATTENTION_OPSET,
+    count_fused,
+    fused_domain,
+    resolve_fused,
+)
 from dtr_compile.exporters.onnx import (
     DEFAULT_OPSET,
     FP16_ATOL,
@@ -93,21 +98,19 @@ def resolve_opset(target: str, opset: int | None) -> int:
     if opset is not None and opset > top:
         raise InputError(f"--opset {opset}: dtr-compile writes opset {top} at most with the "
                          "installed onnx")
-    if opset is not None and target == "tensorrt" and is_fused(opset):
-        raise InputError(f"--opset {opset} writes linear attention as ONNX LinearAttention, which "
-                         f"TensorRT does not import; use --opset {LINEAR_ATTENTION_OPSET - 1} or "
-                         "lower with --target tensorrt (the plain-op form)")
     return opset if opset is not None else (TENSORRT_OPSET if target == "tensorrt" else DEFAULT_OPSET)
 
 
-def check_export_options(*, target: str, opset: int | None, engine: str | None) -> None:
+def check_export_options(*, target: str, opset: int | None, engine: str | None,
+                         linear_attention: str = "auto") -> None:
     """Checks that need no model, done before a compile starts.
 
     Raises:
-        InputError: bad target or opset, or an engine path that is the ONNX output.
+        InputError: bad target, opset or linear-attention form (the fused one for TensorRT),
+            or an engine path that is the ONNX output.
         DependencyError: ``engine`` without TensorRT or without a CUDA GPU.
     """
-    resolve_opset(target, opset)
+    resolve_fused(linear_attention, resolve_opset(target, opset), target)
     if engine is not None:
         if Path(engine).suffix == ".onnx":
             raise InputError(f"--engine {engine!r}: the engine path must not end in .onnx")
@@ -129,6 +132,8 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
     #: the hybrid ONNX's inputs and outputs (:func:`~dtr_compile.exporters.onnx.onnx_interface`)
     interface: dict[str, Any] = field(default_factory=dict)
+    #: the students' recurrences are written fused (``--linear-attention``)
+    fused: bool = False
     #: ``LinearAttention`` nodes in the hybrid ONNX (0: the plain form)
     fused_nodes: int = 0
 
@@ -160,7 +165,9 @@ class ExportResult:
             "tensorrt_lint": {k: [f.to_dict() for f in v] for k, v in self.lint.items()},
             "engine": self.engine, "seconds": self.seconds, "interface": self.interface,
             "linear_attention": {"form": "fused" if self.fused_nodes else "plain",
-                                 "nodes": self.fused_nodes},
+                                 "nodes": self.fused_nodes,
+                                 "domain": (fused_domain(self.opset) or "ai.onnx")
+                                 if self.fused_nodes else None},
         }
 
 
@@ -202,6 +209,7 @@ def export_artifacts(
     output_names: Sequence[str] | None = None,
     sites: Sequence[tuple[str, str]] = (),
     linear: Sequence[str] = (),
+    linear_attention: str = "auto",
 ) -> ExportResult:
     """Write and verify the artifacts of one compile (see the module docstring).
 
@@ -223,6 +231,7 @@ def export_artifacts(
     where = write_to or (lambda p: p)
     paths = {k: where(p) for k, p in final.items() if k in _needed(fp16, export_original, engine)}
     res = ExportResult(resolve_opset(target, opset), target)
+    res.fused = resolve_fused(linear_attention, res.opset, target)
     common: dict[str, Any] = dict(axis_ranges=axis_ranges, output_names=output_names)
 
     def meta(lin: Sequence[str]) -> dict[str, str]:
@@ -238,11 +247,11 @@ def export_artifacts(
 
     t0 = time.perf_counter()
     # the fused form needs its own trace (the .pt2 keeps plain ops: it loads without dtr_compile)
-    export_onnx(hybrid if is_fused(res.opset) else program, example, input_names, dynamic_dims,
-                paths["onnx"], opset=res.opset, metadata=meta(linear), **common)
+    export_onnx(hybrid if res.fused else program, example, input_names, dynamic_dims,
+                paths["onnx"], opset=res.opset, metadata=meta(linear), fused=res.fused, **common)
     res.artifacts["onnx"] = str(final["onnx"])
     res.interface = onnx_interface(paths["onnx"])
-    res.fused_nodes = count_fused(paths["onnx"]) if is_fused(res.opset) else 0
+    res.fused_nodes = count_fused(paths["onnx"]) if res.fused else 0
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)
     _timed(res.seconds, "onnx", t0)
     console.log(f"exported {final['onnx'].name} (opset {res.opset}) and {final['pt2'].name}")
@@ -252,7 +261,7 @@ def export_artifacts(
         half = to_half(hybrid) if isinstance(hybrid, torch.fx.GraphModule) else hybrid.half()
         ex16 = {k: v.half() if v.dtype == torch.float32 else v for k, v in example.items()}
         export_onnx(half, ex16, input_names, dynamic_dims, paths["onnx_fp16"], opset=res.opset,
-                    metadata=meta(linear), **common)
+                    metadata=meta(linear), fused=res.fused, **common)
         res.artifacts["onnx_fp16"] = str(final["onnx_fp16"])
         res.parity_fp16 = check_parity(paths["onnx_fp16"], hybrid, cases, input_names,
                                        atol=FP16_ATOL, rtol=FP16_RTOL, atol_relative=True)

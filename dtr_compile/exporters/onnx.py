@@ -330,13 +330,15 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     output_names: Sequence[str] | None = None,
     metadata: Mapping[str, str] | None = None,
+    fused: bool | None = None,
 ) -> Path:
     """Export ``model`` (flat positional inputs ``input_names``) to ONNX at ``path``, atomically.
 
     ``model`` may already be a ``torch.export`` program of it (see :func:`export_program`), except
-    from opset 27 on, where the students' recurrences are traced as fused ops and written as ONNX
-    ``LinearAttention`` (:mod:`~dtr_compile.exporters.fused`); opsets above the torch exporter's
-    own (23) are reached with onnx's version converter. Its SDPA nodes are made exact for ``opset`` (:func:`prepare_for_export`) on the inlined ATen graph,
+    for the fused form (``fused``; default: from opset 27 on), where the students' recurrences
+    are traced as fused ops and written as ONNX ``LinearAttention``
+    (:mod:`~dtr_compile.exporters.fused`); opsets above the torch exporter's own (23) are reached
+    with onnx's version converter. Its SDPA nodes are made exact for ``opset`` (:func:`prepare_for_export`) on the inlined ATen graph,
     so SDPA calls inside submodules are covered too. Dynamic axes carry the names in
     ``dynamic_dims`` (``batch``, ``sequence``). Inputs are named ``input_names``; outputs
     ``output_names`` when given (the model's own, e.g. ``logits``) and as many as the model's
@@ -346,19 +348,20 @@ def export_onnx(
 
     Raises:
         DtrError: torch.export, torch.onnx or the opset conversion failed, the checker rejected
-            the model, or ``model`` is a program at a fused opset.
+            the model, or ``model`` is a program and the form is fused.
     """
     import onnx
 
     from dtr_compile.capture import flat_graph_module
 
+    fused = is_fused(opset) if fused is None else fused
     if isinstance(model, torch.export.ExportedProgram):
-        if is_fused(opset):
-            raise DtrError(f"opset {opset} writes fused LinearAttention nodes: export the module, "
-                           "not a torch.export program traced without them")
+        if fused:
+            raise DtrError("the fused form writes LinearAttention nodes: export the module, not a "
+                           "torch.export program traced without them")
         program = model
     else:
-        with tracing(opset):
+        with tracing(fused):
             program = export_program(model, example, input_names, dynamic_dims,
                                      axis_ranges=axis_ranges)
     gm = prepare_for_export(flat_graph_module(program.module()), opset)
@@ -376,7 +379,7 @@ def export_onnx(
                 prog = torch.onnx.export(
                     gm, args, dynamo=True, opset_version=min(opset, torch_max_opset()),
                     input_names=list(input_names), output_names=names, dynamic_shapes=shapes,
-                    verbose=False, custom_translation_table=translation_table(opset),
+                    verbose=False, custom_translation_table=translation_table(fused),
                 )
         except Exception as exc:  # noqa: BLE001
             raise DtrError(f"ONNX export failed: {first_line(exc)}") from exc
@@ -385,7 +388,7 @@ def export_onnx(
             prog.model.metadata_props[key] = value
         prog.save(str(tmp))
         try:
-            finish(tmp, opset)
+            finish(tmp, opset, fused)
         except Exception as exc:  # noqa: BLE001
             raise DtrError(f"converting the ONNX to opset {opset} failed: {first_line(exc)}") from exc
         try:

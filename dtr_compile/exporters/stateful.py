@@ -27,7 +27,13 @@ import torch
 from torch.export import Dim
 
 from dtr_compile.errors import DtrError, first_line
-from dtr_compile.exporters.fused import finish, torch_max_opset, tracing, translation_table
+from dtr_compile.exporters.fused import (
+    finish,
+    is_fused,
+    torch_max_opset,
+    tracing,
+    translation_table,
+)
 from dtr_compile.exporters.onnx import DEFAULT_OPSET, _no_rotary_fusion, prepare_for_export
 from dtr_compile.fileio import atomic_path
 from dtr_compile.passes.stateful import MASK, TOKENS, StatefulGraph
@@ -69,9 +75,10 @@ def _name_axes(path: Path, sg: StatefulGraph) -> None:
 
 
 def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
-                         opset: int = DEFAULT_OPSET) -> Path:
+                         opset: int = DEFAULT_OPSET, fused: bool | None = None) -> Path:
     """Write ``sg`` as an ONNX model at ``path`` (atomically), inputs and outputs named as in
-    ``sg`` and the ONNX checker run on it.
+    ``sg`` and the ONNX checker run on it. ``fused``: the students' recurrences as ONNX
+    ``LinearAttention`` nodes (:mod:`~dtr_compile.exporters.fused`; default: from opset 27 on).
 
     Raises:
         DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
@@ -80,6 +87,7 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
 
     from dtr_compile.capture import flat_graph_module
 
+    fused = is_fused(opset) if fused is None else fused
     example = _example(sg)
     args = tuple(example[n] for n in sg.input_names)
     shapes = _dynamic_shapes(sg)
@@ -88,7 +96,7 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
         try:
             with warnings.catch_warnings(), _no_rotary_fusion():
                 warnings.simplefilter("ignore")
-                with tracing(opset):
+                with tracing(fused):
                     program = torch.export.export(sg.gm, args, dynamic_shapes=shapes,
                                                   strict=False)
                 gm = prepare_for_export(flat_graph_module(program.module()), opset)
@@ -97,7 +105,7 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
                                          input_names=list(sg.input_names),
                                          output_names=list(sg.output_names),
                                          dynamic_shapes=shapes, verbose=False,
-                                         custom_translation_table=translation_table(opset))
+                                         custom_translation_table=translation_table(fused))
         except Exception as exc:  # noqa: BLE001
             text = str(exc)
             raise DtrError(f"stateful ONNX export failed: {type(exc).__name__}: "
@@ -105,7 +113,7 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
         assert prog is not None
         prog.save(str(tmp))
         try:
-            finish(tmp, opset)
+            finish(tmp, opset, fused)
         except Exception as exc:  # noqa: BLE001
             raise DtrError(f"converting the stateful ONNX to opset {opset} failed: "
                            f"{first_line(exc)}") from exc

@@ -29,7 +29,7 @@ TRT010   warn      control flow or data-dependent shapes (``Loop``, ``Scan``, ``
                    ``IIfConditional`` needs equal ranks unless the condition is a build-time
                    constant); an ``If`` with equal ranks (the stateful decoders' decode/prefill
                    choice) is imported and not reported
-TRT011   reject    the fused linear-attention form, ONNX ``LinearAttention`` (opset 27): no
+TRT011   reject    the fused linear-attention form, ``LinearAttention`` (opset 27 or com.microsoft): no
                    TensorRT parser imports it; the plain form (MatMul, CumSum, …) is what
                    dtr-compile exports
 =======  ========  ==========================================================================
@@ -264,8 +264,8 @@ def _control_flow(g: _Graph) -> Iterable[Finding]:
 def _fused_linear_attention(g: _Graph) -> Iterable[Finding]:
     hits = {op: g.by_op[op] for op in ("LinearAttention",) if op in g.by_op}
     yield from _grouped("TRT011", "reject", hits, lambda op: (
-        f"{op} (opset 27) is the fused linear-attention form; TensorRT does not import it; "
-        "export the students in their plain form (dtr-compile's default)"))
+        f"{op} (ONNX opset 27, or onnxruntime's com.microsoft op) is the fused linear-attention "
+        "form; TensorRT does not import it; export with --linear-attention plain"))
 
 
 #: The lint rules, in report order.
