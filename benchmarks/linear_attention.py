@@ -1,7 +1,8 @@
 """Benchmark: every linear-attention variant against softmax attention in onnxruntime (CPU).
 
 Each variant (feature map × form; the chunked forms of gla, deltanet and gated-deltanet, causal
-and with a window)
+and with a window, and their fused forms: one ``LinearAttention`` node, onnxruntime's
+``com.microsoft`` op at opset 23 or the standard op at opset 27)
 and softmax attention (the site's SDPA, exported the same way)
 is exported once with ``torch.onnx.export(dynamo=True)`` and a dynamic sequence length, then
 measured side by side in one run at ``T ∈ {512, …, 8192}``, ``B = 1``, ``H = 12``, ``Dk = Dv = 32``,
@@ -79,8 +80,13 @@ class Variant:
         return self.form != "bidirectional"
 
 
-#: The matrix-state student kinds (issue 14), chunked form, causal only (plain and with a window).
+#: The matrix-state student kinds (issue 14), causal only: the chunked form in plain ops (plain
+#: and with a window) and the fused form (:data:`FUSED`).
 RECURRENT_KINDS = ("gla", "deltanet", "gated-deltanet")
+#: The fused forms: the recurrence as one ``LinearAttention`` node, the standard op at opset 27
+#: (``--opset 27``) and onnxruntime's ``com.microsoft`` op at opset 23 (``--linear-attention
+#: fused``), ``{form: opset}``.
+FUSED = {"causal-fused27": 27, "causal-fused-ms": 23}
 
 
 def variants() -> list[Variant]:
@@ -88,7 +94,7 @@ def variants() -> list[Variant]:
 
     out = [Variant(None, "bidirectional"), Variant(None, "causal"), Variant(None, "floor")]
     out += [Variant(fm, form) for form in FORMS for fm in FEATURE_MAPS]
-    return out + [Variant(kind, form) for form in FORMS[1:] for kind in RECURRENT_KINDS]
+    return out + [Variant(kind, form) for form in (*FORMS[1:], *FUSED) for kind in RECURRENT_KINDS]
 
 
 def export(v: Variant, path: Path) -> None:
@@ -140,6 +146,13 @@ def export(v: Variant, path: Path) -> None:
             return self.site(q, k, v)
 
     example = tuple(torch.randn(B, H, 100, d) for d in (DK, DK, DV))
+    if v.form in FUSED:  # dtr-compile's own exporter: it traces and writes the fused op
+        from dtr_compile.exporters.onnx import export_onnx
+
+        names = ["q", "k", "v"]
+        export_onnx(SelfAttention().eval(), dict(zip(names, example, strict=True)), names,
+                    {n: {2: "sequence"} for n in names}, path, opset=FUSED[v.form], fused=True)
+        return
     t = Dim("T", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
