@@ -277,6 +277,22 @@ def test_tokenizer_is_found_and_copied_beside_the_artifacts(tmp_path):
     assert [p.name for p in dest.iterdir()] == ["tokenizer.json"]
 
 
+def _matrix_state_site1(student: str, window: int, seed: int):  # noqa: ANN202
+    """The tiny Llama's capture and a ``student`` (randomised parameters) for its site 1."""
+    from dtr_compile.linear import make_student
+
+    gm, scan = _captured("llama")
+    s = scan.sites[1]
+    torch.manual_seed(seed)
+    st = make_student(student, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                      head_dim=s.head_dim, head_dim_v=s.head_dim_v, mask_kind=s.mask_kind,
+                      causal=True, scale=s.scale, window=window)
+    with torch.no_grad():
+        for p in st.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return gm, scan, {s.id: st.eval()}
+
+
 @pytest.mark.parametrize(("student", "window"), [("gla", 0), ("deltanet", 0),
                                                  ("gated-deltanet", 0), ("gla", 4),
                                                  ("gated-deltanet", 4)])
@@ -284,18 +300,7 @@ def test_matrix_state_students_decode_like_full_recompute(student, window):
     """The stateful pass calls only the student contract: the gated / delta-rule kinds decode
     token for token like full recomputation, in a left-padded batch too; with a window, past
     its boundary (prompts of 5 and 70 tokens, 16 new ones, W = 4)."""
-    from dtr_compile.linear import make_student
-
-    gm, scan = _captured("llama")
-    s = scan.sites[1]
-    torch.manual_seed(11)
-    st = make_student(student, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
-                      head_dim=s.head_dim, head_dim_v=s.head_dim_v, mask_kind=s.mask_kind,
-                      causal=True, scale=s.scale, window=window)
-    with torch.no_grad():
-        for p in st.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    students = {s.id: st.eval()}
+    gm, scan, students = _matrix_state_site1(student, window, seed=11)
     sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
     assert isinstance(sg, StatefulGraph), sg
     assert "past.1.recurrent" in sg.input_names
@@ -323,18 +328,7 @@ def test_fused_stateful_onnx_decodes_like_full_recompute(tmp_path, student, wind
     import onnx
 
     from dtr_compile.exporters.tensorrt import _with_subgraphs
-    from dtr_compile.linear import make_student
-
-    gm, scan = _captured("llama")
-    s = scan.sites[1]
-    torch.manual_seed(12)
-    st = make_student(student, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
-                      head_dim=s.head_dim, head_dim_v=s.head_dim_v, mask_kind=s.mask_kind,
-                      causal=True, scale=s.scale, window=window)
-    with torch.no_grad():
-        for p in st.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    students = {s.id: st.eval()}
+    gm, scan, students = _matrix_state_site1(student, window, seed=12)
     sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
     prefill = linearize(gm, scan.sites, students)
     path = export_stateful_onnx(sg, tmp_path / "decoder.onnx", opset=opset, fused=True)
