@@ -338,8 +338,9 @@ def export_onnx(
     for the fused form (``fused``; default: from opset 27 on), where the students' recurrences
     are traced as fused ops and written as ONNX ``LinearAttention``
     (:mod:`~dtr_compile.exporters.fused`); opsets above the torch exporter's own (23) are reached
-    with onnx's version converter. Its SDPA nodes are made exact for ``opset`` (:func:`prepare_for_export`) on the inlined ATen graph,
-    so SDPA calls inside submodules are covered too. Dynamic axes carry the names in
+    with onnx's version converter. Its SDPA nodes are made exact for ``opset``
+    (:func:`prepare_for_export`) on the inlined ATen graph, so SDPA calls inside submodules are
+    covered too. Dynamic axes carry the names in
     ``dynamic_dims`` (``batch``, ``sequence``). Inputs are named ``input_names``; outputs
     ``output_names`` when given (the model's own, e.g. ``logits``) and as many as the model's
     outputs, else as the exporter names them. ``metadata`` is written to the model's

@@ -5,7 +5,7 @@
   ``past_sequence`` (P) and ``total_sequence`` (P + t) axes. Softmax layers export as ONNX
   ``Attention`` (opset 23) on the concatenated past and new keys (or MatMul/Softmax below 23, see
   :func:`~dtr_compile.exporters.onnx.prepare_for_export`); linear layers as plain ops (the chunked
-  causal form serves prefill and decode alike), or from opset 27 their recurrences as ONNX
+  causal form serves prefill and decode alike), or in the fused form their recurrences as
   ``LinearAttention`` nodes (:mod:`~dtr_compile.exporters.fused`).
 * :func:`greedy_reference`: greedy continuation by full recomputation of a prefill graph, the
   reference; :func:`greedy_stateful`: the same in onnxruntime (or in PyTorch on the stateful
