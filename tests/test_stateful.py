@@ -306,12 +306,17 @@ def test_matrix_state_students_decode_like_full_recompute(student, window):
     assert "past.1.recurrent" in sg.input_names
     assert ("past.1.window_key" in sg.input_names) == bool(window)
     prefill = linearize(gm, scan.sites, students)
-    prompts = [_prompt(6, 5), _prompt(7, 70)]
+    _batch_decodes_like_alone(torch_runner(sg), sg, prefill, [_prompt(6, 5), _prompt(7, 70)], 16)
+
+
+def _batch_decodes_like_alone(runner, sg, prefill, prompts, steps: int) -> None:  # noqa: ANN001
+    """A left-padded batch of ``prompts`` continued by ``runner`` gives each prompt's greedy
+    tokens (and logits to 1e-3) of full recomputation alone."""
     ids, mask = left_pad(prompts)
-    got = greedy_stateful(torch_runner(sg), sg.empty_past(2), ids, 16, mask)
+    got = greedy_stateful(runner, sg.empty_past(len(prompts)), ids, steps, mask)
     for i, p in enumerate(prompts):
-        alone = greedy_reference(prefill, p[None], 16, torch.ones(1, len(p), dtype=torch.long))
-        assert torch.equal(got.tokens[i], alone.tokens[0]), (student, i)
+        alone = greedy_reference(prefill, p[None], steps, torch.ones(1, len(p), dtype=torch.long))
+        assert torch.equal(got.tokens[i], alone.tokens[0]), i
         assert (got.logits[i] - alone.logits[0]).abs().max() < 1e-3
 
 
@@ -328,6 +333,7 @@ def test_fused_stateful_onnx_decodes_like_full_recompute(tmp_path, student, wind
     import onnx
 
     from dtr_compile.exporters.tensorrt import _with_subgraphs
+
     gm, scan, students = _matrix_state_site1(student, window, seed=12)
     sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
     prefill = linearize(gm, scan.sites, students)
@@ -338,10 +344,4 @@ def test_fused_stateful_onnx_decodes_like_full_recompute(tmp_path, student, wind
     assert fused and all(n.domain == ("" if opset == 27 else "com.microsoft") for n in fused)
     assert any("past.1.recurrent" in n.input for n in fused) or window  # inside If with a window
     assert len([n for n in model.graph.node if n.op_type == "If"]) == (1 if window else 0)
-    prompts = [_prompt(8, 5), _prompt(9, 70)]
-    ids, mask = left_pad(prompts)
-    got = greedy_stateful(ort_runner(path), sg.empty_past(2), ids, 12, mask)
-    for i, p in enumerate(prompts):
-        alone = greedy_reference(prefill, p[None], 12, torch.ones(1, len(p), dtype=torch.long))
-        assert torch.equal(got.tokens[i], alone.tokens[0]), (student, i)
-        assert (got.logits[i] - alone.logits[0]).abs().max() < 1e-3
+    _batch_decodes_like_alone(ort_runner(path), sg, prefill, [_prompt(8, 5), _prompt(9, 70)], 12)
