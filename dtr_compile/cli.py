@@ -210,6 +210,11 @@ def main() -> None:
                    "each (onnxruntime >= 1.32, not TensorRT): the standard op at --opset 27, "
                    "onnxruntime's com.microsoft op (a native CPU kernel) below. auto (default): "
                    "fused at opset 27, plain below.")
+@click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default=None,
+              help="Where each ONNX file keeps its weights: always: in NAME.data beside it (ONNX "
+                   "external data; onnxruntime maps the file instead of copying it), never: "
+                   "inside the .onnx (protobuf caps a file at 2 GiB). auto (default): NAME.data "
+                   "when the weights exceed 1.5 GiB (as torch.onnx).")
 @click.option("--fp16", is_flag=True, default=None,
               help="Also write OUTPUT.fp16.onnx (fp16 weights and activations, linear-attention "
                    "state in fp32), verified against the fp32 PyTorch hybrid at the fp16 "

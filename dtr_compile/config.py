@@ -177,6 +177,7 @@ class CompileConfig:
     target: str = "onnxruntime"  # "onnxruntime" | "tensorrt" (opset 18, TensorRT lint)
     opset: int | None = None  # default: 23 for onnxruntime, 18 for tensorrt
     linear_attention: str = "auto"  # "auto" | "plain" | "fused" (exporters/fused.py)
+    external_data: str = "auto"  # ONNX weights in NAME.data: "auto" (over 1.5 GiB) | always | never
     fp16: bool = False  # also write <output>.fp16.onnx, verified at the fp16 tolerance
     export_original: bool = False  # also write <output>.original.onnx
     decoder: bool = True  # causal models: also write <output>.decoder.onnx (KV cache + state)

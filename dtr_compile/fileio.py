@@ -60,6 +60,91 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+#: Suffix of an ONNX model's weights file (external data) beside it: ``hybrid.onnx`` keeps its
+#: weights in ``hybrid.onnx.data`` (torch.onnx's and onnxruntime-genai's convention).
+DATA_SUFFIX = ".data"
+
+
+#: Weights (initializer bytes) above which a model is written with external data by default:
+#: torch.onnx's own threshold (1.5 GiB), below protobuf's 2 GiB limit on one file.
+EXTERNAL_DATA_BYTES = 1536 * 2**20
+
+
+def data_path(model: str | os.PathLike[str]) -> Path:
+    """The external-data file an ONNX model at ``model`` is written with (``NAME.data``)."""
+    p = Path(model)
+    return p.with_name(p.name + DATA_SUFFIX)
+
+
+def _place_model(written: Path, target: Path) -> None:
+    """Move the ONNX model ``written`` (and its ``NAME.data`` if it has one) onto ``target``.
+
+    The weights go first, so ``target`` never names a missing weights file; a ``target.data``
+    left by an earlier model at ``target`` is removed when the new one has none (the model it
+    belonged to is being replaced)."""
+    src_data, dst_data = data_path(written), data_path(target)
+    if src_data.exists():
+        os.chmod(src_data, _final_mode(dst_data))
+        os.replace(src_data, dst_data)
+    elif dst_data.is_file():
+        dst_data.unlink()
+    os.chmod(written, _final_mode(target))
+    os.replace(written, target)
+
+
+@contextlib.contextmanager
+def atomic_model_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """:func:`atomic_path` for an ONNX model that may be written with external data.
+
+    Yields ``DIR/NAME`` in a temporary folder beside ``path`` (so an external-data file written
+    there is named ``NAME.data`` and the model refers to it by that relative name); on success
+    the model and its ``NAME.data``, if any, are renamed beside ``path``. On an exception the
+    folder is removed and the previous model is left untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        written = folder / target.name
+        yield written
+        _place_model(written, target)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def onnx_weight_bytes(proto: Any) -> int:  # noqa: ANN401 - onnx.ModelProto
+    """Bytes of the initializers of ``proto``'s main graph (inline or external)."""
+    total = 0
+    for t in proto.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return total
+
+
+def has_external_data(proto: Any) -> bool:  # noqa: ANN401 - onnx.ModelProto
+    """Whether any initializer of ``proto``'s main graph is stored outside the model file."""
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def save_onnx(proto: Any, path: str | os.PathLike[str], *,  # noqa: ANN401 - onnx.ModelProto
+              external: bool | None = None) -> None:
+    """Save ``proto`` (its weights loaded) at ``path``, with its weights in ``path``'s
+    ``NAME.data`` when ``external`` (one file, every tensor of 1 KiB or more); by default when
+    they exceed :data:`EXTERNAL_DATA_BYTES`."""
+    import onnx
+
+    p = Path(path)
+    if external is None:
+        external = onnx_weight_bytes(proto) > EXTERNAL_DATA_BYTES
+    if external:
+        onnx.save_model(proto, str(p), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_path(p).name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(p))
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     with atomic_path(path) as tmp:
@@ -284,20 +369,31 @@ class Staging:
         raise KeyError(str(final))
 
     def commit(self) -> list[Path]:
-        """Move every written staged file into place; returns the final paths moved."""
+        """Move every written staged file into place (an ``.onnx`` model with its ``NAME.data``,
+        see :func:`atomic_model_path`); returns the final paths moved."""
         moved = []
         for staged, final in self._moves:
             if not staged.exists():
                 continue
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(staged, _final_mode(final))
+            is_model = final.suffix == ".onnx"  # with its NAME.data, if written with one
             try:
-                os.replace(staged, final)
+                if is_model:
+                    _place_model(staged, final)
+                else:
+                    os.chmod(staged, _final_mode(final))
+                    os.replace(staged, final)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                with atomic_path(final) as tmp:  # another filesystem: copy, then rename there
-                    shutil.copyfile(staged, tmp)
+                if is_model:  # another filesystem: copy, then rename there
+                    with atomic_model_path(final) as tmp:
+                        for src, dst in ((data_path(staged), data_path(tmp)), (staged, tmp)):
+                            if src.exists():
+                                shutil.copyfile(src, dst)
+                else:
+                    with atomic_path(final) as tmp:
+                        shutil.copyfile(staged, tmp)
             moved.append(final)
         self.discard()
         return moved
@@ -308,14 +404,18 @@ class Staging:
 
 def clean_stale_temporaries(paths: Sequence[Path]) -> list[Path]:
     """Remove our leftovers beside ``paths`` (call while holding the output lock): the
-    ``.NAME.*.tmp`` files of :func:`atomic_path` and the staging folders of :class:`Staging`."""
+    ``.NAME.*.tmp`` files of :func:`atomic_path` (folders of :func:`atomic_model_path`) and the
+    staging folders of :class:`Staging`."""
     removed = []
     for p in paths:
         if not p.parent.is_dir():
             continue
         for junk in p.parent.glob(f".{p.name}.*.tmp"):
             with contextlib.suppress(OSError):
-                junk.unlink()
+                if junk.is_dir():  # atomic_model_path's folder
+                    shutil.rmtree(junk)
+                else:
+                    junk.unlink()
                 removed.append(junk)
         for junk in p.parent.glob(f".{p.name}{Staging.PREFIX}*"):
             if junk.is_dir():

@@ -51,6 +51,7 @@ from dtr_compile.exporters.artifacts import (
     check_export_options,
     export_artifacts,
     export_paths,
+    external_weights,
 )
 from dtr_compile.exporters.onnx import parity_cases
 from dtr_compile.exporters.stateful import (
@@ -67,6 +68,7 @@ from dtr_compile.fileio import (
     check_cache_dir,
     check_write_plan,
     clean_stale_temporaries,
+    data_path,
     write_json_atomic,
 )
 from dtr_compile.linear import kinds_for_site
@@ -246,7 +248,8 @@ def _validate(config: CompileConfig) -> Budget:
     if config.cache_mb < 0:
         raise InputError("--cache-mb must be >= 0 (0 turns the prefix cache off)")
     check_export_options(target=config.target, opset=config.opset, engine=config.engine,
-                         linear_attention=config.linear_attention)
+                         linear_attention=config.linear_attention,
+                         external_data=config.external_data)
     _distill_settings(config).check()
     if config.max_calib_tokens < 1:
         raise InputError("--max-calib-tokens must be >= 1")
@@ -356,12 +359,25 @@ def _example_inputs(config: CompileConfig) -> dict[str, torch.Tensor] | None:
     return _at_least_two(example)
 
 
-@contextmanager
-def _stage(timings: dict[str, float], name: str, console: Console) -> Iterator[None]:
-    t0 = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - t0, 3)
-    console.log(f"[bold]{name}[/bold] done in {timings[name]:.1f} s")
+@dataclass
+class Stages:
+    """Wall time (s) of each pipeline stage and this process's peak RSS (MiB) once it ended.
+
+    ``ru_maxrss`` only grows, so the first stage whose ``peak_rss_mib`` reaches the run's peak is
+    the one that set it.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str, console: Console) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        self.peak_rss_mib[name] = peak_memory()["peak_rss_mib"]  # type: ignore[assignment]
+        console.log(f"[bold]{name}[/bold] done in {self.seconds[name]:.1f} s "
+                    f"(peak RSS {self.peak_rss_mib[name] / 1024:.2f} GiB)")
 
 
 def _input_hashes(config: CompileConfig) -> dict[str, str]:
@@ -407,7 +423,7 @@ def _search(
     allowed_drop: float,
     ledger_path: Path,
     console: Console,
-    timings: dict[str, float],
+    stages: Stages,
     *,
     group: Group | None = None,
     placement: Placement | None = None,
@@ -528,7 +544,7 @@ def _search(
 
     def run(known: dict[frozenset[str], tuple[float, float]]) -> ScheduleResult:
         try:
-            with _stage(timings, "schedule", console):
+            with stages("schedule", console):
                 return schedule(
                     candidates, evaluate, baseline=baseline, threshold=threshold,
                     higher_is_better=metric.higher_is_better, strategy=config.search,
@@ -612,6 +628,8 @@ def _decoder_artifacts(stateful: dict[str, Any] | None) -> dict[str, str]:
     st = stateful or {}
     return ({f"{k}_decoder_onnx": v["path"] for k, v in st.items()
              if isinstance(v, dict) and v.get("path")}
+            | {f"{k}_decoder_onnx_data": v["data"] for k, v in st.items()
+               if isinstance(v, dict) and v.get("data")}
             | ({"tokenizer": st["tokenizer"]} if "tokenizer" in st else {}))
 
 
@@ -645,14 +663,17 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
             return {"status": "not_stateful", "reasons": list(sg.reasons)}
         t0 = time.perf_counter()
         try:
-            path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset, fused=fused)
+            path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset, fused=fused,
+                                        external_data=external_weights(config.external_data))
         except DtrError as exc:  # the prefill artifacts stand; the report says why
             console.log(f"[yellow]no stateful decoder[/yellow] ({key}): {exc}")
             out[key] = {"status": "export_failed", "reason": str(exc)}
             continue
         parity = check_decoder(path, sg, prefill, prompts, config.decode_steps,
                                has_mask="attention_mask" in names)
-        out[key] = {"path": str(paths[key]), "inputs": sg.input_names, "outputs": sg.output_names,
+        out[key] = {"path": str(paths[key]),
+                    **({"data": str(data_path(paths[key]))} if data_path(path).exists() else {}),
+                    "inputs": sg.input_names, "outputs": sg.output_names,
                     "layers": [{"layer": lay.layer, "site": lay.site, "kind": lay.kind,
                                 "state": list(lay.names)} for lay in sg.layers],
                     "parity": parity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
@@ -717,15 +738,15 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     are written into ``staging`` and moved into place together at the end (rank 0)."""
     out_path, report_path, config_path = artifact_paths(config)
     torch.manual_seed(config.seed)
-    timings: dict[str, float] = {}
+    stages = Stages()
     if group.distributed:
         console.log(f"{group.world} ranks ({group.backend}); rank 0 writes the artifacts")
     if not placement.is_default:
         console.log(f"torch stages run on {placement.describe()}; capture and export on cpu/fp32")
 
-    with _stage(timings, "load", console):
+    with stages("load", console):
         loaded = load_model(config.model, trust_pickle=config.trust_pickle)
-    with _stage(timings, "capture", console):
+    with stages("capture", console):
         captured = capture(loaded, _example_inputs(config) if loaded.program is None else None)
     gm, names = captured.gm, captured.input_names
     # inputs the model takes as integers: whole-number float data is cast, fractions refused
@@ -745,7 +766,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     budget.check_metric(metric.name, metric.bounds)
     test = _load_test(config, captured, names, metric)
 
-    with _stage(timings, "find_attention", console):
+    with stages("find_attention", console):
         scan = _linearizable(find_attention(gm))
     sites = scan.require_sites()
     by_key = {s.id: s for s in sites} | {s.module_path: s for s in sites}
@@ -768,7 +789,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     # the graph the run-only stages use: gm itself on cpu/fp32, else a moved copy
     run_gm = placement.graph(gm)
     runner = run_gm if placement.is_default else OnDevice(run_gm, placement)
-    with _progress(console, config.progress) as prog, _stage(timings, "baseline", console):
+    with _progress(console, config.progress) as prog, stages("baseline", console):
         task = prog.add_task("baseline", total=len(val), info="")
         lo, hi = batch_rows(len(val), config.eval_batch, group)
         mine = Dataset({k: v[lo:hi] for k, v in val.inputs.items()},
@@ -799,7 +820,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     reused = share(group, lambda: _reuse_students(paths.students, distill_fp, sites, config,
                                                   console, lambda sid: plan.empty_student(gm, sid)),
                    plan, gm)
-    with _stage(timings, "distill", console):
+    with stages("distill", console):
         if reused is not None:
             students, results = reused
         else:
@@ -825,7 +846,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     allowed_drop = budget.allowed_drop(baseline)
     sched, search_info, bound_of = _search(
         config, hashes, search_gm, switches, candidates, students, val, names, metric, reference,
-        baseline, threshold, allowed_drop, paths.ledger, console, timings, group=group,
+        baseline, threshold, allowed_drop, paths.ledger, console, stages, group=group,
         placement=placement)
     search_info["students"] = {"path": str(paths.students), "reused": reused is not None}
     console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
@@ -857,12 +878,12 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     hybrid = build(delivered)
     test_info = None
     if test is not None:
-        with _stage(timings, "test", console):
+        with stages("test", console):
             test_info = _evaluate_test(config, test, gm, names, metric, budget, build,
                                        {"delivered": delivered, **{
                                            k: tuple(v["linear"]) for k in ("m_opt", "m_best")
                                            if (v := outputs[k]) is not None}}, hybrid, console)
-    with _stage(timings, "export", console):
+    with stages("export", console):
         example = _at_least_two(val.inputs)
         exported: ExportResult = export_artifacts(
             hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
@@ -871,7 +892,8 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
             export_original=config.export_original, engine=config.engine, console=console,
             write_to=staging.path,
             output_names=captured.output_names, sites=[(s.id, s.module_path) for s in sites],
-            linear=list(delivered), linear_attention=config.linear_attention)
+            linear=list(delivered), linear_attention=config.linear_attention,
+            external_data=config.external_data)
         stateful = _decoders(config, gm, scan, {sid: students[sid] for sid in delivered},
                              plan.blocks, hybrid, val, names, out_path, exported.opset, console,
                              write_to=staging.path, fused=exported.fused)
@@ -881,7 +903,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     speed = None
     seqs = deploy_seqs(config.deploy_seq)
     if config.bench and seqs != [] and parity_ok:
-        with _stage(timings, "bench", console):
+        with stages("bench", console):
             speed = _bench_speed(config, gm, exported, example, names, captured, val, seqs,
                                  console, locate=lambda p: str(staging.staged(p)))
     interval = bound_of(delivered) if delivered else None
@@ -926,11 +948,12 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "parity_ok": parity_ok,
         "export": exported.to_dict(),
         **({"stateful": stateful} if stateful is not None else {}),
-        "timings_s": timings,
+        "timings_s": stages.seconds,
         "runtime": {"device": str(placement.device), "dtype": placement.dtype_name,
                     "ranks": group.world, "backend": group.backend or None,
                     # MiB, per rank (rank 0's taken after the export)
-                    "memory": [peak_memory(placement.device)] + memory[1:]},
+                    "memory": [peak_memory(placement.device)] + memory[1:],
+                    "peak_rss_by_stage_mib": stages.peak_rss_mib},  # rank 0, after each stage
         "exit_code": exit_code if parity_ok else ParityError.exit_code,
     }
     if not sched.fits:
@@ -1100,8 +1123,10 @@ def _bench_speed(
             original_path = locate(original_path)
         else:
             original_path = str(Path(tmp) / "original.onnx")
+            # weights in original.onnx.data: onnxruntime maps them instead of copying them
             export_onnx(gm, example, names, captured.dynamic_dims, original_path,
-                        opset=exported.opset, axis_ranges=captured.axis_ranges)
+                        opset=exported.opset, axis_ranges=captured.axis_ranges,
+                        external_data=True)
         res = bench([original_path, hybrid_path], lengths, batch=1, repeats=config.bench_repeats,
                     warmup=1, extend=axis is not None, memory=True, seed=config.seed)
     rows = []

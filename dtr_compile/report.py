@@ -339,8 +339,13 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
     lines += _stateful_section(report.get("stateful"))
     timings = report.get("timings_s") or {}
     if timings:
-        lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v, 4)} |" for k, v in timings.items()]
+        rss = (report.get("runtime") or {}).get("peak_rss_by_stage_mib") or {}
+        lines += ["## Time and memory per stage", "",
+                  "Peak RSS is this process's (rank 0's) highest resident memory once the stage "
+                  "ended; the first stage that reaches the run's peak set it.", "",
+                  "| stage | seconds | peak RSS after (MiB) |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v, 4)} | {_fmt(rss[k], 5) if k in rss else '–'} |"
+                  for k, v in timings.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -88,6 +88,27 @@ def test_fully_masked_row_matches_pytorch(tmp_path: Path, opset: int) -> None:
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+def test_large_weights_go_to_an_external_data_file(tmp_path: Path, monkeypatch) -> None:
+    """By default a model is one file until its weights pass EXTERNAL_DATA_BYTES (a protobuf
+    file caps at 2 GiB); then they go to NAME.data beside it, and onnxruntime runs the pair."""
+    import dtr_compile.exporters.onnx as exporter
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    x = {"x": torch.randn(2, 8)}
+    dims = {"x": {0: "batch"}}
+    small = export_onnx(model, x, ["x"], dims, tmp_path / "small.onnx")
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 1024)  # the test model's 4.6 KB exceed it
+    big = export_onnx(model, x, ["x"], dims, tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "small.onnx"]
+    inits = onnx.load(str(big), load_external_data=False).graph.initializer
+    assert {e.value for t in inits for e in t.external_data if e.key == "location"} == \
+        {"big.onnx.data"}
+    ref = model(x["x"]).detach().numpy()
+    for path in (small, big):
+        np.testing.assert_allclose(ort_session(path).run(None, {"x": x["x"].numpy()})[0], ref,
+                                   atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_prepare_for_export_keeps_pytorch_semantics(kind: str) -> None:
     inputs = _masked_inputs()

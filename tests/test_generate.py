@@ -318,6 +318,30 @@ def test_onnxruntime_genai_runs_the_decoder_with_a_conv_passthrough(fixture_onnx
         greedy_full_recompute(fixture_onnx["model"], PROMPTS[1], 20, eos_id=2)
 
 
+def test_genai_folder_keeps_external_weights_beside_the_model(fixture_onnx, tmp_path: Path) -> None:
+    """A decoder written with external data (``NAME.data``, as dtr-compile writes models over
+    1.5 GiB) gives a genai folder whose ``model.onnx`` keeps its weights in ``model.onnx.data``,
+    and the folder still decodes like the PyTorch model."""
+    import onnx
+
+    from dtr_compile.fileio import save_onnx
+
+    d = tmp_path / "src"
+    d.mkdir()
+    save_onnx(onnx.load(fixture_onnx["path"]), d / "tiny.onnx", external=True)
+    assert (d / "tiny.onnx.data").is_file()
+    save_tokenizer(d / "tokenizer")
+    res = CliRunner().invoke(main, ["genai-folder", str(d / "tiny.onnx"), "-o",
+                                    str(tmp_path / "genai"), "--context-length", "128"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "genai"
+    inits = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer
+    assert {e.value for t in inits for e in t.external_data if e.key == "location"} == \
+        {"model.onnx.data"}
+    assert Generator(out / "model.onnx").generate(PROMPTS[1], 12).tokens[0] == \
+        greedy_full_recompute(fixture_onnx["model"], PROMPTS[1], 12, eos_id=2)
+
+
 def test_signature_of_windowed_fp16_states() -> None:
     """Window tensors (past.i.window_key/value/valid, LINEAR_CONTRACT) and fp16 KV caches: fixed
     shapes, empty past = zeros (a window with no valid entry), bytes from the declared dtypes."""

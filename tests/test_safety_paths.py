@@ -20,7 +20,13 @@ import pytest
 
 from dtr_compile.config import CompileConfig
 from dtr_compile.errors import InputError
-from dtr_compile.fileio import OutputLock, Staging, atomic_path, clean_stale_temporaries
+from dtr_compile.fileio import (
+    OutputLock,
+    Staging,
+    atomic_model_path,
+    atomic_path,
+    clean_stale_temporaries,
+)
 from dtr_compile.pipeline import compile_model
 
 CLI = [sys.executable, "-m", "dtr_compile"]
@@ -219,6 +225,45 @@ def test_stale_temporaries_are_cleaned(tmp_path) -> None:
     other.write_text("x")
     assert sorted(clean_stale_temporaries([out])) == sorted(junk)
     assert not any(j.exists() for j in junk) and other.exists()
+
+
+def test_a_model_moves_with_its_weights_file(tmp_path) -> None:
+    """An ONNX model written with external data (``NAME.data``) is placed as a pair, by
+    atomic_model_path and by Staging; a failed write leaves the previous pair; a model without
+    weights file replaces one that had it (the old ``NAME.data`` goes with it)."""
+    out = tmp_path / "h.onnx"
+    with atomic_model_path(out) as tmp:
+        assert tmp.name == "h.onnx" and tmp.parent != tmp_path  # NAME.data gets the final name
+        tmp.write_bytes(b"model-1")
+        tmp.with_name("h.onnx.data").write_bytes(b"weights-1")
+    assert (out.read_bytes(), (tmp_path / "h.onnx.data").read_bytes()) == (b"model-1", b"weights-1")
+    with pytest.raises(RuntimeError), atomic_model_path(out) as tmp:
+        tmp.write_bytes(b"model-2")
+        tmp.with_name("h.onnx.data").write_bytes(b"weights-2")
+        raise RuntimeError("export failed")
+    assert (out.read_bytes(), (tmp_path / "h.onnx.data").read_bytes()) == (b"model-1", b"weights-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx", "h.onnx.data"]
+
+    staging = Staging(out)
+    staged = staging.path(out)
+    staged.write_bytes(b"model-3")
+    staged.with_name("h.onnx.data").write_bytes(b"weights-3")
+    staging.commit()
+    assert (out.read_bytes(), (tmp_path / "h.onnx.data").read_bytes()) == (b"model-3", b"weights-3")
+    assert stat.S_IMODE((tmp_path / "h.onnx.data").stat().st_mode) == \
+        stat.S_IMODE(out.stat().st_mode)
+    staging = Staging(out)
+    staging.path(out).write_bytes(b"model-4, weights inside")
+    staging.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx"]
+
+
+def test_stale_model_folder_is_cleaned(tmp_path) -> None:
+    folder = tmp_path / ".h.onnx.abc123.tmp"  # atomic_model_path's, from a killed run
+    folder.mkdir()
+    (folder / "h.onnx.data").write_bytes(b"half")
+    assert clean_stale_temporaries([tmp_path / "h.onnx"]) == [folder]
+    assert not folder.exists()
 
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

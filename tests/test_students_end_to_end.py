@@ -125,18 +125,40 @@ def test_opset_27_writes_fused_linear_attention(tmp_path) -> None:
     """gla on the tiny Llama at ``--opset 27``: it distils, searches and exports; the hybrid and
     its stateful decoder hold one ONNX ``LinearAttention`` per linear site (standard domain),
     both pass their parity checks (the decoder token for token), onnxruntime matches PyTorch
-    past a chunk, and the report says opset 27 and the fused form."""
+    past a chunk, and the report says opset 27 and the fused form.
+
+    With ``--external-data always`` (the form of models over 1.5 GiB) each ONNX file keeps its
+    weights in ``NAME.data`` beside it, refers to it by that relative name (the opset
+    conversion and the decoder's axis renaming kept the references), and the pair still runs
+    after the folder is moved. The report records peak RSS after each stage."""
+    import shutil
+
     import onnx
 
     from dtr_compile.exporters.tensorrt import _with_subgraphs
 
-    res, out = _compile(tmp_path, TinyCausalLM(), student="gla", opset=27)
+    res, out = _compile(tmp_path, TinyCausalLM(), student="gla", opset=27, external_data="always")
     rep = res.report
+    st = rep["stateful"]
+    onnx_files = {"onnx": out, "hybrid_decoder_onnx": Path(st["hybrid"]["path"])}
+    for key, path in onnx_files.items():
+        data = path.with_name(path.name + ".data")
+        assert rep["artifacts"][f"{key}_data"] == str(data) and data.stat().st_size > 1000
+        locations = {e.value for t in onnx.load(str(path), load_external_data=False)
+                     .graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {data.name}, (path.name, locations)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".hybrid")], "temporaries"
+    moved = shutil.copytree(out.parent, tmp_path.parent / f"{tmp_path.name}-moved")
+    x = torch.randint(1, VOCAB, (1, 5)).numpy()
+    assert ort_session(moved / out.name).run(None, {"input_ids": x})[0].shape == (1, 5, VOCAB)
+    peaks = rep["runtime"]["peak_rss_by_stage_mib"]
+    assert list(peaks) == list(rep["timings_s"]) and "export" in peaks
+    assert list(peaks.values()) == sorted(peaks.values()), peaks  # ru_maxrss only grows
     assert rep["export"]["opset"] == 27 and rep["parity_ok"], rep["parity"]
     assert rep["export"]["linear_attention"] == {"form": "fused", "nodes": 2, "domain": "ai.onnx"}
     md = out.with_suffix(".report.md").read_text()
     assert "Opset 27; linear attention fused: 2 ONNX `LinearAttention` node(s)" in md
-    st = rep["stateful"]
+    assert f"| export | {rep['timings_s']['export']:.4g} | {peaks['export']:.5g} |" in md
     assert st["status"] == "written" and st["hybrid"]["parity"]["tokens_equal"], st
     for path in (out, Path(st["hybrid"]["path"])):
         model = onnx.load(str(path))

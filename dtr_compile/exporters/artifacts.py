@@ -58,6 +58,7 @@ from dtr_compile.exporters.tensorrt import (
     lint_trt,
     require_tensorrt,
 )
+from dtr_compile.fileio import data_path
 
 TARGETS = ("onnxruntime", "tensorrt")
 
@@ -101,15 +102,32 @@ def resolve_opset(target: str, opset: int | None) -> int:
     return opset if opset is not None else (TENSORRT_OPSET if target == "tensorrt" else DEFAULT_OPSET)
 
 
+#: ``--external-data``: auto (weights in ``NAME.data`` only above
+#: :data:`~dtr_compile.exporters.onnx.EXTERNAL_DATA_BYTES`), always, never.
+EXTERNAL_DATA = ("auto", "always", "never")
+
+
+def external_weights(mode: str) -> bool | None:
+    """``--external-data mode`` as ``export_onnx``'s ``external_data`` (None: by size).
+
+    Raises:
+        InputError: an unknown mode.
+    """
+    if mode not in EXTERNAL_DATA:
+        raise InputError(f"--external-data {mode!r}: choose one of {', '.join(EXTERNAL_DATA)}")
+    return None if mode == "auto" else mode == "always"
+
+
 def check_export_options(*, target: str, opset: int | None, engine: str | None,
-                         linear_attention: str = "auto") -> None:
+                         linear_attention: str = "auto", external_data: str = "auto") -> None:
     """Checks that need no model, done before a compile starts.
 
     Raises:
-        InputError: bad target, opset or linear-attention form (the fused one for TensorRT),
-            or an engine path that is the ONNX output.
+        InputError: bad target, opset, external-data mode or linear-attention form (the fused
+            one for TensorRT), or an engine path that is the ONNX output.
         DependencyError: ``engine`` without TensorRT or without a CUDA GPU.
     """
+    external_weights(external_data)
     resolve_fused(linear_attention, resolve_opset(target, opset), target)
     if engine is not None:
         if Path(engine).suffix == ".onnx":
@@ -210,6 +228,7 @@ def export_artifacts(
     sites: Sequence[tuple[str, str]] = (),
     linear: Sequence[str] = (),
     linear_attention: str = "auto",
+    external_data: str = "auto",
 ) -> ExportResult:
     """Write and verify the artifacts of one compile (see the module docstring).
 
@@ -217,6 +236,9 @@ def export_artifacts(
     :meth:`ExportResult.failures`, so the caller can write its report first. ``sites``
     (``(id, module path)`` in graph order) and the ``linear`` ids among them are recorded in each
     ONNX file's metadata (:data:`~dtr_compile.exporters.onnx.SITES_KEY`), for ``inspect``.
+
+    ``external_data`` (:func:`external_weights`) puts each ONNX file's weights in ``NAME.data``
+    beside it; the result's artifacts name each such file (``onnx_data``, ...).
 
     ``write_to`` maps an artifact's final path to the path to write it at now (a staging
     folder, see :class:`dtr_compile.fileio.Staging`); the result names the final paths.
@@ -232,7 +254,13 @@ def export_artifacts(
     paths = {k: where(p) for k, p in final.items() if k in _needed(fp16, export_original, engine)}
     res = ExportResult(resolve_opset(target, opset), target)
     res.fused = resolve_fused(linear_attention, res.opset, target)
-    common: dict[str, Any] = dict(axis_ranges=axis_ranges, output_names=output_names)
+    common: dict[str, Any] = dict(axis_ranges=axis_ranges, output_names=output_names,
+                                  external_data=external_weights(external_data))
+
+    def written(key: str) -> None:  # an ONNX artifact, and its weights file if it has one
+        res.artifacts[key] = str(final[key])
+        if data_path(paths[key]).exists():
+            res.artifacts[f"{key}_data"] = str(data_path(final[key]))
 
     def meta(lin: Sequence[str]) -> dict[str, str]:
         return {SITES_KEY: json.dumps([{"id": sid, "module_path": path, "linear": sid in lin}
@@ -249,7 +277,7 @@ def export_artifacts(
     # the fused form needs its own trace (the .pt2 keeps plain ops: it loads without dtr_compile)
     export_onnx(hybrid if res.fused else program, example, input_names, dynamic_dims,
                 paths["onnx"], opset=res.opset, metadata=meta(linear), fused=res.fused, **common)
-    res.artifacts["onnx"] = str(final["onnx"])
+    written("onnx")
     res.interface = onnx_interface(paths["onnx"])
     res.fused_nodes = count_fused(paths["onnx"]) if res.fused else 0
     res.parity = check_parity(paths["onnx"], hybrid, cases, input_names, atol=atol)
@@ -262,7 +290,7 @@ def export_artifacts(
         ex16 = {k: v.half() if v.dtype == torch.float32 else v for k, v in example.items()}
         export_onnx(half, ex16, input_names, dynamic_dims, paths["onnx_fp16"], opset=res.opset,
                     metadata=meta(linear), fused=res.fused, **common)
-        res.artifacts["onnx_fp16"] = str(final["onnx_fp16"])
+        written("onnx_fp16")
         res.parity_fp16 = check_parity(paths["onnx_fp16"], hybrid, cases, input_names,
                                        atol=FP16_ATOL, rtol=FP16_RTOL, atol_relative=True)
         _timed(res.seconds, "onnx_fp16", t0)
@@ -272,7 +300,7 @@ def export_artifacts(
         t0 = time.perf_counter()
         export_onnx(original, example, input_names, dynamic_dims, paths["original_onnx"],
                     opset=res.opset, metadata=meta(()), **common)
-        res.artifacts["original_onnx"] = str(final["original_onnx"])
+        written("original_onnx")
         res.parity_original = check_parity(paths["original_onnx"], original, cases, input_names,
                                            atol=atol)
         _timed(res.seconds, "original_onnx", t0)

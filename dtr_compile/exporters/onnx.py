@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from dtr_compile.exporters.fused import (
     tracing,
     translation_table,
 )
-from dtr_compile.fileio import atomic_path
+from dtr_compile.fileio import EXTERNAL_DATA_BYTES, atomic_model_path, atomic_path
 from dtr_compile.passes.attention_block import ATTENTION_MODULE
 
 # torch.onnx logs a warning per torchvision op it cannot register; torchvision is deliberately
@@ -331,6 +331,7 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     metadata: Mapping[str, str] | None = None,
     fused: bool | None = None,
+    external_data: bool | None = None,
 ) -> Path:
     """Export ``model`` (flat positional inputs ``input_names``) to ONNX at ``path``, atomically.
 
@@ -344,8 +345,10 @@ def export_onnx(
     ``dynamic_dims`` (``batch``, ``sequence``). Inputs are named ``input_names``; outputs
     ``output_names`` when given (the model's own, e.g. ``logits``) and as many as the model's
     outputs, else as the exporter names them. ``metadata`` is written to the model's
-    ``metadata_props`` (dtr-compile records its sites there: :data:`SITES_KEY`). The ONNX
-    checker runs on the file before it is renamed into place.
+    ``metadata_props`` (dtr-compile records its sites there: :data:`SITES_KEY`). The weights go
+    to ``NAME.data`` beside the file (ONNX external data) when ``external_data``, or by default
+    when they exceed :data:`EXTERNAL_DATA_BYTES` (see :func:`wants_external_data`). The ONNX
+    checker runs on the file before it is renamed into place (with its ``NAME.data``).
 
     Raises:
         DtrError: torch.export, torch.onnx or the opset conversion failed, the checker rejected
@@ -373,7 +376,7 @@ def export_onnx(
         and not set(output_names) & set(input_names) else None
     shapes = _dynamic_shapes(input_names, dynamic_dims, _ranges(dynamic_dims, axis_ranges))
     target = Path(path)
-    with atomic_path(target) as tmp:
+    with atomic_model_path(target) as tmp:
         try:
             with warnings.catch_warnings(), _no_rotary_fusion():
                 warnings.simplefilter("ignore")
@@ -387,7 +390,7 @@ def export_onnx(
         assert prog is not None
         for key, value in (metadata or {}).items():
             prog.model.metadata_props[key] = value
-        prog.save(str(tmp))
+        prog.save(str(tmp), external_data=wants_external_data(prog.model, external_data))
         try:
             finish(tmp, opset, fused)
         except Exception as exc:  # noqa: BLE001
@@ -397,6 +400,16 @@ def export_onnx(
         except onnx.checker.ValidationError as exc:
             raise DtrError(f"the exported ONNX fails the ONNX checker: {first_line(exc)}") from exc
     return target
+
+
+def wants_external_data(model: Any, external_data: bool | None) -> bool:  # noqa: ANN401
+    """Whether to write the ``onnx_ir`` ``model`` with its weights in a ``NAME.data`` file:
+    ``external_data`` when given, else whether its initializers exceed
+    :data:`EXTERNAL_DATA_BYTES`."""
+    if external_data is not None:
+        return external_data
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None) > EXTERNAL_DATA_BYTES
 
 
 #: ``metadata_props`` key of the ONNX models dtr-compile writes: JSON

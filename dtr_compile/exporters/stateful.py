@@ -34,8 +34,13 @@ from dtr_compile.exporters.fused import (
     tracing,
     translation_table,
 )
-from dtr_compile.exporters.onnx import DEFAULT_OPSET, _no_rotary_fusion, prepare_for_export
-from dtr_compile.fileio import atomic_path
+from dtr_compile.exporters.onnx import (
+    DEFAULT_OPSET,
+    _no_rotary_fusion,
+    prepare_for_export,
+    wants_external_data,
+)
+from dtr_compile.fileio import atomic_model_path
 from dtr_compile.passes.stateful import MASK, TOKENS, StatefulGraph
 
 
@@ -57,7 +62,7 @@ def _name_axes(path: Path, sg: StatefulGraph) -> None:
     ``batch`` / ``sequence`` / ``past_sequence`` / ``total_sequence``."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # weights stay where they are
     spec = sg.dynamic_dims()
     names: dict[str, str] = {}
     for value in model.graph.input:
@@ -75,10 +80,13 @@ def _name_axes(path: Path, sg: StatefulGraph) -> None:
 
 
 def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
-                         opset: int = DEFAULT_OPSET, fused: bool | None = None) -> Path:
+                         opset: int = DEFAULT_OPSET, fused: bool | None = None,
+                         external_data: bool | None = None) -> Path:
     """Write ``sg`` as an ONNX model at ``path`` (atomically), inputs and outputs named as in
     ``sg`` and the ONNX checker run on it. ``fused``: the students' recurrences as ONNX
     ``LinearAttention`` nodes (:mod:`~dtr_compile.exporters.fused`; default: from opset 27 on).
+    ``external_data``: the weights in ``NAME.data`` beside it (default: when they exceed
+    :data:`~dtr_compile.exporters.onnx.EXTERNAL_DATA_BYTES`).
 
     Raises:
         DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
@@ -92,7 +100,7 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
     args = tuple(example[n] for n in sg.input_names)
     shapes = _dynamic_shapes(sg)
     target = Path(path)
-    with atomic_path(target) as tmp:
+    with atomic_model_path(target) as tmp:
         try:
             with warnings.catch_warnings(), _no_rotary_fusion():
                 warnings.simplefilter("ignore")
@@ -111,7 +119,7 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
             raise DtrError(f"stateful ONNX export failed: {type(exc).__name__}: "
                            f"{text.splitlines()[0] if text else ''}") from exc
         assert prog is not None
-        prog.save(str(tmp))
+        prog.save(str(tmp), external_data=wants_external_data(prog.model, external_data))
         try:
             finish(tmp, opset, fused)
         except Exception as exc:  # noqa: BLE001

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dtr_compile.errors import DtrError, InputError, first_line
+from dtr_compile.fileio import save_onnx
 from dtr_compile.runtime.evaluate import (
     OnnxModel,
     extend_positions,
@@ -150,6 +151,21 @@ def measure_peak_bytes(path: str | os.PathLike[str], feed: Mapping[str, np.ndarr
     return int(proc.stdout.strip().splitlines()[-1])
 
 
+def _without_float_weights(proto: Any) -> Any:  # noqa: ANN401 - onnx.ModelProto
+    """``proto`` with its floating-point initializers' values dropped (shapes kept): the timing
+    reads only shapes and integer tables (positions, :func:`position_limit`), and a model stored
+    in one file would otherwise stay in memory twice beside its onnxruntime session."""
+    import onnx
+
+    ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    for t in proto.graph.initializer:
+        if t.data_type not in ints and t.data_location != onnx.TensorProto.EXTERNAL:
+            t.ClearField("raw_data")
+            for field in ("float_data", "double_data", "int32_data"):  # fp16 lives in int32_data
+                t.ClearField(field)
+    return proto
+
+
 def bench(
     paths: Sequence[str | os.PathLike[str]],
     seqs: Sequence[int],
@@ -183,7 +199,7 @@ def bench(
     if batch < 1 or repeats < 1 or warmup < 0:
         raise InputError("--batch and --repeats must be >= 1 and --warmup >= 0")
     names = [str(p) for p in paths]
-    protos = {n: load_proto(n) for n in names}
+    protos = {n: _without_float_weights(load_proto(n)) for n in names}
     models = {n: OnnxModel(n, threads) for n in names}
     limits = {n: position_limit(protos[n]) for n in names}
     longest = max(seqs)
@@ -194,11 +210,9 @@ def bench(
             for i, n in enumerate(names):
                 limit = limits[n]
                 if limit is not None and longest > limit:
-                    import onnx
-
                     proto = extend_positions(load_proto(n, with_data=True), longest, seed=seed)
                     ext_path = Path(tmp) / f"{i}-{Path(n).stem}.extended.onnx"
-                    onnx.save(proto, str(ext_path))
+                    save_onnx(proto, ext_path)  # NAME.data beside it when large
                     extended[n] = str(ext_path)
         for seq in seqs:
             live: dict[str, tuple[OnnxModel, dict[str, np.ndarray], str]] = {}

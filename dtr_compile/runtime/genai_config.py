@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dtr_compile.errors import InputError
-from dtr_compile.fileio import atomic_path, write_json_atomic
+from dtr_compile.fileio import atomic_model_path, has_external_data, save_onnx, write_json_atomic
 from dtr_compile.runtime.generate import Signature, open_session, read_signature
 
 
@@ -187,11 +187,13 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
             kwargs[key] = int(getattr(tok, key))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    proto = onnx.load(str(src))
+    proto = onnx.load(str(src), load_external_data=False)
+    external = has_external_data(proto)  # the decoder's NAME.data: model.onnx.data here
+    onnx.load_external_data_for_model(proto, str(src.parent))
     add_conv_passthrough(proto)
     target = out / "model.onnx"
-    with atomic_path(target) as tmp:
-        onnx.save(proto, str(tmp))
+    with atomic_model_path(target) as tmp:
+        save_onnx(proto, tmp, external=external or None)
     write_json_atomic(out / "genai_config.json", genai_config(target, **kwargs))
     for f in tok_dir.iterdir():
         if f.is_file():
