@@ -40,3 +40,12 @@ def write_section(doc: Path, name: str, section: str) -> None:
     tmp = doc.with_suffix(f".md.{name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, doc)
+
+
+def publish(lines: list[str], doc: Path | None, name: str) -> None:
+    """Print the section ``lines`` and, unless ``doc`` is None (``--no-doc``), write it into
+    ``doc`` between ``name``'s markers (:func:`write_section`)."""
+    table = "\n".join(lines)
+    print(table)
+    if doc is not None:
+        write_section(doc, name, table)

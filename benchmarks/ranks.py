@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import cpu_model, loadavg, write_section
+from _common import cpu_model, loadavg, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 #: (name, parameters, attention layers, hidden size) of the projected models
@@ -195,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 len(os.sched_getaffinity(0))):
             lines.append(f"| {name} | {n} | {dist / 3600:.2f} | {lazy / 3600:.2f} | "
                          f"{greedy / 3600:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_doc:
-        write_section(args.doc, "ranks", table)
+    publish(lines, None if args.no_doc else args.doc, "ranks")
     return 0
 
 

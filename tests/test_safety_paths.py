@@ -179,7 +179,9 @@ def test_unwritable_outputs_fail_up_front(task, tmp_path, case) -> None:
     ('export_original = "no"\n', "export_original"),
     ('eval-batch = "8"\n', "expected an integer"),
     ("atol = true\n", "expected a number"),
-], ids=["trust-pickle", "trust-pickle-dash", "bool-as-string", "int-as-string", "float-as-bool"])
+    ('external-data = "sometimes"\n', "--external-data 'sometimes': choose one of auto, always"),
+], ids=["trust-pickle", "trust-pickle-dash", "bool-as-string", "int-as-string", "float-as-bool",
+        "unknown-choice"])
 def test_config_file_values_are_checked(task, tmp_path, toml, needle) -> None:
     (tmp_path / "dtr.toml").write_text(f'data = "{task["val"]}"\n' + toml)
     res = run_cli(str(task["model"]), "-o", "h.onnx", cwd=tmp_path)

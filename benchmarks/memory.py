@@ -1,0 +1,184 @@
+"""Benchmark: peak resident memory of one compile per stage, with the ONNX weights inside the
+file vs beside it (``--external-data never`` / ``always``), and what an onnxruntime session of
+the hybrid holds in each form.
+
+The model is a random-weight ``LlamaForCausalLM`` written as a Hugging Face folder (fp32
+safetensors, which transformers memory-maps), sized so that its weights dominate the process:
+by default 4 layers, hidden 1024, vocabulary 32000 (116 M parameters, 442 MiB). Each compile runs
+in its own process from an empty cache with few distillation steps (the memory, not the
+hybrid's quality, is measured) and reports its peak RSS after each stage
+(``runtime.peak_rss_by_stage_mib``). ``ru_maxrss`` counts file-backed pages too: weights the
+kernel maps from a file are in it, though it can drop them under pressure and read them again.
+
+The session rows open the compiled hybrid in a fresh process each and report the resident memory
+it added (``/proc/self/statm``) after creating the session and after one run at batch 4 × 64,
+with onnxruntime's MatMul prepacking on (its default) and off (``session.disable_prepacking``).
+
+Prints the tables and writes them into ``docs/benchmarks.md`` between this benchmark's markers::
+
+    .venv/bin/python benchmarks/memory.py
+    .venv/bin/python benchmarks/memory.py --hidden 512 --vocab 8000 --no-doc   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import cpu_model, loadavg, publish
+
+ROOT = Path(__file__).resolve().parent.parent
+FORMS = ("never", "always")
+
+MAKE_MODEL = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+out, hidden, vocab, layers = sys.argv[1], *map(int, sys.argv[2:5])
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                  max_position_embeddings=256, tie_word_embeddings=False)
+model = LlamaForCausalLM(cfg).eval()
+model.save_pretrained(out)
+print(sum(p.numel() for p in model.parameters()))
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(1, vocab, (16, 64), generator=g)
+torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, out + "/val.pt")
+"""
+
+SESSION = """
+import sys, numpy as np, onnxruntime as ort
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+r0 = rss()
+so = ort.SessionOptions()
+so.intra_op_num_threads = 1
+if sys.argv[2] == "off":
+    so.add_session_config_entry("session.disable_prepacking", "1")
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+r1 = rss()
+ids = np.ones((4, 64), np.int64)
+s.run(None, {"input_ids": ids, "attention_mask": ids})
+print(round(r1 - r0, 1), round(rss() - r0, 1))
+"""
+
+
+IMPORTS = """
+import resource
+import onnxruntime, transformers, torch
+import dtr_compile.pipeline
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+#: pipeline stages in the order they run (the report's JSON keys are sorted)
+STAGES = ("load", "capture", "find_attention", "baseline", "distill", "schedule", "test",
+          "export", "bench")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def compile_once(model: Path, form: str, work: Path) -> dict[str, Any]:
+    out = work / form / "hybrid.onnx"
+    cmd = [sys.executable, "-m", "dtr_compile", str(model), "--data", str(model / "val.pt"),
+           "--metric", "perplexity", "--budget", "90%", "--distill-steps", "5",
+           "--max-calib-samples", "8", "--no-cache", "--no-progress", "--external-data", form,
+           "-o", str(out)]
+    log(f"compile, --external-data {form}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode not in (0, 3):
+        raise SystemExit(f"compile failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    return {"report": report, "out": out, "wall": time.perf_counter() - t0}
+
+
+def session_memory(path: Path, prepack: str) -> tuple[float, float]:
+    proc = subprocess.run([sys.executable, "-c", SESSION, str(path), prepack],
+                          capture_output=True, text=True, check=True)
+    created, ran = proc.stdout.split()
+    return float(created), float(ran)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--no-doc", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="dtr-memory-"))
+    try:
+        model = work / "model"
+        made = subprocess.run([sys.executable, "-c", MAKE_MODEL, str(model), str(args.hidden),
+                               str(args.vocab), str(args.layers)],
+                              capture_output=True, text=True, check=True)
+        params = int(made.stdout.split()[-1])
+        weights_mib = params * 4 / 2**20
+        floor = float(subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True,
+                                     text=True, check=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()[-1])
+        runs = {form: compile_once(model, form, work) for form in FORMS}
+        sessions = {(form, pre): session_memory(runs[form]["out"], pre)
+                    for form in FORMS for pre in ("on", "off")}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    stages = [st for st in STAGES if st in runs["never"]["report"]["timings_s"]]
+    lines = [
+        "## Memory: peak RSS per stage, ONNX weights inside vs beside the file "
+        "(`benchmarks/memory.py`)",
+        "",
+        f"Random-weight Llama ({args.layers} layers, hidden {args.hidden}, vocabulary "
+        f"{args.vocab}): {params / 1e6:.1f} M parameters, {weights_mib:.0f} MiB of fp32 weights "
+        "in a Hugging Face folder (safetensors, memory-mapped by transformers). One compile per "
+        "form, 16 validation rows × 64 tokens, 5 distillation steps, from an empty cache; "
+        f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, load {loadavg()}, Python "
+        f"{platform.python_version()}. Peak RSS of the compiling process (rank 0) once each "
+        "stage ended, in MiB; it includes file-backed pages. In brackets: what it holds above "
+        f"the {floor:.0f} MiB a process takes for its imports alone (torch, transformers, "
+        "onnxruntime, dtr_compile), × the weights.",
+        "",
+        "| stage | " + " | ".join(f"s, `{f}`" for f in FORMS) + " | "
+        + " | ".join(f"peak RSS, `--external-data {f}`" for f in FORMS) + " |",
+        "|---|" + "---|" * (2 * len(FORMS)),
+    ]
+    for st in stages:
+        secs = [runs[f]["report"]["timings_s"].get(st) for f in FORMS]
+        peaks = [runs[f]["report"]["runtime"]["peak_rss_by_stage_mib"].get(st) for f in FORMS]
+        lines.append(f"| {st} | " + " | ".join("–" if s is None else f"{s:.1f}" for s in secs)
+                     + " | " + " | ".join("–" if p is None else
+                                          f"{p:.0f} ({(p - floor) / weights_mib:.1f}×)"
+                                          for p in peaks)
+                     + " |")
+    lines += [
+        "",
+        "onnxruntime CPU session of the compiled hybrid ONNX, fresh process each, resident "
+        "memory it added in MiB (× the weights):",
+        "",
+        "| ONNX weights | MatMul prepacking | after creating the session | after one run (4 × 64) |",
+        "|---|---|---|---|",
+    ]
+    for form in FORMS:
+        for pre in ("on", "off"):
+            created, ran = sessions[(form, pre)]
+            where = "inside `hybrid.onnx`" if form == "never" else "in `hybrid.onnx.data`"
+            lines.append(f"| {where} | {pre} | {created:.0f} ({created / weights_mib:.2f}×) | "
+                         f"{ran:.0f} ({ran / weights_mib:.2f}×) |")
+    publish(lines, None if args.no_doc else args.doc, "memory")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
