@@ -112,6 +112,17 @@ def atomic_model_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def unloadable(path: str | os.PathLike[str], exc: BaseException) -> InputError:
+    """The error for an ONNX file at ``path`` that onnxruntime failed to load with ``exc``; when
+    a weights file it refers to is missing, it says to keep the model and its weights together."""
+    text = first_line(exc)
+    hint = ""
+    if "External data path" in text or "external data" in text.lower():
+        hint = (f"; {Path(path).name} keeps its weights in a separate file (ONNX external data, "
+                f"usually {data_path(path).name}): copy or move it together with the model")
+    return InputError(f"{path}: onnxruntime cannot load it: {text}{hint}")
+
+
 def onnx_weight_bytes(proto: Any) -> int:  # noqa: ANN401 - onnx.ModelProto
     """Bytes of the initializers of ``proto``'s main graph (inline or external)."""
     total = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import operator
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,15 @@ def test_large_weights_go_to_an_external_data_file(tmp_path: Path, monkeypatch) 
     for path in (small, big):
         np.testing.assert_allclose(ort_session(path).run(None, {"x": x["x"].numpy()})[0], ref,
                                    atol=1e-6)
+    # the model copied without its weights file: the error says to keep the pair together
+    from dtr_compile.errors import InputError
+    from dtr_compile.runtime.evaluate import OnnxModel
+
+    (tmp_path / "alone").mkdir()
+    alone = Path(shutil.copy(big, tmp_path / "alone"))
+    with pytest.raises(InputError, match=r"keeps its weights in a separate file .*big\.onnx\.data"
+                                         r".*together with the model"):
+        OnnxModel(alone)
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)

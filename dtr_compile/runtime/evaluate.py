@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dtr_compile.errors import InputError, first_line
-from dtr_compile.fileio import read_onnx
+from dtr_compile.fileio import read_onnx, unloadable
 
 #: Metrics that compare with the original model's outputs: ``run`` needs ``--reference`` for them.
 REFERENCE_METRICS = frozenset({"agreement", "cosine"})
@@ -68,7 +68,7 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(self.path), opts,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{self.path}: onnxruntime cannot load it: {first_line(exc)}") from exc
+            raise unloadable(self.path, exc) from exc
         self.inputs = [InputSpec(i.name, _NP_DTYPES.get(i.type, np.float32),
                                  tuple(d if isinstance(d, int) else (d or None) for d in i.shape))
                        for i in self.session.get_inputs()]

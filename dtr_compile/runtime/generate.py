@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dtr_compile.errors import DependencyError, InputError, first_line
+from dtr_compile.fileio import unloadable
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -181,7 +182,7 @@ def open_session(path: str | os.PathLike[str], threads: int | None = None,
     try:
         return ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{p}: onnxruntime cannot load it: {first_line(exc)}") from exc
+        raise unloadable(p, exc) from exc
 
 
 class StatefulSession:
