@@ -133,7 +133,8 @@ def lock_path(config: CompileConfig) -> Path:
 def write_plan(config: CompileConfig) -> dict[str, Path]:
     """Every path this run may write, by name, resolved before any work (see
     :func:`dtr_compile.fileio.check_write_plan`). ``ledger`` and ``students`` are written while
-    the run goes (they are what ``--resume`` reads); the rest are staged and moved together."""
+    the run goes (they are what ``--resume`` reads); the rest are staged and moved together. Each ``.onnx`` path comes with its
+    ``NAME.data`` (external weights, :func:`dtr_compile.fileio.data_path`)."""
     out, report, config_path = artifact_paths(config)
     rp = report_paths(report)
     exp = export_paths(out)
@@ -151,6 +152,10 @@ def write_plan(config: CompileConfig) -> dict[str, Path]:
         plan["decoder ONNX"] = dec["hybrid"]
         if config.export_original:
             plan["original decoder ONNX"] = dec["original"]
+    # an ONNX file's weights may go to NAME.data beside it (--external-data); a stale one is removed
+    for name, path in list(plan.items()):
+        if path.suffix == ".onnx":
+            plan[f"{name} weights"] = data_path(path)
     return plan
 
 

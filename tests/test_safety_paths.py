@@ -78,13 +78,16 @@ def one_line_exit_2(res: subprocess.CompletedProcess[str], *needles: str) -> str
     (["-o", "{d}/val.onnx", "--calib", "{d}/val.pt2"], ["is the --calib"]),
     (["-o", "{d}/h.onnx", "--report", "{d}/r.json", "--calib", "{d}/r.students.pt"],
      ["students path", "is the --calib"]),
+    # the ONNX file's external weights (NAME.data) would replace a data file of that name
+    (["-o", "{d}/h.onnx", "--calib", "{d}/h.onnx.data"], ["output weights path", "is the --calib"]),
 ], ids=["o-beside-model", "report-over-data", "report-over-onnx", "report-over-config",
-        "pt2-over-calib", "report-sibling-over-calib"])
+        "pt2-over-calib", "report-sibling-over-calib", "weights-over-calib"])
 def test_outputs_never_overwrite_inputs(task, args, needles) -> None:
     d = task["dir"]
     # inputs named like the artifacts these commands would write
     shutil.copy(task["model"], d / "val.pt2")
     shutil.copy(task["val"], d / "r.students.pt")
+    shutil.copy(task["val"], d / "h.onnx.data")
     before = {p: sha(p) for p in d.iterdir()}
     res = run_cli(str(task["model"]), "--data", str(task["val"]), "--budget", "1%",
                   *[a.format(d=d) for a in args])
