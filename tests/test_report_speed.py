@@ -24,7 +24,7 @@ def compiled(tiny_task, tmp_path_factory):
     res = CliRunner().invoke(main, [
         tiny_task["model"], "--data", tiny_task["val"], "--test", tiny_task["test"],
         "-o", str(out), "--metric", "agreement", "--budget", "10%", "--confidence", "0.9",
-        "--select", "best", "--deploy-seq", "24,48", "--bench-repeats", "2", *FAST_FLAGS])
+        "--select", "best", "--deploy-seq", "24,48,96", "--bench-repeats", "2", *FAST_FLAGS])
     report = json.loads(out.with_suffix(".report.json").read_text())
     return res, report, out
 
@@ -68,9 +68,10 @@ def test_speed_section(compiled):
     res, report, _ = compiled
     speed = report["speed"]
     assert speed["validation_length"] == 24 and speed["seq_axis"] == ["input_ids", 1]
-    assert [r["seq"] for r in speed["rows"]] == [24, 48]
+    assert [r["seq"] for r in speed["rows"]] == [24, 48, 96]
     assert speed["original_onnx"].startswith("(temporary")  # no --export-original
-    for r in speed["rows"]:
+    for r in speed["rows"]:  # 96 is past the 64 learned positions: timed with the table extended
+        assert r["extended_positions"] == (r["seq"] > 64), r
         assert r["original_ms"] > 0 and r["hybrid_ms"] > 0
         assert r["latency_ratio"] == pytest.approx(r["hybrid_ms"] / r["original_ms"])
         assert r["faster"] == (r["latency_ratio"] < 1.0)

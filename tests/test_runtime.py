@@ -121,14 +121,25 @@ def test_bench_table_json_and_ratios(tiny_onnx, tmp_path: Path) -> None:
     assert set(report["ratios"]["8"][str(other)]) == {"latency", "peak_bytes"}
 
 
-def test_bench_says_when_a_length_is_beyond_the_positions(tiny_onnx) -> None:
+@pytest.mark.parametrize("external", [False, True], ids=["one-file", "external-data"])
+def test_bench_says_when_a_length_is_beyond_the_positions(tiny_onnx, tmp_path, external) -> None:
     path = str(tiny_onnx["path"])
+    if external:  # the position table lives in NAME.data, beside the model
+        path = str(tmp_path / "ext.onnx")
+        onnx.save_model(onnx.load(str(tiny_onnx["path"])), path, save_as_external_data=True,
+                        location="ext.onnx.data", size_threshold=256)  # as torch.onnx does
+        ints = [t for t in onnx.load(path, load_external_data=False).graph.initializer
+                if t.data_type == onnx.TensorProto.INT64 and list(t.dims) == [1, 64]]
+        assert ints and all(t.data_location == onnx.TensorProto.EXTERNAL for t in ints)
+        assert position_limit(onnx.load(path, load_external_data=False), tmp_path) == 64
     plain = bench([path], [16, 128], repeats=1, warmup=1, memory=False)
     cell = plain.cell(path, 128)
     assert cell.latency_ms is None and "beyond the model's 64 positions" in cell.note
     extended = bench([path], [128], repeats=1, warmup=1, memory=False, extend=True)
     cell = extended.cell(path, 128)
     assert cell.latency_ms is not None and cell.extended_positions
+    if external:
+        return
     from rich.console import Console
 
     console = Console(record=True, width=200)

@@ -201,7 +201,7 @@ def bench(
     names = [str(p) for p in paths]
     protos = {n: _without_float_weights(load_proto(n)) for n in names}
     models = {n: OnnxModel(n, threads) for n in names}
-    limits = {n: position_limit(protos[n]) for n in names}
+    limits = {n: position_limit(protos[n], Path(n).parent) for n in names}
     longest = max(seqs)
     extended: dict[str, str] = {}
     cells: list[BenchCell] = []

@@ -296,30 +296,33 @@ def synthesize_inputs(
     return feed
 
 
-def _int_values(t: Any) -> np.ndarray | None:
+def _int_values(t: Any, base_dir: str = "") -> np.ndarray | None:
+    """An integer initializer's values (read from its external-data file in ``base_dir`` when it
+    has one), or None for other types or a file that cannot be read."""
     import onnx
     from onnx import numpy_helper
 
     if t.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
         return None
     try:
-        return numpy_helper.to_array(t)
-    except Exception:  # noqa: BLE001 - external data not loaded
+        return numpy_helper.to_array(t, base_dir)
+    except Exception:  # noqa: BLE001 - external data missing or unreadable
         return None
 
 
-def position_limit(proto: Any) -> int | None:
+def position_limit(proto: Any, base_dir: str | os.PathLike[str] = "") -> int | None:
     """The longest sequence a model's learned positions allow, or None if it has no such limit.
 
     Found as the length ``P >= 16`` of an integer ``arange(P)`` initializer of shape ``[P]`` or
-    ``[1, P]`` (Hugging Face models keep ``position_ids`` so).
+    ``[1, P]`` (Hugging Face models keep ``position_ids`` so). ``base_dir``: the model's folder,
+    where a model loaded without its external data (``NAME.data``) has that table's values.
     """
     best = None
     for t in proto.graph.initializer:
         dims = list(t.dims)
         if not dims or len(dims) > 2 or (len(dims) == 2 and dims[0] != 1) or dims[-1] < 16:
             continue
-        vals = _int_values(t)
+        vals = _int_values(t, str(base_dir))
         if vals is not None and np.array_equal(vals.reshape(-1), np.arange(dims[-1])):
             best = max(best or 0, dims[-1])
     return best
