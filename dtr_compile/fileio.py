@@ -257,13 +257,19 @@ def check_write_plan(writes: Mapping[str, Path], inputs: Mapping[str, Path | Non
             raise InputError(f"the {name} path {str(p)!r} is not writable")
 
 
-def check_cache_dir(path: Path) -> None:
-    """``path`` is (or can become) a writable folder.
+def check_cache_dir(path: Path, writes: Mapping[str, Path] | None = None) -> None:
+    """``path`` is (or can become) a writable folder, and none of the run's ``writes``.
 
     Raises:
-        InputError: it is a file, resolves through a symlink loop, or cannot be created.
+        InputError: it is a file, resolves through a symlink loop, cannot be created, or is the
+            path of an artifact the run writes (``writes``, by name as in
+            :func:`check_write_plan`).
     """
-    _resolve(path, "--cache-dir")
+    rp = _resolve(path, "--cache-dir")
+    for name, w in (writes or {}).items():
+        if _resolve(w, name) == rp:
+            raise InputError(f"--cache-dir {str(path)!r} is also the {name} path: choose another "
+                             "--cache-dir (or -o)")
     if path.exists() and not path.is_dir():
         raise InputError(f"--cache-dir {str(path)!r} is a file, not a folder")
     if path.is_dir():

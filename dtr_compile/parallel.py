@@ -30,6 +30,7 @@ CPU.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import traceback
 from collections.abc import Callable, Sequence
@@ -38,16 +39,21 @@ from typing import Any, TypeVar
 
 import torch
 
-from dtr_compile.errors import DtrError
+from dtr_compile.errors import DtrError, InputError
 
 T = TypeVar("T")
 TIMEOUT_ENV = "DTR_DIST_TIMEOUT"
 
 
 class RankError(DtrError):
-    """A rank of a distributed run failed (or was lost); every rank stops with this error."""
+    """A rank of a distributed run failed (or was lost); every rank stops with this error, and
+    with the failed rank's exit code (2 for its bad input, 130 when it was interrupted, else 1)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -90,13 +96,13 @@ class Group:
         else:
             why = "interrupted" if isinstance(local_exc, KeyboardInterrupt) else \
                 _describe(local_exc)
-            got = self.all_gather((False, why))
+            got = self.all_gather((False, (why, _exit_code(local_exc))))
         failed = [(r, v) for r, (o, v) in enumerate(got) if not o]
         if failed:
-            r, why = failed[0]
+            r, (why, code) = failed[0]
             if local_exc is not None:
                 raise local_exc  # this rank's own error, with its own exit code
-            raise RankError(f"rank {r} of {self.world} failed: {why}")
+            raise RankError(f"rank {r} of {self.world} failed: {why}", code)
         return [v for _, v in got]
 
     def guard(self, fn: Callable[[], T]) -> T:
@@ -116,8 +122,8 @@ class Group:
             why = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).split(
                 ". This is typically")[0][:240]
             raise RankError(f"rank {self.rank}: lost contact with the other ranks (one died or "
-                            f"did not answer within {timeout_s():g} s; see its log): {why}"
-                            ) from exc
+                            f"did not answer within {timeout_s():g} s; see its log): {why}; "
+                            "rerun the same command with --resume to continue") from exc
         return out
 
     def broadcast(self, make: Callable[[], T]) -> T:
@@ -136,6 +142,13 @@ class Group:
             self.owns = False
 
 
+def _exit_code(exc: BaseException) -> int:
+    """The exit code ``exc`` ends a run with (:mod:`dtr_compile.errors`)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return int(getattr(exc, "exit_code", 1)) if isinstance(exc, DtrError) else 1
+
+
 def _describe(exc: BaseException) -> str:
     msg = str(exc).splitlines()[0] if str(exc) else ""
     if isinstance(exc, DtrError):
@@ -146,11 +159,22 @@ def _describe(exc: BaseException) -> str:
 
 
 def timeout_s() -> float:
-    """Seconds a collective waits for the other ranks (``DTR_DIST_TIMEOUT``, default 3600)."""
-    try:
-        return float(os.environ.get(TIMEOUT_ENV, "3600"))
-    except ValueError:
+    """Seconds a collective waits for the other ranks (``DTR_DIST_TIMEOUT``, default 3600).
+
+    Raises:
+        InputError: the variable is set to something other than a positive number of seconds.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
         return 3600.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds > 0: set it to how "
+                         "long a rank may wait for the others (e.g. 3600), or unset it")
+    return value
 
 
 def from_env(device: torch.device) -> Group:

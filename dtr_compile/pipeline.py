@@ -260,9 +260,10 @@ def _validate(config: CompileConfig) -> Budget:
         raise InputError("--max-calib-tokens must be >= 1")
     if config.workers < 0:
         raise InputError("--workers must be >= 0 (0: one per CPU)")
-    check_write_plan(write_plan(config), _input_paths(config))
+    plan = write_plan(config)
+    check_write_plan(plan, _input_paths(config))
     if not config.no_cache:
-        check_cache_dir(_cache_dir(config))
+        check_cache_dir(_cache_dir(config), plan)
     return budget
 
 
@@ -314,11 +315,7 @@ def _distill(
 
         def on_done(sid: str, res: DistillResult) -> None:
             prog.update(tasks[sid], completed=steps, info="cached" if res.cached else "done")
-            status = "ok" if res.ok else f"[red]failed[/red]: {res.reason} (kept as softmax)"
-            how = "from the cache" if res.cached else f"in {res.seconds:.1f} s, {res.steps} steps"
-            console.log(f"distilled {sid} ({res.target}): rel. error {res.init_error:.3f} → "
-                        f"{res.final_error:.3f} {how}, {status}"
-                        + (f" ({res.note})" if res.note else ""))
+            _log_distilled(console, sid, res)
 
         return distill(
             gm, plan, calib, names, record_batch=config.eval_batch,
@@ -328,6 +325,14 @@ def _distill(
             on_step=lambda sid, step, loss: prog.update(tasks[sid], completed=step,
                                                         info=f"loss {loss:.3g}"),
             on_done=on_done)
+
+
+def _log_distilled(console: Console, sid: str, res: DistillResult, rank: int = 0) -> None:
+    status = "ok" if res.ok else f"[red]failed[/red]: {res.reason} (kept as softmax)"
+    how = "from the cache" if res.cached else f"in {res.seconds:.1f} s, {res.steps} steps"
+    console.log(f"distilled {sid} ({res.target}){f' on rank {rank}' if rank else ''}: rel. error "
+                f"{res.init_error:.3f} → {res.final_error:.3f} {how}, {status}"
+                + (f" ({res.note})" if res.note else ""))
 
 
 def _at_least_two(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -537,9 +542,12 @@ def _search(
         mark = "✓" if ev.within_budget else "✗"
         how = "replayed" if ev.replayed else f"{ev.seconds:.1f} s"
         ci = "" if ev.interval is None else \
-            f", drop <= {ev.interval['upper']:.4g} at {ev.interval['confidence']:g}"
-        console.log(f"step {ev.step} ({ev.phase}): +{ev.candidate} → {metric.name} "
-                    f"{ev.metric:.8g}{ci} {mark} ({how})")
+            f"drop <= {ev.interval['upper']:.4g} at {ev.interval['confidence']:g}"
+        if config.confidence is not None:  # the mark judges the metric and the bound
+            result = f"{ev.metric:.8g}, {ci} {mark} ({how})"
+        else:  # the mark judges the metric; the bound is for information
+            result = f"{ev.metric:.8g} {mark} ({ci + ', not required; ' if ci else ''}{how})"
+        console.log(f"step {ev.step} ({ev.phase}): +{ev.candidate} → {metric.name} {result}")
 
     min_linear = min(config.min_linear, len(candidates))
     if min_linear < config.min_linear:
@@ -707,7 +715,9 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
 
     Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) every rank calls this; they share
     distillation and search (:mod:`dtr_compile.parallel`) and rank 0 alone writes. The other
-    ranks return a result without a report (``report == {}``) and the same exit code.
+    ranks return a result without a report (``report == {}``) and exit code 0 once the search is
+    done (a non-zero one would make torchrun stop rank 0 before it writes); the run's exit code
+    is rank 0's.
     """
     console = console or Console(stderr=True)
     budget = _validate(config)
@@ -835,7 +845,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
                 lambda sub: _distill(config, sub, gm, calib, names, console, cache=cache,
                                      placement=placement, teacher=run_gm,
                                      ranks_here=group.local_world),
-                cache)
+                cache, on_other=lambda sid, rank, res: _log_distilled(console, sid, res, rank))
             if group.is_main:
                 save_students(paths.students, distill_fp, students,
                               {sid: r.__dict__ for sid, r in results.items()})
@@ -858,11 +868,11 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     del search_gm, switches, on_device
     memory = group.exchange(lambda: peak_memory(placement.device))  # every rank's peaks
     if not group.is_main:
-        # the other ranks are done: they leave with the search's exit code, without waiting for
-        # rank 0's export (which may take longer than a collective's timeout); a parity failure
-        # is rank 0's exit code, which torchrun reports
-        code = EXIT_OK if sched.fits else EXIT_NO_REPLACEMENT
-        return CompileResult(code, out_path, report_path, {}, None, sites, sched, results)
+        # the other ranks are done: they leave without waiting for rank 0's export (which may
+        # take longer than a collective's timeout), and with exit code 0 whatever the search
+        # found: torchrun stops every rank as soon as one exits non-zero, which would kill rank
+        # 0 mid-export. The run's exit code (3: nothing fits, 4: parity) is rank 0's.
+        return CompileResult(EXIT_OK, out_path, report_path, {}, None, sites, sched, results)
 
     outputs = _outputs(config, sched, bound_of)
     delivered = tuple(outputs[outputs["selected"]]["linear"]) if outputs[outputs["selected"]] \

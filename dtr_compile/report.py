@@ -340,7 +340,7 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
     timings = report.get("timings_s") or {}
     if timings:
         rss = (report.get("runtime") or {}).get("peak_rss_by_stage_mib") or {}
-        lines += ["## Time and memory per stage", "",
+        lines += ["## Time and memory per stage", "", *_runtime_lines(report.get("runtime")),
                   "Peak RSS is this process's (rank 0's) highest resident memory once the stage "
                   "ended; the first stage that reaches the run's peak set it.", "",
                   "| stage | seconds | peak RSS after (MiB) |", "|---|---|---|"]
@@ -348,6 +348,26 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                   for k, v in timings.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _runtime_lines(rt: dict[str, Any] | None) -> list[str]:
+    """Where the torch stages ran, and each rank's peak memory (``report["runtime"]``)."""
+    if not rt or "device" not in rt:
+        return []
+    ranks = rt.get("ranks", 1)
+    where = f"Torch stages on **{rt['device']}** in **{rt.get('dtype', 'fp32')}**, " + (
+        f"**{ranks} ranks** ({rt.get('backend')})." if ranks > 1 else "one process.")
+    lines = [where, ""]
+    mem = rt.get("memory") or []
+    if mem:
+        lines += ["| rank | peak RSS (MiB) | largest finished worker process (MiB) | peak GPU (MiB) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {i} | {_fmt(m.get('peak_rss_mib'), 5)} | "
+                  f"{_fmt(m.get('peak_rss_children_mib'), 5) if m.get('peak_rss_children_mib') else '–'}"
+                  f" | {_fmt(m.get('peak_gpu_mib'), 5) if m.get('peak_gpu_mib') is not None else '–'} |"
+                  for i, m in enumerate(mem)]
+        lines.append("")
+    return lines
 
 
 def _stateful_section(st: dict[str, Any] | None) -> list[str]:

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from dtr_compile.cli import main
 from dtr_compile.device import Placement, move_graph, resolve_device
 from dtr_compile.errors import DependencyError, InputError
-from dtr_compile.parallel import Group, batch_rows, shard
+from dtr_compile.parallel import TIMEOUT_ENV, Group, batch_rows, shard, timeout_s
 from dtr_compile.report import report_paths
 from dtr_compile.search.ledger import read_ledger
 
@@ -71,6 +71,17 @@ def test_shard_and_batch_rows_cover_everything_once() -> None:
                 assert b == c and a <= b
             # whole batches only: every boundary but the end is a multiple of the batch size
             assert all(a % batch == 0 or a == n for a, _ in spans)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf"])
+def test_dist_timeout_must_be_positive_seconds(monkeypatch, value) -> None:
+    monkeypatch.setenv(TIMEOUT_ENV, value)
+    with pytest.raises(InputError, match=f"{TIMEOUT_ENV}='{value}' is not a number of seconds"):
+        timeout_s()
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert timeout_s() == 12.5
+    monkeypatch.delenv(TIMEOUT_ENV)
+    assert timeout_s() == 3600.0
 
 
 def test_device_resolution() -> None:
@@ -187,13 +198,21 @@ def test_two_ranks_equal_one_process(tiny_task, task) -> None:
     [r1] = _compile(_args(tiny_task, one), task)
     assert r1.returncode in (0, 3), r1.stderr
     runs = _compile(_args(tiny_task, two), task, world=2)
-    assert [r.returncode for r in runs] == [r1.returncode] * 2, runs[0].stderr + runs[1].stderr
+    # rank 0 has the run's exit code; the others leave with 0 (see the torchrun test below)
+    assert [r.returncode for r in runs] == [r1.returncode, 0], runs[0].stderr + runs[1].stderr
     assert runs[1].stdout == ""  # rank 1 prints no summary, rank 0 does
     assert "linear sites" in runs[0].stdout
+    # rank 0's log names every site, those the other rank distilled too
+    for site in _report(one)["distill"]:
+        assert f"distilled {site} " in runs[0].stderr, runs[0].stderr
+    assert " on rank 1: rel. error" in runs[0].stderr
     a, b = _report(one), _report(two)
     assert b["runtime"]["ranks"] == 2 and a["runtime"]["ranks"] == 1
     assert len(b["runtime"]["memory"]) == 2 and b["runtime"]["memory"][1]["peak_rss_mib"] > 0
     assert b["search"]["ranks"] == 2
+    md = report_paths(two.with_suffix(".report.json")).markdown.read_text()
+    assert "on **cpu** in **fp32**, **2 ranks** (gloo)." in md, md
+    assert "| rank | peak RSS (MiB)" in md and "\n| 1 | " in md
     assert [r["site"] for r in a["replaced"]] == [r["site"] for r in b["replaced"]]
     assert a["baseline_metric"] == pytest.approx(b["baseline_metric"], abs=1e-6)
     ea, eb = a["schedule"]["evaluations"], b["schedule"]["evaluations"]
@@ -210,11 +229,28 @@ def test_two_ranks_equal_one_process(tiny_task, task) -> None:
     assert len(list((two.parent / "cache" / "distill").glob("*.safetensors"))) == len(a["sites"])
 
 
+def test_torchrun_nothing_fits_still_writes_the_original(tiny_task, task) -> None:
+    """Exit 3 under torchrun: rank 1 must not leave non-zero (torchrun would stop rank 0 before
+    it writes the original and the report); torchrun then says rank 0 exited with 3."""
+    out = task / "torchrun" / "h.onnx"
+    args = [tiny_task["model"], "--data", tiny_task["val"], "-o", str(out), "--metric", "mse",
+            "--budget", "1e-13", "--no-bench", *FAST[:-4], "--device", "cpu"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "dtr_compile", *args],
+                         capture_output=True, text=True, cwd=task, env=_env(), timeout=600)
+    assert run.returncode == 1, run.stderr  # torchrun's own code for any rank's non-zero exit
+    assert "exitcode  : 3" in run.stderr and "SIGTERM" not in run.stderr, run.stderr[-3000:]
+    rep = _report(out)
+    assert rep["exit_code"] == 3 and rep["runtime"]["ranks"] == 2 and not rep["replaced"]
+    assert out.is_file()  # the original model, as a one-process run writes it
+
+
 def test_a_raising_rank_fails_every_rank_with_its_error(tiny_task, task) -> None:
     out = task / "raise" / "h.onnx"
     # call 1 is the baseline: rank 1 raises before distillation starts
     runs = _compile(_args(tiny_task, out), task, world=2, DTR_TEST_FAIL="1:1:raise")
-    assert all(r.returncode not in (0, 3) for r in runs), [r.returncode for r in runs]
+    # a failing user metric is bad input (exit 2) in one process; every rank stops with that code
+    assert [r.returncode for r in runs] == [2, 2], [r.returncode for r in runs]
     for r in runs:
         assert "injected failure" in r.stderr, r.stderr
     assert "rank 1 of 2 failed" in runs[0].stderr
@@ -229,7 +265,7 @@ def test_killed_rank_then_resume(tiny_task, task) -> None:
     runs = _compile(args, task, world=2, DTR_TEST_FAIL="1:4:kill")
     assert runs[1].returncode == -signal.SIGKILL
     assert runs[0].returncode not in (0, 3), runs[0].stderr
-    assert "lost contact with the other ranks" in runs[0].stderr
+    assert "lost contact with the other ranks" in runs[0].stderr and "--resume" in runs[0].stderr
     assert not out.exists()
     _, entries, _ = read_ledger(report_paths(out.with_suffix(".report.json")).ledger)
     assert len(entries) >= 2

@@ -80,8 +80,13 @@ def one_line_exit_2(res: subprocess.CompletedProcess[str], *needles: str) -> str
      ["students path", "is the --calib"]),
     # the ONNX file's external weights (NAME.data) would replace a data file of that name
     (["-o", "{d}/h.onnx", "--calib", "{d}/h.onnx.data"], ["output weights path", "is the --calib"]),
+    # the cache folder at an artifact's path would make the final move fail after all the work
+    (["-o", "{d}/h.onnx", "--cache-dir", "{d}/h.onnx.data"],
+     ["--cache-dir", "is also the output weights path"]),
+    (["-o", "{d}/h.onnx", "--cache-dir", "{d}/h.pt2"], ["is also the pt2 path"]),
 ], ids=["o-beside-model", "report-over-data", "report-over-onnx", "report-over-config",
-        "pt2-over-calib", "report-sibling-over-calib", "weights-over-calib"])
+        "pt2-over-calib", "report-sibling-over-calib", "weights-over-calib", "cache-over-weights",
+        "cache-over-pt2"])
 def test_outputs_never_overwrite_inputs(task, args, needles) -> None:
     d = task["dir"]
     # inputs named like the artifacts these commands would write

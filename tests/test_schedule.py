@@ -368,3 +368,10 @@ def test_stale_or_torn_ledger(tmp_path):
     # without --resume the ledger is always new
     Ledger.open(path, "fp-b", resume=False)[0].close()
     assert read_ledger(path)[1] == []
+    # the note names what changed, from the inputs the header records
+    Ledger.open(path, "fp-c", resume=False,
+                inputs={"model": "m", "runtime": "cpu/fp32", "eval_batch": "8"})[0].close()
+    ledger, _, note = Ledger.open(path, "fp-d", resume=True,
+                                  inputs={"model": "m", "runtime": "cpu/bf16", "eval_batch": "4"})
+    ledger.close()
+    assert "(--eval-batch, --device / --dtype differ)" in note, note

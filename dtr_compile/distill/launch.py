@@ -66,6 +66,7 @@ def distill_sharded(
     gm: GraphModule,
     run: Callable[[DistillPlan], Students],
     cache: DistillCache | None = None,
+    on_other: Callable[[str, int, DistillResult], None] | None = None,
 ) -> Students:
     """Distil ``plan`` with each rank running ``run`` on its share of the sites.
 
@@ -73,6 +74,8 @@ def distill_sharded(
         run: the one-process distillation of a (sub-)plan (records the teacher for the plan's
             sites only, trains them; caches new weights on rank 0 only).
         cache: rank 0's cache: it stores the other ranks' new weights after the gather.
+        on_other: called on rank 0 with ``(site, rank, result)`` for each site another rank
+            distilled (rank 0's log names every site).
 
     Returns:
         every site's student and result, the same on every rank.
@@ -88,9 +91,15 @@ def distill_sharded(
         return pack(*run(mine)) if mine.sites else {}
 
     merged: Packed = {}
-    for part in group.exchange(local):
+    rank_of: dict[str, int] = {}
+    for rank, part in enumerate(group.exchange(local)):
         merged.update(part)
+        rank_of.update(dict.fromkeys(part, rank))
     students, results = unpack(merged, plan, gm)
+    if on_other is not None and group.is_main:
+        for site in plan.sites:
+            if rank_of.get(site.id, 0) != 0:
+                on_other(site.id, rank_of[site.id], results[site.id])
     if cache is not None and group.is_main:
         own = {s.id for s in mine.sites}
         for sid, res in results.items():

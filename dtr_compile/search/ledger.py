@@ -61,6 +61,12 @@ def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+#: how a resume note names the fingerprint's parts (the keys of :func:`fingerprint`'s ``parts``)
+_INPUT_NAMES = {"students": "distilled weights", "eval_batch": "--eval-batch",
+                "confidence": "--confidence / --seed", "runtime": "--device / --dtype",
+                "dtr_compile": "dtr-compile version", "torch": "torch version"}
+
+
 def fingerprint(parts: Mapping[str, str]) -> str:
     """One SHA-256 over named parts (each already a hash or a short string)."""
     return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()
@@ -136,8 +142,11 @@ class Ledger:
                 note = (f"{p} is a version {header.get('version')} ledger (this dtr-compile "
                         f"writes version {LEDGER_VERSION}); starting a new one")
             elif header.get("fingerprint") != fingerprint:
-                note = (f"{p} was written for other inputs (model, data, distilled weights, "
-                        f"metric or batch size differ); starting a new ledger")
+                old = header.get("inputs") or {}
+                changed = [k for k in sorted(inputs or {}) if old.get(k) != (inputs or {})[k]]
+                what = ", ".join(_INPUT_NAMES.get(k, k) for k in changed) if old and changed \
+                    else "model, data, distilled weights, metric, batch size, device or dtype"
+                note = f"{p} was written for other inputs ({what} differ); starting a new ledger"
             else:
                 for e in entries:
                     known[frozenset(e["linear"])] = (float(e["metric"]), float(e.get("seconds", 0.0)))
