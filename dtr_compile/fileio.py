@@ -13,9 +13,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,19 +78,53 @@ def data_path(model: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + DATA_SUFFIX)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the body runs (a few renames), then deliver them.
+
+    Moving a set of files into place is not one atomic step: an interrupt between two renames
+    would leave a model beside another run's ``NAME.data``, or one run's ONNX beside another's
+    report. Python runs signal handlers in the main thread between bytecodes, so replacing them
+    for the duration defers the interrupt to just after the body (the handler in place before
+    then runs: ``KeyboardInterrupt``, or the CLI's SIGTERM exception). Outside the main thread,
+    or when a handler was not set from Python, the body runs as is. A SIGKILL or a power cut
+    still stops it anywhere.
+    """
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in sigs}
+    if threading.current_thread() is not threading.main_thread() or \
+            any(h is None for h in previous.values()):
+        yield
+        return
+    held: list[int] = []
+    for s in sigs:
+        signal.signal(s, lambda signum, _frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def _place_model(written: Path, target: Path) -> None:
     """Move the ONNX model ``written`` (and its ``NAME.data`` if it has one) onto ``target``.
 
     The weights go first, so ``target`` never names a missing weights file; a ``target.data``
     left by an earlier model at ``target`` is removed when the new one has none (the model it
-    belonged to is being replaced)."""
+    belonged to is being replaced). Both files get the mode of the model they replace (else
+    ``0o666`` less the umask): the weights are as readable as their model. Call it with signals
+    deferred (:func:`signals_deferred`): between the two renames the old model would read the
+    new weights."""
     src_data, dst_data = data_path(written), data_path(target)
+    mode = _final_mode(target)
     if src_data.exists():
-        os.chmod(src_data, _final_mode(dst_data))
+        os.chmod(src_data, mode)
         os.replace(src_data, dst_data)
     elif dst_data.is_file():
         dst_data.unlink()
-    os.chmod(written, _final_mode(target))
+    os.chmod(written, mode)
     os.replace(written, target)
 
 
@@ -107,7 +143,8 @@ def atomic_model_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         written = folder / target.name
         yield written
-        _place_model(written, target)
+        with signals_deferred():
+            _place_model(written, target)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -387,7 +424,14 @@ class Staging:
 
     def commit(self) -> list[Path]:
         """Move every written staged file into place (an ``.onnx`` model with its ``NAME.data``,
-        see :func:`atomic_model_path`); returns the final paths moved."""
+        see :func:`atomic_model_path`); returns the final paths moved. Ctrl-C or SIGTERM during
+        the moves takes effect once the set is in place (:func:`signals_deferred`)."""
+        with signals_deferred():
+            moved = self._move_all()
+        self.discard()
+        return moved
+
+    def _move_all(self) -> list[Path]:
         moved = []
         for staged, final in self._moves:
             if not staged.exists():
@@ -412,7 +456,6 @@ class Staging:
                     with atomic_path(final) as tmp:
                         shutil.copyfile(staged, tmp)
             moved.append(final)
-        self.discard()
         return moved
 
     def discard(self) -> None:

@@ -268,6 +268,58 @@ def test_a_model_moves_with_its_weights_file(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx"]
 
 
+def test_weights_file_takes_its_models_mode(tmp_path) -> None:
+    out = tmp_path / "h.onnx"
+    out.write_bytes(b"model-1")
+    out.chmod(0o600)  # the user made the model private: the new weights beside it stay private
+    (tmp_path / "h.onnx.data").write_bytes(b"weights-1")
+    (tmp_path / "h.onnx.data").chmod(0o644)
+    staging = Staging(out)
+    staged = staging.path(out)
+    staged.write_bytes(b"model-2")
+    staged.with_name("h.onnx.data").write_bytes(b"weights-2")
+    staging.commit()
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (out, tmp_path / "h.onnx.data")] == [0o600] * 2
+
+
+@pytest.mark.parametrize("signum, exc", [(signal.SIGINT, KeyboardInterrupt),
+                                         (signal.SIGTERM, SystemExit)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_during_the_moves_waits_for_the_whole_set(tmp_path, monkeypatch, signum,
+                                                               exc) -> None:
+    """Ctrl-C / SIGTERM between the renames of a commit takes effect once every file is in
+    place: never an old model beside new weights, nor a new ONNX beside an old report."""
+    def on_term(*_: object) -> None:
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        out = tmp_path / "h.onnx"
+        for name, body in (("h.onnx", b"model-1"), ("h.onnx.data", b"weights-1"),
+                           ("h.report.json", b"report-1")):
+            (tmp_path / name).write_bytes(body)
+        staging = Staging(out)
+        staged = staging.path(out)
+        staged.write_bytes(b"model-2")
+        staged.with_name("h.onnx.data").write_bytes(b"weights-2")
+        staging.path(tmp_path / "h.report.json").write_bytes(b"report-2")
+        real_replace, calls = os.replace, []
+
+        def replace(src, dst):  # the signal arrives right after the first rename (the weights)
+            real_replace(src, dst)
+            calls.append(dst)
+            if len(calls) == 1:
+                os.kill(os.getpid(), signum)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(exc):
+            staging.commit()
+        assert len(calls) == 3  # every move ran before the interrupt took effect
+        assert [(tmp_path / n).read_bytes() for n in ("h.onnx", "h.onnx.data", "h.report.json")] \
+            == [b"model-2", b"weights-2", b"report-2"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_stale_model_folder_is_cleaned(tmp_path) -> None:
     folder = tmp_path / ".h.onnx.abc123.tmp"  # atomic_model_path's, from a killed run
     folder.mkdir()
