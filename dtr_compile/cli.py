@@ -598,10 +598,16 @@ def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_len
     try:
         if context_length < 1:
             raise InputError("--context-length must be >= 1")
-        out = write_genai_folder(model, output, tokenizer, context_length=context_length,
-                                 model_type=model_type)
+        with _sigterm_as_interrupt():
+            out = write_genai_folder(model, output, tokenizer, context_length=context_length,
+                                     model_type=model_type)
     except DtrError as exc:
         _fail(exc)
+    except KeyboardInterrupt as exc:  # the model being written is removed; what stood is kept
+        term = isinstance(exc, Terminated)
+        click.echo(f"dtr-compile: {'terminated (SIGTERM)' if term else 'interrupted'}; no "
+                   f"half-written model is left in {output}: rerun the same command", err=True)
+        sys.exit(143 if term else 130)
     click.echo(f"wrote {out}/model.onnx, genai_config.json and the tokenizer files")
 
 

@@ -288,6 +288,10 @@ def check_write_plan(writes: Mapping[str, Path], inputs: Mapping[str, Path | Non
                              "another -o / --report")
         seen[rp] = name
         if p.is_dir():
+            if name.endswith(" weights"):  # planned beside an ONNX path, not given by the user
+                raise InputError(f"{str(p)!r} is a folder, where the {name} file (ONNX external "
+                                 "data, or a stale one removed) belongs: move it away, or "
+                                 "choose another -o")
             raise InputError(f"the {name} path {str(p)!r} is a folder; give a file path")
         _writable_folder(p.parent, f"the {name} path", p)
         if p.exists() and not os.access(p, os.W_OK) and not os.access(p.parent, os.W_OK):

@@ -340,6 +340,18 @@ def test_genai_folder_keeps_external_weights_beside_the_model(fixture_onnx, tmp_
         {"model.onnx.data"}
     assert Generator(out / "model.onnx").generate(PROMPTS[1], 12).tokens[0] == \
         greedy_full_recompute(fixture_onnx["model"], PROMPTS[1], 12, eos_id=2)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".lock"]
+
+
+def test_genai_folder_refuses_a_model_before_writing(fixture_onnx, tmp_path: Path) -> None:
+    path = fixture_onnx["dir"] / "prefill.onnx"
+    if not path.exists():
+        export_prefill_only(fixture_onnx["model"], path)
+    save_tokenizer(tmp_path / "tokenizer")
+    res = CliRunner().invoke(main, ["genai-folder", str(path), "--tokenizer",
+                                    str(tmp_path / "tokenizer"), "-o", str(tmp_path / "genai")])
+    assert res.exit_code == 2, res.output
+    assert not (tmp_path / "genai").exists()  # nothing written for a model it cannot use
 
 
 def test_signature_of_windowed_fp16_states() -> None:

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from dtr_compile.errors import InputError
-from dtr_compile.fileio import atomic_model_path, has_external_data, save_onnx, write_json_atomic
+from dtr_compile.fileio import (
+    OutputLock,
+    atomic_model_path,
+    clean_stale_temporaries,
+    has_external_data,
+    save_onnx,
+    write_json_atomic,
+)
 from dtr_compile.runtime.generate import Signature, open_session, read_signature
 
 
@@ -185,17 +192,20 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if kwargs.get(key) is None and getattr(tok, key, None) is not None:
             kwargs[key] = int(getattr(tok, key))
+    genai_config(src, **kwargs)  # the decoder's checks, before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    proto = onnx.load(str(src), load_external_data=False)
-    external = has_external_data(proto)  # the decoder's NAME.data: model.onnx.data here
-    onnx.load_external_data_for_model(proto, str(src.parent))
-    add_conv_passthrough(proto)
     target = out / "model.onnx"
-    with atomic_model_path(target) as tmp:
-        save_onnx(proto, tmp, external=external or None)
-    write_json_atomic(out / "genai_config.json", genai_config(target, **kwargs))
-    for f in tok_dir.iterdir():
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
+    with OutputLock(Path(str(target) + ".lock")):
+        clean_stale_temporaries([target])  # an interrupted run's half-written model
+        proto = onnx.load(str(src), load_external_data=False)
+        external = has_external_data(proto)  # the decoder's NAME.data: model.onnx.data here
+        onnx.load_external_data_for_model(proto, str(src.parent))
+        add_conv_passthrough(proto)
+        with atomic_model_path(target) as tmp:
+            save_onnx(proto, tmp, external=external or None)
+        write_json_atomic(out / "genai_config.json", genai_config(target, **kwargs))
+        for f in tok_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
     return out
