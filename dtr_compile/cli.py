@@ -480,6 +480,8 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
     except DtrError as exc:
         _fail(exc)
     Console().print(bench_table(result))
+    if result.prepack_note:
+        click.echo(result.prepack_note)
 
 
 def _prompt_ids(text: str) -> list[int]:

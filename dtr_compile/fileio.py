@@ -161,11 +161,22 @@ def unloadable(path: str | os.PathLike[str], exc: BaseException) -> InputError:
 
 
 def onnx_weight_bytes(proto: Any) -> int:  # noqa: ANN401 - onnx.ModelProto
-    """Bytes of the initializers of ``proto``'s main graph (inline or external)."""
+    """Bytes of the initializers of ``proto``'s main graph (inline or external; from their
+    shapes, so also for a proto whose values were dropped or not loaded)."""
+    from onnx import helper
+
     total = 0
     for t in proto.graph.initializer:
         ext = {e.key: e.value for e in t.external_data}
-        total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+        if "length" in ext:
+            total += int(ext["length"])
+            continue
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):  # strings, undefined
+            total += len(t.raw_data)
+            continue
+        total += itemsize * math.prod(t.dims)
     return total
 
 

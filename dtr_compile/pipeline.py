@@ -1144,6 +1144,8 @@ def _bench_speed(
                         external_data=True)
         res = bench([original_path, hybrid_path], lengths, batch=1, repeats=config.bench_repeats,
                     warmup=1, extend=axis is not None, memory=True, seed=config.seed)
+    if not res.prepack:
+        console.log(f"[yellow]{res.prepack_note}[/yellow] (timing both models side by side)")
     rows = []
     for t in lengths:
         o, h = res.cell(original_path, t), res.cell(hybrid_path, t)
@@ -1163,4 +1165,4 @@ def _bench_speed(
     return {"batch": 1, "repeats": config.bench_repeats, "seq_axis": list(axis) if axis else None,
             "validation_length": t_val if axis else None,
             "original_onnx": exported.artifacts.get("original_onnx", "(temporary, timing only)"),
-            "rows": rows}
+            "prepack": res.prepack, "prepack_note": res.prepack_note, "rows": rows}

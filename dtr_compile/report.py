@@ -148,6 +148,8 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
     lines = ["speed (hybrid/original, onnxruntime, batch 1): " + "; ".join(parts)]
     if any(r.get("extended_positions") for r in rows):
         lines.append("  * position table extended with random rows to time this length")
+    if speed.get("prepack") is False:
+        lines.append(f"  {speed.get('prepack_note') or 'onnxruntime weight prepacking off'}")
     return lines + slower
 
 

@@ -134,6 +134,9 @@ def test_summary_says_plainly_when_the_hybrid_is_not_faster():
     assert speed_lines(_speed_report([0.9, 0.5]))[1:] == []
     assert "## Speed" in render_markdown(_speed_report([1.25, 0.5]))
     assert summary_lines({"metric": {}, "budget": {}})[0].startswith("metric: original")
+    off = _speed_report([0.9])
+    off["speed"] |= {"prepack": False, "prepack_note": "onnxruntime weight prepacking off: x"}
+    assert speed_lines(off)[1:] == ["  onnxruntime weight prepacking off: x"]
 
 
 def test_ledger_keeps_intervals_for_resume(tmp_path):

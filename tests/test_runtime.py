@@ -169,3 +169,22 @@ def test_memory_probe_takes_inputs_named_like_savez_arguments(tmp_path: Path) ->
     rng = np.random.default_rng(0)
     feed = {n: rng.standard_normal((256, 1024), dtype=np.float32) for n in names}
     assert measure_peak_bytes(path, feed, threads=1) >= 256 * 1024 * 4  # the output, at least
+
+
+def test_prepacking_is_turned_off_when_the_weights_do_not_fit_twice(tiny_onnx) -> None:
+    from dtr_compile.fileio import onnx_weight_bytes
+    from dtr_compile.runtime.bench import _without_float_weights, prepack_decision
+
+    full = onnx.load(str(tiny_onnx["path"]))
+    weights = onnx_weight_bytes(full)
+    bare = _without_float_weights(onnx.load(str(tiny_onnx["path"])))
+    assert onnx_weight_bytes(bare) == weights > 0  # counted from shapes, values dropped or not
+    protos = {"a": bare, "b": bare}
+    assert prepack_decision(protos, 4 * weights) == (True, "")
+    assert prepack_decision(protos, None) == (True, "")
+    on, why = prepack_decision(protos, 4 * weights - 1)
+    assert not on and "prepacking off" in why and "available" in why
+    # the timing runs either way, and says how it ran
+    path = str(tiny_onnx["path"])
+    res = bench([path], [16], repeats=1, warmup=1, memory=False, prepack=False)
+    assert res.cell(path, 16).latency_ms > 0 and res.to_dict()["prepack"] is False

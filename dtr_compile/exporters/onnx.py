@@ -443,14 +443,22 @@ def onnx_interface(path: str | os.PathLike[str]) -> dict[str, list[dict[str, obj
 # --- parity ---------------------------------------------------------------------------------
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None):  # noqa: ANN201
-    """A CPU onnxruntime InferenceSession for ``path``."""
+def ort_session(path: str | os.PathLike[str], threads: int | None = None,  # noqa: ANN201
+                *, prepack: bool = True):
+    """A CPU onnxruntime InferenceSession for ``path``.
+
+    ``prepack=False`` turns off onnxruntime's weight prepacking (``session.disable_prepacking``):
+    a prepacked MatMul keeps its own copy of the weights, about 0.8× the model's weights more
+    memory (``benchmarks/memory.py``) for faster runs; a parity check, which runs a few times,
+    does without it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -536,7 +544,7 @@ def check_parity(
     ``max(1, max|ref|)`` with ``atol_relative``) and, if given, ``rel_rms <= rtol``. NaN in the
     same places in both counts as equal.
     """
-    sess = ort_session(path)
+    sess = ort_session(path, prepack=False)  # a few runs: no second copy of the weights
     out: list[ParityCase] = []
     for item in cases:
         label, case = item if isinstance(item, tuple) else ("", item)

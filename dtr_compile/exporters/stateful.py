@@ -210,12 +210,13 @@ def greedy_stateful(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]
     return Continuation(torch.cat(toks, 1), torch.stack(logits, 1))
 
 
-def ort_runner(path: str | os.PathLike[str], threads: int | None = 1,
+def ort_runner(path: str | os.PathLike[str], threads: int | None = 1, *, prepack: bool = True,
                ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """``feed → outputs`` by name through an onnxruntime CPU session of ``path``."""
+    """``feed → outputs`` by name through an onnxruntime CPU session of ``path`` (``prepack``:
+    see :func:`~dtr_compile.exporters.onnx.ort_session`)."""
     from dtr_compile.exporters.onnx import ORT_DTYPES, ort_session
 
-    sess = ort_session(path, threads)
+    sess = ort_session(path, threads, prepack=prepack)
     names = [o.name for o in sess.get_outputs()]
     types = {i.name: ORT_DTYPES.get(i.type) for i in sess.get_inputs()}
 
@@ -324,7 +325,7 @@ def check_decoder(path: str | os.PathLike[str], sg: StatefulGraph, prefill: Call
     """Greedy ``steps`` tokens from the ONNX decoder at ``path`` on the left-padded batch of
     ``prompts``, against each prompt's continuation alone by full recomputation of ``prefill``."""
     ids, mask = left_pad(prompts)
-    got = greedy_stateful(ort_runner(path), sg.empty_past(len(prompts)), ids, steps, mask)
+    got = greedy_stateful(ort_runner(path, prepack=False), sg.empty_past(len(prompts)), ids, steps, mask)
     refs = [greedy_reference(prefill, p[None], steps,
                              torch.ones(1, len(p), dtype=torch.long) if has_mask else None)
             for p in prompts]

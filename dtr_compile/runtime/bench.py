@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from dtr_compile.errors import DtrError, InputError, first_line
-from dtr_compile.fileio import save_onnx
+from dtr_compile.fileio import onnx_weight_bytes, save_onnx
 from dtr_compile.runtime.evaluate import (
     OnnxModel,
     extend_positions,
@@ -66,6 +66,9 @@ class BenchResult:
     threads: int | None
     cells: list[BenchCell]
     position_limits: dict[str, int | None] = field(default_factory=dict)
+    #: onnxruntime's weight prepacking in the timed sessions, and why it was turned off
+    prepack: bool = True
+    prepack_note: str = ""
 
     def cell(self, model: str, seq: int) -> BenchCell:
         return next(c for c in self.cells if c.model == model and c.seq == seq)
@@ -88,6 +91,7 @@ class BenchResult:
             "models": self.models, "seqs": self.seqs, "batch": self.batch,
             "repeats": self.repeats, "warmup": self.warmup, "threads": self.threads,
             "position_limits": self.position_limits,
+            "prepack": self.prepack, "prepack_note": self.prepack_note,
             "cells": [asdict(c) for c in self.cells],
             "ratios": {str(t): self.ratios(t) for t in self.seqs} if len(self.models) > 1 else {},
         }
@@ -166,6 +170,36 @@ def _without_float_weights(proto: Any) -> Any:  # noqa: ANN401 - onnx.ModelProto
     return proto
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the kernel could give this process without swapping (``MemAvailable`` in
+    ``/proc/meminfo``), in bytes; None where that is not known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+#: the timed sessions prepack their weights while the models' weights, this many times over,
+#: fit in the available memory (a prepacked session holds about 0.8× its weights more; the
+#: weights themselves are read or mapped too)
+PREPACK_HEADROOM = 2.0
+
+
+def prepack_decision(protos: Mapping[str, Any], available: int | None) -> tuple[bool, str]:
+    """Whether sessions of all ``protos`` (loaded without weights) may prepack side by side in
+    ``available`` bytes: ``(prepack, why not)``."""
+    weights = sum(onnx_weight_bytes(p) for p in protos.values())
+    if available is None or weights * PREPACK_HEADROOM <= available:
+        return True, ""
+    return False, (f"onnxruntime weight prepacking off: the models' {weights / 2**30:.1f} GiB "
+                   f"of weights, {PREPACK_HEADROOM:g}× over, exceed the "
+                   f"{available / 2**30:.1f} GiB available")
+
+
 def bench(
     paths: Sequence[str | os.PathLike[str]],
     seqs: Sequence[int],
@@ -178,6 +212,7 @@ def bench(
     memory: bool = True,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
+    prepack: bool | None = None,
 ) -> BenchResult:
     """Benchmark ONNX models with onnxruntime at each sequence length in ``seqs``.
 
@@ -191,6 +226,10 @@ def bench(
     random rows (:func:`extend_positions`; ``extended_positions`` is set on the cell). A model
     that fails at a length for another reason gets the error in its cell's ``note``.
 
+    ``prepack``: onnxruntime's weight prepacking in the timed sessions (its default, faster
+    MatMuls for a copy of their weights); None: on unless the models' weights, twice over,
+    exceed the available memory (:func:`prepack_decision`; the result says why it was off).
+
     Raises:
         InputError: a path is missing or not loadable, or ``seqs`` is empty or has a length < 1.
     """
@@ -200,7 +239,10 @@ def bench(
         raise InputError("--batch and --repeats must be >= 1 and --warmup >= 0")
     names = [str(p) for p in paths]
     protos = {n: _without_float_weights(load_proto(n)) for n in names}
-    models = {n: OnnxModel(n, threads) for n in names}
+    prepack_note = ""
+    if prepack is None:
+        prepack, prepack_note = prepack_decision(protos, available_memory_bytes())
+    models = {n: OnnxModel(n, threads, prepack=prepack) for n in names}
     limits = {n: position_limit(protos[n], Path(n).parent) for n in names}
     longest = max(seqs)
     extended: dict[str, str] = {}
@@ -229,7 +271,7 @@ def bench(
                 if use_ext:
                     run_path = extended[n]
                     if run_path not in models:
-                        models[run_path] = OnnxModel(run_path, threads)
+                        models[run_path] = OnnxModel(run_path, threads, prepack=prepack)
                     model = models[run_path]
                 feed = synthesize_inputs(model, batch, seq, seed=seed, proto=protos[n])
                 try:
@@ -259,7 +301,8 @@ def bench(
                 if on_step is not None:
                     on_step(f"{Path(n).name} T={seq}: {row[n].latency_ms:.2f} ms")
             cells.extend(row[n] for n in names)
-    return BenchResult(names, list(seqs), batch, repeats, warmup, threads, cells, limits)
+    return BenchResult(names, list(seqs), batch, repeats, warmup, threads, cells, limits,
+                       prepack, prepack_note)
 
 
 def _labels(models: Sequence[str]) -> dict[str, str]:

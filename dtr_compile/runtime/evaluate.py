@@ -54,7 +54,8 @@ class OnnxModel:
         InputError: the file is missing or onnxruntime cannot load it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None, *,
+                 prepack: bool = True) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -64,6 +65,8 @@ class OnnxModel:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        if not prepack:  # no prepacked copy of the MatMul weights (see ort_session)
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self.session = ort.InferenceSession(str(self.path), opts,
                                                 providers=["CPUExecutionProvider"])
