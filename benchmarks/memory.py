@@ -9,6 +9,9 @@ in its own process from an empty cache with few distillation steps (the memory, 
 hybrid's quality, is measured) and reports its peak RSS after each stage
 (``runtime.peak_rss_by_stage_mib``). ``ru_maxrss`` counts file-backed pages too: weights the
 kernel maps from a file are in it, though it can drop them under pressure and read them again.
+So this script also samples the compile's anonymous and file-backed RSS (``/proc/PID/status``)
+every 20 ms: the anonymous peak is what must fit in RAM. A third compile (``always``,
+``--no-bench``) shows what the speed bench's two sessions add.
 
 The session rows open the compiled hybrid in a fresh process each and report the resident memory
 it added (``/proc/self/statm``) after creating the session and after one run at batch 4 × 64,
@@ -90,13 +93,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def compile_once(model: Path, form: str, work: Path) -> dict[str, Any]:
-    out = work / form / "hybrid.onnx"
+def compile_once(model: Path, form: str, work: Path, *extra: str) -> dict[str, Any]:
+    out = work / (form + "".join(extra)) / "hybrid.onnx"
     cmd = [sys.executable, "-m", "dtr_compile", str(model), "--data", str(model / "val.pt"),
            "--metric", "perplexity", "--budget", "90%", "--distill-steps", "5",
            "--max-calib-samples", "8", "--no-cache", "--no-progress", "--external-data", form,
-           "-o", str(out)]
-    log(f"compile, --external-data {form}")
+           "-o", str(out), *extra]
+    log(f"compile, --external-data {form} {' '.join(extra)}")
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
@@ -155,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-c", IMPORTS], capture_output=True, text=True, check=True, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()[-3:])
         runs = {form: compile_once(model, form, work) for form in FORMS}
+        # the same compile without the speed bench (its two onnxruntime sessions side by side)
+        no_bench = compile_once(model, "always", work, "--no-bench")
         sessions = {(form, pre): session_memory(runs[form]["out"], pre)
                     for form in FORMS for pre in ("on", "off")}
     finally:
@@ -198,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         "| ONNX weights | peak anonymous RSS | peak file-backed RSS |",
         "|---|---|---|",
     ]
-    for form in FORMS:
-        peak = runs[form]["peak"]
-        where = "inside `hybrid.onnx`" if form == "never" else "in `hybrid.onnx.data`"
+    for form, run in [*((f, runs[f]) for f in FORMS), ("no-bench", no_bench)]:
+        peak = run["peak"]
+        where = {"never": "inside `hybrid.onnx`", "always": "in `hybrid.onnx.data`",
+                 "no-bench": "in `hybrid.onnx.data`, `--no-bench`"}[form]
         lines.append(f"| {where} | {peak['RssAnon']:.0f} "
                      f"({(peak['RssAnon'] - anon_floor) / weights_mib:.1f}×) | "
                      f"{peak['RssFile']:.0f} ({(peak['RssFile'] - file_floor) / weights_mib:.1f}×) |")
