@@ -71,6 +71,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a CI job cancelled), raised where Ctrl-C would be: the same clean-up and the same
     ``--resume`` hint run; the CLI then exits 143 (128 + SIGTERM) instead of Ctrl-C's 130."""
 
+    exit_code = 143
+
 
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
@@ -277,9 +279,14 @@ def _compile(model: str, output: str, flags: dict[str, object]) -> None:
         _fail(exc)
     except KeyboardInterrupt as exc:
         term = isinstance(exc, Terminated)
-        click.echo(f"dtr-compile: {'terminated (SIGTERM)' if term else 'interrupted'}; rerun the "
-                   "same command with --resume to continue from the finished search "
-                   "evaluations", err=True)
+        what = "terminated (SIGTERM)" if term else "interrupted"
+        if getattr(exc, "artifacts_written", False):
+            click.echo(f"dtr-compile: {what} as the artifacts were moved into place: all of "
+                       f"them are written; the report beside {output} says how the run ended",
+                       err=True)
+        else:
+            click.echo(f"dtr-compile: {what}; rerun the same command with --resume to continue "
+                       "from the finished search evaluations", err=True)
         sys.exit(143 if term else 130)
     from dtr_compile.report import summary_lines
 
@@ -582,7 +589,8 @@ onnxruntime_genai.Model(OUT) (extra [genai]). docs/exporters.md, "onnxruntime-ge
 works and what does not.
 Exit codes:
   0  written
-  2  bad input: missing or prefill-only model, no tokenizer""")
+  2  bad input: missing or prefill-only model, no tokenizer
+  130 / 143  interrupted by Ctrl-C / SIGTERM: OUT holds what it held before""")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="Folder to write.")
@@ -607,8 +615,9 @@ def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_len
         _fail(exc)
     except KeyboardInterrupt as exc:  # the model being written is removed; what stood is kept
         term = isinstance(exc, Terminated)
-        click.echo(f"dtr-compile: {'terminated (SIGTERM)' if term else 'interrupted'}; no "
-                   f"half-written model is left in {output}: rerun the same command", err=True)
+        click.echo(f"dtr-compile: {'terminated (SIGTERM)' if term else 'interrupted'}; "
+                   f"{output} holds what it held before (nothing half-written): rerun the same "
+                   "command", err=True)
         sys.exit(143 if term else 130)
     click.echo(f"wrote {out}/model.onnx, genai_config.json and the tokenizer files")
 

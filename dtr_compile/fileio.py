@@ -91,21 +91,38 @@ def signals_deferred() -> Iterator[None]:
     still stops it anywhere.
     """
     sigs = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in sigs}
+    previous: dict[int, Any] = {s: signal.getsignal(s) for s in sigs}
     if threading.current_thread() is not threading.main_thread() or \
             any(h is None for h in previous.values()):
         yield
         return
     held: list[int] = []
-    for s in sigs:
-        signal.signal(s, lambda signum, _frame: held.append(signum))
+    holding = [True]
+
+    def hold(signum: int, frame: Any) -> None:  # noqa: ANN401 - a frame
+        if holding[0]:
+            held.append(signum)
+            return
+        # a signal between the two restores below: the handler that was in place handles it
+        prev = previous[signum]
+        if callable(prev):
+            prev(signum, frame)
+        elif prev == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
     try:
+        for s in sigs:  # inside the try: a signal between the two installs is restored too
+            signal.signal(s, hold)
         yield
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        if held:
-            signal.raise_signal(held[0])
+        holding[0] = False
+        try:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+        finally:  # restored even when the first restore let a Ctrl-C through
+            signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
+        if held:  # SIGTERM (stop) wins over Ctrl-C when both came
+            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in held else held[0])
 
 
 def _place_model(written: Path, target: Path) -> None:
@@ -163,20 +180,25 @@ def unloadable(path: str | os.PathLike[str], exc: BaseException) -> InputError:
 def onnx_weight_bytes(proto: Any) -> int:  # noqa: ANN401 - onnx.ModelProto
     """Bytes of the initializers of ``proto``'s main graph (inline or external; from their
     shapes, so also for a proto whose values were dropped or not loaded)."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
+    packed4 = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+               if hasattr(TensorProto, n)}  # two values a byte
     total = 0
     for t in proto.graph.initializer:
         ext = {e.key: e.value for e in t.external_data}
+        n = math.prod(t.dims)
         if "length" in ext:
             total += int(ext["length"])
-            continue
-        try:
-            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, ValueError, TypeError):  # strings, undefined
-            total += len(t.raw_data)
-            continue
-        total += itemsize * math.prod(t.dims)
+        elif t.data_type == TensorProto.STRING:
+            total += sum(len(x) for x in t.string_data)
+        elif t.data_type in packed4:
+            total += (n + 1) // 2
+        else:
+            try:
+                total += helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * n
+            except (KeyError, ValueError, TypeError):  # undefined
+                total += len(t.raw_data)
     return total
 
 

@@ -18,8 +18,8 @@ each load and capture the model and then share the two expensive stages:
   same rows in the same order. The baseline is computed the same way.
 
 Rank 0 alone writes the cache, the ledger, the artifacts and the report; the others log nothing
-and leave after the search with its exit code (0 or 3) while rank 0 exports (a parity failure,
-exit 4, is rank 0's alone; torchrun fails the run when any rank fails).
+and leave with exit code 0 after the search while rank 0 exports: the run's exit code (3: no
+site fits, 4: parity) is rank 0's, since torchrun stops every rank as soon as one exits non-zero.
 Every exchange is guarded (:meth:`Group.exchange`): a rank that raises sends its error to the
 others and every rank stops with it (:class:`RankError`); a rank that dies makes the others' next
 exchange fail, at the latest after ``DTR_DIST_TIMEOUT`` seconds (default 3600, the longest a rank
@@ -43,6 +43,7 @@ from dtr_compile.errors import DtrError, InputError
 
 T = TypeVar("T")
 TIMEOUT_ENV = "DTR_DIST_TIMEOUT"
+MAX_TIMEOUT_S = 10**9  # ~32 years; datetime.timedelta overflows far above
 
 
 class RankError(DtrError):
@@ -94,9 +95,10 @@ class Group:
         if local_exc is None:
             got = self.all_gather((True, value))
         else:
-            why = "interrupted" if isinstance(local_exc, KeyboardInterrupt) else \
-                _describe(local_exc)
-            got = self.all_gather((False, (why, _exit_code(local_exc))))
+            code = _exit_code(local_exc)
+            why = ("terminated (SIGTERM)" if code == 143 else "interrupted") \
+                if isinstance(local_exc, KeyboardInterrupt) else _describe(local_exc)
+            got = self.all_gather((False, (why, code)))
         failed = [(r, v) for r, (o, v) in enumerate(got) if not o]
         if failed:
             r, (why, code) = failed[0]
@@ -144,8 +146,8 @@ class Group:
 
 def _exit_code(exc: BaseException) -> int:
     """The exit code ``exc`` ends a run with (:mod:`dtr_compile.errors`)."""
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or the CLI's SIGTERM (exit_code 143)
+        return int(getattr(exc, "exit_code", 130))
     return int(getattr(exc, "exit_code", 1)) if isinstance(exc, DtrError) else 1
 
 
@@ -171,9 +173,9 @@ def timeout_s() -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise InputError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds > 0: set it to how "
-                         "long a rank may wait for the others (e.g. 3600), or unset it")
+    if not math.isfinite(value) or value <= 0 or value > MAX_TIMEOUT_S:
+        raise InputError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds in (0, 1e9]: set "
+                         "it to how long a rank may wait for the others (e.g. 3600), or unset it")
     return value
 
 

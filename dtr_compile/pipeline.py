@@ -544,7 +544,7 @@ def _search(
         ci = "" if ev.interval is None else \
             f"drop <= {ev.interval['upper']:.4g} at {ev.interval['confidence']:g}"
         if config.confidence is not None:  # the mark judges the metric and the bound
-            result = f"{ev.metric:.8g}, {ci} {mark} ({how})"
+            result = f"{ev.metric:.8g}{', ' + ci if ci else ''} {mark} ({how})"
         else:  # the mark judges the metric; the bound is for information
             result = f"{ev.metric:.8g} {mark} ({ci + ', not required; ' if ci else ''}{how})"
         console.log(f"step {ev.step} ({ev.phase}): +{ev.candidate} → {metric.name} {result}")
@@ -978,7 +978,11 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         console.log("no site fits the budget; try: " + "; ".join(steps))
     write_json_atomic(staging.path(config_path), config.to_dict())
     write_report(report, report_path, write_to=staging.path)
-    staging.commit()  # every artifact of this run into place together
+    try:
+        staging.commit()  # every artifact of this run into place together
+    except KeyboardInterrupt as exc:  # held during the moves: the set is whole
+        exc.artifacts_written = True  # type: ignore[attr-defined]
+        raise
     if not parity_ok:
         failures = exported.failures()
         raise ParityError(f"an exported artifact failed verification ({len(failures)} "

@@ -364,10 +364,11 @@ def _runtime_lines(rt: dict[str, Any] | None) -> list[str]:
     if mem:
         lines += ["| rank | peak RSS (MiB) | largest finished worker process (MiB) | peak GPU (MiB) |",
                   "|---|---|---|---|"]
-        lines += [f"| {i} | {_fmt(m.get('peak_rss_mib'), 5)} | "
-                  f"{_fmt(m.get('peak_rss_children_mib'), 5) if m.get('peak_rss_children_mib') else '–'}"
-                  f" | {_fmt(m.get('peak_gpu_mib'), 5) if m.get('peak_gpu_mib') is not None else '–'} |"
-                  for i, m in enumerate(mem)]
+        def mib(x: Any) -> str:  # noqa: ANN401
+            return f"{x:.0f}" if isinstance(x, (int, float)) and x else "–"
+
+        lines += [f"| {i} | {mib(m.get('peak_rss_mib'))} | {mib(m.get('peak_rss_children_mib'))} "
+                  f"| {mib(m.get('peak_gpu_mib'))} |" for i, m in enumerate(mem)]
         lines.append("")
     return lines
 

@@ -73,10 +73,10 @@ def test_shard_and_batch_rows_cover_everything_once() -> None:
             assert all(a % batch == 0 or a == n for a, _ in spans)
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf"])
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e15"])
 def test_dist_timeout_must_be_positive_seconds(monkeypatch, value) -> None:
     monkeypatch.setenv(TIMEOUT_ENV, value)
-    with pytest.raises(InputError, match=f"{TIMEOUT_ENV}='{value}' is not a number of seconds"):
+    with pytest.raises(InputError, match=f"{TIMEOUT_ENV}='{value}' is not a number of seconds in"):
         timeout_s()
     monkeypatch.setenv(TIMEOUT_ENV, "12.5")
     assert timeout_s() == 12.5
@@ -341,3 +341,12 @@ def test_moved_graph_on_cuda_matches_cpu(tiny_task) -> None:
     r = ref[0] if isinstance(ref, (tuple, list)) else ref
     o = out[0] if isinstance(out, (tuple, list)) else out
     assert o.device.type == "cpu" and (o - r).abs().max().item() < 1e-4
+
+
+def test_a_rank_error_keeps_the_failed_ranks_exit_code() -> None:
+    from dtr_compile.cli import Terminated
+    from dtr_compile.parallel import RankError, _exit_code
+
+    assert [_exit_code(e) for e in (Terminated(), KeyboardInterrupt(), InputError("x"),
+                                    ValueError("y"))] == [143, 130, 2, 1]
+    assert RankError("rank 1 of 2 failed: x", 2).exit_code == 2

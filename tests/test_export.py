@@ -307,3 +307,20 @@ def test_encoder_gets_no_stateful_decoder(compiled) -> None:
     assert not list(out.parent.glob("*.decoder.onnx"))
     assert "stateful" not in compiled["report"]
     assert not any("decoder" in k for k in compiled["report"]["artifacts"])
+
+
+def test_weight_bytes_count_from_shapes_and_types() -> None:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dtr_compile.fileio import onnx_weight_bytes
+
+    inits = [numpy_helper.from_array(np.zeros((3, 5), np.float32), "a"),  # 60 bytes
+             helper.make_tensor("s", TensorProto.STRING, [2], [b"abc", b"de"]),  # 5
+             helper.make_tensor("i4", TensorProto.INT4, [5], [1, 2, 3, 4, 5])]  # 3, packed
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, [1])], initializer=inits)
+    model = helper.make_model(graph)
+    assert onnx_weight_bytes(model) == 68
+    model.graph.initializer[0].ClearField("raw_data")  # values dropped, shape kept
+    assert onnx_weight_bytes(model) == 68

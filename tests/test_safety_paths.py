@@ -26,6 +26,7 @@ from dtr_compile.fileio import (
     atomic_model_path,
     atomic_path,
     clean_stale_temporaries,
+    signals_deferred,
 )
 from dtr_compile.pipeline import compile_model
 
@@ -311,11 +312,37 @@ def test_an_interrupt_during_the_moves_waits_for_the_whole_set(tmp_path, monkeyp
                 os.kill(os.getpid(), signum)
 
         monkeypatch.setattr(os, "replace", replace)
+        handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
         with pytest.raises(exc):
             staging.commit()
         assert len(calls) == 3  # every move ran before the interrupt took effect
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
         assert [(tmp_path / n).read_bytes() for n in ("h.onnx", "h.onnx.data", "h.report.json")] \
             == [b"model-2", b"weights-2", b"report-2"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_held_signals_are_delivered_once_and_sigterm_wins(monkeypatch) -> None:
+    """Both signals held: SIGTERM's handler runs (a stop beats a Ctrl-C); with none, the body
+    runs as is and the handlers are back."""
+    got: list[int] = []
+
+    def on_term(*_: object) -> None:
+        got.append(signal.SIGTERM)
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(SystemExit), signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            got.append(0)  # the body goes on
+        assert got == [0, signal.SIGTERM]
+        with signals_deferred():
+            pass
+        assert signal.getsignal(signal.SIGTERM) is on_term
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
 

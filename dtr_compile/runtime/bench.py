@@ -119,7 +119,7 @@ def hwm():
     return r if sys.platform == "darwin" else r * 1024
 
 import json
-path, feed_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, feed_path, threads, prepack = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[5] == "1"
 stored = np.load(feed_path)  # arr_0, arr_1, … in the order of the names in argv[4]
 feed = {name: stored[f"arr_{i}"] for i, name in enumerate(json.loads(sys.argv[4]))}
 base = hwm()
@@ -127,6 +127,8 @@ opts = ort.SessionOptions()
 opts.log_severity_level = 3
 if threads:
     opts.intra_op_num_threads = threads
+if not prepack:
+    opts.add_session_config_entry("session.disable_prepacking", "1")
 sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 sess.run(None, feed)
 print(hwm() - base)
@@ -134,9 +136,11 @@ print(hwm() - base)
 
 
 def measure_peak_bytes(path: str | os.PathLike[str], feed: Mapping[str, np.ndarray],
-                       threads: int | None = None, timeout_s: float = 600) -> int:
+                       threads: int | None = None, timeout_s: float = 600, *,
+                       prepack: bool = True) -> int:
     """Peak resident memory a session of ``path`` adds when run once on ``feed``, measured in a
-    fresh child process (see the module docstring).
+    fresh child process (see the module docstring), with onnxruntime's weight prepacking as the
+    timed sessions have it.
 
     Raises:
         DtrError: the child failed.
@@ -147,7 +151,7 @@ def measure_peak_bytes(path: str | os.PathLike[str], feed: Mapping[str, np.ndarr
         # otherwise be taken for one of savez's own arguments
         np.savez(feed_path, *feed.values())
         proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(feed_path),
-                               str(threads or 0), json.dumps(list(feed))],
+                               str(threads or 0), json.dumps(list(feed)), str(int(prepack))],
                               capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise DtrError(f"memory probe of {path} failed: "
@@ -171,16 +175,27 @@ def _without_float_weights(proto: Any) -> Any:  # noqa: ANN401 - onnx.ModelProto
 
 
 def available_memory_bytes() -> int | None:
-    """Memory the kernel could give this process without swapping (``MemAvailable`` in
-    ``/proc/meminfo``), in bytes; None where that is not known."""
+    """Memory this process could still get without swapping, in bytes: the machine's
+    ``MemAvailable`` (``/proc/meminfo``), or less where the process's cgroup (a container, a CI
+    job) is limited to less (cgroup v2 ``memory.max`` − ``memory.current``, or v1's
+    ``memory.limit_in_bytes`` − ``memory.usage_in_bytes``); None where neither is known."""
+    found: list[int] = []
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            found += [int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:")]
+    except (OSError, ValueError):
         pass
-    return None
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap = Path(limit).read_text().strip()
+            if cap != "max" and int(cap) < 2**60:  # v1 writes a huge number for "no limit"
+                found.append(max(0, int(cap) - int(Path(usage).read_text())))
+            break
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
 
 
 #: the timed sessions prepack their weights while the models' weights, this many times over,
@@ -295,7 +310,8 @@ def bench(
                 row[n].latency_ms = statistics.median(row[n].runs_ms)
                 if memory:
                     try:
-                        row[n].peak_bytes = measure_peak_bytes(run_path, feed, threads)
+                        row[n].peak_bytes = measure_peak_bytes(run_path, feed, threads,
+                                                               prepack=prepack)
                     except (DtrError, subprocess.TimeoutExpired) as exc:
                         row[n].note = f"memory probe failed: {exc}"
                 if on_step is not None:

@@ -20,7 +20,7 @@ from typing import Any
 from dtr_compile.errors import InputError
 from dtr_compile.fileio import (
     OutputLock,
-    atomic_model_path,
+    Staging,
     clean_stale_temporaries,
     has_external_data,
     save_onnx,
@@ -197,15 +197,24 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
     out.mkdir(parents=True, exist_ok=True)
     target = out / "model.onnx"
     with OutputLock(Path(str(target) + ".lock")):
-        clean_stale_temporaries([target])  # an interrupted run's half-written model
+        clean_stale_temporaries([target])  # an interrupted run's staging folder
         proto = onnx.load(str(src), load_external_data=False)
         external = has_external_data(proto)  # the decoder's NAME.data: model.onnx.data here
         onnx.load_external_data_for_model(proto, str(src.parent))
         add_conv_passthrough(proto)
-        with atomic_model_path(target) as tmp:
-            save_onnx(proto, tmp, external=external or None)
-        write_json_atomic(out / "genai_config.json", genai_config(target, **kwargs))
-        for f in tok_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
+        # the whole folder is staged and moved into place together: an interrupted or failed
+        # run leaves what stood there, never a new model beside an old config
+        staging = Staging(target)
+        try:
+            model = staging.path(target)
+            save_onnx(proto, model, external=external or None)
+            del proto
+            write_json_atomic(staging.path(out / "genai_config.json"),
+                              genai_config(model, **kwargs))
+            for f in tok_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, staging.path(out / f.name))
+            staging.commit()
+        finally:
+            staging.discard()
     return out
