@@ -188,3 +188,30 @@ def test_prepacking_is_turned_off_when_the_weights_do_not_fit_twice(tiny_onnx) -
     path = str(tiny_onnx["path"])
     res = bench([path], [16], repeats=1, warmup=1, memory=False, prepack=False)
     assert res.cell(path, 16).latency_ms > 0 and res.to_dict()["prepack"] is False
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cgroup_limits_bound_the_available_memory(tmp_path, version) -> None:
+    """A container's memory limit (its cgroup's, or a parent's) counts, not the machine's."""
+    from dtr_compile.runtime.bench import _cgroup_room
+
+    root = tmp_path / "cgroup"
+    if version == "v1":
+        membership, base, files = "4:memory:/job/step\n", root / "memory", (
+            "memory.limit_in_bytes", "memory.usage_in_bytes")
+        none = str(2**63 - 4096)
+    else:
+        membership, base, files = "0::/job/step\n", root, ("memory.max", "memory.current")
+        none = "max"
+    for rel, cap, used in (("job", 3000, 1000), ("job/step", none, 500), ("", none, 9000)):
+        d = base / rel
+        d.mkdir(parents=True, exist_ok=True)
+        (d / files[0]).write_text(f"{cap}\n")
+        (d / files[1]).write_text(f"{used}\n")
+    (tmp_path / "self").write_text(membership)
+    assert _cgroup_room(tmp_path / "self", root) == [2000]  # the parent's limit, less its use
+    stat = "total_inactive_file" if version == "v1" else "inactive_file"
+    (base / "job" / "memory.stat").write_text(f"anon 700\n{stat} 300\n")
+    assert _cgroup_room(tmp_path / "self", root) == [2300]  # page cache it can drop is room
+    (tmp_path / "self").write_text("3:cpu:/x\n")
+    assert _cgroup_room(tmp_path / "self", root) == []

@@ -185,17 +185,52 @@ def available_memory_bytes() -> int | None:
             found += [int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("MemAvailable:")]
     except (OSError, ValueError):
         pass
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            cap = Path(limit).read_text().strip()
-            if cap != "max" and int(cap) < 2**60:  # v1 writes a huge number for "no limit"
-                found.append(max(0, int(cap) - int(Path(usage).read_text())))
-            break
-        except (OSError, ValueError):
-            continue
+    found += _cgroup_room()
     return min(found) if found else None
+
+
+def _inactive_file(stat_path: Path) -> int:
+    """Bytes of inactive file cache in a cgroup's ``memory.stat`` (v1: ``total_inactive_file``,
+    v2: ``inactive_file``); 0 when not found."""
+    try:
+        stats = dict(ln.split()[:2] for ln in stat_path.read_text().splitlines() if " " in ln)
+    except OSError:
+        return 0
+    return int(stats.get("total_inactive_file", stats.get("inactive_file", 0)))
+
+
+def _cgroup_room(membership: Path = Path("/proc/self/cgroup"),
+                 root: Path = Path("/sys/fs/cgroup")) -> list[int]:
+    """``limit − working set`` of this process's memory cgroup and of each cgroup above it
+    (those with a limit), from ``/proc/self/cgroup``: v2 (``0::PATH``) and v1
+    (``N:memory:PATH``). The working set is the usage less the inactive file cache, which the
+    kernel reclaims first (as Kubernetes counts it)."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return []
+    rooms = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            base, limit, usage = root, "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit, usage = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        d = base / path.strip("/")
+        while True:
+            try:
+                cap = (d / limit).read_text().strip()
+                if cap != "max" and int(cap) < 2**60:  # v1 writes a huge number for "none"
+                    used = int((d / usage).read_text()) - _inactive_file(d / "memory.stat")
+                    rooms.append(max(0, int(cap) - used))
+            except (OSError, ValueError):
+                pass
+            if d == base or base not in d.parents:
+                break
+            d = d.parent
+    return rooms
 
 
 #: the timed sessions prepack their weights while the models' weights, this many times over,
