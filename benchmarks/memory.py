@@ -21,11 +21,14 @@ Prints the tables and writes them into ``docs/benchmarks.md`` between this bench
 
     .venv/bin/python benchmarks/memory.py
     .venv/bin/python benchmarks/memory.py --hidden 512 --vocab 8000 --no-doc   # quick look
+    .venv/bin/python benchmarks/memory.py --scaling 1024,2048   # what grows with the weights
+    sudo .venv/bin/python benchmarks/memory.py --limit-ram 2048   # in a cgroup < 2× the weights
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -138,14 +141,152 @@ def session_memory(path: Path, prepack: str) -> tuple[float, float]:
     return float(created), float(ran)
 
 
+def imports_floor() -> tuple[float, float, float]:
+    """Peak RSS, anonymous and file-backed RSS of a process that only imported, MiB."""
+    out = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    peak, anon, file = map(float, out.stdout.split()[-3:])
+    return peak, anon, file
+
+
+def scaling(args: argparse.Namespace) -> int:
+    """Peak anonymous RSS of a compile (``--external-data always``) with and without the speed
+    bench, at each ``--scaling`` hidden size: which part grows with the weights."""
+    rows = []
+    _, anon_floor, _ = imports_floor()
+    for hidden in args.scaling:
+        work = Path(tempfile.mkdtemp(prefix="dtr-memory-"))
+        try:
+            model = work / "model"
+            made = subprocess.run([sys.executable, "-c", MAKE_MODEL, str(model), str(hidden),
+                                   str(args.vocab), str(args.layers)],
+                                  capture_output=True, text=True, check=True)
+            weights = int(made.stdout.split()[-1]) * 4 / 2**20
+            plain = compile_once(model, "always", work, "--no-bench")
+            full = compile_once(model, "always", work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        rows.append((hidden, weights, plain["peak"]["RssAnon"], full["peak"]["RssAnon"],
+                     full["report"]["speed"].get("prepack")))
+    lines = [
+        "### What grows with the weights (`benchmarks/memory.py --scaling`)",
+        "",
+        f"Random-weight Llama, {args.layers} layers, vocabulary {args.vocab}, `--external-data "
+        f"always`, the same 16 × 64 validation rows; peak anonymous RSS of the compile in MiB, "
+        f"and above the imports' {anon_floor:.0f} MiB × the weights; "
+        f"{len(os.sched_getaffinity(0))} CPUs.",
+        "",
+        "| hidden | fp32 weights MiB | peak anon, `--no-bench` | peak anon, with the speed bench "
+        "| bench prepacking |",
+        "|---|---|---|---|---|",
+    ]
+    for hidden, weights, plain_anon, full_anon, prepack in rows:
+        lines.append(f"| {hidden} | {weights:.0f} | {plain_anon:.0f} "
+                     f"({(plain_anon - anon_floor) / weights:.2f}×) | {full_anon:.0f} "
+                     f"({(full_anon - anon_floor) / weights:.2f}×) | "
+                     f"{'on' if prepack is not False else 'off'} |")
+    publish(lines, None if args.no_doc else args.doc, "memory-scaling")
+    return 0
+
+
+def _make_cgroup(limit: int) -> tuple[Path, Path]:
+    """A memory cgroup limited to ``limit`` bytes (v2 if mounted so, else v1; needs root):
+    ``(its folder, its cgroup.procs)``."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    if v2.is_file() and "memory" in v2.read_text().split():
+        d = Path(tempfile.mkdtemp(prefix="dtr-bench-", dir="/sys/fs/cgroup"))
+        (d / "memory.max").write_text(str(limit))
+        (d / "memory.swap.max").write_text("0")
+    else:
+        d = Path(tempfile.mkdtemp(prefix="dtr-bench-", dir="/sys/fs/cgroup/memory"))
+        (d / "memory.limit_in_bytes").write_text(str(limit))
+    return d, d / "cgroup.procs"
+
+
+def limited(args: argparse.Namespace) -> int:
+    """One compile (``--external-data always``, speed bench included) of a model whose weights
+    do not fit twice in the memory it is given: a cgroup limited to ``--limit-ratio`` × the
+    weights (needs root)."""
+    hidden = args.limit_ram
+    work = Path(tempfile.mkdtemp(prefix="dtr-memory-"))
+    cgroup = None
+    try:
+        model = work / "model"
+        made = subprocess.run([sys.executable, "-c", MAKE_MODEL, str(model), str(hidden),
+                               str(args.vocab), str(args.layers)],
+                              capture_output=True, text=True, check=True)
+        weights = int(made.stdout.split()[-1]) * 4
+        limit = int(weights * args.limit_ratio)
+        cgroup, procs = _make_cgroup(limit)
+        # the model files were just written from outside the cgroup: drop their page cache, or
+        # the pages stay charged elsewhere and the compile reads them for free
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        out = work / "out" / "hybrid.onnx"
+        cmd = [sys.executable, "-m", "dtr_compile", str(model), "--data", str(model / "val.pt"),
+               "--metric", "perplexity", "--budget", "90%", "--distill-steps", "5",
+               "--max-calib-samples", "8", "--no-cache", "--no-progress", "--external-data",
+               "always", "-o", str(out)]
+        log(f"compile in a cgroup of {limit / 2**20:.0f} MiB ({args.limit_ratio}× the weights)")
+        t0 = time.perf_counter()
+        proc = subprocess.run(["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd],
+                              cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - t0
+        peak_file = next((cgroup / f for f in ("memory.peak", "memory.max_usage_in_bytes")
+                          if (cgroup / f).is_file()), None)
+        cgroup_peak = int(peak_file.read_text()) if peak_file else 0
+        report = json.loads(out.with_suffix(".report.json").read_text()) \
+            if out.with_suffix(".report.json").is_file() else {}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if cgroup is not None:
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
+    speed = report.get("speed") or {}
+    peaks = (report.get("runtime") or {}).get("peak_rss_by_stage_mib") or {}
+    tail = "" if proc.returncode == 0 else \
+        f" ({(proc.stderr.strip().splitlines() or ['?'])[-1][:200]})"
+    lines = [
+        "### Weights that do not fit twice (`benchmarks/memory.py --limit-ram`)",
+        "",
+        f"Random-weight Llama, {args.layers} layers, hidden {hidden}, vocabulary {args.vocab}: "
+        f"{weights / 2**20:.0f} MiB of fp32 weights. One compile, `--external-data always`, "
+        f"speed bench included, in a memory cgroup limited to {limit / 2**20:.0f} MiB "
+        f"({args.limit_ratio:g}× the weights: teacher and hybrid could not each hold a copy), "
+        "page cache dropped before (the model's files are read, and charged, inside it); "
+        f"no swap; {len(os.sched_getaffinity(0))} CPUs. RSS counts mapped file pages that "
+        "the cgroup may have read more than once (dropped, then read again).",
+        "",
+        "| exit code | wall s | cgroup's peak charge (MiB) | highest RSS (MiB, file pages "
+        "included) | bench prepacking |",
+        "|---|---|---|---|---|",
+        f"| {proc.returncode}{tail} | {wall:.0f} | {cgroup_peak / 2**20:.0f} | "
+        f"{max(peaks.values(), default=0):.0f} | "
+        f"{'on' if speed.get('prepack', True) else 'off: ' + speed.get('prepack_note', '')} |",
+    ]
+    publish(lines, None if args.no_doc else args.doc, "memory-limited")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--scaling", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                    metavar="H1,H2", help="only the scaling table, at these hidden sizes")
+    ap.add_argument("--limit-ram", type=int, default=None, metavar="HIDDEN",
+                    help="only the compile in a memory cgroup, at this hidden size (root)")
+    ap.add_argument("--limit-ratio", type=float, default=1.9,
+                    help="the cgroup's limit, × the model's weights")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--no-doc", action="store_true", help="print only")
     args = ap.parse_args(argv)
+    if args.scaling:
+        return scaling(args)
+    if args.limit_ram:
+        return limited(args)
     work = Path(tempfile.mkdtemp(prefix="dtr-memory-"))
     try:
         model = work / "model"
@@ -154,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                               capture_output=True, text=True, check=True)
         params = int(made.stdout.split()[-1])
         weights_mib = params * 4 / 2**20
-        floor, anon_floor, file_floor = map(float, subprocess.run(
-            [sys.executable, "-c", IMPORTS], capture_output=True, text=True, check=True, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.split()[-3:])
+        floor, anon_floor, file_floor = imports_floor()
         runs = {form: compile_once(model, form, work) for form in FORMS}
         # the same compile without the speed bench (its two onnxruntime sessions side by side)
         no_bench = compile_once(model, "always", work, "--no-bench")
