@@ -92,11 +92,25 @@ STAGES = ("load", "capture", "find_attention", "baseline", "distill", "schedule"
           "export", "bench")
 
 
+def make_model(model: Path, hidden: int, vocab: int, layers: int) -> int:
+    """Write the random-weight Llama folder (with ``val.pt``) at ``model``; its parameters."""
+    made = subprocess.run([sys.executable, "-c", MAKE_MODEL, str(model), str(hidden), str(vocab),
+                           str(layers)], capture_output=True, text=True, check=True)
+    return int(made.stdout.split()[-1])
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def compile_once(model: Path, form: str, work: Path, *extra: str) -> dict[str, Any]:
+def compile_once(model: Path, form: str, work: Path, *extra: str,
+                 wrap: list[str] | None = None, check: bool = True,
+                 timeout_s: float | None = None) -> dict[str, Any]:
+    """One compile of ``model`` with ``--external-data form`` and ``extra`` flags, in its own
+    process (started through ``wrap``, e.g. a shell that joins a cgroup): its report (``{}``
+    when it wrote none), exit code, wall time and sampled peak RSS parts. ``check``: stop the
+    benchmark when the compile fails (exit code other than 0 and 3). ``timeout_s``: kill it
+    after so long (a process starved of memory may page its code in and out for ever)."""
     out = work / (form + "".join(extra)) / "hybrid.onnx"
     cmd = [sys.executable, "-m", "dtr_compile", str(model), "--data", str(model / "val.pt"),
            "--metric", "perplexity", "--budget", "90%", "--distill-steps", "5",
@@ -105,18 +119,24 @@ def compile_once(model: Path, form: str, work: Path, *extra: str) -> dict[str, A
     log(f"compile, --external-data {form} {' '.join(extra)}")
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen([*(wrap or []), *cmd], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
         peak = {"RssAnon": 0.0, "RssFile": 0.0}
         while proc.poll() is None:  # the kernel keeps no peak of either part: sample it
             for key, mib in rss_parts(proc.pid).items():
                 peak[key] = max(peak[key], mib)
+            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
+                proc.kill()
             time.sleep(SAMPLE_S)
         err.seek(0)
-        if proc.returncode not in (0, 3):
+        last = (err.read().strip().splitlines() or ["?"])[-1]
+        if check and proc.returncode not in (0, 3):
+            err.seek(0)
             raise SystemExit(f"compile failed ({proc.returncode}):\n{err.read()[-3000:]}")
-    report = json.loads(out.with_suffix(".report.json").read_text())
-    return {"report": report, "out": out, "wall": time.perf_counter() - t0, "peak": peak}
+    path = out.with_suffix(".report.json")
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return {"report": report, "out": out, "wall": time.perf_counter() - t0, "peak": peak,
+            "returncode": proc.returncode, "last_line": last}
 
 
 def rss_parts(pid: int) -> dict[str, float]:
@@ -158,10 +178,7 @@ def scaling(args: argparse.Namespace) -> int:
         work = Path(tempfile.mkdtemp(prefix="dtr-memory-"))
         try:
             model = work / "model"
-            made = subprocess.run([sys.executable, "-c", MAKE_MODEL, str(model), str(hidden),
-                                   str(args.vocab), str(args.layers)],
-                                  capture_output=True, text=True, check=True)
-            weights = int(made.stdout.split()[-1]) * 4 / 2**20
+            weights = make_model(model, hidden, args.vocab, args.layers) * 4 / 2**20
             plain = compile_once(model, "always", work, "--no-bench")
             full = compile_once(model, "always", work)
         finally:
@@ -212,41 +229,28 @@ def limited(args: argparse.Namespace) -> int:
     cgroup = None
     try:
         model = work / "model"
-        made = subprocess.run([sys.executable, "-c", MAKE_MODEL, str(model), str(hidden),
-                               str(args.vocab), str(args.layers)],
-                              capture_output=True, text=True, check=True)
-        weights = int(made.stdout.split()[-1]) * 4
+        weights = make_model(model, hidden, args.vocab, args.layers) * 4
         limit = int(weights * args.limit_ratio)
         cgroup, procs = _make_cgroup(limit)
         # the model files were just written from outside the cgroup: drop their page cache, or
         # the pages stay charged elsewhere and the compile reads them for free
         subprocess.run(["sync"], check=True)
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
-        out = work / "out" / "hybrid.onnx"
-        cmd = [sys.executable, "-m", "dtr_compile", str(model), "--data", str(model / "val.pt"),
-               "--metric", "perplexity", "--budget", "90%", "--distill-steps", "5",
-               "--max-calib-samples", "8", "--no-cache", "--no-progress", "--external-data",
-               "always", "-o", str(out)]
-        log(f"compile in a cgroup of {limit / 2**20:.0f} MiB ({args.limit_ratio}× the weights)")
-        t0 = time.perf_counter()
-        proc = subprocess.run(["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh", *cmd],
-                              cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        wall = time.perf_counter() - t0
+        log(f"cgroup of {limit / 2**20:.0f} MiB ({args.limit_ratio}× the weights)")
+        run = compile_once(model, "always", work, check=False, timeout_s=args.limit_timeout,
+                           wrap=["sh", "-c", f'echo $$ > "{procs}" && exec "$@"', "sh"])
         peak_file = next((cgroup / f for f in ("memory.peak", "memory.max_usage_in_bytes")
                           if (cgroup / f).is_file()), None)
         cgroup_peak = int(peak_file.read_text()) if peak_file else 0
-        report = json.loads(out.with_suffix(".report.json").read_text()) \
-            if out.with_suffix(".report.json").is_file() else {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if cgroup is not None:
             with contextlib.suppress(OSError):
                 cgroup.rmdir()
+    report, code = run["report"], run["returncode"]
     speed = report.get("speed") or {}
     peaks = (report.get("runtime") or {}).get("peak_rss_by_stage_mib") or {}
-    tail = "" if proc.returncode == 0 else \
-        f" ({(proc.stderr.strip().splitlines() or ['?'])[-1][:200]})"
+    tail = "" if code == 0 else f" ({run['last_line'][:200]})"
     lines = [
         "### Weights that do not fit twice (`benchmarks/memory.py --limit-ram`)",
         "",
@@ -261,9 +265,9 @@ def limited(args: argparse.Namespace) -> int:
         "| exit code | wall s | cgroup's peak charge (MiB) | highest RSS (MiB, file pages "
         "included) | bench prepacking |",
         "|---|---|---|---|---|",
-        f"| {proc.returncode}{tail} | {wall:.0f} | {cgroup_peak / 2**20:.0f} | "
+        f"| {code}{tail} | {run['wall']:.0f} | {cgroup_peak / 2**20:.0f} | "
         f"{max(peaks.values(), default=0):.0f} | "
-        f"{'on' if speed.get('prepack', True) else 'off: ' + speed.get('prepack_note', '')} |",
+        f"{'–' if not speed else 'on' if speed.get('prepack', True) else 'off: ' + speed.get('prepack_note', '')} |",
     ]
     publish(lines, None if args.no_doc else args.doc, "memory-limited")
     return 0
@@ -280,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the compile in a memory cgroup, at this hidden size (root)")
     ap.add_argument("--limit-ratio", type=float, default=1.9,
                     help="the cgroup's limit, × the model's weights")
+    ap.add_argument("--limit-timeout", type=float, default=1800,
+                    help="seconds before the limited compile is killed (-9 in the table)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--no-doc", action="store_true", help="print only")
     args = ap.parse_args(argv)
@@ -290,10 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dtr-memory-"))
     try:
         model = work / "model"
-        made = subprocess.run([sys.executable, "-c", MAKE_MODEL, str(model), str(args.hidden),
-                               str(args.vocab), str(args.layers)],
-                              capture_output=True, text=True, check=True)
-        params = int(made.stdout.split()[-1])
+        params = make_model(model, args.hidden, args.vocab, args.layers)
         weights_mib = params * 4 / 2**20
         floor, anon_floor, file_floor = imports_floor()
         runs = {form: compile_once(model, form, work) for form in FORMS}
