@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dtr_compile.errors import InputError, first_line
-from dtr_compile.fileio import read_onnx, unloadable
+from dtr_compile.fileio import read_onnx
 
 #: Metrics that compare with the original model's outputs: ``run`` needs ``--reference`` for them.
 REFERENCE_METRICS = frozenset({"agreement", "cosine"})
@@ -56,22 +56,10 @@ class OnnxModel:
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None, *,
                  prepack: bool = True) -> None:
-        import onnxruntime as ort
+        from dtr_compile.runtime.generate import open_session
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"ONNX file not found: {self.path}")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        if not prepack:  # no prepacked copy of the MatMul weights (see ort_session)
-            opts.add_session_config_entry("session.disable_prepacking", "1")
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001
-            raise unloadable(self.path, exc) from exc
+        self.session = open_session(self.path, threads or None, prepack=prepack)
         self.inputs = [InputSpec(i.name, _NP_DTYPES.get(i.type, np.float32),
                                  tuple(d if isinstance(d, int) else (d or None) for d in i.shape))
                        for i in self.session.get_inputs()]

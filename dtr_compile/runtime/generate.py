@@ -159,8 +159,10 @@ def read_signature(session: Any, path: str | os.PathLike[str] = "model") -> Sign
 
 
 def open_session(path: str | os.PathLike[str], threads: int | None = None,
-                 profile_prefix: str | None = None) -> Any:
+                 profile_prefix: str | None = None, *, prepack: bool = True) -> Any:
     """A CPU onnxruntime session of ``path`` (profiling to ``profile_prefix``*.json if given).
+    ``prepack=False`` turns off onnxruntime's weight prepacking (``session.disable_prepacking``:
+    no second copy of the MatMul weights, slower MatMuls).
 
     Raises:
         InputError: the file is missing or onnxruntime cannot load it; ``threads`` < 1.
@@ -176,6 +178,8 @@ def open_session(path: str | os.PathLike[str], threads: int | None = None,
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
