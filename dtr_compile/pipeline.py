@@ -10,15 +10,13 @@ import math
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dtr_compile import __version__
 from dtr_compile.capture import capture, check_index_ranges, check_inputs
@@ -85,6 +83,7 @@ from dtr_compile.passes.find_attention import (
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
 from dtr_compile.passes.stateful import StatefulGraph, make_stateful
+from dtr_compile.progress import Stages, progress_bar
 from dtr_compile.report import REL_ERROR_MEANING, next_steps, report_paths, write_report
 from dtr_compile.search.confidence import (
     DEFAULT_CONFIDENCE,
@@ -170,12 +169,6 @@ def _input_paths(config: CompileConfig) -> dict[str, Path | None]:
 def _cache_dir(config: CompileConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else \
         Path(config.output).parent / ".dtr-cache"
-
-
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not enabled)
 
 
 SELECT = ("most-linear", "best")
@@ -308,7 +301,7 @@ def _distill(
     workers = config.workers or max(1, default_workers(len(plan.sites)) // max(1, ranks_here))
     steps = plan.settings.steps
     console.log(REL_ERROR_MEANING)
-    with _progress(console, config.progress) as prog:
+    with progress_bar(console, config.progress) as prog:
         record = prog.add_task("teacher activations", total=len(calib), info="")
         tasks = {s.id: prog.add_task(f"distill {s.id} ({plan.targets[s.id]})", total=steps,
                                      info="") for s in plan.sites}
@@ -367,27 +360,6 @@ def _example_inputs(config: CompileConfig) -> dict[str, torch.Tensor] | None:
     example = {k: v.to(torch.long) if k in ints and v.is_floating_point() else v
                for k, v in example.items()}
     return _at_least_two(example)
-
-
-@dataclass
-class Stages:
-    """Wall time (s) of each pipeline stage and this process's peak RSS (MiB) once it ended.
-
-    ``ru_maxrss`` only grows, so the first stage whose ``peak_rss_mib`` reaches the run's peak is
-    the one that set it.
-    """
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    peak_rss_mib: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def __call__(self, name: str, console: Console) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - t0, 3)
-        self.peak_rss_mib[name] = peak_memory()["peak_rss_mib"]  # type: ignore[assignment]
-        console.log(f"[bold]{name}[/bold] done in {self.seconds[name]:.1f} s "
-                    f"(peak RSS {self.peak_rss_mib[name] / 1024:.2f} GiB)")
 
 
 def _input_hashes(config: CompileConfig) -> dict[str, str]:
@@ -804,7 +776,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     # the graph the run-only stages use: gm itself on cpu/fp32, else a moved copy
     run_gm = placement.graph(gm)
     runner = run_gm if placement.is_default else OnDevice(run_gm, placement)
-    with _progress(console, config.progress) as prog, stages("baseline", console):
+    with progress_bar(console, config.progress) as prog, stages("baseline", console):
         task = prog.add_task("baseline", total=len(val), info="")
         lo, hi = batch_rows(len(val), config.eval_batch, group)
         mine = Dataset({k: v[lo:hi] for k, v in val.inputs.items()},
