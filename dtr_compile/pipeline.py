@@ -9,7 +9,6 @@ import copy
 import math
 import platform
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,6 @@ from dtr_compile.distill.run import distill
 from dtr_compile.errors import (
     EXIT_NO_REPLACEMENT,
     EXIT_OK,
-    DtrError,
     InputError,
     ParityError,
 )
@@ -49,16 +47,11 @@ from dtr_compile.exporters.artifacts import (
     check_export_options,
     export_artifacts,
     export_paths,
-    external_weights,
 )
+from dtr_compile.exporters.decoders import decoder_artifacts, export_decoders
 from dtr_compile.exporters.onnx import parity_cases
 from dtr_compile.exporters.stateful import (
-    check_decoder,
-    copy_tokenizer,
     decoder_paths,
-    export_stateful_onnx,
-    find_model_tokenizer,
-    parity_prompts,
 )
 from dtr_compile.fileio import (
     OutputLock,
@@ -72,7 +65,7 @@ from dtr_compile.fileio import (
 from dtr_compile.linear import kinds_for_site
 from dtr_compile.linear.feature_maps import FEATURE_MAPS
 from dtr_compile.load import check_model_path, load_model
-from dtr_compile.metrics import Metric, get_metric
+from dtr_compile.metrics import get_metric
 from dtr_compile.parallel import Group, batch_rows, from_env, gather_rows, rank_device
 from dtr_compile.passes.find_attention import (
     AttentionScan,
@@ -81,20 +74,17 @@ from dtr_compile.passes.find_attention import (
     find_attention,
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
-from dtr_compile.passes.stateful import StatefulGraph, make_stateful
 from dtr_compile.progress import Stages, progress_bar
 from dtr_compile.report import REL_ERROR_MEANING, next_steps, report_paths, write_report
-from dtr_compile.search.confidence import (
-    DEFAULT_CONFIDENCE,
-    degradation_bound,
-)
+from dtr_compile.runtime.speed import bench_speed, deploy_seqs
+from dtr_compile.search.holdout import evaluate_test, load_test
 from dtr_compile.search.ledger import (
     fingerprint,
     load_students,
     save_students,
 )
 from dtr_compile.search.run import SELECT, input_hashes, resolution_warnings, search, search_outputs
-from dtr_compile.search.schedule import STRATEGIES, ScheduleResult, meets
+from dtr_compile.search.schedule import STRATEGIES, ScheduleResult
 
 
 @dataclass
@@ -163,29 +153,6 @@ def _input_paths(config: CompileConfig) -> dict[str, Path | None]:
 def _cache_dir(config: CompileConfig) -> Path:
     return Path(config.cache_dir) if config.cache_dir else \
         Path(config.output).parent / ".dtr-cache"
-
-
-def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
-    """``--deploy-seq``: the lengths to time, None for the default (validation length and 4×),
-    ``[]`` for ``none``.
-
-    Raises:
-        InputError: not ``none`` nor comma-separated lengths >= 1.
-    """
-    if text is None:
-        return None
-    if isinstance(text, (list, tuple)):  # dtr.toml: deploy_seq = [512, 2048]
-        text = ",".join(str(t) for t in text)
-    if str(text).strip().lower() in ("none", "off", "no"):
-        return []
-    try:
-        seqs = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        seqs = []
-    if not seqs or any(t < 1 for t in seqs):
-        raise InputError(f"--deploy-seq {text!r}: expected comma-separated lengths >= 1, e.g. "
-                         "'256,1024', or 'none' to skip timing")
-    return seqs
 
 
 def _validate(config: CompileConfig) -> Budget:
@@ -386,74 +353,6 @@ def _linearizable(scan: AttentionScan) -> AttentionScan:
     return AttentionScan(sites=ok, rejected=scan.rejected + moved)
 
 
-def _decoder_artifacts(stateful: dict[str, Any] | None) -> dict[str, str]:
-    st = stateful or {}
-    return ({f"{k}_decoder_onnx": v["path"] for k, v in st.items()
-             if isinstance(v, dict) and v.get("path")}
-            | {f"{k}_decoder_onnx_data": v["data"] for k, v in st.items()
-               if isinstance(v, dict) and v.get("data")}
-            | ({"tokenizer": st["tokenizer"]} if "tokenizer" in st else {}))
-
-
-def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionScan,
-              students: dict[str, Any], blocks: dict[str, Any], hybrid: torch.nn.Module,
-              val: Dataset, names: list[str], out_path: Path, opset: int,
-              console: Console, write_to: Callable[[Path], Path] = lambda p: p,
-              fused: bool = False) -> dict[str, Any] | None:
-    """The stateful decoders of a causal model (:mod:`dtr_compile.passes.stateful`): the hybrid
-    (and the KV-cached original with ``--export-original``) written beside the prefill ONNX and
-    checked by a greedy continuation against full recomputation. None for a model with no causal
-    site (encoders: nothing written, no report section); a ``not_stateful`` record with the
-    reasons when the pass cannot make the graph stateful (the prefill artifacts stand)."""
-    if not config.decoder or not any(s.causal for s in scan.sites):
-        return None
-    block_sites = sorted(sid for sid in students if sid in blocks)
-    if block_sites:
-        return {"status": "not_stateful",
-                "reasons": [f"{sid}: a whole-block student (--distill-target block) has no "
-                            "stateful form yet" for sid in block_sites]}
-    out: dict[str, Any] = {"status": "written"}
-    paths = decoder_paths(out_path)
-    todo = [("hybrid", students, hybrid)]
-    if config.export_original:
-        todo.append(("original", {}, gm))
-    prompts = parity_prompts(val.inputs)
-    for key, studs, prefill in todo:
-        sg = make_stateful(gm, scan.sites, studs, rejected=scan.rejected)
-        if not isinstance(sg, StatefulGraph):
-            console.log(f"[yellow]no stateful decoder[/yellow]: {sg.describe()}")
-            return {"status": "not_stateful", "reasons": list(sg.reasons)}
-        t0 = time.perf_counter()
-        try:
-            path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset, fused=fused,
-                                        external_data=external_weights(config.external_data))
-        except DtrError as exc:  # the prefill artifacts stand; the report says why
-            console.log(f"[yellow]no stateful decoder[/yellow] ({key}): {exc}")
-            out[key] = {"status": "export_failed", "reason": str(exc)}
-            continue
-        parity = check_decoder(path, sg, prefill, prompts, config.decode_steps,
-                               has_mask="attention_mask" in names)
-        out[key] = {"path": str(paths[key]),
-                    **({"data": str(data_path(paths[key]))} if data_path(path).exists() else {}),
-                    "inputs": sg.input_names, "outputs": sg.output_names,
-                    "layers": [{"layer": lay.layer, "site": lay.site, "kind": lay.kind,
-                                "state": list(lay.names)} for lay in sg.layers],
-                    "parity": parity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
-        if config.target == "tensorrt":  # reported, not blocking: the prefill ONNX is the artifact
-            from dtr_compile.exporters.tensorrt import lint_trt
-
-            out[key]["tensorrt_lint"] = [f.to_dict() for f in lint_trt(path)]
-        verdict = ("token for token" if parity.tokens_equal
-                   else f"[red]differs from step {parity.first_mismatch}[/red]")
-        console.log(f"wrote {paths[key].name}: {parity.steps} greedy tokens x {parity.batch} rows {verdict} "
-                    f"(logits max-abs {parity.worst_max_abs:.2e}, rel-RMS {parity.worst_rel_rms:.2e})")
-    source = find_model_tokenizer(config.model)
-    if source is not None:
-        out["tokenizer"] = str(copy_tokenizer(source, out_path))
-        console.log(f"wrote {out['tokenizer']} (the tokenizer of {source})")
-    return out
-
-
 def compile_model(config: CompileConfig, console: Console | None = None) -> CompileResult:
     """Compile ``config.model`` into a hybrid within ``config.budget`` and export it.
 
@@ -528,7 +427,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     calib = calib.take(config.max_calib_samples)
     metric = get_metric(config.metric, val.labels is not None)
     budget.check_metric(metric.name, metric.bounds)
-    test = _load_test(config, captured, names, metric)
+    test = load_test(config, captured, names, metric)
 
     with stages("find_attention", console):
         scan = _linearizable(find_attention(gm))
@@ -643,7 +542,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     test_info = None
     if test is not None:
         with stages("test", console):
-            test_info = _evaluate_test(config, test, gm, names, metric, budget, build,
+            test_info = evaluate_test(config, test, gm, names, metric, budget, build,
                                        {"delivered": delivered, **{
                                            k: tuple(v["linear"]) for k in ("m_opt", "m_best")
                                            if (v := outputs[k]) is not None}}, hybrid, console)
@@ -658,7 +557,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
             output_names=captured.output_names, sites=[(s.id, s.module_path) for s in sites],
             linear=list(delivered), linear_attention=config.linear_attention,
             external_data=config.external_data)
-        stateful = _decoders(config, gm, scan, {sid: students[sid] for sid in delivered},
+        stateful = export_decoders(config, gm, scan, {sid: students[sid] for sid in delivered},
                              plan.blocks, hybrid, val, names, out_path, exported.opset, console,
                              write_to=staging.path, fused=exported.fused)
     parity = exported.parity
@@ -668,7 +567,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     seqs = deploy_seqs(config.deploy_seq)
     if config.bench and seqs != [] and parity_ok:
         with stages("bench", console):
-            speed = _bench_speed(config, gm, exported, example, names, captured, val, seqs,
+            speed = bench_speed(config, gm, exported, example, names, captured, val, seqs,
                                  console, locate=lambda p: str(staging.staged(p)))
     interval = bound_of(delivered) if delivered else None
     # M_best's sites are a prefix of the committed path plus one: their metrics are known
@@ -682,7 +581,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
                       "report_md": str(paths.markdown), "plot": str(paths.plot),
                       "ledger": str(paths.ledger), "students": str(paths.students)}
-                     | exported.artifacts | _decoder_artifacts(stateful),
+                     | exported.artifacts | decoder_artifacts(stateful),
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
                    "bounds": metric.bounds},
         "budget": budget.to_dict(baseline, metric.higher_is_better),
@@ -740,130 +639,3 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     return CompileResult(exit_code, out_path, report_path, report, hybrid, sites, sched, results)
 
 
-def _load_test(config: CompileConfig, captured: Any, names: list[str],
-               metric: Metric) -> Dataset | None:
-    """The ``--test`` set, checked against the model and the metric (never used by the search).
-
-    Raises:
-        InputError: the data does not fit the model, or the metric needs labels it lacks.
-    """
-    if config.test is None:
-        return None
-    test = load_dataset(config.test, names)
-    check_inputs(captured, test.inputs, str(config.test))
-    if metric.needs_labels and test.labels is None:
-        raise InputError(f"test data {config.test}: metric {metric.name!r} needs a 'labels' "
-                         "tensor, and the file has none")
-    return test
-
-
-def _evaluate_test(
-    config: CompileConfig, test: Dataset, gm: torch.fx.GraphModule, names: list[str],
-    metric: Metric, budget: Budget, build: Callable[[tuple[str, ...]], torch.nn.Module],
-    models: dict[str, tuple[str, ...]], hybrid: torch.nn.Module, console: Console,
-) -> dict[str, Any]:
-    """The original and each of ``models`` (name → linear sites) on the held-out test set.
-
-    Each model's test metric, its drop against the original on the same rows, the one-sided
-    bound of that drop (:func:`degradation_bound`, at ``--confidence`` or 0.9) and whether the
-    budget, resolved against the original's test metric, holds on test.
-    """
-    level = config.confidence or DEFAULT_CONFIDENCE
-    reference = run_model(gm, test, names, config.eval_batch, reduce=metric.reduce)
-    base = metric(reference, test.labels, reference)
-    t_threshold = budget.threshold(base, metric.higher_is_better)
-    sign = 1.0 if metric.higher_is_better else -1.0
-    done: dict[frozenset[str], dict[str, Any]] = {}
-    out: dict[str, Any] = {"rows": len(test), "original": base, "threshold": t_threshold,
-                           "confidence": level, "models": {}}
-    for name, linear in models.items():
-        key = frozenset(linear)
-        if key in done:  # the same hybrid under another name (e.g. M_opt = M_best = delivered)
-            first = next(n for n, m in out["models"].items() if frozenset(m["linear"]) == key)
-            out["models"][first].setdefault("also", []).append(name)
-            continue
-        if key not in done:
-            if not linear:
-                res: dict[str, Any] = {"metric": base, "drop": 0.0, "interval": None}
-            else:
-                model = hybrid if name == "delivered" else build(linear)
-                o = run_model(model, test, names, config.eval_batch, reduce=metric.reduce)
-                m = metric(o, test.labels, reference)
-                b = degradation_bound(metric, o, test.labels, reference, level, seed=config.seed)
-                res = {"metric": m, "drop": sign * (base - m), "interval": b.to_dict()}
-            res["within_budget"] = meets(res["metric"], t_threshold, metric.higher_is_better)
-            done[key] = res
-        out["models"][name] = {"linear": list(linear), **done[key]}
-        r = done[key]
-        console.log(f"test ({len(test)} rows): {name} {metric.name} {r['metric']:.6g} vs original "
-                    f"{base:.6g} ({'within' if r['within_budget'] else 'BEYOND'} the budget "
-                    "on test)")
-    return out
-
-
-def _seq_axis(captured: Any, names: list[str]) -> tuple[str, int] | None:
-    """The first input with a dynamic dim other than the batch dim: ``(name, dim)``."""
-    for n in names:
-        for dim, axis in sorted(captured.dynamic_dims.get(n, {}).items()):
-            if dim != 0 and axis != "batch":
-                return n, dim
-    return None
-
-
-def _bench_speed(
-    config: CompileConfig, gm: torch.fx.GraphModule, exported: ExportResult,
-    example: dict[str, torch.Tensor], names: list[str], captured: Any, val: Dataset,
-    seqs: list[int] | None, console: Console, locate: Callable[[str], str] = str,
-) -> dict[str, Any]:
-    """Time the original and the hybrid ONNX in onnxruntime (:func:`dtr_compile.runtime.bench`:
-    interleaved rounds, medians, peak memory per child process, position tables extended past
-    their length) at the validation length and ``seqs`` (default: it and 4×), batch 1.
-
-    The original ONNX is the one ``--export-original`` wrote, else exported to a temporary file
-    for the timing only. A model without a sequence axis (fixed-size images) is timed at its
-    validation shape.
-    """
-    import tempfile
-
-    from dtr_compile.exporters.onnx import export_onnx
-    from dtr_compile.runtime.bench import bench
-
-    axis = _seq_axis(captured, names)
-    t_val = int(val.inputs[axis[0]].shape[axis[1]]) if axis else 1
-    lengths = [t_val] if axis is None else (seqs if seqs is not None else [t_val, 4 * t_val])
-    lengths = list(dict.fromkeys(lengths))
-    hybrid_path = locate(exported.artifacts["onnx"])
-    with tempfile.TemporaryDirectory(prefix="dtr-speed-") as tmp:
-        original_path = exported.artifacts.get("original_onnx")
-        if original_path is not None:
-            original_path = locate(original_path)
-        else:
-            original_path = str(Path(tmp) / "original.onnx")
-            # weights in original.onnx.data: onnxruntime maps them instead of copying them
-            export_onnx(gm, example, names, captured.dynamic_dims, original_path,
-                        opset=exported.opset, axis_ranges=captured.axis_ranges,
-                        external_data=True)
-        res = bench([original_path, hybrid_path], lengths, batch=1, repeats=config.bench_repeats,
-                    warmup=1, extend=axis is not None, memory=True, seed=config.seed)
-    if not res.prepack:
-        console.log(f"[yellow]{res.prepack_note}[/yellow] (timing both models side by side)")
-    rows = []
-    for t in lengths:
-        o, h = res.cell(original_path, t), res.cell(hybrid_path, t)
-        ratio = res.ratios(t)[hybrid_path]
-        rows.append({
-            "seq": t if axis else None, "validation_length": t == t_val,
-            "original_ms": o.latency_ms, "hybrid_ms": h.latency_ms,
-            "original_peak_bytes": o.peak_bytes, "hybrid_peak_bytes": h.peak_bytes,
-            "latency_ratio": ratio["latency"], "memory_ratio": ratio["peak_bytes"],
-            "extended_positions": o.extended_positions or h.extended_positions,
-            "faster": None if ratio["latency"] is None else ratio["latency"] < 1.0,
-            "note": "; ".join(x for x in (o.note and f"original: {o.note}",
-                                          h.note and f"hybrid: {h.note}") if x)})
-        lat = "n/a" if ratio["latency"] is None else f"×{ratio['latency']:.2f}"
-        console.log(f"speed at {'T=' + str(t) if axis else 'the validation shape'}: hybrid/"
-                    f"original latency {lat}")
-    return {"batch": 1, "repeats": config.bench_repeats, "seq_axis": list(axis) if axis else None,
-            "validation_length": t_val if axis else None,
-            "original_onnx": exported.artifacts.get("original_onnx", "(temporary, timing only)"),
-            "prepack": res.prepack, "prepack_note": res.prepack_note, "rows": rows}

@@ -155,7 +155,7 @@ def test_ledger_keeps_intervals_for_resume(tmp_path):
 def test_deploy_seqs_andresolution_warnings():
     from dtr_compile.errors import InputError
     from dtr_compile.metrics import METRICS
-    from dtr_compile.pipeline import deploy_seqs
+    from dtr_compile.runtime.speed import deploy_seqs
     from dtr_compile.search.run import resolution_warnings
 
     assert deploy_seqs(None) is None and deploy_seqs("none") == []
@@ -172,10 +172,10 @@ def test_deploy_seqs_andresolution_warnings():
 def test_seq_axis_is_the_first_dynamic_non_batch_dim():
     from types import SimpleNamespace
 
-    from dtr_compile.pipeline import _seq_axis
+    from dtr_compile.runtime.speed import seq_axis
 
     text = SimpleNamespace(dynamic_dims={"input_ids": {0: "batch", 1: "sequence"},
                                          "attention_mask": {0: "batch", 1: "sequence"}})
-    assert _seq_axis(text, ["input_ids", "attention_mask"]) == ("input_ids", 1)
+    assert seq_axis(text, ["input_ids", "attention_mask"]) == ("input_ids", 1)
     image = SimpleNamespace(dynamic_dims={"pixel_values": {0: "batch"}})
-    assert _seq_axis(image, ["pixel_values"]) is None  # timed at the validation shape only
+    assert seq_axis(image, ["pixel_values"]) is None  # timed at the validation shape only
