@@ -9,7 +9,6 @@ import copy
 import math
 import platform
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from rich.console import Console
 
 from dtr_compile import __version__
 from dtr_compile.capture import capture, check_index_ranges, check_inputs
-from dtr_compile.config import Budget, CompileConfig, parse_duration
+from dtr_compile.config import Budget, CompileConfig, cache_dir, parse_duration
 from dtr_compile.data import (
     LABELS,
     Dataset,
@@ -31,11 +30,16 @@ from dtr_compile.data import (
     run_model,
 )
 from dtr_compile.device import OnDevice, Placement, peak_memory
-from dtr_compile.distill.cache import DistillCache, cache_key
-from dtr_compile.distill.execute import default_workers
-from dtr_compile.distill.launch import ReadOnlyCache, distill_sharded, share
-from dtr_compile.distill.plan import DistillPlan, DistillResult, DistillSettings, plan_distillation
-from dtr_compile.distill.run import distill
+from dtr_compile.distill.cache import cache_key
+from dtr_compile.distill.launch import distill_sharded, share
+from dtr_compile.distill.plan import DistillResult, plan_distillation
+from dtr_compile.distill.stage import (
+    distill_cache,
+    distill_settings,
+    distill_with_progress,
+    log_distilled,
+    reuse_students,
+)
 from dtr_compile.errors import (
     EXIT_NO_REPLACEMENT,
     EXIT_OK,
@@ -63,7 +67,6 @@ from dtr_compile.fileio import (
     write_json_atomic,
 )
 from dtr_compile.linear import kinds_for_site
-from dtr_compile.linear.feature_maps import FEATURE_MAPS
 from dtr_compile.load import check_model_path, load_model
 from dtr_compile.metrics import get_metric
 from dtr_compile.parallel import Group, batch_rows, from_env, gather_rows, rank_device
@@ -75,12 +78,11 @@ from dtr_compile.passes.find_attention import (
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
 from dtr_compile.progress import Stages, progress_bar
-from dtr_compile.report import REL_ERROR_MEANING, next_steps, report_paths, write_report
+from dtr_compile.report import next_steps, report_paths, write_report
 from dtr_compile.runtime.speed import bench_speed, deploy_seqs
 from dtr_compile.search.holdout import evaluate_test, load_test
 from dtr_compile.search.ledger import (
     fingerprint,
-    load_students,
     save_students,
 )
 from dtr_compile.search.run import SELECT, input_hashes, resolution_warnings, search, search_outputs
@@ -150,11 +152,6 @@ def _input_paths(config: CompileConfig) -> dict[str, Path | None]:
             "--test": Path(test) if test else None}
 
 
-def _cache_dir(config: CompileConfig) -> Path:
-    return Path(config.cache_dir) if config.cache_dir else \
-        Path(config.output).parent / ".dtr-cache"
-
-
 def _validate(config: CompileConfig) -> Budget:
     """Every check that needs no model: done before anything is loaded or written."""
     budget = Budget.parse(config.budget)
@@ -206,7 +203,7 @@ def _validate(config: CompileConfig) -> Budget:
     check_export_options(target=config.target, opset=config.opset, engine=config.engine,
                          linear_attention=config.linear_attention,
                          external_data=config.external_data)
-    _distill_settings(config).check()
+    distill_settings(config).check()
     if config.max_calib_tokens < 1:
         raise InputError("--max-calib-tokens must be >= 1")
     if config.workers < 0:
@@ -214,76 +211,8 @@ def _validate(config: CompileConfig) -> Budget:
     plan = write_plan(config)
     check_write_plan(plan, _input_paths(config))
     if not config.no_cache:
-        check_cache_dir(_cache_dir(config), plan)
+        check_cache_dir(cache_dir(config), plan)
     return budget
-
-
-def _distill_settings(config: CompileConfig) -> DistillSettings:
-    """The distillation settings; ``--student`` naming a feature map is ``--feature-map``.
-
-    Raises:
-        InputError: ``--student`` and ``--feature-map`` name different feature maps.
-    """
-    feature_map, student = config.feature_map, config.student
-    if student in FEATURE_MAPS:
-        if feature_map not in ("hedgehog", student):
-            raise InputError(f"--student {student} and --feature-map {feature_map} disagree; "
-                             "give one of them")
-        feature_map, student = student, None
-    return DistillSettings(
-        target=config.distill_target, feature_map=feature_map, student=student,
-        steps=config.distill_steps,
-        lr=config.distill_lr, block_lr=config.distill_block_lr, batch_rows=config.distill_batch,
-        query_positions=config.distill_queries, loss=config.distill_loss, seed=config.seed,
-        window=config.window)
-
-
-def _distill_cache(config: CompileConfig, group: Group, console: Console) -> DistillCache | None:
-    """The distilled-weights cache (entries verified on load); read-only on ranks other than 0."""
-    if config.no_cache:
-        return None
-    kind = DistillCache if group.is_main else ReadOnlyCache
-    return kind(_cache_dir(config), on_warning=lambda msg: console.log(f"[yellow]{msg}[/yellow]"))
-
-
-def _distill(
-    config: CompileConfig, plan: DistillPlan, gm: torch.fx.GraphModule, calib: Dataset,
-    names: list[str], console: Console, *, cache: DistillCache | None = None,
-    placement: Placement | None = None, teacher: torch.fx.GraphModule | None = None,
-    ranks_here: int = 1,
-) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]]:
-    """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill`).
-
-    ``ranks_here``: ranks sharing this machine; by default each takes its share of the CPUs.
-    """
-    workers = config.workers or max(1, default_workers(len(plan.sites)) // max(1, ranks_here))
-    steps = plan.settings.steps
-    console.log(REL_ERROR_MEANING)
-    with progress_bar(console, config.progress) as prog:
-        record = prog.add_task("teacher activations", total=len(calib), info="")
-        tasks = {s.id: prog.add_task(f"distill {s.id} ({plan.targets[s.id]})", total=steps,
-                                     info="") for s in plan.sites}
-
-        def on_done(sid: str, res: DistillResult) -> None:
-            prog.update(tasks[sid], completed=steps, info="cached" if res.cached else "done")
-            _log_distilled(console, sid, res)
-
-        return distill(
-            gm, plan, calib, names, record_batch=config.eval_batch,
-            max_calib_tokens=config.max_calib_tokens, workers=workers, cache=cache,
-            placement=placement, teacher=teacher,
-            on_record=lambda k: prog.advance(record, k),
-            on_step=lambda sid, step, loss: prog.update(tasks[sid], completed=step,
-                                                        info=f"loss {loss:.3g}"),
-            on_done=on_done)
-
-
-def _log_distilled(console: Console, sid: str, res: DistillResult, rank: int = 0) -> None:
-    status = "ok" if res.ok else f"[red]failed[/red]: {res.reason} (kept as softmax)"
-    how = "from the cache" if res.cached else f"in {res.seconds:.1f} s, {res.steps} steps"
-    console.log(f"distilled {sid} ({res.target}){f' on rank {rank}' if rank else ''}: rel. error "
-                f"{res.init_error:.3f} → {res.final_error:.3f} {how}, {status}"
-                + (f" ({res.note})" if res.note else ""))
 
 
 def _at_least_two(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -318,26 +247,6 @@ def _example_inputs(config: CompileConfig) -> dict[str, torch.Tensor] | None:
     example = {k: v.to(torch.long) if k in ints and v.is_floating_point() else v
                for k, v in example.items()}
     return _at_least_two(example)
-
-
-def _reuse_students(
-    path: Path, distill_fp: str, sites: tuple[AttentionSite, ...] | list[AttentionSite],
-    config: CompileConfig, console: Console, build: Callable[[str], torch.nn.Module],
-) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]] | None:
-    """With ``--resume``: the distilled modules of the interrupted run, if distilled from the
-    same inputs and settings (see :func:`dtr_compile.search.ledger.save_students`); ``build`` makes
-    a site's empty student."""
-    if not config.resume:
-        return None
-    by_id = {s.id: s for s in sites}
-    got = load_students(path, distill_fp, build)
-    if isinstance(got, str) or set(got[0]) != set(by_id):
-        console.log(f"distilling again: {got if isinstance(got, str) else 'other sites'}")
-        return None
-    modules, results = got
-    console.log(f"resuming: distilled weights of {len(modules)} sites from {path}")
-    return ({sid: m for sid, m in modules.items()},  # type: ignore[misc]
-            {sid: DistillResult(**r) for sid, r in results.items()})
 
 
 def _linearizable(scan: AttentionScan) -> AttentionScan:
@@ -469,7 +378,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
 
     paths = report_paths(report_path)
     hashes = input_hashes(config)
-    plan = plan_distillation(gm, sites, _distill_settings(config), calib, config.eval_batch)
+    plan = plan_distillation(gm, sites, distill_settings(config), calib, config.eval_batch)
     if not placement.is_default:
         # the teacher's device and dtype change its activations, hence the students
         for sid in plan.keys:
@@ -480,20 +389,20 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         console.log(f"[yellow]{sid}[/yellow]: {note}")
     # each site's cache key covers its teacher, settings, calibration rows and code
     distill_fp = fingerprint({sid: plan.keys[sid] for sid in sorted(plan.keys)})
-    reused = share(group, lambda: _reuse_students(paths.students, distill_fp, sites, config,
+    reused = share(group, lambda: reuse_students(paths.students, distill_fp, sites, config,
                                                   console, lambda sid: plan.empty_student(gm, sid)),
                    plan, gm)
     with stages("distill", console):
         if reused is not None:
             students, results = reused
         else:
-            cache = _distill_cache(config, group, console)
+            cache = distill_cache(config, group, console)
             students, results = distill_sharded(
                 group, plan, gm,
-                lambda sub: _distill(config, sub, gm, calib, names, console, cache=cache,
+                lambda sub: distill_with_progress(config, sub, gm, calib, names, console, cache=cache,
                                      placement=placement, teacher=run_gm,
                                      ranks_here=group.local_world),
-                cache, on_other=lambda sid, rank, res: _log_distilled(console, sid, res, rank))
+                cache, on_other=lambda sid, rank, res: log_distilled(console, sid, res, rank))
             if group.is_main:
                 save_students(paths.students, distill_fp, students,
                               {sid: r.__dict__ for sid, r in results.items()})
@@ -597,7 +506,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "speed": speed,
         "warnings": warnings_,
         "calibration_rows": len(calib),
-        "student": _distill_settings(config).kind,
+        "student": distill_settings(config).kind,
         "sites": [s.__dict__ | {"internal": list(s.internal),
                                 "students": list(kinds_for_site(s.causal))} for s in sites],
         "rejected": [r.__dict__ for r in scan.rejected],
