@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import platform
 import tempfile
 from dataclasses import dataclass, field
@@ -18,15 +17,10 @@ from rich.console import Console
 
 from dtr_compile import __version__
 from dtr_compile.capture import capture, check_index_ranges, check_inputs
-from dtr_compile.config import Budget, CompileConfig, cache_dir, parse_duration
+from dtr_compile.config import Budget, CompileConfig
 from dtr_compile.data import (
-    LABELS,
     Dataset,
-    check_finite,
-    check_integral,
-    integer_like,
     load_dataset,
-    read_tensors,
     run_model,
 )
 from dtr_compile.device import OnDevice, Placement, peak_memory
@@ -48,35 +42,27 @@ from dtr_compile.errors import (
 )
 from dtr_compile.exporters.artifacts import (
     ExportResult,
-    check_export_options,
     export_artifacts,
-    export_paths,
 )
 from dtr_compile.exporters.decoders import decoder_artifacts, export_decoders
 from dtr_compile.exporters.onnx import parity_cases
-from dtr_compile.exporters.stateful import (
-    decoder_paths,
-)
 from dtr_compile.fileio import (
     OutputLock,
     Staging,
-    check_cache_dir,
-    check_write_plan,
     clean_stale_temporaries,
-    data_path,
     write_json_atomic,
 )
+from dtr_compile.inputs import at_least_two, example_inputs, linearizable
 from dtr_compile.linear import kinds_for_site
-from dtr_compile.load import check_model_path, load_model
+from dtr_compile.load import load_model
 from dtr_compile.metrics import get_metric
 from dtr_compile.parallel import Group, batch_rows, from_env, gather_rows, rank_device
 from dtr_compile.passes.find_attention import (
-    AttentionScan,
     AttentionSite,
-    Rejected,
     find_attention,
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
+from dtr_compile.plan import artifact_paths, validate, write_plan
 from dtr_compile.progress import Stages, progress_bar
 from dtr_compile.report import next_steps, report_paths, write_report
 from dtr_compile.runtime.speed import bench_speed, deploy_seqs
@@ -85,8 +71,8 @@ from dtr_compile.search.ledger import (
     fingerprint,
     save_students,
 )
-from dtr_compile.search.run import SELECT, input_hashes, resolution_warnings, search, search_outputs
-from dtr_compile.search.schedule import STRATEGIES, ScheduleResult
+from dtr_compile.search.run import input_hashes, resolution_warnings, search, search_outputs
+from dtr_compile.search.schedule import ScheduleResult
 
 
 @dataclass
@@ -101,165 +87,6 @@ class CompileResult:
     sites: tuple[AttentionSite, ...] = ()
     schedule: ScheduleResult | None = None
     distill: dict[str, DistillResult] = field(default_factory=dict)
-
-
-def artifact_paths(config: CompileConfig) -> tuple[Path, Path, Path]:
-    """``(onnx, report, config)`` paths: the report defaults to ``<output>.report.json``."""
-    out = Path(config.output)
-    report = Path(config.report) if config.report else out.with_suffix(".report.json")
-    return out, report, out.with_suffix(".config.json")
-
-
-def lock_path(config: CompileConfig) -> Path:
-    """The output lock, ``<output>.lock`` (see :class:`dtr_compile.fileio.OutputLock`)."""
-    return Path(str(config.output) + ".lock")
-
-
-def write_plan(config: CompileConfig) -> dict[str, Path]:
-    """Every path this run may write, by name, resolved before any work (see
-    :func:`dtr_compile.fileio.check_write_plan`). ``ledger`` and ``students`` are written while
-    the run goes (they are what ``--resume`` reads); the rest are staged and moved together. Each ``.onnx`` path comes with its
-    ``NAME.data`` (external weights, :func:`dtr_compile.fileio.data_path`)."""
-    out, report, config_path = artifact_paths(config)
-    rp = report_paths(report)
-    exp = export_paths(out)
-    plan = {"output": out, "pt2": exp["pt2"], "report": report, "report_md": rp.markdown,
-            "report_png": rp.plot, "config": config_path, "ledger": rp.ledger,
-            "students": rp.students, "lock": lock_path(config)}
-    if config.fp16:
-        plan["fp16 ONNX"] = exp["onnx_fp16"]
-    if config.export_original:
-        plan["original ONNX"] = exp["original_onnx"]
-    if config.engine:
-        plan["engine"] = Path(config.engine)
-    if config.decoder:  # written for causal models only; planned for all (the checks are cheap)
-        dec = decoder_paths(out)
-        plan["decoder ONNX"] = dec["hybrid"]
-        if config.export_original:
-            plan["original decoder ONNX"] = dec["original"]
-    # an ONNX file's weights may go to NAME.data beside it (--external-data); a stale one is removed
-    for name, path in list(plan.items()):
-        if path.suffix == ".onnx":
-            plan[f"{name} weights"] = data_path(path)
-    return plan
-
-
-def _input_paths(config: CompileConfig) -> dict[str, Path | None]:
-    """The files a run reads, by flag (``--test`` where the config has it)."""
-    test = getattr(config, "test", None)
-    return {"model": Path(config.model), "--data": Path(config.data) if config.data else None,
-            "--calib": Path(config.calib) if config.calib else None,
-            "--test": Path(test) if test else None}
-
-
-def _validate(config: CompileConfig) -> Budget:
-    """Every check that needs no model: done before anything is loaded or written."""
-    budget = Budget.parse(config.budget)
-    check_model_path(config.model)
-    if config.data is None:
-        raise InputError("no validation data: pass --data VAL.pt or set `data = \"...\"` in "
-                         "dtr.toml ([tool.dtr-compile] in pyproject.toml)")
-    for what, p in (("data", config.data), ("calibration data", config.calib),
-                    ("test data", config.test)):
-        if p is not None and not Path(p).is_file():
-            raise InputError(f"{what} file not found: {p}")
-    if config.confidence is not None and not 0.5 <= config.confidence < 1.0:
-        raise InputError(f"--confidence {config.confidence}: expected a probability in [0.5, 1), "
-                         "e.g. 0.9 (the one-sided level of the bound on the metric drop)")
-    if config.select not in SELECT:
-        raise InputError(f"unknown --select {config.select!r}; choose one of {', '.join(SELECT)}")
-    deploy_seqs(config.deploy_seq)
-    if config.bench_repeats < 1:
-        raise InputError("--bench-repeats must be >= 1")
-    if Path(config.output).suffix != ".onnx":
-        raise InputError(f"output {config.output!r} must end in .onnx")
-    if config.report is not None and Path(config.report).suffix != ".json":
-        raise InputError(f"--report {config.report!r} must end in .json (the .md, .png and "
-                         "ledger go beside it)")
-    if config.max_linear is not None and config.max_linear < 1:
-        raise InputError(f"--max-linear {config.max_linear}: must be >= 1 (to export the "
-                         "original model unchanged, compile nothing: use --export-original "
-                         "with any run, or torch.onnx.export)")
-    if config.eval_batch < 1:
-        raise InputError(f"--eval-batch {config.eval_batch}: must be >= 1")
-    if config.max_calib_samples < 1:
-        raise InputError(f"--max-calib-samples {config.max_calib_samples}: must be >= 1")
-    if not math.isfinite(config.atol) or config.atol < 0:
-        raise InputError(f"--atol {config.atol}: must be a finite number >= 0 (default 1e-3)")
-    if config.min_linear < 0:
-        raise InputError("--min-linear must be >= 0")
-    if config.max_linear is not None and config.min_linear > config.max_linear:
-        raise InputError(f"--min-linear {config.min_linear} exceeds --max-linear "
-                         f"{config.max_linear}")
-    if config.search not in STRATEGIES:
-        raise InputError(f"unknown --search {config.search!r}; choose one of "
-                         f"{', '.join(STRATEGIES)}")
-    if config.max_evals is not None and config.max_evals < 1:
-        raise InputError("--max-evals must be >= 1")
-    if config.time_limit is not None:
-        parse_duration(config.time_limit)
-    if config.cache_mb < 0:
-        raise InputError("--cache-mb must be >= 0 (0 turns the prefix cache off)")
-    check_export_options(target=config.target, opset=config.opset, engine=config.engine,
-                         linear_attention=config.linear_attention,
-                         external_data=config.external_data)
-    distill_settings(config).check()
-    if config.max_calib_tokens < 1:
-        raise InputError("--max-calib-tokens must be >= 1")
-    if config.workers < 0:
-        raise InputError("--workers must be >= 0 (0: one per CPU)")
-    plan = write_plan(config)
-    check_write_plan(plan, _input_paths(config))
-    if not config.no_cache:
-        check_cache_dir(cache_dir(config), plan)
-    return budget
-
-
-def _at_least_two(example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Capture / export examples with batch and sequence sizes >= 2 (torch.export specialises
-    sizes 0 and 1): rows 0 and 1 of each input, repeating a lone row, and an integer input's
-    lone position (``T = 1`` token ids, masks) repeated along dim 1. The repeated values are
-    real data, so the example stays valid (token ids in the vocabulary, a mask of ones)."""
-    out = {}
-    for k, v in example.items():
-        v = v[:2]
-        if v.dim() and v.shape[0] == 1:
-            v = torch.cat([v, v])
-        if v.dim() >= 2 and not v.is_floating_point() and v.shape[1] == 1:
-            v = torch.cat([v, v], dim=1)
-        out[k] = v
-    return out
-
-
-def _example_inputs(config: CompileConfig) -> dict[str, torch.Tensor] | None:
-    """For eager (Hugging Face / pickle) models: two rows of the data, as capture examples.
-
-    Raises:
-        InputError: the data file is unreadable, or holds NaN/inf or fractional token ids.
-    """
-    if not config.data:
-        return None
-    obj = read_tensors(config.data)
-    example = {k: v for k, v in obj.items() if k != LABELS and v.dim()}
-    check_finite(example, str(config.data))
-    ints = [k for k in example if integer_like(k)]
-    check_integral(example, ints, str(config.data))
-    example = {k: v.to(torch.long) if k in ints and v.is_floating_point() else v
-               for k, v in example.items()}
-    return _at_least_two(example)
-
-
-def _linearizable(scan: AttentionScan) -> AttentionScan:
-    """Move sites the linear module cannot take yet (the ``(BH)TD`` layout of
-    ``nn.MultiheadAttention``'s bmm path) to the rejected list, with the reason."""
-    ok = tuple(s for s in scan.sites if s.layout == "BHTD")
-    moved = tuple(Rejected(s.output, s.module_path,
-                           f"layout {s.layout}: the linear-attention module takes [B, H, T, D] "
-                           "sites only (not yet supported)")
-                  for s in scan.sites if s.layout != "BHTD")
-    if not moved:
-        return scan
-    return AttentionScan(sites=ok, rejected=scan.rejected + moved)
 
 
 def compile_model(config: CompileConfig, console: Console | None = None) -> CompileResult:
@@ -277,7 +104,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
     is rank 0's.
     """
     console = console or Console(stderr=True)
-    budget = _validate(config)
+    budget = validate(config)
     placement = Placement.parse(config.device, config.dtype)
     plan = write_plan(config)  # every rank checks the paths: they fail alike, before any exchange
     group = from_env(placement.device)
@@ -319,7 +146,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     with stages("load", console):
         loaded = load_model(config.model, trust_pickle=config.trust_pickle)
     with stages("capture", console):
-        captured = capture(loaded, _example_inputs(config) if loaded.program is None else None)
+        captured = capture(loaded, example_inputs(config) if loaded.program is None else None)
     gm, names = captured.gm, captured.input_names
     # inputs the model takes as integers: whole-number float data is cast, fractions refused
     ints = {n.name for n in gm.graph.nodes if n.op == "placeholder"
@@ -339,7 +166,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     test = load_test(config, captured, names, metric)
 
     with stages("find_attention", console):
-        scan = _linearizable(find_attention(gm))
+        scan = linearizable(find_attention(gm))
     sites = scan.require_sites()
     by_key = {s.id: s for s in sites} | {s.module_path: s for s in sites}
     unknown = [k for k in config.keep if k not in by_key]
@@ -456,7 +283,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
                                            k: tuple(v["linear"]) for k in ("m_opt", "m_best")
                                            if (v := outputs[k]) is not None}}, hybrid, console)
     with stages("export", console):
-        example = _at_least_two(val.inputs)
+        example = at_least_two(val.inputs)
         exported: ExportResult = export_artifacts(
             hybrid, gm, example, parity_cases(val.inputs, captured.dynamic_dims), names,
             captured.dynamic_dims, captured.axis_ranges, output=out_path, atol=config.atol,
