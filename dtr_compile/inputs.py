@@ -4,10 +4,23 @@ that the linear module can take.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from dtr_compile.capture import check_inputs
 from dtr_compile.config import CompileConfig
-from dtr_compile.data import LABELS, check_finite, check_integral, integer_like, read_tensors
+from dtr_compile.data import (
+    LABELS,
+    Dataset,
+    check_finite,
+    check_integral,
+    integer_like,
+    load_dataset,
+    read_tensors,
+)
+from dtr_compile.errors import InputError
+from dtr_compile.metrics import Metric
 from dtr_compile.passes.find_attention import AttentionScan, Rejected
 
 
@@ -56,3 +69,20 @@ def linearizable(scan: AttentionScan) -> AttentionScan:
     if not moved:
         return scan
     return AttentionScan(sites=ok, rejected=scan.rejected + moved)
+
+
+def load_test(config: CompileConfig, captured: Any, names: list[str],
+               metric: Metric) -> Dataset | None:
+    """The ``--test`` set, checked against the model and the metric (never used by the search).
+
+    Raises:
+        InputError: the data does not fit the model, or the metric needs labels it lacks.
+    """
+    if config.test is None:
+        return None
+    test = load_dataset(config.test, names)
+    check_inputs(captured, test.inputs, str(config.test))
+    if metric.needs_labels and test.labels is None:
+        raise InputError(f"test data {config.test}: metric {metric.name!r} needs a 'labels' "
+                         "tensor, and the file has none")
+    return test

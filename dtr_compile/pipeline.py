@@ -52,7 +52,7 @@ from dtr_compile.fileio import (
     clean_stale_temporaries,
     write_json_atomic,
 )
-from dtr_compile.inputs import at_least_two, example_inputs, linearizable
+from dtr_compile.inputs import at_least_two, example_inputs, linearizable, load_test
 from dtr_compile.linear import kinds_for_site
 from dtr_compile.load import load_model
 from dtr_compile.metrics import get_metric
@@ -66,7 +66,7 @@ from dtr_compile.plan import artifact_paths, validate, write_plan
 from dtr_compile.progress import Stages, progress_bar
 from dtr_compile.report import next_steps, report_paths, write_report
 from dtr_compile.runtime.speed import bench_speed, deploy_seqs
-from dtr_compile.search.holdout import evaluate_test, load_test
+from dtr_compile.search.holdout import evaluate_test
 from dtr_compile.search.ledger import (
     fingerprint,
     save_students,

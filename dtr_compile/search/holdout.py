@@ -11,30 +11,11 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from dtr_compile.capture import check_inputs
 from dtr_compile.config import Budget, CompileConfig
-from dtr_compile.data import Dataset, load_dataset, run_model
-from dtr_compile.errors import InputError
+from dtr_compile.data import Dataset, run_model
 from dtr_compile.metrics import Metric
 from dtr_compile.search.confidence import DEFAULT_CONFIDENCE, degradation_bound
 from dtr_compile.search.schedule import meets
-
-
-def load_test(config: CompileConfig, captured: Any, names: list[str],
-               metric: Metric) -> Dataset | None:
-    """The ``--test`` set, checked against the model and the metric (never used by the search).
-
-    Raises:
-        InputError: the data does not fit the model, or the metric needs labels it lacks.
-    """
-    if config.test is None:
-        return None
-    test = load_dataset(config.test, names)
-    check_inputs(captured, test.inputs, str(config.test))
-    if metric.needs_labels and test.labels is None:
-        raise InputError(f"test data {config.test}: metric {metric.name!r} needs a 'labels' "
-                         "tensor, and the file has none")
-    return test
 
 
 def evaluate_test(
