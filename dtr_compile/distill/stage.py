@@ -1,10 +1,12 @@
-"""The distill stage as a compile runs it: the settings from the config, the cache, the students
-of an interrupted run reused with ``--resume``, a progress bar and a log line per site.
+"""Stage ``distill`` as a compile runs it (:func:`distill_stage`): the settings from the config,
+the cache, the students of an interrupted run reused with ``--resume``, a progress bar and a log
+line per site, the students saved for a later ``--resume``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,18 +15,20 @@ from rich.console import Console
 from dtr_compile.config import CompileConfig, cache_dir
 from dtr_compile.data import Dataset
 from dtr_compile.device import Placement
-from dtr_compile.distill.cache import DistillCache
+from dtr_compile.distill.cache import DistillCache, cache_key
 from dtr_compile.distill.execute import default_workers
-from dtr_compile.distill.launch import ReadOnlyCache
-from dtr_compile.distill.plan import DistillPlan, DistillResult, DistillSettings
+from dtr_compile.distill.launch import ReadOnlyCache, distill_sharded, share
+from dtr_compile.distill.plan import DistillPlan, DistillResult, DistillSettings, plan_distillation
 from dtr_compile.distill.run import distill
 from dtr_compile.errors import InputError
+from dtr_compile.inputs import Inputs
 from dtr_compile.linear.feature_maps import FEATURE_MAPS
 from dtr_compile.parallel import Group
 from dtr_compile.passes.find_attention import AttentionSite
-from dtr_compile.progress import progress_bar
+from dtr_compile.passes.linearize import linearize
+from dtr_compile.progress import Stages, progress_bar
 from dtr_compile.report import REL_ERROR_MEANING
-from dtr_compile.search.ledger import load_students
+from dtr_compile.search.ledger import fingerprint, load_students, save_students
 
 
 def distill_settings(config: CompileConfig) -> DistillSettings:
@@ -113,3 +117,72 @@ def reuse_students(
     console.log(f"resuming: distilled weights of {len(modules)} sites from {path}")
     return ({sid: m for sid, m in modules.items()},  # type: ignore[misc]
             {sid: DistillResult(**r) for sid, r in results.items()})
+
+
+@dataclass
+class Distilled:
+    """Every site's student (:func:`distill_stage`).
+
+    Attributes:
+        plan: the distillation plan (targets, blocks, cache keys).
+        students: site id → trained student (a linear-attention module, or a whole block's).
+        results: site id → how its distillation went (``ok`` False: kept as softmax).
+        reused: the students are those of an interrupted run (``--resume``).
+    """
+
+    plan: DistillPlan
+    students: dict[str, torch.nn.Module]
+    results: dict[str, DistillResult]
+    reused: bool
+
+    def hybrid(self, gm: torch.fx.GraphModule, linear: tuple[str, ...]) -> torch.nn.Module:
+        """``gm`` with the sites ``linear`` replaced by their students
+        (:func:`~dtr_compile.passes.linearize.linearize`)."""
+        return linearize(gm, self.plan.sites, {sid: self.students[sid] for sid in linear},
+                         blocks=self.plan.blocks)
+
+
+def distill_stage(
+    config: CompileConfig, inputs: Inputs, sites: tuple[AttentionSite, ...],
+    teacher: torch.fx.GraphModule, students_path: Path, placement: Placement, group: Group,
+    console: Console, stages: Stages,
+) -> Distilled:
+    """A student per site, trained on the calibration set against ``teacher`` (the original on
+    the placement's device), shared out over the ranks (:mod:`dtr_compile.distill.launch`);
+    with ``--resume`` the students saved at ``students_path`` by an interrupted run of the same
+    inputs and settings, else from the cache; rank 0 saves them there for a later ``--resume``.
+
+    Raises:
+        InputError: the distillation settings are invalid for a site (e.g. a causal-only kind on
+            a bidirectional site).
+    """
+    gm, calib, names = inputs.gm, inputs.calib, inputs.names
+    plan = plan_distillation(gm, sites, distill_settings(config), calib, config.eval_batch)
+    if not placement.is_default:
+        # the teacher's device and dtype change its activations, hence the students
+        for sid in plan.keys:
+            plan.key_parts[sid] = dict(plan.key_parts[sid], runtime=f"{placement.device.type}/"
+                                       f"{placement.dtype_name}")
+            plan.keys[sid] = cache_key(plan.key_parts[sid])
+    for sid, note in plan.notes.items():
+        console.log(f"[yellow]{sid}[/yellow]: {note}")
+    # each site's cache key covers its teacher, settings, calibration rows and code
+    distill_fp = fingerprint({sid: plan.keys[sid] for sid in sorted(plan.keys)})
+    reused = share(group, lambda: reuse_students(students_path, distill_fp, sites, config,
+                                                 console, lambda sid: plan.empty_student(gm, sid)),
+                   plan, gm)
+    with stages("distill", console):
+        if reused is not None:
+            students, results = reused
+        else:
+            cache = distill_cache(config, group, console)
+            students, results = distill_sharded(
+                group, plan, gm,
+                lambda sub: distill_with_progress(config, sub, gm, calib, names, console,
+                                                  cache=cache, placement=placement,
+                                                  teacher=teacher, ranks_here=group.local_world),
+                cache, on_other=lambda sid, rank, res: log_distilled(console, sid, res, rank))
+            if group.is_main:
+                save_students(students_path, distill_fp, students,
+                              {sid: r.__dict__ for sid, r in results.items()})
+    return Distilled(plan, students, results, reused is not None)

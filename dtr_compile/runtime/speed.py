@@ -1,5 +1,6 @@
-"""The speed stage: the original and the hybrid ONNX timed in onnxruntime after export, at the
-validation length and the ``--deploy-seq`` lengths (the report's ``speed`` section).
+"""Stage ``bench``, speed (:func:`speed_stage`): the original and the hybrid ONNX timed in
+onnxruntime after export, at the validation length and the ``--deploy-seq`` lengths (the report's
+``speed`` section).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dtr_compile.config import CompileConfig
 from dtr_compile.data import Dataset
 from dtr_compile.errors import InputError
 from dtr_compile.exporters.artifacts import ExportResult
+from dtr_compile.inputs import Inputs, at_least_two
+from dtr_compile.progress import Stages
 
 
 def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
@@ -106,3 +109,16 @@ def bench_speed(
             "validation_length": t_val if axis else None,
             "original_onnx": exported.artifacts.get("original_onnx", "(temporary, timing only)"),
             "prepack": res.prepack, "prepack_note": res.prepack_note, "rows": rows}
+
+
+def speed_stage(config: CompileConfig, inputs: Inputs, exported: ExportResult, console: Console,
+                stages: Stages, locate: Callable[[str], str] = str) -> dict[str, Any] | None:
+    """The report's ``speed`` section (:func:`bench_speed`), or None: with ``--no-bench``,
+    ``--deploy-seq none``, or when an artifact failed its parity check. ``locate`` maps an
+    artifact's final path to where it is now (the staging folder)."""
+    seqs = deploy_seqs(config.deploy_seq)
+    if not (config.bench and seqs != [] and exported.ok):
+        return None
+    with stages("bench", console):
+        return bench_speed(config, inputs.gm, exported, at_least_two(inputs.val.inputs),
+                           inputs.names, inputs.captured, inputs.val, seqs, console, locate=locate)

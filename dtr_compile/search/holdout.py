@@ -1,6 +1,7 @@
-"""The held-out test stage: the ``--test`` set, loaded and checked with the other inputs and never
-seen by the search, on which the original, M_opt, M_best and the delivered hybrid are measured
-once the search is done (metric, drop, its one-sided bound, the budget on test).
+"""Stage ``test``, the held-out test set (:func:`holdout_stage`): the ``--test`` set, loaded and
+checked with the other inputs (:func:`dtr_compile.inputs.load_test`) and never seen by the search,
+on which the original, M_opt, M_best and the delivered hybrid are measured once the search is done
+(metric, drop, its one-sided bound, the budget on test).
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from rich.console import Console
 
 from dtr_compile.config import Budget, CompileConfig
 from dtr_compile.data import Dataset, run_model
+from dtr_compile.distill.stage import Distilled
+from dtr_compile.inputs import Inputs
 from dtr_compile.metrics import Metric
+from dtr_compile.progress import Stages
 from dtr_compile.search.confidence import DEFAULT_CONFIDENCE, degradation_bound
+from dtr_compile.search.run import Selection
 from dtr_compile.search.schedule import meets
 
 
@@ -60,3 +65,16 @@ def evaluate_test(
                     f"{base:.6g} ({'within' if r['within_budget'] else 'BEYOND'} the budget "
                     "on test)")
     return out
+
+
+def holdout_stage(config: CompileConfig, inputs: Inputs, budget: Budget, distilled: Distilled,
+               chosen: Selection, hybrid: torch.nn.Module, console: Console,
+               stages: Stages) -> dict[str, Any] | None:
+    """The report's ``test`` section (:func:`evaluate_test` of the delivered hybrid, M_opt and
+    M_best), or None without ``--test``."""
+    if inputs.test is None:
+        return None
+    with stages("test", console):
+        return evaluate_test(config, inputs.test, inputs.gm, inputs.names, inputs.metric, budget,
+                             lambda linear: distilled.hybrid(inputs.gm, linear), chosen.models(),
+                             hybrid, console)

@@ -1,14 +1,17 @@
-"""Stage 6, search: which sites to replace, each candidate set evaluated through the prefix cache
-(:mod:`~dtr_compile.search.prefix_cache`), bounded (:mod:`~dtr_compile.search.confidence`),
-recorded in the ledger (:mod:`~dtr_compile.search.ledger`, ``--resume``) and chosen by a
-strategy (:mod:`~dtr_compile.search.schedule`); then DtR's two outputs, M_opt and M_best.
+"""Stage ``schedule``, the search (:func:`search_stage`): which sites to replace, each candidate
+set evaluated through the prefix cache (:mod:`~dtr_compile.search.prefix_cache`), bounded
+(:mod:`~dtr_compile.search.confidence`), recorded in the ledger (:mod:`~dtr_compile.search.ledger`,
+``--resume``) and chosen by a strategy (:mod:`~dtr_compile.search.schedule`); then DtR's two
+outputs, M_opt and M_best, and the one ``-o`` gets (:func:`select`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,18 @@ import torch
 from rich.console import Console
 
 from dtr_compile import __version__
-from dtr_compile.config import CompileConfig, parse_duration
+from dtr_compile.config import Budget, CompileConfig, parse_duration
 from dtr_compile.data import Dataset
 from dtr_compile.device import Placement
+from dtr_compile.distill.stage import Distilled
+from dtr_compile.errors import EXIT_NO_REPLACEMENT, EXIT_OK
+from dtr_compile.inputs import Inputs, Sites
 from dtr_compile.linear.kernel import SiteSwitch
 from dtr_compile.metrics import Metric
 from dtr_compile.parallel import Group, batch_rows, gather_rows
+from dtr_compile.passes.linearize import rewrite_sites
 from dtr_compile.progress import Stages
+from dtr_compile.search.baseline import Baseline
 from dtr_compile.search.confidence import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -300,3 +308,103 @@ def resolution_warnings(metric: Metric, rows: int, allowed_drop: float, budget_t
                        f"no candidate can pass; it needs about "
                        f"{math.ceil(math.log(1 - confidence) / math.log1p(-allowed_drop))} rows")
     return out
+
+
+@dataclass
+class Searched:
+    """The search's outcome (:func:`search_stage`).
+
+    Attributes:
+        schedule: every evaluation and the committed sites.
+        info: the report's ``search`` section.
+        bound_of: ``bound_of(linear)``, the bound of a set's degradation (see :func:`search`).
+    """
+
+    schedule: ScheduleResult
+    info: dict[str, Any]
+    bound_of: Callable[[tuple[str, ...]], Bound | None]
+
+
+def search_stage(
+    config: CompileConfig, inputs: Inputs, found: Sites, base: Baseline, distilled: Distilled,
+    ledger_path: Path, students_path: Path, placement: Placement, group: Group, console: Console,
+    stages: Stages,
+) -> Searched:
+    """The candidates (sites not kept whose distillation succeeded) switched in a copy of the
+    original (:func:`~dtr_compile.passes.linearize.rewrite_sites`) and searched
+    (:func:`search`), with the ledger at ``ledger_path``; ``students_path``: where the distill
+    stage saved the students (for the report)."""
+    sites, plan, students = found.sites, distilled.plan, distilled.students
+    candidates = [s.id for s in sites if s.id not in found.kept and distilled.results[s.id].ok]
+    # students run in the search on the placement's device (copies: the exported hybrid takes
+    # the CPU originals)
+    on_device = students if placement.is_default else \
+        {sid: copy.deepcopy(m).to(placement.device) for sid, m in students.items()}
+    switches = {sid: plan.switch(base.run_gm, sid, on_device[sid]) for sid in candidates}
+    search_gm = rewrite_sites(base.run_gm, sites, switches, class_name="SearchGraph",
+                              blocks=plan.blocks)
+    sched, search_info, bound_of = search(
+        config, input_hashes(config), search_gm, switches, candidates, students, inputs.val,
+        inputs.names, inputs.metric, base.reference, base.metric, base.threshold,
+        base.allowed_drop, ledger_path, console, stages, group=group, placement=placement)
+    search_info["students"] = {"path": str(students_path), "reused": distilled.reused}
+    console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
+    return Searched(sched, search_info, bound_of)
+
+
+@dataclass
+class Selection:
+    """The hybrid ``-o`` gets (:func:`select`).
+
+    Attributes:
+        outputs: the report's ``outputs`` section (:func:`search_outputs`).
+        delivered: its linear sites, in the order they were committed.
+        fits: within budget (False: exit code 3).
+        metric: its validation metric.
+        metric_after: the validation metric after each of its sites was added.
+        interval: the bound of its degradation, or None.
+        warnings: budgets finer than the validation set resolves (:func:`resolution_warnings`).
+    """
+
+    outputs: dict[str, Any]
+    delivered: tuple[str, ...]
+    fits: bool
+    metric: float
+    metric_after: list[float]
+    interval: Bound | None
+    warnings: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 3 when the delivered hybrid is not within budget."""
+        return EXIT_OK if self.fits else EXIT_NO_REPLACEMENT
+
+    def models(self) -> dict[str, tuple[str, ...]]:
+        """Name → linear sites of the delivered hybrid, M_opt and M_best (where there is one)."""
+        return {"delivered": self.delivered, **{
+            k: tuple(v["linear"]) for k in ("m_opt", "m_best") if (v := self.outputs[k]) is not None}}
+
+
+def select(config: CompileConfig, searched: Searched, metric: Metric, base: Baseline,
+           budget: Budget, rows: int, console: Console) -> Selection:
+    """M_opt or, with ``--select best``, M_best (:func:`search_outputs`); ``rows``: validation
+    rows."""
+    sched, bound_of = searched.schedule, searched.bound_of
+    outputs = search_outputs(config, sched, bound_of)
+    delivered = tuple(outputs[outputs["selected"]]["linear"]) if outputs[outputs["selected"]] \
+        else tuple(sched.committed)
+    fits = sched.fits if outputs["selected"] == "m_opt" else True
+    delivered_metric = outputs[outputs["selected"]]["metric"] if delivered else sched.final_metric
+    if outputs["selected"] != "m_opt":
+        console.log(f"--select best: delivering M_best {list(delivered)} ({metric.name} "
+                    f"{delivered_metric:.6g}) instead of M_opt {sched.committed}")
+    warnings_ = resolution_warnings(metric, rows, base.allowed_drop, budget.text, base.metric,
+                                    config.confidence)
+    for w in warnings_:
+        console.log(f"[yellow]warning[/yellow]: {w}")
+    interval = bound_of(delivered) if delivered else None
+    # M_best's sites are a prefix of the committed path plus one: their metrics are known
+    metric_after = [*sched.metric_after_step[:len(delivered) - 1], delivered_metric] \
+        if delivered else []
+    return Selection(outputs, delivered, fits, delivered_metric, metric_after, interval,
+                     warnings_)
