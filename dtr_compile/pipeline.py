@@ -101,7 +101,12 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
              placement: Placement, group: Group) -> CompileResult:
     """:func:`compile_model` once its paths are checked and its output locked: the stages in
     order, each taking what earlier ones produced. The artifacts are written into ``staging``
-    and moved into place together at the end (rank 0)."""
+    and moved into place together at the end (rank 0).
+
+    Every rank runs the stages up to the search; a stage that reworks the search's outcome
+    (e.g. healing the students and searching again) goes right after ``search_stage``, taking
+    and returning ``distilled`` and ``searched``.
+    """
     torch.manual_seed(config.seed)
     stages = Stages()
     if group.distributed:

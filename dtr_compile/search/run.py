@@ -91,18 +91,7 @@ def search(
     """
     group = group or Group()
     placement = placement or Placement()
-    parts = {
-        "model": hashes["model"],
-        "data": hashes["data"],
-        "students": hash_tensors({f"{sid}.{k}": v for sid in candidates
-                                  for k, v in students[sid].state_dict().items()}),
-        "metric": metric.identity or metric.name,
-        "eval_batch": str(config.eval_batch),
-        "confidence": f"{config.confidence or DEFAULT_CONFIDENCE}:{config.seed}:{DEFAULT_RESAMPLES}",
-        "dtr_compile": __version__,
-        "torch": torch.__version__,
-        "runtime": placement.describe(),
-    }
+    parts = ledger_inputs(config, hashes, candidates, students, metric, placement)
     fp = fingerprint(parts)
     opened: list[Ledger] = []
 
@@ -118,16 +107,8 @@ def search(
 
     known, note, intervals = group.broadcast(lambda: open_ledger(config.resume))
     console.log(note)
-    cache: PrefixCache | None = None
-    start, stop = batch_rows(len(val), config.eval_batch, group)
-    if candidates and stop > start:
-        mine = Dataset({k: v[start:stop] for k, v in val.inputs.items()},
-                       None if val.labels is None else val.labels[start:stop], val.source)
-        probe = [val.inputs[n][:2].to(placement.device) for n in names]
-        with placement.autocast():
-            graph = SegmentedGraph(search_gm, switches, probe)
-        cache = PrefixCache(graph, mine, names, config.eval_batch, metric,
-                            capacity_bytes=config.cache_mb << 20, placement=placement)
+    cache = _prefix_cache(config, search_gm, switches, candidates, val, names, metric, group,
+                          placement)
 
     level = config.confidence or DEFAULT_CONFIDENCE
     every = config.confidence is not None or metric.stats is not None
@@ -173,15 +154,7 @@ def search(
     def on_eval(ev: Evaluation) -> None:
         if not ev.replayed and opened:
             opened[0].append(ev, strategy=config.search, interval=ev.interval)
-        mark = "✓" if ev.within_budget else "✗"
-        how = "replayed" if ev.replayed else f"{ev.seconds:.1f} s"
-        ci = "" if ev.interval is None else \
-            f"drop <= {ev.interval['upper']:.4g} at {ev.interval['confidence']:g}"
-        if config.confidence is not None:  # the mark judges the metric and the bound
-            result = f"{ev.metric:.8g}{', ' + ci if ci else ''} {mark} ({how})"
-        else:  # the mark judges the metric; the bound is for information
-            result = f"{ev.metric:.8g} {mark} ({ci + ', not required; ' if ci else ''}{how})"
-        console.log(f"step {ev.step} ({ev.phase}): +{ev.candidate} → {metric.name} {result}")
+        console.log(_evaluation_line(ev, metric.name, config.confidence is not None))
 
     min_linear = min(config.min_linear, len(candidates))
     if min_linear < config.min_linear:
@@ -234,23 +207,8 @@ def search(
     searching[0] = False
     if len(sched.committed) < config.min_linear:
         sched.min_linear = config.min_linear  # not met: `fits` is False, exit 3
-    info = {
-        "strategy": config.search,
-        "evaluations": len(sched.evaluations),
-        "evaluations_run": sched.evaluations_run,
-        "evaluations_replayed": sched.evaluations_replayed,
-        "seconds": round(sched.seconds, 3),
-        "stop_reason": sched.stop_reason,
-        "limits": {"max_linear": config.max_linear, "min_linear": config.min_linear,
-                   "max_evals": config.max_evals, "time_limit_s": time_limit_s},
-        "ledger": str(ledger_path),
-        "resume": note,
-        "resume_check": verified,
-        "fingerprint": fp,
-        "inputs": parts,
-        "cache": cache.stats.to_dict() if cache is not None else None,
-        "ranks": group.world,
-    }
+    info = _search_info(config, sched, time_limit_s, ledger_path, note, verified, fp, parts,
+                        cache, group)
     if cache is not None:
         st = cache.stats
         console.log(f"prefix cache: {st.segments_run}/{st.segments_full} segment runs "
@@ -308,6 +266,81 @@ def resolution_warnings(metric: Metric, rows: int, allowed_drop: float, budget_t
                        f"no candidate can pass; it needs about "
                        f"{math.ceil(math.log(1 - confidence) / math.log1p(-allowed_drop))} rows")
     return out
+
+
+def ledger_inputs(config: CompileConfig, hashes: dict[str, str], candidates: list[str],
+                  students: dict[str, torch.nn.Module], metric: Metric,
+                  placement: Placement) -> dict[str, str]:
+    """Everything an evaluation's metric (and its confidence bound) depends on, by name: what
+    the ledger's fingerprint covers (``hashes``: :func:`input_hashes`)."""
+    return {
+        "model": hashes["model"],
+        "data": hashes["data"],
+        "students": hash_tensors({f"{sid}.{k}": v for sid in candidates
+                                  for k, v in students[sid].state_dict().items()}),
+        "metric": metric.identity or metric.name,
+        "eval_batch": str(config.eval_batch),
+        "confidence": f"{config.confidence or DEFAULT_CONFIDENCE}:{config.seed}:{DEFAULT_RESAMPLES}",
+        "dtr_compile": __version__,
+        "torch": torch.__version__,
+        "runtime": placement.describe(),
+    }
+
+
+def _prefix_cache(config: CompileConfig, search_gm: torch.fx.GraphModule,
+                  switches: dict[str, SiteSwitch], candidates: list[str], val: Dataset,
+                  names: list[str], metric: Metric, group: Group,
+                  placement: Placement) -> PrefixCache | None:
+    """The prefix cache over this rank's run of whole validation batches; None when there is
+    nothing to evaluate here (no candidate, or no rows for this rank)."""
+    cache: PrefixCache | None = None
+    start, stop = batch_rows(len(val), config.eval_batch, group)
+    if candidates and stop > start:
+        mine = Dataset({k: v[start:stop] for k, v in val.inputs.items()},
+                       None if val.labels is None else val.labels[start:stop], val.source)
+        probe = [val.inputs[n][:2].to(placement.device) for n in names]
+        with placement.autocast():
+            graph = SegmentedGraph(search_gm, switches, probe)
+        cache = PrefixCache(graph, mine, names, config.eval_batch, metric,
+                            capacity_bytes=config.cache_mb << 20, placement=placement)
+    return cache
+
+
+def _evaluation_line(ev: Evaluation, metric_name: str, bound_required: bool) -> str:
+    """One evaluation's log line: its metric, its bound (if any) and ✓ / ✗ within budget."""
+    mark = "✓" if ev.within_budget else "✗"
+    how = "replayed" if ev.replayed else f"{ev.seconds:.1f} s"
+    ci = "" if ev.interval is None else \
+        f"drop <= {ev.interval['upper']:.4g} at {ev.interval['confidence']:g}"
+    if bound_required:  # the mark judges the metric and the bound
+        result = f"{ev.metric:.8g}{', ' + ci if ci else ''} {mark} ({how})"
+    else:  # the mark judges the metric; the bound is for information
+        result = f"{ev.metric:.8g} {mark} ({ci + ', not required; ' if ci else ''}{how})"
+    return f"step {ev.step} ({ev.phase}): +{ev.candidate} → {metric_name} {result}"
+
+
+def _search_info(config: CompileConfig, sched: ScheduleResult, time_limit_s: float | None,
+                 ledger_path: Path, note: str, verified: dict[str, Any] | None, fp: str,
+                 parts: dict[str, str], cache: PrefixCache | None,
+                 group: Group) -> dict[str, Any]:
+    """The report's ``search`` section."""
+    return {
+        "strategy": config.search,
+        "evaluations": len(sched.evaluations),
+        "evaluations_run": sched.evaluations_run,
+        "evaluations_replayed": sched.evaluations_replayed,
+        "seconds": round(sched.seconds, 3),
+        "stop_reason": sched.stop_reason,
+        "limits": {"max_linear": config.max_linear, "min_linear": config.min_linear,
+                   "max_evals": config.max_evals, "time_limit_s": time_limit_s},
+        "ledger": str(ledger_path),
+        "resume": note,
+        "resume_check": verified,
+        "fingerprint": fp,
+        "inputs": parts,
+        "cache": cache.stats.to_dict() if cache is not None else None,
+        "ranks": group.world,
+    }
 
 
 @dataclass
