@@ -309,3 +309,41 @@ def test_resume_remeasures_a_forged_ledger(tiny_task, tmp_path) -> None:
     assert res.report["replaced"] == [] and res.exit_code == 3
     assert res.report["search"]["evaluations_replayed"] == 0
     assert "discarded" in res.report["search"]["resume"]
+
+
+# --- the saved students (issue 25 item 5) ------------------------------------------------------
+
+
+def test_resume_distils_again_when_saved_students_were_edited(tmp_path) -> None:
+    """`--resume` reloads `*.report.students.pt` only when it matches the digest saved with
+    it: weights edited in place (the file still loads, its fingerprint still matches) are
+    distilled again, never exported."""
+    from dtr_compile.search.ledger import load_students, save_students
+
+    path = tmp_path / "h.report.students.pt"
+    torch.manual_seed(0)
+    students = {"site0": torch.nn.Linear(4, 4), "site1": torch.nn.Linear(4, 4)}
+    save_students(path, "fp", students, {sid: {"ok": True, "final_error": 0.01}
+                                         for sid in students})
+    def build(sid: str) -> torch.nn.Module:
+        return torch.nn.Linear(4, 4)
+
+    got = load_students(path, "fp", build)
+    assert not isinstance(got, str), got
+    assert torch.equal(got[0]["site1"].weight, students["site1"].weight)
+
+    state = torch.load(path, weights_only=True)
+    state["sites"]["site1"]["state_dict"]["weight"] += 0.5  # an edit that keeps the format
+    torch.save(state, path)
+    got = load_students(path, "fp", build)
+    assert isinstance(got, str) and "digest" in got, got
+
+    state["sites"]["site1"]["state_dict"]["weight"] -= 0.5  # weights back, result edited
+    state["sites"]["site1"]["result"]["final_error"] = 0.0
+    torch.save(state, path)
+    assert isinstance(load_students(path, "fp", build), str)
+    state["sites"]["site1"]["result"]["final_error"] = 0.01
+    del state["digest"]  # no digest at all (an older file, or one stripped of it)
+    torch.save(state, path)
+    got = load_students(path, "fp", build)
+    assert isinstance(got, str) and "digest" in got, got
