@@ -241,13 +241,17 @@ def _read_hf_config(path: Path) -> dict[str, Any]:
 
 
 def _check_loaded_weights(path: Path, module: torch.nn.Module, info: dict[str, Any]) -> None:
-    """Refuse a checkpoint that does not hold every weight of the model: transformers would
-    initialise the missing ones at random and the compile would optimise a partly random model.
+    """Refuse a checkpoint that does not hold every weight of the model (transformers would
+    initialise the missing ones at random and the compile would optimise a partly random
+    model), or holds weights the model has no place for (transformers would drop them: a
+    truncated model).
 
-    Missing non-persistent or derived buffers (``position_ids``, rotary ``inv_freq``) are fine.
+    Missing or extra non-persistent or derived buffers (``position_ids``, rotary ``inv_freq``)
+    are fine.
 
     Raises:
-        InputError: listing a few of the missing (or shape-mismatched) tensors and their count.
+        InputError: listing a few of the missing, shape-mismatched or unexpected tensors and
+            their count.
     """
     buffers = {name for name, _ in module.named_buffers()}
     missing = sorted(k for k in info.get("missing_keys") or ()
@@ -261,9 +265,43 @@ def _check_loaded_weights(path: Path, module: torch.nn.Module, info: dict[str, A
             raise InputError(f"{path}: the checkpoint {what} {len(keys)} of the model's {total} "
                              f"tensors ({shown}); transformers would fill them with random "
                              "values. Save the complete model with save_pretrained")
+    # tensors the model built from config.json has no place for: transformers drops them, and
+    # the compile would optimise a truncated model (a 3-layer checkpoint under a 2-layer config)
+    unexpected = sorted(k for k in info.get("unexpected_keys") or ()
+                        if not k.endswith(_DERIVED_BUFFERS))
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (", …" if len(unexpected) > 5 else "")
+        arch = type(module).__name__
+        raise InputError(f"{path}: the checkpoint holds {len(unexpected)} tensors the model "
+                         f"built from its config.json ({arch}) has no place for ({shown}); "
+                         "transformers would drop them and the compile would optimise another "
+                         "model than the checkpoint's. Check config.json (layer counts, "
+                         "sizes, architectures) against the weights, or save the model again "
+                         "with save_pretrained")
 
 
-def _load_hf_folder(path: Path) -> LoadedModel:
+def _check_auto_map(path: Path, config: dict[str, Any], ignore_auto_map: bool) -> None:
+    """A folder whose config.json names its own model code (``auto_map``, run by transformers
+    only with ``trust_remote_code``): refused unless ``ignore_auto_map``, which loads it with
+    transformers' built-in class for its ``model_type``. The folder's code is never run, and
+    transformers never asks (its interactive prompt would let a keypress run it).
+
+    Raises:
+        InputError: ``auto_map`` is set and not ignored, naming its entries.
+    """
+    auto_map = config.get("auto_map")
+    if not auto_map or ignore_auto_map:
+        return
+    entries = ", ".join(f"{k} → {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) \
+        else repr(auto_map)
+    raise InputError(f"{path}: config.json names the folder's own model code (auto_map: "
+                     f"{entries[:200]}); dtr-compile never runs code from a model folder. Pass "
+                     f"--ignore-auto-map to load it with transformers' built-in class for "
+                     f"model_type {config.get('model_type')!r} instead (when transformers has "
+                     "one), or save the model with a built-in architecture")
+
+
+def _load_hf_folder(path: Path, ignore_auto_map: bool = False) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
@@ -275,6 +313,7 @@ def _load_hf_folder(path: Path) -> LoadedModel:
             "(pickled pytorch_model.bin is not loaded)"
         )
     config = _read_hf_config(path / "config.json")
+    _check_auto_map(path, config, ignore_auto_map)
     archs = config.get("architectures") or []
     auto: type[_BaseAutoModelClass] = transformers.AutoModel
     if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -285,7 +324,7 @@ def _load_hf_folder(path: Path) -> LoadedModel:
         auto = transformers.AutoModelForCausalLM
     try:
         module, info = auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
-                                            output_loading_info=True)
+                                            output_loading_info=True, trust_remote_code=False)
         if getattr(module.config, "use_cache", None):
             module.config.use_cache = False  # a KV cache object cannot be captured
     except Exception as exc:  # noqa: BLE001 - any loader failure is an input problem
@@ -325,16 +364,19 @@ def check_model_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> LoadedModel:
-    """Load ``path`` as described in the module docstring.
+def load_model(path: str | os.PathLike[str], *, trust_pickle: bool = False,
+               ignore_auto_map: bool = False) -> LoadedModel:
+    """Load ``path`` as described in the module docstring. A Hugging Face folder whose
+    config.json has an ``auto_map`` (its own model code) is refused unless ``ignore_auto_map``;
+    its code is never run.
 
     Raises:
-        InputError: the path is missing, of an unknown format, corrupt, or a pickle without
-            ``trust_pickle``.
+        InputError: the path is missing, of an unknown format, corrupt, a pickle without
+            ``trust_pickle``, or a folder with ``auto_map`` without ``ignore_auto_map``.
     """
     p = check_model_path(path)
     if p.is_dir():
-        return _load_hf_folder(p)
+        return _load_hf_folder(p, ignore_auto_map)
     if _is_pickled_module_zip(p):
         if not trust_pickle:
             raise InputError(
