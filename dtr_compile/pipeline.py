@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dtr_compile import __version__
 from dtr_compile.capture import capture, check_index_ranges, check_inputs
-from dtr_compile.config import Budget, CompileConfig, parse_duration
+from dtr_compile.config import Budget, CompileConfig, check_seed, parse_duration
 from dtr_compile.data import (
     LABELS,
     Dataset,
@@ -61,14 +61,15 @@ from dtr_compile.exporters.stateful import (
     export_stateful_onnx,
     find_model_tokenizer,
     parity_prompts,
+    tokenizer_path,
 )
 from dtr_compile.fileio import (
-    OutputLock,
     Staging,
     check_cache_dir,
     check_write_plan,
     clean_stale_temporaries,
     data_path,
+    lock_artifacts,
     write_json_atomic,
 )
 from dtr_compile.linear import kinds_for_site
@@ -140,7 +141,8 @@ def write_plan(config: CompileConfig) -> dict[str, Path]:
     exp = export_paths(out)
     plan = {"output": out, "pt2": exp["pt2"], "report": report, "report_md": rp.markdown,
             "report_png": rp.plot, "config": config_path, "ledger": rp.ledger,
-            "students": rp.students, "lock": lock_path(config)}
+            "students": rp.students, "lock": lock_path(config),
+            "tokenizer folder": tokenizer_path(out)}  # causal models, when a tokenizer came along
     if config.fp16:
         plan["fp16 ONNX"] = exp["onnx_fp16"]
     if config.export_original:
@@ -181,6 +183,10 @@ def _progress(console: Console, enabled: bool) -> Progress:
 SELECT = ("most-linear", "best")
 
 
+#: The longest ``--deploy-seq`` (tokens): the timed inputs and activations are allocated whole.
+MAX_DEPLOY_SEQ = 1 << 20
+
+
 def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
     """``--deploy-seq``: the lengths to time, None for the default (validation length and 4×),
     ``[]`` for ``none``.
@@ -200,6 +206,10 @@ def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
         seqs = []
     if not seqs or any(t < 1 for t in seqs):
         raise InputError(f"--deploy-seq {text!r}: expected comma-separated lengths >= 1, e.g. "
+                         "'256,1024', or 'none' to skip timing")
+    if max(seqs) > MAX_DEPLOY_SEQ:
+        raise InputError(f"--deploy-seq {text!r}: {max(seqs)} tokens is beyond what can be "
+                         f"timed ({MAX_DEPLOY_SEQ} at most); give deployment lengths, e.g. "
                          "'256,1024', or 'none' to skip timing")
     return seqs
 
@@ -221,6 +231,7 @@ def _validate(config: CompileConfig) -> Budget:
     if config.select not in SELECT:
         raise InputError(f"unknown --select {config.select!r}; choose one of {', '.join(SELECT)}")
     deploy_seqs(config.deploy_seq)
+    check_seed(config.seed)
     if config.bench_repeats < 1:
         raise InputError("--bench-repeats must be >= 1")
     if Path(config.output).suffix != ".onnx":
@@ -263,7 +274,7 @@ def _validate(config: CompileConfig) -> Budget:
     plan = write_plan(config)
     check_write_plan(plan, _input_paths(config))
     if not config.no_cache:
-        check_cache_dir(_cache_dir(config), plan)
+        check_cache_dir(_cache_dir(config), plan, _input_paths(config))
     return budget
 
 
@@ -700,7 +711,7 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
                     f"(logits max-abs {parity.worst_max_abs:.2e}, rel-RMS {parity.worst_rel_rms:.2e})")
     source = find_model_tokenizer(config.model)
     if source is not None:
-        out["tokenizer"] = str(copy_tokenizer(source, out_path))
+        out["tokenizer"] = str(copy_tokenizer(source, out_path, write_to=write_to))
         console.log(f"wrote {out['tokenizer']} (the tokenizer of {source})")
     return out
 
@@ -735,7 +746,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             with tempfile.TemporaryDirectory(prefix="dtr-rank-") as tmp:
                 return _compile(config, console, budget, Staging(Path(tmp) / "rank"),
                                 placement, group)
-        with OutputLock(plan["lock"]):
+        with lock_artifacts(plan):  # every artifact's path: another run may share the report
             for junk in clean_stale_temporaries(list(plan.values())):
                 console.log(f"removed a stale temporary of an interrupted run: {junk}")
             staging = Staging(plan["output"])
@@ -760,7 +771,8 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         console.log(f"torch stages run on {placement.describe()}; capture and export on cpu/fp32")
 
     with stages("load", console):
-        loaded = load_model(config.model, trust_pickle=config.trust_pickle)
+        loaded = load_model(config.model, trust_pickle=config.trust_pickle,
+                            ignore_auto_map=config.ignore_auto_map)
     with stages("capture", console):
         captured = capture(loaded, _example_inputs(config) if loaded.program is None else None)
     gm, names = captured.gm, captured.input_names

@@ -360,21 +360,34 @@ def tokenizer_path(output: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name.split(".")[0] + ".tokenizer")
 
 
-def copy_tokenizer(source: Path, output: str | os.PathLike[str]) -> Path:
+def copy_tokenizer(source: Path, output: str | os.PathLike[str],
+                   write_to: Callable[[Path], Path] | None = None) -> Path:
     """Copy the tokenizer files of ``source`` (all files of a ``*.tokenizer``/``tokenizer``
-    folder, only :data:`TOKENIZER_FILES` of a model folder) to :func:`tokenizer_path`, replacing
-    an older copy only once the new one is complete."""
-    import shutil
-    import tempfile
+    folder, only :data:`TOKENIZER_FILES` of a model folder) to :func:`tokenizer_path`.
+
+    The folder is a staged artifact like the others: written where ``write_to`` (the run's
+    :meth:`dtr_compile.fileio.Staging.path`) says and moved into place, replacing an older copy
+    whole, with the run's other artifacts; without ``write_to`` it is staged and moved at once.
+    Files get an artifact's mode (:func:`dtr_compile.fileio.copy_artifact`), the folder that of
+    the folder it replaces, else ``0o777`` less the umask. Nothing is copied when ``source`` is
+    that folder already. Returns the final path."""
+    from dtr_compile.fileio import Staging, copy_artifact
 
     target = tokenizer_path(output)
+    if target.resolve() == source.resolve():  # the model's own X.tokenizer/: already in place
+        return target
     files = ([source / f for f in TOKENIZER_FILES if (source / f).is_file()]
              if not (source.name.endswith(".tokenizer") or source.name == "tokenizer")
              else [f for f in source.iterdir() if f.is_file()])
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    for f in files:
-        shutil.copy2(f, tmp / f.name)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    staging = Staging(target) if write_to is None else None
+    try:
+        dest = (staging.path if staging is not None else write_to)(target)  # type: ignore[misc]
+        dest.mkdir()
+        for f in files:
+            copy_artifact(f, dest / f.name, like=target / f.name)
+        if staging is not None:
+            staging.commit()
+    finally:
+        if staging is not None:
+            staging.discard()
     return target
