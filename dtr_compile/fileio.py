@@ -164,12 +164,37 @@ def copy_artifact(src: Path, dst: Path, like: Path | None = None) -> None:
     os.chmod(dst, _final_mode(like if like is not None else dst))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the entries ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``, one
+    system call: no moment where neither exists); False where the system has no such call."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # no such call, or the filesystem
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _place_folder(written: Path, target: Path, aside: Path) -> None:
-    """Move the folder ``written`` onto ``target``: a folder (or file) there is first renamed to
-    ``aside`` (removed later with the staging folder), so ``target`` is never half-written. Call
-    it with signals deferred (:func:`signals_deferred`)."""
+    """Move the folder ``written`` onto ``target`` whole. A folder (or file) there is swapped
+    with it in one step where the system allows (:func:`_exchange`), else first renamed to
+    ``aside``; either way the old one ends in the staging folder (removed with it), and
+    ``target`` is never half-written. Call it with signals deferred (:func:`signals_deferred`)."""
     os.chmod(written, folder_mode(target))
     if target.exists() or target.is_symlink():
+        if _exchange(written, target):
+            return
         os.rename(target, aside)
     os.rename(written, target)
 

@@ -251,3 +251,19 @@ def test_genai_folder_from_a_genai_folder_writes_its_own_config(decoder: Path,
     config = json.loads((second / "genai_config.json").read_text())
     assert config["model"]["context_length"] == 128
     assert (second / "tokenizer.json").is_file()
+
+
+def test_json_of_a_side_command_waits_for_no_one(tiny, tmp_path: Path) -> None:
+    """A compile writing X (its report) holds X's artifact lock: `lint-trt --json X` exits 2
+    instead of replacing it mid-run; once released, it writes."""
+    from dtr_compile.fileio import OutputLock, artifact_lock_path
+
+    f = _side(tiny, tmp_path)
+    target = tmp_path / "h.report.json"
+    with OutputLock(artifact_lock_path(target)):
+        res = CliRunner().invoke(main, ["lint-trt", str(f["model"]), "--json", str(target)])
+        assert res.exit_code == 2 and "another dtr-compile run" in res.output, res.output
+        assert not target.exists()
+    res = CliRunner().invoke(main, ["lint-trt", str(f["model"]), "--json", str(target)])
+    assert res.exit_code == 0 and target.is_file(), res.output
+    assert not artifact_lock_path(target).exists()
