@@ -61,6 +61,7 @@ from dtr_compile.exporters.stateful import (
     export_stateful_onnx,
     find_model_tokenizer,
     parity_prompts,
+    tokenizer_files,
     tokenizer_path,
 )
 from dtr_compile.fileio import (
@@ -273,6 +274,8 @@ def _validate(config: CompileConfig) -> Budget:
         raise InputError("--workers must be >= 0 (0: one per CPU)")
     plan = write_plan(config)
     check_write_plan(plan, _input_paths(config))
+    if config.decoder and (tok := find_model_tokenizer(config.model)) is not None:
+        tokenizer_files(tok)  # what the tokenizer folder will copy, checked before any work
     if not config.no_cache:
         check_cache_dir(_cache_dir(config), plan, _input_paths(config))
     return budget

@@ -601,3 +601,31 @@ def test_nothing_lies_inside_the_tokenizer_folder(task, tmp_path, inside) -> Non
     res = run_cli(str(task["model"]), "--data", str(data), "-o", str(tmp_path / "h.onnx"),
                   *extra)
     one_line_exit_2(res, "tokenizer folder")
+
+
+def test_tokenizer_links_out_of_their_folder_are_refused(task, tmp_path) -> None:
+    """A crafted model.tokenizer/ whose tokenizer.json links to a private file elsewhere would
+    put that file into the artifacts users ship: refused up front, naming the link. Links into
+    the folder itself, and a Hugging Face cache snapshot's links to its blobs/, are fine."""
+    from dtr_compile.exporters.stateful import copy_tokenizer, tokenizer_files
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    tok = task["dir"] / "model.tokenizer"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text("{}")
+    (tok / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(InputError, match="tokenizer.json is a link to .*id_rsa"):
+        copy_tokenizer(tok, tmp_path / "out" / "h.onnx")
+    assert not (tmp_path / "out" / "h.tokenizer").exists()
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(tmp_path / "h.onnx"))
+    one_line_exit_2(res, "is a link to", "id_rsa")
+    # a Hugging Face cache snapshot: REPO/snapshots/REV/tokenizer.json -> REPO/blobs/HASH
+    repo = tmp_path / "models--x"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_text("{}")
+    snap = repo / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "tokenizer.json").symlink_to(repo / "blobs" / "abc")
+    (snap / "tokenizer_config.json").symlink_to(snap / "tokenizer.json")
+    assert [f.name for f in tokenizer_files(snap)] == ["tokenizer.json", "tokenizer_config.json"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from dtr_compile.errors import DtrError, first_line
+from dtr_compile.errors import DtrError, InputError, first_line
 from dtr_compile.exporters.fused import (
     finish,
     is_fused,
@@ -353,6 +353,35 @@ def find_model_tokenizer(model: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def tokenizer_files(source: Path) -> list[Path]:
+    """The files :func:`copy_tokenizer` copies from ``source``: all files of a
+    ``*.tokenizer``/``tokenizer`` folder, only :data:`TOKENIZER_FILES` of a model folder.
+
+    A symbolic link is followed only to a file inside ``source``, or to the ``blobs/`` of a
+    Hugging Face cache snapshot (``REPO/snapshots/REV/f`` → ``REPO/blobs/HASH``): the copy is
+    an artifact users ship, and a crafted folder's ``tokenizer.json -> ~/.ssh/id_rsa`` would
+    put a private file in it.
+
+    Raises:
+        InputError: a link leads elsewhere (named).
+    """
+    names = TOKENIZER_FILES if not (source.name.endswith(".tokenizer")
+                                    or source.name == "tokenizer") else None
+    cands = [source / f for f in names] if names is not None else sorted(source.iterdir())
+    files = [f for f in cands if f.is_file()]
+    root = source.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    for f in files:
+        if not f.is_symlink():
+            continue
+        real = f.resolve()
+        if not (real.is_relative_to(root) or (blobs is not None and real.parent == blobs)):
+            raise InputError(f"{f} is a link to {real}, outside the tokenizer folder {source}: "
+                             "it would be copied into the artifacts beside the hybrid. Replace "
+                             "the link by the file itself")
+    return files
+
+
 def tokenizer_path(output: str | os.PathLike[str]) -> Path:
     """``<output name up to its first dot>.tokenizer/`` (``hybrid.onnx`` → ``hybrid.tokenizer``),
     where ``dtr-compile generate`` looks for it beside ``hybrid.decoder.onnx``."""
@@ -376,9 +405,7 @@ def copy_tokenizer(source: Path, output: str | os.PathLike[str],
     target = tokenizer_path(output)
     if target.resolve() == source.resolve():  # the model's own X.tokenizer/: already in place
         return target
-    files = ([source / f for f in TOKENIZER_FILES if (source / f).is_file()]
-             if not (source.name.endswith(".tokenizer") or source.name == "tokenizer")
-             else [f for f in source.iterdir() if f.is_file()])
+    files = tokenizer_files(source)
     staging = Staging(target) if write_to is None else None
     try:
         dest = (staging.path if staging is not None else write_to)(target)  # type: ignore[misc]
