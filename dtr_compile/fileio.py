@@ -164,6 +164,27 @@ def copy_artifact(src: Path, dst: Path, like: Path | None = None) -> None:
     os.chmod(dst, _final_mode(like if like is not None else dst))
 
 
+def check_copied_links(files: Sequence[Path], source: Path) -> None:
+    """Files about to be copied from the folder ``source`` into an artifact may be symbolic
+    links only to files inside ``source``, or to the ``blobs/`` of a Hugging Face cache
+    snapshot (``REPO/snapshots/REV/f`` → ``REPO/blobs/HASH``): the copy is shipped with the
+    artifacts, and a crafted folder's ``tokenizer.json -> ~/.ssh/id_rsa`` would put a private
+    file in it.
+
+    Raises:
+        InputError: a link leads elsewhere (naming it and its target).
+    """
+    root = source.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    for f in files:
+        if not f.is_symlink():
+            continue
+        real = f.resolve()
+        if not (real.is_relative_to(root) or (blobs is not None and real.parent == blobs)):
+            raise InputError(f"{f} is a link to {real}, outside the folder {source}: it would "
+                             "be copied into the artifacts. Replace the link by the file itself")
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap the entries ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``, one
     system call: no moment where neither exists); False where the system has no such call."""

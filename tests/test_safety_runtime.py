@@ -267,3 +267,19 @@ def test_json_of_a_side_command_waits_for_no_one(tiny, tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["lint-trt", str(f["model"]), "--json", str(target)])
     assert res.exit_code == 0 and target.is_file(), res.output
     assert not artifact_lock_path(target).exists()
+
+
+def test_genai_folder_never_copies_a_link_out_of_the_tokenizer_folder(decoder: Path,
+                                                                     tmp_path: Path) -> None:
+    """A tokenizer folder whose file links to a private file elsewhere: exit 2, nothing
+    written (the genai folder is shipped as is)."""
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(decoder.parent / "tokenizer", tok)
+    (tmp_path / "secret").write_text("PRIVATE")
+    (tok / "README.md").symlink_to(tmp_path / "secret")  # every file of the folder is copied
+    res = CliRunner().invoke(main, ["genai-folder", str(decoder), "--tokenizer", str(tok),
+                                    "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "is a link to" in res.output, res.output
+    assert not (tmp_path / "out").exists()

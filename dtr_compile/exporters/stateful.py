@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from dtr_compile.errors import DtrError, InputError, first_line
+from dtr_compile.errors import DtrError, first_line
 from dtr_compile.exporters.fused import (
     finish,
     is_fused,
@@ -40,7 +40,7 @@ from dtr_compile.exporters.onnx import (
     prepare_for_export,
     wants_external_data,
 )
-from dtr_compile.fileio import atomic_model_path
+from dtr_compile.fileio import atomic_model_path, check_copied_links
 from dtr_compile.passes.stateful import MASK, TOKENS, StatefulGraph
 
 
@@ -357,10 +357,8 @@ def tokenizer_files(source: Path) -> list[Path]:
     """The files :func:`copy_tokenizer` copies from ``source``: all files of a
     ``*.tokenizer``/``tokenizer`` folder, only :data:`TOKENIZER_FILES` of a model folder.
 
-    A symbolic link is followed only to a file inside ``source``, or to the ``blobs/`` of a
-    Hugging Face cache snapshot (``REPO/snapshots/REV/f`` → ``REPO/blobs/HASH``): the copy is
-    an artifact users ship, and a crafted folder's ``tokenizer.json -> ~/.ssh/id_rsa`` would
-    put a private file in it.
+    Links are followed only within the folder (see
+    :func:`dtr_compile.fileio.check_copied_links`).
 
     Raises:
         InputError: a link leads elsewhere (named).
@@ -369,16 +367,7 @@ def tokenizer_files(source: Path) -> list[Path]:
                                     or source.name == "tokenizer") else None
     cands = [source / f for f in names] if names is not None else sorted(source.iterdir())
     files = [f for f in cands if f.is_file()]
-    root = source.resolve()
-    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
-    for f in files:
-        if not f.is_symlink():
-            continue
-        real = f.resolve()
-        if not (real.is_relative_to(root) or (blobs is not None and real.parent == blobs)):
-            raise InputError(f"{f} is a link to {real}, outside the tokenizer folder {source}: "
-                             "it would be copied into the artifacts beside the hybrid. Replace "
-                             "the link by the file itself")
+    check_copied_links(files, source)
     return files
 
 

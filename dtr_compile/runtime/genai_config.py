@@ -21,6 +21,7 @@ from dtr_compile.errors import InputError
 from dtr_compile.fileio import (
     OutputLock,
     Staging,
+    check_copied_links,
     check_write_plan,
     clean_stale_temporaries,
     copy_artifact,
@@ -174,7 +175,7 @@ def genai_write_plan(model: Path, out: Path, tok_dir: Path) -> list[Path]:
 
     Raises:
         InputError: ``out`` is a file; a file written would be the decoder or its weights; a
-            path cannot be written.
+            path cannot be written; a tokenizer file links out of its folder.
     """
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {str(out)!r} is a file; give the folder to write (it is created "
@@ -187,6 +188,7 @@ def genai_write_plan(model: Path, out: Path, tok_dir: Path) -> list[Path]:
     skip = {w.name for w in writes.values()} | {model.name, data_path(model).name}
     files = [f for f in sorted(tok_dir.iterdir()) if f.is_file() and f.name not in skip
              and not f.name.startswith(".") and f.suffix not in (".onnx", ".data", ".lock")]
+    check_copied_links(files, tok_dir)
     copies = [f for f in files if not (out / f.name).exists()
               or not os.path.samefile(f, out / f.name)]
     writes |= {f"tokenizer file {f.name}": out / f.name for f in copies}
