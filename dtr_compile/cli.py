@@ -28,7 +28,7 @@ import click  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from dtr_compile import __version__  # noqa: E402
-from dtr_compile.config import CompileConfig, read_project_config  # noqa: E402
+from dtr_compile.config import MAX_SEQ, CompileConfig, read_project_config  # noqa: E402
 from dtr_compile.errors import (  # noqa: E402
     EXIT_INTERNAL,
     EXIT_NO_REPLACEMENT,
@@ -405,6 +405,9 @@ def _seqs(text: str, flag: str = "--seq") -> list[int]:
         raise InputError(f"{flag} {text!r}: expected comma-separated lengths, e.g. 512,2048") from None
     if not seqs:
         raise InputError(f"{flag} needs at least one length")
+    if max(seqs) > MAX_SEQ:
+        raise InputError(f"{flag} {text!r}: {max(seqs)} tokens is beyond what can be timed "
+                         f"({MAX_SEQ} at most)")
     return seqs
 
 

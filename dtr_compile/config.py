@@ -24,6 +24,11 @@ _BUDGET_HELP = ("'0.5%' (relative to the original's metric), '0.005' (absolute, 
                 "units) or '0.5pt' (absolute percentage points)")
 
 
+#: The longest sequence a timing takes (``--deploy-seq``, ``bench --seq / --context``), in
+#: tokens: its inputs and activations are allocated whole.
+MAX_SEQ = 1 << 20
+
+
 def check_seed(seed: int) -> None:
     """``--seed`` is one torch (``manual_seed``) and numpy (``default_rng``) both accept.
 

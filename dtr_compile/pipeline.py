@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dtr_compile import __version__
 from dtr_compile.capture import capture, check_index_ranges, check_inputs
-from dtr_compile.config import Budget, CompileConfig, check_seed, parse_duration
+from dtr_compile.config import MAX_SEQ, Budget, CompileConfig, check_seed, parse_duration
 from dtr_compile.data import (
     LABELS,
     Dataset,
@@ -184,10 +184,6 @@ def _progress(console: Console, enabled: bool) -> Progress:
 SELECT = ("most-linear", "best")
 
 
-#: The longest ``--deploy-seq`` (tokens): the timed inputs and activations are allocated whole.
-MAX_DEPLOY_SEQ = 1 << 20
-
-
 def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
     """``--deploy-seq``: the lengths to time, None for the default (validation length and 4×),
     ``[]`` for ``none``.
@@ -208,9 +204,9 @@ def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
     if not seqs or any(t < 1 for t in seqs):
         raise InputError(f"--deploy-seq {text!r}: expected comma-separated lengths >= 1, e.g. "
                          "'256,1024', or 'none' to skip timing")
-    if max(seqs) > MAX_DEPLOY_SEQ:
+    if max(seqs) > MAX_SEQ:
         raise InputError(f"--deploy-seq {text!r}: {max(seqs)} tokens is beyond what can be "
-                         f"timed ({MAX_DEPLOY_SEQ} at most); give deployment lengths, e.g. "
+                         f"timed ({MAX_SEQ} at most); give deployment lengths, e.g. "
                          "'256,1024', or 'none' to skip timing")
     return seqs
 
