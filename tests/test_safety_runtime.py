@@ -287,8 +287,10 @@ def test_genai_folder_never_copies_a_link_out_of_the_tokenizer_folder(decoder: P
 
 @pytest.mark.parametrize("flags", [["--seq", "100000000000000000000", "--extend-positions"],
                                    ["--decode", "--context", "100000000000000000000"]])
-def test_bench_lengths_beyond_any_timing_are_exit_2(tiny, flags: list[str]) -> None:
+def test_bench_lengths_beyond_any_timing_are_exit_2(tiny, decoder: Path,
+                                                   flags: list[str]) -> None:
     """As --deploy-seq: a length whose inputs cannot be allocated is one exit-2 line before
     anything is timed, not an internal error (or an allocation of the machine's memory)."""
-    res = CliRunner().invoke(main, ["bench", str(tiny["path"]), "--no-memory", *flags])
+    model = decoder if "--decode" in flags else tiny["path"]
+    res = CliRunner().invoke(main, ["bench", str(model), "--no-memory", *flags])
     assert res.exit_code == 2 and "beyond what can be timed" in res.output, res.output
