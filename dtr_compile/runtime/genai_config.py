@@ -209,7 +209,9 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
     model). EOS / BOS / pad ids default to the tokenizer's. Returns ``out_dir``.
 
     Raises:
-        InputError: as :func:`genai_config`; no tokenizer found.
+        InputError: as :func:`genai_config`; the model is missing; no tokenizer found; as
+            :func:`genai_write_plan` (``out`` a file, ``out/model.onnx`` the model itself…),
+            before anything is written.
     """
     import onnx
 
