@@ -28,7 +28,7 @@ import click  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from dtr_compile import __version__  # noqa: E402
-from dtr_compile.config import CompileConfig, read_project_config  # noqa: E402
+from dtr_compile.config import MAX_SEQ, CompileConfig, read_project_config  # noqa: E402
 from dtr_compile.errors import (  # noqa: E402
     EXIT_INTERNAL,
     EXIT_NO_REPLACEMENT,
@@ -36,6 +36,7 @@ from dtr_compile.errors import (  # noqa: E402
     DtrError,
     InputError,
 )
+from dtr_compile.fileio import check_json_output, onnx_inputs  # noqa: E402
 
 EXIT_CODES = """\b
 Exit codes:
@@ -232,6 +233,10 @@ def main() -> None:
               help="Build a TensorRT engine of the hybrid at this path (needs the [tensorrt] "
                    "extra and a CUDA GPU; with --fp16, fp16 kernels).")
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
+@click.option("--ignore-auto-map", is_flag=True, default=None,
+              help="A Hugging Face folder whose config.json names its own model code "
+                   "(auto_map) is refused: dtr-compile never runs code from a model folder. "
+                   "This loads it with transformers' built-in class for its model_type instead.")
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow loading a pickled torch.save model (runs code from the file).")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bars.")
@@ -355,6 +360,9 @@ def run_cmd(model: str, data: str, metric: str | None, reference: str | None, ba
         if batch_size < 1:
             raise InputError("--batch-size must be >= 1")
         _check_threads(threads)
+        check_json_output(json_path, {**onnx_inputs("model", model), "--data": Path(data),
+                                      **(onnx_inputs("--reference", reference) if reference
+                                         else {})})
         rows = _rows(data)
         show = not no_progress and sys.stderr.isatty() and rows > batch_size
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -397,6 +405,9 @@ def _seqs(text: str, flag: str = "--seq") -> list[int]:
         raise InputError(f"{flag} {text!r}: expected comma-separated lengths, e.g. 512,2048") from None
     if not seqs:
         raise InputError(f"{flag} needs at least one length")
+    if max(seqs) > MAX_SEQ:
+        raise InputError(f"{flag} {text!r}: {max(seqs)} tokens is beyond what can be timed "
+                         f"({MAX_SEQ} at most)")
     return seqs
 
 
@@ -451,6 +462,8 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
     console = _console()
     try:
         _check_threads(threads)
+        check_json_output(json_path, {k: v for i, m in enumerate(models)
+                                      for k, v in onnx_inputs(f"model {i + 1}", m).items()})
         if decode:
             from dataclasses import asdict
 
@@ -644,6 +657,7 @@ def lint_trt_cmd(model: str, strict: bool, json_path: str | None) -> None:
     from dtr_compile.runtime.evaluate import write_json
 
     try:
+        check_json_output(json_path, onnx_inputs("model", model))
         findings = lint_trt(model)
         if json_path:
             write_json(json_path, [f.to_dict() for f in findings])
@@ -689,10 +703,14 @@ Exit codes:
               help="Example inputs (.pt dict of tensors) instead of ones built from the model's "
                    "signature or config; required for a pickled model.")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@click.option("--ignore-auto-map", is_flag=True, default=False,
+              help="A Hugging Face folder whose config.json names its own model code "
+                   "(auto_map) is refused: dtr-compile never runs code from a model folder. "
+                   "This loads it with transformers' built-in class for its model_type instead.")
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow loading a pickled torch.save model (runs code from the file).")
 def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool,
-                trust_pickle: bool) -> None:
+                trust_pickle: bool, ignore_auto_map: bool) -> None:
     """List the attention sites of MODEL (a torch.export archive .pt/.pt2, or a Hugging Face
     folder) with their shapes, masks and FLOPs share, and say why any look-alike is not
     rewritable. Without --data the inputs are built: from the archive's input signature, or from
@@ -704,7 +722,8 @@ def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool
 
     try:
         result = inspect_onnx(model) if Path(model).suffix == ".onnx" else \
-            inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle)
+            inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle,
+                          ignore_auto_map=ignore_auto_map)
     except DtrError as exc:
         _fail(exc)
     if as_json:

@@ -93,3 +93,64 @@ def test_out_of_vocabulary_ids_with_hf_model_are_exit_2(hf_folder: Path, tmp_pat
     assert res.returncode == 2, res.stderr
     assert "'input_ids'" in res.stderr and "row 4" in res.stderr and "128" in res.stderr
     assert "distilled site" not in res.stderr
+
+
+# --- issue 25: unexpected tensors (item 7) and a folder's own code (item 16) -------------------
+
+
+def test_unexpected_weights_are_refused(hf_folder: Path, tmp_path: Path) -> None:
+    """A 3-layer checkpoint under the 2-layer config: transformers would drop layer 2 and the
+    compile optimise a truncated model; refused, naming the unexpected tensors."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig.from_pretrained(hf_folder)
+    cfg.num_hidden_layers = 3
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "three")
+    d = _copy(hf_folder, tmp_path / "extra")
+    (d / "model.safetensors").write_bytes((tmp_path / "three" / "model.safetensors").read_bytes())
+    with pytest.raises(InputError, match=r"holds \d+ tensors the model built from its "
+                                         r"config\.json .*bert\.encoder\.layer\.2\."):
+        load_model(d)
+    res = run_cli("inspect", str(d))
+    assert res.returncode == 2 and "layer.2" in res.stderr, res.stderr
+
+
+_EVIL = """import pathlib
+pathlib.Path({marker!r}).touch()
+from transformers import BertConfig, BertModel
+class EvilConfig(BertConfig):
+    model_type = {model_type!r}
+class EvilModel(BertModel):
+    config_class = EvilConfig
+"""
+
+
+@pytest.mark.parametrize("model_type", ["bert", "evil-bert"], ids=["known-type", "own-type"])
+def test_a_folders_own_code_is_never_run(hf_folder: Path, tmp_path: Path, model_type: str) -> None:
+    """config.json with auto_map: refused with a message (exit 2), even when the user would
+    answer transformers' prompt with "y"; --ignore-auto-map loads the built-in class of a
+    known model_type, and refuses an unknown one. The folder's code never runs."""
+    import json
+
+    marker = tmp_path / "ran"
+    d = _copy(hf_folder, tmp_path / "custom")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = model_type
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
+                       "AutoModelForSequenceClassification": "evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "evil.py").write_text(_EVIL.format(marker=str(marker), model_type=model_type))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([*CLI, "inspect", str(d)], capture_output=True, text=True, env=env,
+                         input="y\ny\n", timeout=600)
+    assert res.returncode == 2 and "auto_map" in res.stderr, res.stderr
+    assert "--ignore-auto-map" in res.stderr and not marker.exists()
+    res = subprocess.run([*CLI, "inspect", str(d), "--ignore-auto-map"], capture_output=True,
+                         text=True, env=env, input="y\ny\n", timeout=600)
+    assert not marker.exists()
+    if model_type == "bert":
+        assert res.returncode == 0 and "site1" in res.stdout, res.stderr
+    else:
+        assert res.returncode == 2 and "internal error" not in res.stderr, res.stderr

@@ -93,6 +93,6 @@ def export_decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: Atten
                     f"(logits max-abs {parity.worst_max_abs:.2e}, rel-RMS {parity.worst_rel_rms:.2e})")
     source = find_model_tokenizer(config.model)
     if source is not None:
-        out["tokenizer"] = str(copy_tokenizer(source, out_path))
+        out["tokenizer"] = str(copy_tokenizer(source, out_path, write_to=write_to))
         console.log(f"wrote {out['tokenizer']} (the tokenizer of {source})")
     return out

@@ -40,7 +40,7 @@ from dtr_compile.exporters.onnx import (
     prepare_for_export,
     wants_external_data,
 )
-from dtr_compile.fileio import atomic_model_path
+from dtr_compile.fileio import atomic_model_path, check_copied_links
 from dtr_compile.passes.stateful import MASK, TOKENS, StatefulGraph
 
 
@@ -353,6 +353,24 @@ def find_model_tokenizer(model: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def tokenizer_files(source: Path) -> list[Path]:
+    """The files :func:`copy_tokenizer` copies from ``source``: all files of a
+    ``*.tokenizer``/``tokenizer`` folder, only :data:`TOKENIZER_FILES` of a model folder.
+
+    Links are followed only within the folder (see
+    :func:`dtr_compile.fileio.check_copied_links`).
+
+    Raises:
+        InputError: a link leads elsewhere (named).
+    """
+    names = TOKENIZER_FILES if not (source.name.endswith(".tokenizer")
+                                    or source.name == "tokenizer") else None
+    cands = [source / f for f in names] if names is not None else sorted(source.iterdir())
+    files = [f for f in cands if f.is_file()]
+    check_copied_links(files, source)
+    return files
+
+
 def tokenizer_path(output: str | os.PathLike[str]) -> Path:
     """``<output name up to its first dot>.tokenizer/`` (``hybrid.onnx`` → ``hybrid.tokenizer``),
     where ``dtr-compile generate`` looks for it beside ``hybrid.decoder.onnx``."""
@@ -360,21 +378,32 @@ def tokenizer_path(output: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name.split(".")[0] + ".tokenizer")
 
 
-def copy_tokenizer(source: Path, output: str | os.PathLike[str]) -> Path:
+def copy_tokenizer(source: Path, output: str | os.PathLike[str],
+                   write_to: Callable[[Path], Path] | None = None) -> Path:
     """Copy the tokenizer files of ``source`` (all files of a ``*.tokenizer``/``tokenizer``
-    folder, only :data:`TOKENIZER_FILES` of a model folder) to :func:`tokenizer_path`, replacing
-    an older copy only once the new one is complete."""
-    import shutil
-    import tempfile
+    folder, only :data:`TOKENIZER_FILES` of a model folder) to :func:`tokenizer_path`.
+
+    The folder is a staged artifact like the others: written where ``write_to`` (the run's
+    :meth:`dtr_compile.fileio.Staging.path`) says and moved into place, replacing an older copy
+    whole, with the run's other artifacts; without ``write_to`` it is staged and moved at once.
+    Files get an artifact's mode (:func:`dtr_compile.fileio.copy_artifact`), the folder that of
+    the folder it replaces, else ``0o777`` less the umask. Nothing is copied when ``source`` is
+    that folder already. Returns the final path."""
+    from dtr_compile.fileio import Staging, copy_artifact
 
     target = tokenizer_path(output)
-    files = ([source / f for f in TOKENIZER_FILES if (source / f).is_file()]
-             if not (source.name.endswith(".tokenizer") or source.name == "tokenizer")
-             else [f for f in source.iterdir() if f.is_file()])
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    for f in files:
-        shutil.copy2(f, tmp / f.name)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    if target.resolve() == source.resolve():  # the model's own X.tokenizer/: already in place
+        return target
+    files = tokenizer_files(source)
+    staging = Staging(target) if write_to is None else None
+    try:
+        dest = (staging.path if staging is not None else write_to)(target)  # type: ignore[misc]
+        dest.mkdir()
+        for f in files:
+            copy_artifact(f, dest / f.name, like=target / f.name)
+        if staging is not None:
+            staging.commit()
+    finally:
+        if staging is not None:
+            staging.discard()
     return target

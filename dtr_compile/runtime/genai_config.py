@@ -21,7 +21,11 @@ from dtr_compile.errors import InputError
 from dtr_compile.fileio import (
     OutputLock,
     Staging,
+    check_copied_links,
+    check_write_plan,
     clean_stale_temporaries,
+    copy_artifact,
+    data_path,
     has_external_data,
     save_onnx,
     write_json_atomic,
@@ -162,6 +166,36 @@ def add_conv_passthrough(proto: Any) -> list[int]:
     return layers
 
 
+def genai_write_plan(model: Path, out: Path, tok_dir: Path) -> list[Path]:
+    """Check what :func:`write_genai_folder` writes into ``out`` (``model.onnx`` and its
+    ``model.onnx.data``, ``genai_config.json``, the tokenizer files, the lock) against what it
+    reads (the decoder and its ``NAME.data``, the tokenizer files), as the compile's write plan
+    does (:func:`dtr_compile.fileio.check_write_plan`). Returns the tokenizer files to copy: a
+    file that already is the one in ``out`` (``--tokenizer OUT``) is left where it is.
+
+    Raises:
+        InputError: ``out`` is a file; a file written would be the decoder or its weights; a
+            path cannot be written; a tokenizer file links out of its folder.
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {str(out)!r} is a file; give the folder to write (it is created "
+                         "if missing)")
+    target = out / "model.onnx"
+    writes = {"model": target, "model weights": data_path(target),
+              "genai config": out / "genai_config.json", "lock": Path(str(target) + ".lock")}
+    # the tokenizer folder may be an onnxruntime-genai folder itself (find_tokenizer's last
+    # choice): its model, weights and config are not tokenizer files, and never copied
+    skip = {w.name for w in writes.values()} | {model.name, data_path(model).name}
+    files = [f for f in sorted(tok_dir.iterdir()) if f.is_file() and f.name not in skip
+             and not f.name.startswith(".") and f.suffix not in (".onnx", ".data", ".lock")]
+    check_copied_links(files, tok_dir)
+    copies = [f for f in files if not (out / f.name).exists()
+              or not os.path.samefile(f, out / f.name)]
+    writes |= {f"tokenizer file {f.name}": out / f.name for f in copies}
+    check_write_plan(writes, {"MODEL": model, "MODEL weights": data_path(model)}, hint="-o")
+    return copies
+
+
 _RECURRENT = re.compile(r"^past\.(\d+)\.recurrent$")
 
 
@@ -175,15 +209,18 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
     model). EOS / BOS / pad ids default to the tokenizer's. Returns ``out_dir``.
 
     Raises:
-        InputError: as :func:`genai_config`; no tokenizer found.
+        InputError: as :func:`genai_config`; the model is missing; no tokenizer found; as
+            :func:`genai_write_plan` (``out`` a file, ``out/model.onnx`` the model itself…),
+            before anything is written.
     """
-    import shutil
-
     import onnx
 
     from dtr_compile.runtime.generate import find_tokenizer, load_tokenizer
 
     src = Path(model_path)
+    if not src.is_file():
+        raise InputError(f"model not found: {src}" if not src.exists() else
+                         f"{src} is a folder; give the stateful decoder's .onnx file")
     tok_dir = find_tokenizer(src, tokenizer)
     if tok_dir is None:
         raise InputError(f"no tokenizer for {src.name}: onnxruntime-genai needs the tokenizer "
@@ -192,10 +229,11 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if kwargs.get(key) is None and getattr(tok, key, None) is not None:
             kwargs[key] = int(getattr(tok, key))
-    genai_config(src, **kwargs)  # the decoder's checks, before anything is written
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / "model.onnx"
+    tok_files = genai_write_plan(src, out, tok_dir)  # before anything is read or written
+    genai_config(src, **kwargs)  # the decoder's checks, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     with OutputLock(Path(str(target) + ".lock")):
         clean_stale_temporaries([target])  # an interrupted run's staging folder
         proto = onnx.load(str(src), load_external_data=False)
@@ -211,9 +249,8 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
             del proto
             write_json_atomic(staging.path(out / "genai_config.json"),
                               genai_config(model, **kwargs))
-            for f in tok_dir.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, staging.path(out / f.name))
+            for f in tok_files:
+                copy_artifact(f, staging.path(out / f.name), like=out / f.name)
             staging.commit()
         finally:
             staging.discard()

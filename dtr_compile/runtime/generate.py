@@ -305,7 +305,9 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise DependencyError("loading a tokenizer needs transformers") from exc
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # never the folder's own code (auto_map), and never transformers' prompt to run it
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                             trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"tokenizer folder {folder}: cannot load it with "
                          f"transformers.AutoTokenizer ({first_line(exc)[:200]})") from exc

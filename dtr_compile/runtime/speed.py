@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from dtr_compile.config import CompileConfig
+from dtr_compile.config import MAX_SEQ, CompileConfig
 from dtr_compile.data import Dataset
 from dtr_compile.errors import InputError
 from dtr_compile.exporters.artifacts import ExportResult
@@ -39,6 +39,10 @@ def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
         seqs = []
     if not seqs or any(t < 1 for t in seqs):
         raise InputError(f"--deploy-seq {text!r}: expected comma-separated lengths >= 1, e.g. "
+                         "'256,1024', or 'none' to skip timing")
+    if max(seqs) > MAX_SEQ:
+        raise InputError(f"--deploy-seq {text!r}: {max(seqs)} tokens is beyond what can be "
+                         f"timed ({MAX_SEQ} at most); give deployment lengths, e.g. "
                          "'256,1024', or 'none' to skip timing")
     return seqs
 
