@@ -171,7 +171,7 @@ def main() -> None:
                    "weights and metric; otherwise start afresh.")
 @click.option("--confidence", type=float, default=None,
               help="A candidate is within budget only when the one-sided P upper bound of its "
-                   "metric drop (paired over validation rows: exact McNemar / Clopper-Pearson "
+                   "metric drop (paired over validation rows: exact Clopper-Pearson limits "
                    "for accuracy and agreement, a seeded bootstrap otherwise) is within it, "
                    "e.g. 0.9. Default: the point metric decides (the bound is still reported).")
 @click.option("--select", type=click.Choice(["most-linear", "best"]), default=None,
