@@ -162,9 +162,12 @@ def main() -> None:
                    "budget (L + k evaluations).")
 @click.option("--max-evals", type=int, default=None,
               help="Stop the search after N evaluations (replayed ones count); the sites "
-                   "committed until then stand.")
+                   "committed until then stand, and so does the best site measured in the "
+                   "unfinished step when its set is within budget (in --search ranked's "
+                   "single-site pass: the best site that passed alone).")
 @click.option("--time-limit", default=None,
-              help="Stop the search after this long: seconds, or '90s', '15m', '1.5h'.")
+              help="Stop the search after this long: seconds, or '90s', '15m', '1.5h'; what "
+                   "stands is as for --max-evals.")
 @click.option("--resume", is_flag=True, default=None,
               help="Continue an interrupted search: replay the evaluations in the ledger "
                    "(REPORT.ledger.jsonl) if it was written for the same model, data, distilled "
