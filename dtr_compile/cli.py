@@ -538,7 +538,7 @@ def generate_cmd(model: str, prompt: tuple[str, ...], prompt_file: str | None,
                  top_k: int | None, seed: int, eos_id: int | None, threads: int | None) -> None:
     """Continue a prompt with a stateful decoder ONNX in onnxruntime, streaming the text to
     stdout as it is decoded (greedy by default; seeded sampling with --temperature / --top-k)."""
-    from dtr_compile.runtime.generate import Generator
+    from dtr_compile.runtime.generate import Generator, TextStream
 
     console = _console()
     try:
@@ -551,23 +551,24 @@ def generate_cmd(model: str, prompt: tuple[str, ...], prompt_file: str | None,
                 texts = [Path(prompt_file).read_text(encoding="utf-8")]
             except OSError as exc:
                 raise InputError(f"--prompt-file {prompt_file}: {exc.strerror or exc}") from None
+            except UnicodeDecodeError as exc:
+                raise InputError(f"--prompt-file {prompt_file}: not UTF-8 text (byte "
+                                 f"{exc.start}: {exc.reason}); convert it, e.g. iconv -t UTF-8"
+                                 ) from None
         ids = [_prompt_ids(p) for p in prompt_ids]
         gen = Generator(model, tokenizer=tokenizer, threads=threads)
         rows = ids or gen.encode(texts)
         out: list[int] = []
-        shown = [""]
+        stream = TextStream(gen.tokenizer) if gen.tokenizer is not None else None
 
         def on_token(_row: int, tok: int) -> None:
             if len(rows) > 1:  # a batch is printed row by row when it is done
                 return
             out.append(tok)
-            if gen.tokenizer is None:
+            if stream is None:
                 click.echo(("" if len(out) == 1 else " ") + str(tok), nl=False)
-            else:  # decode the whole continuation: multi-byte characters arrive whole
-                full = gen.decode(out)
-                if not full.endswith("\ufffd"):
-                    click.echo(full[len(shown[0]):], nl=False)  # echo flushes
-                    shown[0] = full
+            elif piece := stream.push(tok):  # multi-byte characters arrive whole
+                click.echo(piece, nl=False)  # echo flushes
 
         res = gen.generate(rows, max_new_tokens, temperature=temperature, top_k=top_k,
                            seed=seed, eos_token_id=eos_id, on_token=on_token)
@@ -576,7 +577,7 @@ def generate_cmd(model: str, prompt: tuple[str, ...], prompt_file: str | None,
                 click.echo(f"[{r}] " + (res.text[r] if res.text is not None
                                         else " ".join(map(str, toks))))
         else:
-            click.echo("")
+            click.echo(stream.flush() if stream is not None else "")
     except DtrError as exc:
         _fail(exc)
     ms = 1000.0 * res.decode_s / res.steps if res.steps else float("nan")

@@ -6,6 +6,7 @@ model is the hand-written fixture of tests/stateful_fixture.py (KV + recurrent s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +390,103 @@ def test_signature_of_windowed_fp16_states() -> None:
     ins[4] = io("past.3.recurrent", ["batch", 4, "f", 9])
     with pytest.raises(InputError, match="not fixed"):
         read_signature(sess, "m.onnx")
+
+
+# --- issue 25 item 10 / 16: generate's edge cases ----------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-300, 1e-30])
+def test_tiny_temperatures_are_greedy_not_nan(temperature: float) -> None:
+    """softmax(logits / 1e-310) overflowed to inf − inf = NaN and always drew token 0; in the
+    limit it is the argmax (ties shared), computed without overflow."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 50)).astype(np.float32) * 10
+    with np.errstate(all="raise"):
+        picks = choose(logits, temperature, None, rng)
+        assert (picks == logits.argmax(-1)).all()
+        assert (choose(logits, temperature, 3, rng) == logits.argmax(-1)).all()
+    tie = np.array([[0.0, 7.0, 7.0, 1.0]] * 400)
+    drawn = choose(tie, temperature, None, rng)
+    assert set(drawn.tolist()) == {1, 2}  # the two maxima, both drawn
+
+
+@pytest.mark.parametrize("ids, message", [
+    ("-1", r"token id -1 .*outside the model's vocabulary of 96 ids \(0\.\.95\)"),
+    ("5,96", r"token id 96 .*outside the model's vocabulary of 96 ids"),
+    ("5,99999999999999999999999", r"token id 99999999999999999999999 .*vocabulary of 96"),
+])
+def test_prompt_ids_outside_the_vocabulary_are_exit_2(fixture_onnx, ids: str,
+                                                       message: str) -> None:
+    res = CliRunner().invoke(main, ["generate", str(fixture_onnx["path"]), "--prompt-ids", ids,
+                                    "--max-new-tokens", "2"])
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert re.search(message, res.stderr), res.stderr
+    with pytest.raises(InputError, match="vocabulary"):
+        Generator(fixture_onnx["path"]).generate([[3, 4], [int(ids.split(",")[-1])]], 2)
+
+
+def _with_decoder_info(src: str, dst: Path, info: dict) -> Path:
+    import onnx
+
+    from dtr_compile.runtime.generate import DECODER_KEY
+
+    proto = onnx.load(src)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = DECODER_KEY, json.dumps(info)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_prompt_longer_than_a_learned_position_table_is_refused(fixture_onnx,
+                                                                 tmp_path: Path) -> None:
+    """A decoder whose positions come from a learned table of P rows (recorded by dtr-compile in
+    its metadata) cannot see position P: a longer prompt is exit 2, naming both lengths, and
+    generation stops when the table is full (stop reason max_positions)."""
+    path = _with_decoder_info(fixture_onnx["path"], tmp_path / "p8.onnx", {"position_table": 8})
+    gen = Generator(path, threads=1)
+    with pytest.raises(InputError, match=r"prompt of 9 tokens.*8 positions"):
+        gen.generate([list(range(3, 12))], 4)
+    got = gen.generate([PROMPTS[0], PROMPTS[1]], 10)  # 5 and 2 prompt tokens
+    assert [len(t) for t in got.tokens] == [3, 6] and got.stopped == ["max_positions"] * 2
+    res = CliRunner().invoke(main, ["generate", str(path), "--prompt-ids", "3,4,5,6,7,8,9,10,11"])
+    assert res.exit_code == 2 and "8 positions" in res.stderr
+
+
+def test_non_utf8_prompt_file_is_exit_2(fixture_onnx, tmp_path: Path) -> None:
+    pf = tmp_path / "latin1.txt"
+    pf.write_bytes("Grüße".encode("latin-1"))
+    save_tokenizer(tmp_path / "tok")
+    res = CliRunner().invoke(main, ["generate", str(fixture_onnx["path"]), "--prompt-file",
+                                    str(pf), "--tokenizer", str(tmp_path / "tok")])
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "UTF-8" in res.stderr and "latin1.txt" in res.stderr
+
+
+def test_text_stream_is_incremental_and_exact(tmp_path: Path) -> None:
+    """The streamed pieces add up to the full decoding, a multi-byte character is never shown
+    half (no U+FFFD), and the work is linear in the tokens: the whole continuation is not
+    re-decoded for every new token."""
+    from dtr_compile.runtime.generate import TextStream, load_tokenizer
+    from tests.stateful_fixture import save_byte_tokenizer
+
+    tok = load_tokenizer(save_byte_tokenizer(tmp_path / "btok"))
+    ids = tok("Grüße aus Köln, naïve café — 日本語 🙂 hello world. " * 12)["input_ids"]
+    decoded: list[int] = []
+    real = tok.decode
+
+    def counting(toks, **kw):
+        decoded.append(len(toks))
+        return real(toks, **kw)
+
+    tok.decode = counting
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == real(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(decoded) < 8 * len(ids), (sum(decoded), len(ids))  # quadratic: ~len²/2
+    # a continuation that ends inside a character is flushed as it decodes
+    stream = TextStream(tok)
+    cut = tok("日")["input_ids"][:-1]
+    assert "".join(stream.push(t) for t in cut) == ""
+    assert stream.flush() == real(cut, skip_special_tokens=True)
