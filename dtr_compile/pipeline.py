@@ -57,6 +57,7 @@ from dtr_compile.exporters.onnx import parity_cases
 from dtr_compile.exporters.stateful import (
     check_decoder,
     copy_tokenizer,
+    decoder_metadata,
     decoder_paths,
     export_stateful_onnx,
     find_model_tokenizer,
@@ -677,7 +678,9 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
         t0 = time.perf_counter()
         try:
             path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset, fused=fused,
-                                        external_data=external_weights(config.external_data))
+                                        external_data=external_weights(config.external_data),
+                                        metadata=decoder_metadata(sg, scan.sites, list(studs),
+                                                                  config.model))
         except DtrError as exc:  # the prefill artifacts stand; the report says why
             console.log(f"[yellow]no stateful decoder[/yellow] ({key}): {exc}")
             out[key] = {"status": "export_failed", "reason": str(exc)}
@@ -689,7 +692,7 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
                     "inputs": sg.input_names, "outputs": sg.output_names,
                     "layers": [{"layer": lay.layer, "site": lay.site, "kind": lay.kind,
                                 "state": list(lay.names)} for lay in sg.layers],
-                    "parity": parity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+                    "parity": parity.to_dict() | {"artifact": str(paths[key])}, "seconds": round(time.perf_counter() - t0, 3)}
         if config.target == "tensorrt":  # reported, not blocking: the prefill ONNX is the artifact
             from dtr_compile.exporters.tensorrt import lint_trt
 
@@ -1049,7 +1052,8 @@ def _resolution_warnings(metric: Metric, rows: int, allowed_drop: float, budget_
     if not metric.binary and rows < 20:
         out.append(f"{rows} validation rows are too few for a bootstrap bound of the {metric.name} "
                    "drop to mean much (with so few rows it is about the worst row's drop): use "
-                   "more validation rows (e.g. more, shorter sequences)")
+                   "more validation rows, each as long as the contexts you deploy (shorter rows "
+                   "hide linear attention's error on long contexts)")
     if confidence is not None and step is not None and allowed_drop > 0:
         always = baseline == 1.0  # floors: search/confidence.py
         floor = bound_without_change(rows, confidence, original_always_right=always)

@@ -81,12 +81,14 @@ def _name_axes(path: Path, sg: StatefulGraph) -> None:
 
 def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
                          opset: int = DEFAULT_OPSET, fused: bool | None = None,
-                         external_data: bool | None = None) -> Path:
+                         external_data: bool | None = None,
+                         metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``sg`` as an ONNX model at ``path`` (atomically), inputs and outputs named as in
     ``sg`` and the ONNX checker run on it. ``fused``: the students' recurrences as ONNX
     ``LinearAttention`` nodes (:mod:`~dtr_compile.exporters.fused`; default: from opset 27 on).
     ``external_data``: the weights in ``NAME.data`` beside it (default: when they exceed
-    :data:`~dtr_compile.exporters.onnx.EXTERNAL_DATA_BYTES`).
+    :data:`~dtr_compile.exporters.onnx.EXTERNAL_DATA_BYTES`). ``metadata`` goes to the model's
+    ``metadata_props`` (:func:`decoder_metadata`).
 
     Raises:
         DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
@@ -119,6 +121,8 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
             raise DtrError(f"stateful ONNX export failed: {type(exc).__name__}: "
                            f"{text.splitlines()[0] if text else ''}") from exc
         assert prog is not None
+        for key, value in (metadata or {}).items():
+            prog.model.metadata_props[key] = value
         prog.save(str(tmp), external_data=wants_external_data(prog.model, external_data))
         try:
             finish(tmp, opset, fused)
@@ -378,3 +382,96 @@ def copy_tokenizer(source: Path, output: str | os.PathLike[str]) -> Path:
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+# --- what a decoder carries about its model (issue 25: inspect, generate, genai-folder) --------
+
+
+def decoder_metadata(sg: StatefulGraph, sites: Sequence[Any], linear: Sequence[str],
+                     source: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """``metadata_props`` of a stateful decoder ONNX: the site record every ONNX model of a
+    compile carries (:func:`~dtr_compile.exporters.onnx.sites_metadata`, read by ``inspect``),
+    and :data:`~dtr_compile.runtime.generate.DECODER_KEY`, the model's description that
+    ``generate`` and ``genai-folder`` need and the decoder's inputs do not show.
+
+    From the graph: ``num_attention_heads`` ``H``, ``num_key_value_heads`` ``Hkv`` and
+    ``head_size`` ``Dk`` of the first site; ``hidden_size`` ``C`` and ``vocab_size`` ``V`` from
+    the token embedding ``[V, C]`` (the one indexed by ``input_ids``); ``position_table``: the
+    rows of a learned position embedding (one indexed by the positions), the positions the
+    decoder can see at all (None when positions are computed, e.g. RoPE); ``num_hidden_layers``.
+    From ``source``, a Hugging Face folder: ``model_type``, ``max_position_embeddings`` and
+    ``hidden_size`` of its ``config.json`` (None without one).
+
+    Args:
+        sites: the compile's attention sites in graph order (``.id``, ``.module_path``, heads).
+        linear: ids of the sites that are linear attention in this decoder.
+    """
+    import json
+    import operator
+
+    from dtr_compile.exporters.onnx import sites_metadata
+    from dtr_compile.passes.stateful import positions_from_mask
+    from dtr_compile.runtime.generate import DECODER_KEY
+
+    def shape(node: Any) -> tuple[int, ...] | None:
+        val = getattr(node, "meta", {}).get("val")
+        if val is None and getattr(node, "op", None) == "get_attr":
+            val = operator.attrgetter(str(node.target))(sg.gm)
+        return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+    aten = torch.ops.aten
+    reshapes = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
+                aten._to_copy.default}
+
+    def through_reshapes(node: Any) -> Any:
+        while getattr(node, "op", None) == "call_function" and node.target in reshapes:
+            node = node.args[0]
+        return node
+
+    tokens = next((n for n in sg.gm.graph.nodes if n.op == "placeholder"), None)
+    embed = table = None
+    for node in sg.gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.embedding.default:
+            continue
+        index = through_reshapes(node.args[1])
+        if index is tokens and embed is None:
+            embed = shape(node.args[0])
+        elif getattr(index, "target", None) is positions_from_mask:
+            rows = shape(node.args[0])
+            table = rows[0] if rows and (table is None or rows[0] < table) else table
+    config = _source_config(source)
+    first = sites[0] if sites else None
+    info = {
+        "model_type": config.get("model_type"),
+        "num_attention_heads": getattr(first, "num_heads", None),
+        "num_key_value_heads": getattr(first, "num_kv_heads", None),
+        "head_size": getattr(first, "head_dim", None),
+        "hidden_size": config.get("hidden_size") or (embed[1] if embed else None),
+        "num_hidden_layers": max((lay.layer for lay in sg.layers), default=-1) + 1,
+        "vocab_size": embed[0] if embed else config.get("vocab_size"),
+        "max_position_embeddings": config.get("max_position_embeddings"),
+        "position_table": table,
+    }
+    return sites_metadata([(s.id, s.module_path) for s in sites], linear) | {
+        DECODER_KEY: json.dumps(info)}
+
+
+def _source_config(source: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """``model_type``, ``hidden_size``, ``vocab_size`` and ``max_position_embeddings`` from the
+    ``config.json`` of a Hugging Face folder ``source`` (through transformers' config class, so
+    ``n_embd`` / ``n_positions`` are read as the standard names); ``{}`` when there is none."""
+    if source is None or not (Path(source) / "config.json").is_file():
+        return {}
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    except Exception:  # noqa: BLE001 - the description is optional; the load already checked it
+        return {}
+    out: dict[str, Any] = {"model_type": getattr(config, "model_type", None)}
+    for key in ("hidden_size", "vocab_size", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            out[key] = value
+    return out
