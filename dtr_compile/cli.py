@@ -593,28 +593,34 @@ onnxruntime_genai.Model(OUT) (extra [genai]). docs/exporters.md, "onnxruntime-ge
 works and what does not.
 Exit codes:
   0  written
-  2  bad input: missing or prefill-only model, no tokenizer
+  2  bad input: missing or prefill-only model, no tokenizer, a decoder or option
+     onnxruntime-genai cannot run (no head size recorded, an unknown --model-type,
+     --context-length beyond a learned position table)
   130 / 143  interrupted by Ctrl-C / SIGTERM: OUT holds what it held before""")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="Folder to write.")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str),
               help="Hugging Face tokenizer folder (default: looked up beside MODEL).")
-@click.option("--context-length", type=int, default=4096, show_default=True,
-              help="context_length and search.max_length in genai_config.json.")
-@click.option("--model-type", default="llama", show_default=True,
-              help="model.type in genai_config.json.")
-def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_length: int,
-                     model_type: str) -> None:
+@click.option("--context-length", type=int, default=None,
+              help="context_length and search.max_length in genai_config.json (default: the "
+                   "model's: a learned position table's rows, else its max positions, else "
+                   "4096; at most the position table).")
+@click.option("--model-type", default=None,
+              help="model.type in genai_config.json (default: the model's own when "
+                   "onnxruntime-genai runs it as a plain decoder, else decoder).")
+def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_length: int | None,
+                     model_type: str | None) -> None:
     """Write a folder onnxruntime-genai can run from a stateful decoder MODEL (.onnx)."""
     from dtr_compile.runtime.genai_config import write_genai_folder
 
+    notes: list[str] = []
     try:
-        if context_length < 1:
+        if context_length is not None and context_length < 1:
             raise InputError("--context-length must be >= 1")
         with _sigterm_as_interrupt():
             out = write_genai_folder(model, output, tokenizer, context_length=context_length,
-                                     model_type=model_type)
+                                     model_type=model_type, notes=notes)
     except DtrError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:  # the model being written is removed; what stood is kept
@@ -623,6 +629,8 @@ def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_len
                    f"{output} holds what it held before (nothing half-written): rerun the same "
                    "command", err=True)
         sys.exit(143 if term else 130)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out}/model.onnx, genai_config.json and the tokenizer files")
 
 

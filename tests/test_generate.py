@@ -490,3 +490,76 @@ def test_text_stream_is_incremental_and_exact(tmp_path: Path) -> None:
     cut = tok("日")["input_ids"][:-1]
     assert "".join(stream.push(t) for t in cut) == ""
     assert stream.flush() == real(cut, skip_special_tokens=True)
+
+
+# --- issue 25 item 11: genai-folder takes the model's own description -------------------------
+
+#: the fixture as dtr-compile describes a decoder it writes (DECODER_KEY)
+FIXTURE_INFO = {"model_type": "qwen2", "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+                "head_size": HEAD_DIM, "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 96,
+                "max_position_embeddings": 256, "position_table": None}
+
+
+def _genai(model: Path, out: Path, *extra: str):
+    save_tokenizer(model.parent / "tokenizer")
+    return CliRunner().invoke(main, ["genai-folder", str(model), "-o", str(out), *extra])
+
+
+def _og_greedy(folder: Path, prompt: list[int], new: int) -> list[int]:
+    og = pytest.importorskip("onnxruntime_genai")
+    params = og.GeneratorParams(og.Model(str(folder)))
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(og.Model(str(folder)), params)
+    gen.append_tokens([prompt])
+    got: list[int] = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    return got
+
+
+def test_genai_folder_takes_heads_type_and_context_from_the_model(fixture_onnx,
+                                                                  tmp_path: Path) -> None:
+    """GQA: 4 query heads over 2 KV heads and hidden size 32, not the KV inputs' 2 and 16; the
+    model's type and context length, not llama / 4096; and the folder still decodes."""
+    (tmp_path / "src").mkdir()
+    model = _with_decoder_info(fixture_onnx["path"], tmp_path / "src" / "tiny.onnx", FIXTURE_INFO)
+    res = _genai(model, tmp_path / "genai")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
+    dec = cfg["model"]["decoder"]
+    assert (dec["num_attention_heads"], dec["num_key_value_heads"], dec["head_size"],
+            dec["hidden_size"]) == (HEADS, KV_HEADS, HEAD_DIM, 32)
+    assert cfg["model"]["type"] == "qwen2"
+    assert cfg["model"]["context_length"] == 256 == cfg["search"]["max_length"]
+    assert _og_greedy(tmp_path / "genai", PROMPTS[0], 24) == greedy_full_recompute(
+        fixture_onnx["model"], PROMPTS[0], 24, eos_id=2)
+
+
+@pytest.mark.parametrize("info, extra, message", [
+    ({**FIXTURE_INFO, "position_table": 64}, ["--context-length", "100"],
+     r"--context-length 100.*64 positions"),
+    (FIXTURE_INFO, ["--model-type", "bert"], r"--model-type bert.*onnxruntime-genai"),
+], ids=["beyond-position-table", "unknown-type"])
+def test_genai_folder_refuses_what_genai_cannot_run(fixture_onnx, tmp_path: Path, info: dict,
+                                                    extra: list[str], message: str) -> None:
+    (tmp_path / "src").mkdir()
+    model = _with_decoder_info(fixture_onnx["path"], tmp_path / "src" / "tiny.onnx", info)
+    res = _genai(model, tmp_path / "genai", *extra)
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert re.search(message, res.stderr), res.stderr
+    assert not (tmp_path / "genai").exists()
+
+
+def test_genai_config_types_and_context_defaults(fixture_onnx, tmp_path: Path) -> None:
+    from dtr_compile.runtime.genai_config import genai_config
+
+    gpt2 = _with_decoder_info(fixture_onnx["path"], tmp_path / "gpt2.onnx",
+                              {**FIXTURE_INFO, "model_type": "gpt2", "position_table": 64})
+    cfg = genai_config(gpt2)
+    # onnxruntime-genai's gpt2 type expects its own builder's inputs: the generic decoder type
+    assert cfg["model"]["type"] == "decoder" and cfg["model"]["context_length"] == 64
+    notes: list[str] = []
+    bare = genai_config(fixture_onnx["path"], notes=notes)  # no record: said, not hidden
+    assert bare["model"]["decoder"]["num_attention_heads"] == KV_HEADS
+    assert any("num_attention_heads" in n and "not recorded" in n for n in notes), notes
