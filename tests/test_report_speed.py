@@ -165,7 +165,9 @@ def test_deploy_seqs_and_resolution_warnings():
     assert _resolution_warnings(METRICS["accuracy"], 445, 0.0045, "0.5%", 0.9, None) == []
     (w,) = _resolution_warnings(METRICS["accuracy"], 445, 0.0009, "0.1%", 0.9, None)
     assert "one row = 0.002247" in w
-    assert "too few" in _resolution_warnings(METRICS["perplexity"], 2, 0.5, "5%", 10.0, 0.9)[0]
+    (few,) = _resolution_warnings(METRICS["perplexity"], 2, 0.5, "5%", 10.0, 0.9)
+    # issue 25 item 14: the advice agrees with the README (validate at the deployment length)
+    assert "too few" in few and "more, shorter" not in few and "as long as" in few
 
 
 def test_seq_axis_is_the_first_dynamic_non_batch_dim():
