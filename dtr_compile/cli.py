@@ -36,6 +36,7 @@ from dtr_compile.errors import (  # noqa: E402
     DtrError,
     InputError,
 )
+from dtr_compile.report import table_console  # noqa: E402
 
 EXIT_CODES = """\b
 Exit codes:
@@ -474,11 +475,11 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
                                   "ops": {m: [asdict(o) for o in p] for m, p in profiles.items()}}
             if json_path:
                 write_json(json_path, out)
-            Console().print(decode_table(dres))
+            table_console().print(decode_table(dres))
             if profiles:
                 from dtr_compile.runtime.bench_decode import profile_table
 
-                Console().print(profile_table(profiles, max(dres.contexts)))
+                table_console().print(profile_table(profiles, max(dres.contexts)))
             return
         from dtr_compile.runtime.bench import bench, bench_table
 
@@ -489,7 +490,7 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
             write_json(json_path, result.to_dict())
     except DtrError as exc:
         _fail(exc)
-    Console().print(bench_table(result))
+    table_console().print(bench_table(result))
     if result.prepack_note:
         click.echo(result.prepack_note)
 
@@ -662,7 +663,7 @@ def lint_trt_cmd(model: str, strict: bool, json_path: str | None) -> None:
     except DtrError as exc:
         _fail(exc)
     if findings:
-        Console().print(findings_table(findings, title=f"TensorRT lint: {Path(model).name}"))
+        table_console().print(findings_table(findings, title=f"TensorRT lint: {Path(model).name}"))
     failing = blocking(findings, strict=strict)
     click.echo(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}, {len(failing)} "
                f"blocking" + ("" if failing else ": TensorRT-ready"))
@@ -722,7 +723,7 @@ def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool
     if as_json:
         click.echo(json_text(result.to_dict()), nl=False)
     else:
-        render(result, Console())
+        render(result, table_console())
 
 
 def entry() -> None:

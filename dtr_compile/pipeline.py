@@ -86,7 +86,13 @@ from dtr_compile.passes.find_attention import (
 )
 from dtr_compile.passes.linearize import linearize, rewrite_sites
 from dtr_compile.passes.stateful import StatefulGraph, make_stateful
-from dtr_compile.report import REL_ERROR_MEANING, next_steps, report_paths, write_report
+from dtr_compile.report import (
+    REL_ERROR_MEANING,
+    next_steps,
+    report_paths,
+    speed_verdict,
+    write_report,
+)
 from dtr_compile.search.confidence import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -643,8 +649,7 @@ def _decoder_artifacts(stateful: dict[str, Any] | None) -> dict[str, str]:
     return ({f"{k}_decoder_onnx": v["path"] for k, v in st.items()
              if isinstance(v, dict) and v.get("path")}
             | {f"{k}_decoder_onnx_data": v["data"] for k, v in st.items()
-               if isinstance(v, dict) and v.get("data")}
-            | ({"tokenizer": st["tokenizer"]} if "tokenizer" in st else {}))
+               if isinstance(v, dict) and v.get("data")})
 
 
 def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionScan,
@@ -701,11 +706,17 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
                    else f"[red]differs from step {parity.first_mismatch}[/red]")
         console.log(f"wrote {paths[key].name}: {parity.steps} greedy tokens x {parity.batch} rows {verdict} "
                     f"(logits max-abs {parity.worst_max_abs:.2e}, rel-RMS {parity.worst_rel_rms:.2e})")
-    source = find_model_tokenizer(config.model)
-    if source is not None:
-        out["tokenizer"] = str(copy_tokenizer(source, out_path))
-        console.log(f"wrote {out['tokenizer']} (the tokenizer of {source})")
     return out
+
+
+def _tokenizer(config: CompileConfig, out_path: Path, console: Console) -> dict[str, str]:
+    """The input model's tokenizer copied beside the hybrid, for every model (encoders too)."""
+    source = find_model_tokenizer(config.model)
+    if source is None:
+        return {}
+    copied = str(copy_tokenizer(source, out_path))
+    console.log(f"wrote {copied} (the tokenizer of {source})")
+    return {"tokenizer": copied}
 
 
 def compile_model(config: CompileConfig, console: Console | None = None) -> CompileResult:
@@ -915,6 +926,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         stateful = _decoders(config, gm, scan, {sid: students[sid] for sid in delivered},
                              plan.blocks, hybrid, val, names, out_path, exported.opset, console,
                              write_to=staging.path, fused=exported.fused)
+        tokenizer = _tokenizer(config, out_path, console)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if fits else EXIT_NO_REPLACEMENT
@@ -936,7 +948,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
                       "report_md": str(paths.markdown), "plot": str(paths.plot),
                       "ledger": str(paths.ledger), "students": str(paths.students)}
-                     | exported.artifacts | _decoder_artifacts(stateful),
+                     | exported.artifacts | _decoder_artifacts(stateful) | tokenizer,
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
                    "bounds": metric.bounds},
         "budget": budget.to_dict(baseline, metric.higher_is_better),
@@ -1159,16 +1171,20 @@ def _bench_speed(
     for t in lengths:
         o, h = res.cell(original_path, t), res.cell(hybrid_path, t)
         ratio = res.ratios(t)[hybrid_path]
+        low, high = res.latency_spread(t)[hybrid_path] or (None, None)
         rows.append({
             "seq": t if axis else None, "validation_length": t == t_val,
             "original_ms": o.latency_ms, "hybrid_ms": h.latency_ms,
             "original_peak_bytes": o.peak_bytes, "hybrid_peak_bytes": h.peak_bytes,
             "latency_ratio": ratio["latency"], "memory_ratio": ratio["peak_bytes"],
+            "latency_ratio_min": low, "latency_ratio_max": high,
+            "verdict": speed_verdict(ratio["latency"], low, high),
             "extended_positions": o.extended_positions or h.extended_positions,
             "faster": None if ratio["latency"] is None else ratio["latency"] < 1.0,
             "note": "; ".join(x for x in (o.note and f"original: {o.note}",
                                           h.note and f"hybrid: {h.note}") if x)})
-        lat = "n/a" if ratio["latency"] is None else f"×{ratio['latency']:.2f}"
+        lat = "n/a" if ratio["latency"] is None else f"×{ratio['latency']:.2f}" + (
+            f" (×{low:.2f}–×{high:.2f} over the rounds)" if low is not None else "")
         console.log(f"speed at {'T=' + str(t) if axis else 'the validation shape'}: hybrid/"
                     f"original latency {lat}")
     return {"batch": 1, "repeats": config.bench_repeats, "seq_axis": list(axis) if axis else None,

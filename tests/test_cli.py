@@ -28,11 +28,26 @@ def run_cli(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def compiled(tiny_task, tmp_path_factory):
+    from tests.stateful_fixture import save_tokenizer
+
+    src = tmp_path_factory.mktemp("src")
+    (src / "model.pt").write_bytes(Path(tiny_task["model"]).read_bytes())
+    save_tokenizer(src / "model.tokenizer")  # an encoder that came with its tokenizer
     out = tmp_path_factory.mktemp("out") / "hybrid.onnx"
     # agreement with the original at a loose budget: some site must fit
-    res = run_cli(tiny_task["model"], "--budget", "10%", "--data", tiny_task["val"],
+    res = run_cli(str(src / "model.pt"), "--budget", "10%", "--data", tiny_task["val"],
                   "-o", str(out), "--metric", "agreement", *FAST)
     return res, out
+
+
+def test_encoder_gets_its_tokenizer_beside_the_hybrid(compiled) -> None:
+    """Issue 25 item 15: the tokenizer is copied for every model, not only for decoders."""
+    res, out = compiled
+    assert res.returncode in (0, 3), res.stderr
+    tok = out.with_name("hybrid.tokenizer")
+    assert (tok / "tokenizer.json").is_file()
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["artifacts"]["tokenizer"] == str(tok)
 
 
 def test_compile_writes_verified_artifacts(compiled) -> None:
@@ -204,3 +219,22 @@ def test_doc_command_lines_use_existing_flags() -> None:
                     assert flag in opts, (doc, name, flag, line)
             checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("columns", [None, "100"])
+def test_tables_are_not_cut_when_output_is_not_a_terminal(tiny_task, columns) -> None:
+    """Issue 25 item 15: a pipe or a CI log got rich's 80 columns, cutting the table. Now COLUMNS
+    when set, else wide enough for every column."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if columns:
+        env["COLUMNS"] = columns
+    res = subprocess.run([*CLI, "inspect", tiny_task["model"]], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    if columns is None:
+        assert any("backbone.encoder.layer.0.attention.self" in ln for ln in lines), res.stdout
+        assert max(map(len, lines)) > 80
+    else:
+        assert max(map(len, lines)) <= 100
