@@ -563,3 +563,46 @@ def test_genai_config_types_and_context_defaults(fixture_onnx, tmp_path: Path) -
     bare = genai_config(fixture_onnx["path"], notes=notes)  # no record: said, not hidden
     assert bare["model"]["decoder"]["num_attention_heads"] == KV_HEADS
     assert any("num_attention_heads" in n and "not recorded" in n for n in notes), notes
+
+
+def test_genai_config_of_an_all_linear_decoder_needs_the_record(fixture_onnx) -> None:
+    """Without a KV cache the head size and KV heads are nowhere in the inputs: from the record,
+    else refused (genai refuses nulls; this used to write them and exit 0)."""
+    from dtr_compile.runtime.genai_config import genai_config
+    from dtr_compile.runtime.generate import Signature, StateSpec
+
+    rec = StateSpec("past.0.recurrent", "present.0.recurrent", 0, "recurrent", "recurrent",
+                    np.float32, (None, HEADS, HEAD_DIM, HEAD_DIM + 1))
+    sig = Signature("input_ids", "attention_mask", "logits", (rec,))
+    with pytest.raises(InputError, match="no KV cache and no record"):
+        genai_config(fixture_onnx["path"], sig=sig, info={})
+    cfg = genai_config(fixture_onnx["path"], sig=sig, info=FIXTURE_INFO)["model"]
+    assert (cfg["decoder"]["head_size"], cfg["decoder"]["num_key_value_heads"],
+            cfg["decoder"]["num_attention_heads"]) == (HEAD_DIM, KV_HEADS, HEADS)
+    assert cfg["decoder"]["layer_types"] == ["linear_attention"]
+
+
+@pytest.mark.slow  # two stateful exports of a tiny Llama: minutes on a loaded machine
+@pytest.mark.parametrize("linear", [(1,), (0, 1, 2)], ids=["one-linear", "all-linear"])
+def test_genai_folder_of_a_compiled_llama_decoder_runs_in_onnxruntime_genai(tmp_path: Path,
+                                                                            linear) -> None:
+    """A tiny random Llama (GQA: 4 heads over 2 KV heads) through the compiler's decoder path
+    (make_stateful, export with its record): the genai folder loads in onnxruntime_genai.Model
+    and its greedy continuation equals our runner's, KV + recurrent and all-linear alike."""
+    from dtr_compile.exporters.stateful import decoder_metadata, export_stateful_onnx
+    from dtr_compile.passes.stateful import make_stateful
+    from tests.test_stateful import _captured, _students
+
+    gm, scan = _captured("llama")
+    students = _students(scan, 0, linear)
+    sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
+    (tmp_path / "src").mkdir()
+    path = export_stateful_onnx(sg, tmp_path / "src" / "hybrid.decoder.onnx",
+                                metadata=decoder_metadata(sg, scan.sites, list(students)))
+    res = _genai(path, tmp_path / "genai")
+    assert res.exit_code == 0, res.output
+    dec = json.loads((tmp_path / "genai" / "genai_config.json").read_text())["model"]["decoder"]
+    assert (dec["num_attention_heads"], dec["num_key_value_heads"], dec["hidden_size"]) == (
+        4, 2, 32)
+    ours = Generator(path).generate(PROMPTS[0], 16, eos_token_id=2).tokens[0]
+    assert _og_greedy(tmp_path / "genai", PROMPTS[0], 16)[:len(ours)] == ours
