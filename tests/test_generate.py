@@ -606,3 +606,24 @@ def test_genai_folder_of_a_compiled_llama_decoder_runs_in_onnxruntime_genai(tmp_
         4, 2, 32)
     ours = Generator(path).generate(PROMPTS[0], 16, eos_token_id=2).tokens[0]
     assert _og_greedy(tmp_path / "genai", PROMPTS[0], 16)[:len(ours)] == ours
+
+
+def test_finished_rows_do_not_advance_their_positions(fixture_onnx, tmp_path: Path) -> None:
+    """A row that stopped (EOS, max_positions) keeps riding the batch on pad tokens; they are
+    masked out, so its positions stop growing: past a learned position table's last row they
+    would index outside it and fail the whole batch."""
+    path = _with_decoder_info(fixture_onnx["path"], tmp_path / "p8.onnx", {"position_table": 8})
+    gen = Generator(path, threads=1)
+    masks: list[np.ndarray] = []
+    step = gen.model.step
+
+    def spy(ids, mask, past):
+        masks.append(mask.copy())
+        return step(ids, mask, past)
+
+    gen.model.step = spy  # type: ignore[method-assign]
+    got = gen.generate([PROMPTS[0], PROMPTS[1]], 10)
+    assert got.stopped == ["max_positions"] * 2 and [len(t) for t in got.tokens] == [3, 6]
+    assert max(int(m.sum(-1).max()) for m in masks) <= 8  # no row past position 7
+    alone = Generator(path, threads=1).generate([PROMPTS[1]], 10)
+    assert alone.tokens[0] == got.tokens[1]

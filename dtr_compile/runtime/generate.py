@@ -541,9 +541,10 @@ class Generator:
                     done[r], stopped[r] = True, "max_positions"
             if done.all():
                 break
-            # finished rows keep running (a batch moves together) on pad tokens they ignore
+            # finished rows keep running (a batch moves together) on pad tokens, masked out:
+            # their positions stop (a learned position table's last row is never passed)
             feed = np.where(done, pad_token_id, nxt).astype(np.int64)[:, None]
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
+            mask = np.concatenate([mask, (~done).astype(mask.dtype)[:, None]], axis=1)
             logits, state = self.model.step(feed, mask, state)
             steps += 1
         decode_s = time.perf_counter() - t1
