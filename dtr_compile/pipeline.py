@@ -56,11 +56,10 @@ from dtr_compile.exporters.artifacts import (
 from dtr_compile.exporters.onnx import parity_cases
 from dtr_compile.exporters.stateful import (
     check_decoder,
-    copy_tokenizer,
+    copy_model_tokenizer,
     decoder_metadata,
     decoder_paths,
     export_stateful_onnx,
-    find_model_tokenizer,
     parity_prompts,
 )
 from dtr_compile.fileio import (
@@ -709,16 +708,6 @@ def _decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionSc
     return out
 
 
-def _tokenizer(config: CompileConfig, out_path: Path, console: Console) -> dict[str, str]:
-    """The input model's tokenizer copied beside the hybrid, for every model (encoders too)."""
-    source = find_model_tokenizer(config.model)
-    if source is None:
-        return {}
-    copied = str(copy_tokenizer(source, out_path))
-    console.log(f"wrote {copied} (the tokenizer of {source})")
-    return {"tokenizer": copied}
-
-
 def compile_model(config: CompileConfig, console: Console | None = None) -> CompileResult:
     """Compile ``config.model`` into a hybrid within ``config.budget`` and export it.
 
@@ -926,7 +915,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         stateful = _decoders(config, gm, scan, {sid: students[sid] for sid in delivered},
                              plan.blocks, hybrid, val, names, out_path, exported.opset, console,
                              write_to=staging.path, fused=exported.fused)
-        tokenizer = _tokenizer(config, out_path, console)
+        tokenizer = copy_model_tokenizer(config.model, out_path, console.log)  # encoders too
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if fits else EXIT_NO_REPLACEMENT

@@ -321,6 +321,12 @@ def test_tokenizer_is_found_and_copied_beside_the_artifacts(tmp_path):
     assert find_model_tokenizer(tmp_path / "model.pt") == tmp_path / "model.tokenizer"
     dest = copy_tokenizer(tmp_path / "model.tokenizer", out)  # replaces the older copy
     assert [p.name for p in dest.iterdir()] == ["tokenizer.json"]
+    from dtr_compile.exporters.stateful import copy_model_tokenizer
+
+    logged: list[str] = []
+    assert copy_model_tokenizer(hf, out, logged.append) == {"tokenizer": str(dest)}
+    assert "the tokenizer of" in logged[0]
+    assert copy_model_tokenizer(tmp_path / "none.pt", out) == {}
 
 
 def _matrix_state_site1(student: str, window: int, seed: int):  # noqa: ANN202

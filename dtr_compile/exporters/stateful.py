@@ -384,6 +384,18 @@ def copy_tokenizer(source: Path, output: str | os.PathLike[str]) -> Path:
     return target
 
 
+def copy_model_tokenizer(model: str | os.PathLike[str], output: str | os.PathLike[str],
+                         log: Callable[[str], None] = lambda _: None) -> dict[str, str]:
+    """The input ``model``'s tokenizer (:func:`find_model_tokenizer`) copied beside ``output``
+    (:func:`copy_tokenizer`), for every model, encoders too: ``{"tokenizer": path}`` for the
+    report's artifacts, ``{}`` when the model came without one."""
+    source = find_model_tokenizer(model)
+    if source is None:
+        return {}
+    copied = str(copy_tokenizer(source, output))
+    log(f"wrote {copied} (the tokenizer of {source})")
+    return {"tokenizer": copied}
+
 # --- what a decoder carries about its model (issue 25: inspect, generate, genai-folder) --------
 
 
