@@ -214,6 +214,26 @@ def test_decoder_metadata_describes_the_model(kind, tmp_path):
     assert info["model_type"] == kind and info["max_position_embeddings"] == 512
 
 
+def test_decoder_check_stays_inside_a_learned_position_table():
+    """A GPT-2 with 64 learned positions and the check's 16-token prompts + 64 greedy steps
+    indexed position 80: onnxruntime's Gather failed and the compile died with an internal
+    error, its artifacts lost. The check now fits prompts and steps in the table."""
+    from dtr_compile.exporters.stateful import fit_decode_check, position_table
+
+    _, sg = _setup("gpt2", 0)
+    assert position_table(sg) == 512
+    _, llama = _setup("llama", 0)
+    assert position_table(llama) is None
+    prompts = [_prompt(1, 16), _prompt(2, 11)]
+    same, steps = fit_decode_check(prompts, 64, None)
+    assert steps == 64 and [len(p) for p in same] == [16, 11]
+    short, steps = fit_decode_check(prompts, 64, 64)
+    assert max(map(len, short)) + steps <= 64 and steps == 48
+    tiny, steps = fit_decode_check(prompts, 64, 8)
+    assert [len(p) for p in tiny] == [4, 4] and steps == 4
+    assert torch.equal(tiny[0], prompts[0][:4])
+
+
 def test_not_stateful_says_why():
     from tests.conftest import TinyClassifier
 

@@ -324,10 +324,27 @@ def parity_prompts(inputs: Mapping[str, torch.Tensor], *, rows: int = 2,
     return out
 
 
+def fit_decode_check(prompts: Sequence[torch.Tensor], steps: int, table: int | None
+                     ) -> tuple[list[torch.Tensor], int]:
+    """Prompts and greedy steps of the decoder check that stay inside a learned position table
+    of ``table`` rows (None: no table, unchanged): prompts cut to at most half the table when
+    they and ``steps`` do not fit, then the steps cut to what is left."""
+    out = list(prompts)
+    longest = max(len(p) for p in out)
+    if table is None or longest + steps <= table:
+        return out, steps
+    keep = min(longest, max(1, table // 2))
+    out = [p[:keep] for p in out]
+    return out, max(1, min(steps, table - max(len(p) for p in out)))
+
+
 def check_decoder(path: str | os.PathLike[str], sg: StatefulGraph, prefill: Callable[..., Any],
                   prompts: Sequence[torch.Tensor], steps: int, *, has_mask: bool) -> DecodeParity:
     """Greedy ``steps`` tokens from the ONNX decoder at ``path`` on the left-padded batch of
-    ``prompts``, against each prompt's continuation alone by full recomputation of ``prefill``."""
+    ``prompts``, against each prompt's continuation alone by full recomputation of ``prefill``;
+    both fitted inside a learned position table (:func:`fit_decode_check`), which cannot index
+    past its last row."""
+    prompts, steps = fit_decode_check(prompts, steps, position_table(sg))
     ids, mask = left_pad(prompts)
     got = greedy_stateful(ort_runner(path, prepack=False), sg.empty_past(len(prompts)), ids, steps, mask)
     refs = [greedy_reference(prefill, p[None], steps,
@@ -419,39 +436,11 @@ def decoder_metadata(sg: StatefulGraph, sites: Sequence[Any], linear: Sequence[s
         linear: ids of the sites that are linear attention in this decoder.
     """
     import json
-    import operator
 
     from dtr_compile.exporters.onnx import sites_metadata
-    from dtr_compile.passes.stateful import positions_from_mask
     from dtr_compile.runtime.generate import DECODER_KEY
 
-    def shape(node: Any) -> tuple[int, ...] | None:
-        val = getattr(node, "meta", {}).get("val")
-        if val is None and getattr(node, "op", None) == "get_attr":
-            val = operator.attrgetter(str(node.target))(sg.gm)
-        return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
-
-    aten = torch.ops.aten
-    reshapes = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
-                aten._to_copy.default}
-
-    def through_reshapes(node: Any) -> Any:
-        while getattr(node, "op", None) == "call_function" and node.target in reshapes:
-            node = node.args[0]
-        return node
-
-    tokens = next((n for n in sg.gm.graph.nodes if n.op == "placeholder"), None)
-    embed = table = None
-    for node in sg.gm.graph.nodes:
-        if node.op != "call_function" or node.target is not aten.embedding.default:
-            continue
-        index = through_reshapes(node.args[1])
-        if index is tokens and embed is None:
-            embed = shape(node.args[0])
-        elif getattr(index, "target", None) is positions_from_mask:
-            rows = shape(node.args[0])
-            table = rows[0] if rows and (table is None or rows[0] < table) else table
+    embed, table = _embeddings(sg)
     config = _source_config(source)
     first = sites[0] if sites else None
     info = {
@@ -467,6 +456,50 @@ def decoder_metadata(sg: StatefulGraph, sites: Sequence[Any], linear: Sequence[s
     }
     return sites_metadata([(s.id, s.module_path) for s in sites], linear) | {
         DECODER_KEY: json.dumps(info)}
+
+
+def position_table(sg: StatefulGraph) -> int | None:
+    """Rows of the learned position embedding of ``sg`` (an embedding indexed by the positions;
+    the smallest if several): the positions the decoder can see at all. None when positions
+    are computed (RoPE, sinusoids)."""
+    return _embeddings(sg)[1]
+
+
+def _embeddings(sg: StatefulGraph) -> tuple[tuple[int, ...] | None, int | None]:
+    """``(token embedding shape [V, C] or None, position table rows or None)`` of ``sg``: the
+    embedding indexed by ``input_ids`` (through reshapes) and those indexed by the positions."""
+    import operator
+
+    from dtr_compile.passes.stateful import positions_from_mask
+
+    aten = torch.ops.aten
+    reshapes = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
+                aten._to_copy.default}
+
+    def through_reshapes(node: Any) -> Any:
+        while getattr(node, "op", None) == "call_function" and node.target in reshapes:
+            node = node.args[0]
+        return node
+
+    def shape(node: Any) -> tuple[int, ...] | None:
+        val = getattr(node, "meta", {}).get("val")
+        if val is None and getattr(node, "op", None) == "get_attr":
+            val = operator.attrgetter(str(node.target))(sg.gm)
+        return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+    tokens = next((n for n in sg.gm.graph.nodes if n.op == "placeholder"), None)
+    embed = table = None
+    for node in sg.gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.embedding.default:
+            continue
+        index = through_reshapes(node.args[1])
+        if index is tokens and embed is None:
+            embed = shape(node.args[0])
+        elif getattr(index, "target", None) is positions_from_mask:
+            rows = shape(node.args[0])
+            table = rows[0] if rows and (table is None or rows[0] < table) else table
+    return embed, table
 
 
 def _source_config(source: str | os.PathLike[str] | None) -> dict[str, Any]:
