@@ -450,6 +450,8 @@ def test_prompt_longer_than_a_learned_position_table_is_refused(fixture_onnx,
     assert [len(t) for t in got.tokens] == [3, 6] and got.stopped == ["max_positions"] * 2
     res = CliRunner().invoke(main, ["generate", str(path), "--prompt-ids", "3,4,5,6,7,8,9,10,11"])
     assert res.exit_code == 2 and "8 positions" in res.stderr
+    odd = _with_decoder_info(fixture_onnx["path"], tmp_path / "odd.onnx", {"position_table": True})
+    assert Generator(odd).generate([PROMPTS[0]], 3).stopped == ["max_new_tokens"]  # not 1 row
 
 
 def test_non_utf8_prompt_file_is_exit_2(fixture_onnx, tmp_path: Path) -> None:

@@ -498,7 +498,7 @@ class Generator:
         rows = self._rows(prompts)
         self._check_ids(rows)
         table = self.model.info.get("position_table")
-        table = table if isinstance(table, int) and table > 0 else None
+        table = table if type(table) is int and table > 0 else None  # not a bool
         longest = max(len(r) for r in rows)
         if table is not None and longest >= table:
             raise InputError(f"a prompt of {longest} tokens fills the {table} positions of "
