@@ -18,14 +18,11 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from dtr_compile.errors import InputError
-
-if TYPE_CHECKING:
-    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 
 @dataclass
@@ -301,10 +298,50 @@ def _check_auto_map(path: Path, config: dict[str, Any], ignore_auto_map: bool) -
                      "one), or save the model with a built-in architecture")
 
 
+def _architecture_class(path: Path, config: dict[str, Any], fallback: bool = False) -> Any:
+    """The ``transformers`` class to load a folder with: the first of the config's
+    ``architectures`` that ``transformers`` defines (``GPT2LMHeadModel`` keeps its LM head,
+    ``BertForSequenceClassification`` its classifier), or ``AutoModel`` when the config names
+    none, or with ``fallback`` (``--ignore-auto-map``) when it names only classes
+    ``transformers`` does not define (custom code: the built-in class of its ``model_type``).
+    The class is looked up by name in the installed ``transformers``; code shipped with the
+    folder (``auto_map``, remote code) is never imported.
+
+    Raises:
+        InputError: ``architectures`` is not a list of names, names only classes ``transformers``
+            does not define (custom code) and ``fallback`` is off, or a class of another
+            ``model_type`` than the config.
+    """
+    import transformers
+
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise InputError(f"{path / 'config.json'}: 'architectures' should be a list of class "
+                         f"names, got {archs!r}")
+    if not archs:
+        return transformers.AutoModel
+    for name in archs:
+        cls = getattr(transformers, name, None) if name.isidentifier() else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            wanted = getattr(getattr(cls, "config_class", None), "model_type", "") or ""
+            found = config.get("model_type")
+            if wanted and found and wanted != found:
+                raise InputError(f"{path / 'config.json'}: architectures names {name} (model_type "
+                                 f"{wanted!r}) but model_type is {found!r}; fix config.json")
+            return cls
+    if fallback:
+        return transformers.AutoModel
+    raise InputError(
+        f"{path / 'config.json'}: architectures {', '.join(archs)} is not a transformers class "
+        f"(transformers {transformers.__version__}); custom model code shipped with a folder is "
+        "never run. Save the model as a transformers class, or export it with torch.export.save "
+        "and compile the .pt2")
+
+
 def _load_hf_folder(path: Path, ignore_auto_map: bool = False) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import transformers
+        import transformers  # noqa: F401 - a clear error before anything else
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise InputError("loading a Hugging Face folder needs `transformers` installed") from exc
     if not list(path.glob("*.safetensors")):
@@ -314,17 +351,11 @@ def _load_hf_folder(path: Path, ignore_auto_map: bool = False) -> LoadedModel:
         )
     config = _read_hf_config(path / "config.json")
     _check_auto_map(path, config, ignore_auto_map)
-    archs = config.get("architectures") or []
-    auto: type[_BaseAutoModelClass] = transformers.AutoModel
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        auto = transformers.AutoModelForSequenceClassification
-    elif any(a.endswith("ForImageClassification") for a in archs):
-        auto = transformers.AutoModelForImageClassification
-    elif any(a.endswith("ForCausalLM") for a in archs):
-        auto = transformers.AutoModelForCausalLM
+    model_class = _architecture_class(path, config, fallback=ignore_auto_map)
     try:
-        module, info = auto.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
-                                            output_loading_info=True, trust_remote_code=False)
+        module, info = model_class.from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32,
+            output_loading_info=True, trust_remote_code=False)
         if getattr(module.config, "use_cache", None):
             module.config.use_cache = False  # a KV cache object cannot be captured
     except Exception as exc:  # noqa: BLE001 - any loader failure is an input problem

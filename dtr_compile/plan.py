@@ -137,7 +137,7 @@ def validate(config: CompileConfig) -> Budget:
         raise InputError("--workers must be >= 0 (0: one per CPU)")
     plan = write_plan(config)
     check_write_plan(plan, input_paths(config))
-    if config.decoder and (tok := find_model_tokenizer(config.model)) is not None:
+    if (tok := find_model_tokenizer(config.model)) is not None:  # encoders' too
         tokenizer_files(tok)  # what the tokenizer folder will copy, checked before any work
     if not config.no_cache:
         check_cache_dir(cache_dir(config), plan, input_paths(config))

@@ -154,3 +154,81 @@ def test_a_folders_own_code_is_never_run(hf_folder: Path, tmp_path: Path, model_
         assert res.returncode == 0 and "site1" in res.stdout, res.stderr
     else:
         assert res.returncode == 2 and "internal error" not in res.stderr, res.stderr
+
+
+# Issue 25 item 6: a folder is loaded as the class its config's `architectures` names.
+
+def _tiny_gpt2_lm(folder: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                     bos_token_id=1, eos_token_id=2)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_lm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_gpt2_lm(tmp_path_factory.mktemp("hf") / "gpt2")
+
+
+def test_lm_head_folder_loads_its_architecture_with_the_head(gpt2_lm_folder: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    loaded = load_model(gpt2_lm_folder)
+    assert type(loaded.module) is GPT2LMHeadModel
+    ids = torch.randint(3, 64, (2, 7))
+    out = loaded.module(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert out.logits.shape == (2, 7, 64)  # over the vocabulary, not the 32 hidden units
+
+
+def test_unknown_architecture_is_refused_not_loaded_as_the_base(gpt2_lm_folder: Path,
+                                                                tmp_path: Path) -> None:
+    import json
+
+    d = _copy(gpt2_lm_folder, tmp_path / "custom")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["MyGPT2WithValueHead"]  # no auto_map: that is refused before
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"MyGPT2WithValueHead.*not a transformers class"):
+        load_model(d)
+
+
+def test_architecture_of_another_model_type_is_refused(gpt2_lm_folder: Path,
+                                                       tmp_path: Path) -> None:
+    import json
+
+    d = _copy(gpt2_lm_folder, tmp_path / "mixed")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["BertForSequenceClassification"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"BertForSequenceClassification.*'bert'.*'gpt2'"):
+        load_model(d)
+
+
+@pytest.mark.slow  # a compile with the decoder export: minutes
+def test_lm_head_folder_compiles_to_logits_over_the_vocabulary(gpt2_lm_folder: Path,
+                                                               tmp_path: Path) -> None:
+    """The LM head survives (logits over the vocabulary, in the hybrid and its decoder), and
+    the decoder's parity check stays inside GPT-2's 64 learned positions (its 64 greedy steps
+    after 12-token prompts used to index position 76: an internal error, nothing written)."""
+    import json
+
+    import onnx
+
+    ids = torch.randint(3, 64, (12, 12), generator=torch.Generator().manual_seed(0))
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "val.pt")
+    out = tmp_path / "h.onnx"
+    res = run_cli(str(gpt2_lm_folder), "--budget", "50%", "--data", str(tmp_path / "val.pt"),
+                  "-o", str(out), "--no-bench", "--max-linear", "1", *FAST)
+    assert res.returncode == 0, res.stderr
+    graph = onnx.load(out).graph
+    assert graph.output[0].name == "logits"
+    assert graph.output[0].type.tensor_type.shape.dim[-1].dim_value == 64
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    parity = report["stateful"]["hybrid"]["parity"]
+    assert parity["tokens_equal"] and 12 + parity["steps"] <= 64, parity
+    meta = {m.key: m.value for m in onnx.load(out.with_suffix(".decoder.onnx")).metadata_props}
+    info = json.loads(meta["dtr_compile.decoder"])
+    assert info["position_table"] == 64 and info["model_type"] == "gpt2"

@@ -30,35 +30,67 @@ from dtr_compile.fileio import (
     save_onnx,
     write_json_atomic,
 )
-from dtr_compile.runtime.generate import Signature, open_session, read_signature
+from dtr_compile.runtime.generate import Signature, decoder_info, open_session, read_signature
+
+#: onnxruntime-genai 0.18 ``model.type`` values that run a decoder with dtr-compile's interface
+#: (its generic decoder-only model; each checked on the test fixture's KV + recurrent decoder).
+#: Its ``gpt2`` type expects its own builder's inputs; ``lfm2``, ``qwen3_5`` and the multimodal
+#: types give their states other meanings; others it does not know.
+GENAI_DECODER_TYPES = ("decoder", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma",
+                       "gemma2", "gemma3_text", "granite", "olmo", "nemotron", "smollm3",
+                       "ernie4_5", "chatglm")
+
+#: context_length when neither the user nor the decoder's record gives one
+DEFAULT_CONTEXT = 4096
 
 
 def genai_config(
     model_path: str | os.PathLike[str],
     *,
-    model_type: str = "llama",
-    context_length: int = 4096,
+    model_type: str | None = None,
+    context_length: int | None = None,
     num_attention_heads: int | None = None,
     hidden_size: int | None = None,
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     sig: Signature | None = None,
+    info: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """The ``genai_config.json`` dict for the stateful decoder at ``model_path``.
 
     Layer i is ``full_attention`` when it has ``past_key_values.i.*``, ``linear_attention`` when
-    it has ``past.i.*``; head size and KV heads come from the KV inputs ``[B, Hkv, P, D]``, the
-    vocabulary from ``logits [B, t, V]``. ``num_attention_heads`` / ``hidden_size`` default to
-    the KV heads / heads × head size when not given (genai reads them only for its own caches).
+    it has ``past.i.*``; the vocabulary comes from ``logits [B, t, V]``, head size and KV heads
+    from the KV inputs ``[B, Hkv, P, D]``. The rest comes from the model's own description,
+    which dtr-compile records in the decoders it writes (``info``, default
+    :func:`~dtr_compile.runtime.generate.decoder_info`): ``num_attention_heads`` and
+    ``hidden_size`` (a GQA model's query heads are not its KV inputs' heads), the head size of
+    a decoder without a KV cache, ``model.type`` (the source's, when onnxruntime-genai runs it
+    as a plain decoder, :data:`GENAI_DECODER_TYPES`, else ``decoder``) and ``context_length``
+    (a learned position table's rows, else the model's max positions, else
+    :data:`DEFAULT_CONTEXT`). Explicit arguments override it. A decoder without a record
+    falls back to the KV inputs (heads = KV heads, hidden = heads × head size); each such
+    guess is appended to ``notes``.
 
     Raises:
         InputError: as :func:`read_signature` (not a stateful decoder); a linear layer state
-            other than ``recurrent`` (genai has no name pattern for window tensors).
+            other than ``recurrent`` (genai has no name pattern for window tensors); no head
+            size (no KV cache and no record: genai refuses nulls); ``model_type`` that genai
+            does not run as a decoder; ``context_length`` < 1 or beyond a learned position table.
     """
     path = Path(model_path)
-    if sig is None:
-        sig = read_signature(open_session(path), path)
+    if sig is None or info is None:
+        session = open_session(path)
+        sig = read_signature(session, path) if sig is None else sig
+        info = decoder_info(session) if info is None else info
+    notes = [] if notes is None else notes
+
+    def recorded(key: str) -> int | None:
+        value = info.get(key) if info else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+            else None
+
     layers = max(s.layer for s in sig.states) + 1
     kinds: dict[int, str] = {}
     for s in sig.states:
@@ -67,9 +99,40 @@ def genai_config(
                              "(it knows past.%d.recurrent and past.%d.conv only)")
         kinds[s.layer] = "full_attention" if s.kind == "kv" else "linear_attention"
     kv = [s for s in sig.states if s.kind == "kv"]
-    kv_heads = kv[0].shape[1] if kv else None
-    head_size = kv[0].shape[3] if kv else None
-    heads = num_attention_heads or kv_heads
+    kv_heads = kv[0].shape[1] if kv else recorded("num_key_value_heads")
+    head_size = kv[0].shape[3] if kv else recorded("head_size")
+    if head_size is None or kv_heads is None:
+        raise InputError(f"{path.name}: no KV cache and no record of the model's head size and "
+                         "KV heads (onnxruntime-genai needs both): use a decoder written by this "
+                         "dtr-compile (it records them)")
+    heads = num_attention_heads or recorded("num_attention_heads")
+    if heads is None:
+        heads = kv_heads
+        notes.append(f"num_attention_heads not recorded in {path.name}: set to the KV heads "
+                     f"({kv_heads}), wrong for a GQA model; recompile with this dtr-compile")
+    hidden = hidden_size or recorded("hidden_size")
+    if hidden is None:
+        hidden = heads * head_size
+        notes.append(f"hidden_size not recorded in {path.name}: set to heads x head size "
+                     f"({hidden})")
+    table = recorded("position_table")
+    if context_length is None:
+        context_length = table or recorded("max_position_embeddings") or DEFAULT_CONTEXT
+        if not (table or recorded("max_position_embeddings")):
+            notes.append(f"context_length not recorded in {path.name}: {DEFAULT_CONTEXT}")
+    elif context_length < 1:
+        raise InputError(f"--context-length {context_length}: must be >= 1")
+    elif table is not None and context_length > table:
+        raise InputError(f"--context-length {context_length}: {path.name} has a learned position "
+                         f"table of {table} positions and cannot see a later one; give at most "
+                         f"{table}")
+    if model_type is None:
+        source = info.get("model_type") if info else None
+        model_type = source if source in GENAI_DECODER_TYPES else "decoder"
+    elif model_type not in GENAI_DECODER_TYPES:
+        raise InputError(f"--model-type {model_type}: onnxruntime-genai 0.18 does not run this "
+                         "decoder as that type; one of " + ", ".join(GENAI_DECODER_TYPES) +
+                         " (default: the model's own when listed, else decoder)")
     inputs: dict[str, str] = {"input_ids": sig.input_ids}
     outputs: dict[str, str] = {"logits": sig.logits}
     if sig.attention_mask:
@@ -85,7 +148,7 @@ def genai_config(
         if any(s.kind == "recurrent" and s.name == name for s in sig.states):
             inputs[f"past_{name}_names"] = f"past.%d.{name}"
             outputs[f"present_{name}_names"] = f"present.%d.{name}"
-    vocab = _vocab(path)
+    vocab = _vocab(path) or recorded("vocab_size")
     return {
         "model": {
             "bos_token_id": bos_token_id,
@@ -94,7 +157,7 @@ def genai_config(
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": path.name,
                 "head_size": head_size,
-                "hidden_size": hidden_size or ((heads or 0) * (head_size or 0)) or None,
+                "hidden_size": hidden,
                 "inputs": inputs,
                 "outputs": outputs,
                 "num_attention_heads": heads,
@@ -206,7 +269,8 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
     (:func:`add_conv_passthrough`), ``genai_config.json`` (:func:`genai_config`, ``kwargs``
     passed on), and the tokenizer files from ``tokenizer`` (a Hugging Face tokenizer folder;
     default: the one :func:`~dtr_compile.runtime.generate.find_tokenizer` finds beside the
-    model). EOS / BOS / pad ids default to the tokenizer's. Returns ``out_dir``.
+    model). EOS / BOS / pad ids default to the tokenizer's. ``notes`` (a list) receives what
+    :func:`genai_config` had to guess. Returns ``out_dir``.
 
     Raises:
         InputError: as :func:`genai_config`; the model is missing; no tokenizer found; as
@@ -229,10 +293,11 @@ def write_genai_folder(model_path: str | os.PathLike[str], out_dir: str | os.Pat
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if kwargs.get(key) is None and getattr(tok, key, None) is not None:
             kwargs[key] = int(getattr(tok, key))
+    notes = kwargs.pop("notes", None)
     out = Path(out_dir)
     target = out / "model.onnx"
     tok_files = genai_write_plan(src, out, tok_dir)  # before anything is read or written
-    genai_config(src, **kwargs)  # the decoder's checks, before anything is written
+    genai_config(src, notes=notes, **kwargs)  # the decoder's checks, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(Path(str(target) + ".lock")):
         clean_stale_temporaries([target])  # an interrupted run's staging folder
