@@ -20,7 +20,7 @@ from dtr_compile.heal.adapters import AdaptedStudent, adapt
 from dtr_compile.heal.cache import HealCache, heal_key, heal_key_parts
 from dtr_compile.heal.loss import loss_kind, make_targets, record_targets, row_loss
 from dtr_compile.heal.rounds import SearchOutcome, run_rounds
-from dtr_compile.heal.train import HealRecord, Healed, HealSettings, heal
+from dtr_compile.heal.train import Healed, HealRecord, HealSettings, heal
 from dtr_compile.metrics import get_metric
 from dtr_compile.passes.find_attention import find_attention
 
@@ -241,6 +241,10 @@ def test_heal_is_deterministic_and_resumes_to_the_same_weights(tmp_path: Path) -
     assert c.record.resumed_from_step == 4
     assert all(torch.equal(v, _state(c.students)[k]) for k, v in _state(a.students).items())
     assert c.record.heldout_history == a.record.heldout_history
+    # a finished heal's checkpoint gives its result without training again
+    e = heal(gm, sites, students, linear, calib, names, targets, FAST, checkpoint=ckpt, key="k1")
+    assert e.record.resumed_from_step == FAST.steps
+    assert all(torch.equal(v, _state(e.students)[k]) for k, v in _state(a.students).items())
     # a checkpoint of another key is not used
     d = heal(gm, sites, students, linear, calib, names, targets, FAST, checkpoint=ckpt, key="k2")
     assert d.record.resumed_from_step == 0
@@ -298,9 +302,9 @@ def test_adapters_start_as_the_student_itself() -> None:
 def test_adapted_students_decode_like_full_recompute(student: str, window: int) -> None:
     """The stateful pass on an adapted student (non-zero adapters): a left-padded batch decodes
     token for token like full recomputation of the adapted hybrid, past the window."""
+    from dtr_compile.exporters.stateful import torch_runner
     from dtr_compile.passes.linearize import linearize
     from dtr_compile.passes.stateful import StatefulGraph, make_stateful
-    from dtr_compile.exporters.stateful import torch_runner
     from tests.test_stateful import _batch_decodes_like_alone, _matrix_state_site1, _prompt
 
     gm, scan, students = _matrix_state_site1(student, window, seed=13)
@@ -380,3 +384,40 @@ def test_rounds_heal_lets_a_further_site_fit() -> None:
     assert float(res.students["a"].err) == pytest.approx(0.3)
     assert "beyond the budget" in res.stop_reason
     assert math.isfinite(res.metric)
+
+
+# --- ranks -------------------------------------------------------------------------------------
+
+
+def test_two_ranks_heal_to_the_weights_of_one_process(tmp_path: Path) -> None:
+    """Rows dealt over 2 gloo ranks (3 rows a step: 1 and 2), gradients summed in row order on
+    every rank: both ranks end with the one-process weights, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from dtr_compile.parallel import Group
+    from tests.heal_ranks import run
+    from tests.test_distributed import _free_port
+
+    root = str(Path(__file__).resolve().parents[1])
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.heal_ranks", str(tmp_path)],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port})
+             for r in range(2)]
+    one = run(Group())
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    for r in range(2):
+        got = load_file(str(tmp_path / f"rank{r}.safetensors"))
+        assert got.keys() == one.keys()
+        assert all(torch.equal(got[k], one[k]) for k in one), r

@@ -324,6 +324,11 @@ def heal(
         best_state = tr.state()
         spent_before = 0.0
         ckpt = _read_checkpoint(checkpoint, key, group) if checkpoint is not None else None
+        if ckpt is not None and ckpt.get("done"):  # finished before: its best weights, as they were
+            tr.load(ckpt["best_state"])
+            done = HealRecord(**ckpt["record"])
+            done.resumed_from_step = done.steps
+            return Healed(_back(modules), done)
         if ckpt is not None:
             tr.load(ckpt["state"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -393,9 +398,12 @@ def heal(
                               f"{settings.patience} evaluations")
                     break
         tr.load(best_state)
-    rec.stop_reason = reason
-    rec.seconds = spent_before + clock() - t0
-    rec.ok = math.isfinite(rec.final_loss)
+        rec.stop_reason = reason
+        rec.seconds = spent_before + clock() - t0
+        rec.ok = math.isfinite(rec.final_loss)
+        if checkpoint is not None:
+            _write_checkpoint(checkpoint, key, group, tr, opt, sched, gen, best_state, stale, rec,
+                              done=True)
     return Healed(_back(modules), rec)
 
 
@@ -424,10 +432,12 @@ def _read_checkpoint(path: str | Path, key: str, group: Group) -> dict[str, Any]
 def _write_checkpoint(path: str | Path, key: str, group: Group, tr: _Trainer,
                       opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
                       best_state: dict[str, dict[str, torch.Tensor]], stale: int,
-                      rec: HealRecord) -> None:
+                      rec: HealRecord, done: bool = False) -> None:
+    """The training state after a held-out evaluation (``done``: the heal has finished, and
+    ``best_state`` is its result)."""
     if not group.is_main:
         return
-    ckpt = {"format": CHECKPOINT_FORMAT, "key": key, "state": tr.state(),
+    ckpt = {"format": CHECKPOINT_FORMAT, "key": key, "done": done, "state": tr.state(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "generator": gen.get_state(), "best_state": best_state, "stale": stale,
             "record": rec.to_dict()}
