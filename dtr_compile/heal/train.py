@@ -95,11 +95,11 @@ class HealSettings:
     def check(self) -> None:
         """Raises :class:`InputError` naming the bad setting and its flag."""
         for name, flag in (("steps", "--heal-steps"), ("rank", "--heal-rank"),
-                           ("patience", "--heal-patience")):
+                           ("patience", "heal patience")):
             if getattr(self, name) < 0:
                 raise InputError(f"{flag} {getattr(self, name)}: must be >= 0")
-        for name, flag in (("rows_per_step", "--heal-rows"), ("top_k", "--heal-top-k"),
-                           ("eval_every", "--heal-eval-every")):
+        for name, flag in (("rows_per_step", "--heal-rows"), ("top_k", "heal top-k"),
+                           ("eval_every", "heal eval-every")):
             if getattr(self, name) < 1:
                 raise InputError(f"{flag} {getattr(self, name)}: must be >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -355,9 +355,9 @@ def heal(
             pick = torch.randperm(len(train_idx), generator=gen)[:rows].tolist()
             got = tr.rows([train_idx[i] for i in pick], grad=True)
             den = sum(d for _, d, _, _ in got)
-            total = got[0][2]
-            assert total is not None
-            for _, _, g, _ in got[1:]:
+            grads = [g for _, _, g, _ in got if g is not None]
+            total = grads[0]
+            for g in grads[1:]:  # in row order, on every rank alike
                 total = total + g
             total = total / den
             if not bool(torch.isfinite(total).all()):
