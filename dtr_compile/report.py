@@ -265,6 +265,8 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                   f"| output | linear sites | {name} | drop bound |", "|---|---|---|---|"]
         for key, label in (("m_opt", "M_opt: most linear sites within budget"),
                            ("m_best", "M_best: best metric within budget")):
+            if key not in outs:  # --heal: the other sets' students were retrained
+                continue
             o = outs.get(key)
             if o is None:
                 lines.append(f"| {label} | none within budget | — | — |")
@@ -564,6 +566,7 @@ def build_report(
                      for sid, m in zip(delivered, chosen.metric_after, strict=True)],
         "schedule": sched.to_dict(),
         "search": searched.info,
+        **({"heal": searched.heal} if searched.heal is not None else {}),
         "distill": {sid: r.__dict__ for sid, r in distilled.results.items()},
         "parity": [p.__dict__ for p in exported_.parity],
         "parity_ok": exported_.ok,

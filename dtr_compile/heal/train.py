@@ -268,6 +268,7 @@ def heal(
     group: Group | None = None,
     checkpoint: str | Path | None = None,
     key: str = "",
+    resume: bool = True,
     time_limit_s: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
     on_eval: Callable[[int, float], None] | None = None,
@@ -290,6 +291,8 @@ def heal(
         group: the ranks sharing the work (module docstring); every rank calls this.
         checkpoint: where to keep the training state (rank 0 writes; every rank reads).
         key: what ``checkpoint`` must have been written for (e.g. the heal's cache key).
+        resume: continue from ``checkpoint`` when it holds ``key``'s state (else start afresh
+            and overwrite it).
         time_limit_s: stop before a step once this many seconds have passed.
         on_step: ``(step, training loss)`` after each step; ``on_eval``: ``(step, held-out
             loss)`` after each held-out evaluation.
@@ -323,7 +326,8 @@ def heal(
         step, stale = 0, 0
         best_state = tr.state()
         spent_before = 0.0
-        ckpt = _read_checkpoint(checkpoint, key, group) if checkpoint is not None else None
+        ckpt = _read_checkpoint(checkpoint, key, group) if checkpoint is not None and resume \
+            else None
         if ckpt is not None and ckpt.get("done"):  # finished before: its best weights, as they were
             tr.load(ckpt["best_state"])
             done = HealRecord(**ckpt["record"])
