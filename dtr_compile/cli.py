@@ -169,11 +169,32 @@ def main() -> None:
                    "single-site pass: the best site that passed alone).")
 @click.option("--time-limit", default=None,
               help="Stop the search after this long: seconds, or '90s', '15m', '1.5h'; what "
-                   "stands is as for --max-evals.")
+                   "stands is as for --max-evals. With --heal, the limit of the search and heal "
+                   "rounds together.")
 @click.option("--resume", is_flag=True, default=None,
               help="Continue an interrupted search: replay the evaluations in the ledger "
                    "(REPORT.ledger.jsonl) if it was written for the same model, data, distilled "
                    "weights and metric; otherwise start afresh.")
+@click.option("--heal", is_flag=True, default=None,
+              help="After the search, heal: train the hybrid's linear students jointly, end to "
+                   "end, against the original model's outputs on the calibration set (KL of the "
+                   "next-token or class distributions, else MSE), then search the remaining "
+                   "sites again from the healed hybrid, in rounds (--heal-rounds), within "
+                   "--time-limit. More layers fit the budget; costs forward and backward passes "
+                   "of the whole model.")
+@click.option("--heal-rounds", type=int, default=None,
+              help="Search → heal rounds at most (default 3); they stop earlier when a search "
+                   "adds no site or a heal does not improve the validation metric.")
+@click.option("--heal-steps", type=int, default=None,
+              help="Optimiser steps per heal, at most (default 60; early stopping on held-out "
+                   "calibration rows may end sooner).")
+@click.option("--heal-lr", type=float, default=None,
+              help="Learning rate of the heal (default 1e-3; Adam, cosine schedule).")
+@click.option("--heal-rank", type=int, default=None,
+              help="Rank of low-rank adapters (LoRA) on each linear layer's q, k, v and output, "
+                   "trained by the heal and exported with the student (default 0: none).")
+@click.option("--heal-rows", type=int, default=None,
+              help="Calibration rows per heal step (default 2).")
 @click.option("--confidence", type=float, default=None,
               help="A candidate is within budget only when the one-sided P upper bound of its "
                    "metric drop (paired over validation rows: exact Clopper-Pearson limits "

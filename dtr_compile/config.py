@@ -208,6 +208,12 @@ class CompileConfig:
     max_evals: int | None = None  # stop the search after N evaluations
     time_limit: str | float | None = None  # stop the search after this long: 900, "90s", "15m"
     resume: bool = False  # replay the search ledger of an interrupted run with the same inputs
+    heal: bool = False  # after the search: train the hybrid's students end to end, search again
+    heal_rounds: int = 3  # search → heal rounds at most (dtr_compile.heal.rounds)
+    heal_steps: int = 60  # optimiser steps per heal, at most (early stopping may end sooner)
+    heal_lr: float = 1e-3
+    heal_rank: int = 0  # low-rank adapters on each student's q, k, v and output (0: none)
+    heal_rows: int = 2  # calibration rows per heal step
     cache_mb: int = 1024  # memory for the search's prefix cache (0: off)
     confidence: float | None = None  # within budget only when the P upper bound of the drop is
     select: str = "most-linear"  # which hybrid -o gets: "most-linear" (M_opt) | "best" (M_best)

@@ -1,6 +1,6 @@
 """The whole compile, as its list of stages (:func:`_compile`):
 
-    load → capture → find attention → baseline → distill → search (schedule) → select
+    load → capture → find attention → baseline → distill → search (schedule) → heal → select
          → test → export (prefill ONNX, decoders) → bench → report
 
 Each stage is one call into its family's package (:mod:`dtr_compile.inputs`,
@@ -28,6 +28,7 @@ from dtr_compile.errors import EXIT_OK, ParityError
 from dtr_compile.exporters.artifacts import ExportResult
 from dtr_compile.exporters.stage import export_stage
 from dtr_compile.fileio import Staging, clean_stale_temporaries, lock_artifacts, write_json_atomic
+from dtr_compile.heal.stage import heal_stage
 from dtr_compile.inputs import find_sites, load_inputs
 from dtr_compile.parallel import Group, from_env, rank_device
 from dtr_compile.passes.find_attention import AttentionSite
@@ -124,6 +125,8 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
                               placement, group, console, stages)
     searched = search_stage(config, inputs, found, base, distilled, paths.ledger, paths.students,
                             placement, group, console, stages)
+    distilled, searched = heal_stage(config, inputs, found, base, distilled, searched,
+                                     report_path, placement, group, console, stages)
     memory = group.exchange(lambda: peak_memory(placement.device))  # every rank's peaks
     if not group.is_main:
         # the other ranks are done: they leave without waiting for rank 0's export (which may

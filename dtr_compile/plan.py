@@ -21,6 +21,7 @@ from dtr_compile.exporters.stateful import (
     tokenizer_path,
 )
 from dtr_compile.fileio import check_cache_dir, check_write_plan, data_path
+from dtr_compile.heal.stage import check_heal, heal_paths
 from dtr_compile.load import check_model_path
 from dtr_compile.report import report_paths
 from dtr_compile.runtime.speed import deploy_seqs
@@ -58,6 +59,8 @@ def write_plan(config: CompileConfig) -> dict[str, Path]:
         plan["original ONNX"] = exp["original_onnx"]
     if config.engine:
         plan["engine"] = Path(config.engine)
+    if config.heal:  # each round's ledger and heal checkpoint, written while the run goes
+        plan |= heal_paths(report, config.heal_rounds)
     if config.decoder:  # written for causal models only; planned for all (the checks are cheap)
         dec = decoder_paths(out)
         plan["decoder ONNX"] = dec["hybrid"]
@@ -131,6 +134,7 @@ def validate(config: CompileConfig) -> Budget:
                          linear_attention=config.linear_attention,
                          external_data=config.external_data)
     distill_settings(config).check()
+    check_heal(config)
     if config.max_calib_tokens < 1:
         raise InputError("--max-calib-tokens must be >= 1")
     if config.workers < 0:

@@ -299,6 +299,8 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                   f"| output | linear sites | {name} | drop bound |", "|---|---|---|---|"]
         for key, label in (("m_opt", "M_opt: most linear sites within budget"),
                            ("m_best", "M_best: best metric within budget")):
+            if key not in outs:  # --heal: the other sets' students were retrained
+                continue
             o = outs.get(key)
             if o is None:
                 lines.append(f"| {label} | none within budget | — | — |")
@@ -385,6 +387,7 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                          f"| {_fmt(r.get('init_error'), 3)} → {_fmt(r.get('final_error'), 3)} | "
                          f"{_fmt(r.get('seconds'), 3)} |")
         lines.append("")
+    lines += heal_section(report.get("heal"), name)
     lines += _stateful_section(report.get("stateful"))
     timings = report.get("timings_s") or {}
     if timings:
@@ -397,6 +400,36 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                   for k, v in timings.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def heal_section(heal: dict[str, Any] | None, metric_name: str) -> list[str]:
+    """The ``--heal`` rounds as a table: each round's search (sites committed, added, seconds)
+    and heal (validation metric before → after, kept or not, steps, tokens, seconds, held-out
+    loss before → after)."""
+    if not heal:
+        return []
+    s = heal.get("settings") or {}
+    lines = ["## Heal (search → heal rounds)", "",
+             f"Each heal trains the committed sites' students end to end against the original's "
+             f"outputs on the calibration set ({heal.get('loss', '')} loss; "
+             f"{s.get('steps')} steps at most, {s.get('rows_per_step')} rows a step, lr "
+             f"{s.get('lr')}, adapters of rank {s.get('rank')}), then the search continues from "
+             f"the healed hybrid. Stopped: {heal.get('stop_reason', '')}.", "",
+             f"| round | linear | added | {metric_name} before heal | after heal | kept | steps "
+             "| tokens | held-out loss before → after | search s | heal s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in heal.get("rounds", []):
+        h = r.get("heal") or {}
+        after = r.get("metric_after_heal")
+        lines.append(
+            f"| {r['round']} | {len(r['linear'])} | {', '.join(r['added']) or '—'} | "
+            f"{_fmt(r['metric_before_heal'])} | {'—' if after is None else _fmt(after)} | "
+            f"{'—' if not h else ('yes' if r.get('heal_kept') else 'no')} | "
+            f"{h.get('steps', '—')} | {r.get('tokens', 0)} | "
+            f"{(_fmt(h.get('init_loss'), 4) + ' → ' + _fmt(h.get('final_loss'), 4)) if h else '—'}"
+            f" | {_fmt(r.get('search_seconds'), 4)} | {_fmt(r.get('heal_seconds'), 4)} |")
+    lines.append("")
+    return lines
 
 
 def _runtime_lines(rt: dict[str, Any] | None) -> list[str]:
@@ -567,6 +600,7 @@ def build_report(
                      for sid, m in zip(delivered, chosen.metric_after, strict=True)],
         "schedule": sched.to_dict(),
         "search": searched.info,
+        **({"heal": searched.heal} if searched.heal is not None else {}),
         "distill": {sid: r.__dict__ for sid, r in distilled.results.items()},
         "parity": [p.__dict__ for p in exported_.parity],
         "parity_ok": exported_.ok,

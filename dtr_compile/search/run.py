@@ -71,8 +71,17 @@ def search(
     *,
     group: Group | None = None,
     placement: Placement | None = None,
+    base: tuple[str, ...] = (),
+    time_limit_s: float | None = None,
+    stage: str = "schedule",
 ) -> tuple[ScheduleResult, dict[str, Any], Callable[[tuple[str, ...]], Bound | None]]:
     """Stage 6: the search, evaluated through the prefix cache and recorded in the ledger.
+
+    ``base``: sites already committed (e.g. by an earlier round of ``--heal``, see
+    :mod:`dtr_compile.heal.rounds`): every evaluated set is ``base`` plus the schedule's own,
+    ``candidates`` are the others, ``baseline`` is the metric of ``base``, and the result's sets
+    (committed, evaluations, the ledger's) are the schedule's own, without ``base``.
+    ``time_limit_s`` replaces ``--time-limit`` when given; ``stage``: the timing's name.
 
     The ledger's fingerprint covers everything an evaluation's metric (and its confidence bound)
     depends on, so ``--resume`` replays only measurements of these exact inputs. Ctrl-C
@@ -91,7 +100,9 @@ def search(
     """
     group = group or Group()
     placement = placement or Placement()
-    parts = ledger_inputs(config, hashes, candidates, students, metric, placement)
+    parts = ledger_inputs(config, hashes, [*base, *candidates], students, metric, placement)
+    if base:
+        parts["base"] = ",".join(base)
     fp = fingerprint(parts)
     opened: list[Ledger] = []
 
@@ -109,6 +120,7 @@ def search(
     console.log(note)
     cache = _prefix_cache(config, search_gm, switches, candidates, val, names, metric, group,
                           placement)
+    first = len(base)  # sets are base + the schedule's own
 
     level = config.confidence or DEFAULT_CONFIDENCE
     every = config.confidence is not None or metric.stats is not None
@@ -129,7 +141,8 @@ def search(
     def bound(out: torch.Tensor) -> Bound:
         return degradation_bound(metric, out, val.labels, reference, level, seed=config.seed)
 
-    def evaluate(linear: tuple[str, ...]) -> float:
+    def evaluate(own: tuple[str, ...]) -> float:
+        linear = base + own
         out = outputs(linear, base=linear[:-1])
         if every:
             bounds[frozenset(linear)] = group.guard(lambda: bound(out))
@@ -139,12 +152,14 @@ def search(
         return value if math.isfinite(value) else math.nan
 
     def bound_of(linear: tuple[str, ...]) -> Bound | None:
+        """The bound of the set ``linear`` (whole: ``base`` included)."""
         key = frozenset(linear)
         if key not in bounds and linear and (searching[0] or not group.distributed):
             bounds[key] = bound(outputs(linear))
         return bounds.get(key)
 
-    def judge(linear: tuple[str, ...], m: float) -> tuple[bool, dict[str, Any] | None]:
+    def judge(own: tuple[str, ...], m: float) -> tuple[bool, dict[str, Any] | None]:
+        linear = base + own
         within = meets(m, threshold, metric.higher_is_better)
         b = bound_of(linear) if config.confidence is not None else bounds.get(frozenset(linear))
         if config.confidence is not None and b is not None:
@@ -156,19 +171,21 @@ def search(
             opened[0].append(ev, strategy=config.search, interval=ev.interval)
         console.log(_evaluation_line(ev, metric.name, config.confidence is not None))
 
-    min_linear = min(config.min_linear, len(candidates))
-    if min_linear < config.min_linear:
-        console.log(f"[yellow]--min-linear {config.min_linear}: only {len(candidates)} sites "
-                    "distilled successfully[/yellow]")
-    time_limit_s = parse_duration(config.time_limit) if config.time_limit is not None else None
+    min_linear = min(max(0, config.min_linear - first), len(candidates))
+    if min_linear + first < config.min_linear:
+        console.log(f"[yellow]--min-linear {config.min_linear}: only {len(candidates) + first} "
+                    "sites distilled successfully[/yellow]")
+    max_linear = None if config.max_linear is None else max(0, config.max_linear - first)
+    if time_limit_s is None and config.time_limit is not None:
+        time_limit_s = parse_duration(config.time_limit)
 
     def run(known: dict[frozenset[str], tuple[float, float]]) -> ScheduleResult:
         try:
-            with stages("schedule", console):
+            with stages(stage, console):
                 return schedule(
                     candidates, evaluate, baseline=baseline, threshold=threshold,
                     higher_is_better=metric.higher_is_better, strategy=config.search,
-                    max_linear=config.max_linear, min_linear=min_linear,
+                    max_linear=max_linear, min_linear=min_linear,
                     max_evals=config.max_evals, time_limit_s=time_limit_s, known=known,
                     on_eval=on_eval, judge=judge,
                     clock=(lambda: group.broadcast(time.perf_counter)) if group.distributed
@@ -205,8 +222,8 @@ def search(
             console.log(f"--resume: re-measured the committed set {sched.committed}: "
                         f"{metric.name} {measured:.8g}, as the ledger says")
     searching[0] = False
-    if len(sched.committed) < config.min_linear:
-        sched.min_linear = config.min_linear  # not met: `fits` is False, exit 3
+    if len(sched.committed) + first < config.min_linear:
+        sched.min_linear = config.min_linear - first  # not met: `fits` is False, exit 3
     info = _search_info(config, sched, time_limit_s, ledger_path, note, verified, fp, parts,
                         cache, group)
     if cache is not None:
@@ -353,11 +370,14 @@ class Searched:
         schedule: every evaluation and the committed sites.
         info: the report's ``search`` section.
         bound_of: ``bound_of(linear)``, the bound of a set's degradation (see :func:`search`).
+        heal: the report's ``heal`` section when ``--heal`` reworked the outcome
+            (:func:`dtr_compile.heal.stage.heal_stage`), else None.
     """
 
     schedule: ScheduleResult
     info: dict[str, Any]
     bound_of: Callable[[tuple[str, ...]], Bound | None]
+    heal: dict[str, Any] | None = None
 
 
 def search_stage(
@@ -417,7 +437,8 @@ class Selection:
     def models(self) -> dict[str, tuple[str, ...]]:
         """Name → linear sites of the delivered hybrid, M_opt and M_best (where there is one)."""
         return {"delivered": self.delivered, **{
-            k: tuple(v["linear"]) for k in ("m_opt", "m_best") if (v := self.outputs[k]) is not None}}
+            k: tuple(v["linear"]) for k in ("m_opt", "m_best")
+            if (v := self.outputs.get(k)) is not None}}
 
 
 def select(config: CompileConfig, searched: Searched, metric: Metric, base: Baseline,
@@ -426,6 +447,9 @@ def select(config: CompileConfig, searched: Searched, metric: Metric, base: Base
     rows."""
     sched, bound_of = searched.schedule, searched.bound_of
     outputs = search_outputs(config, sched, bound_of)
+    if searched.heal is not None and any(r["heal_kept"] for r in searched.heal["rounds"]):
+        # no M_best: the search's other sets were measured with students a heal has retrained
+        del outputs["m_best"]
     delivered = tuple(outputs[outputs["selected"]]["linear"]) if outputs[outputs["selected"]] \
         else tuple(sched.committed)
     fits = sched.fits if outputs["selected"] == "m_opt" else True
