@@ -102,7 +102,9 @@ def main() -> None:
               help="Held-out test set (.pt, as --data): the original, the delivered hybrid and "
                    "M_best are evaluated on it after the search, which never sees it.")
 @click.option("--metric", default=None,
-              help="accuracy | macro_f1 | agreement | cosine | mse | perplexity, or "
+              help="accuracy | macro_f1 | agreement | cosine | mse | perplexity | kl (mean "
+                   "KL(original ‖ hybrid) of the next-token or class distribution, no labels; "
+                   "give an absolute --budget such as 0.05, in nats), or "
                    "package.module:function (called as f(outputs, labels, reference) -> float; "
                    "attributes higher_is_better, needs_labels, bounds). Default: accuracy with "
                    "labels, else agreement with the original model's predictions.")
@@ -337,7 +339,7 @@ Exit codes:
               help="Metric name or package.module:function (default: accuracy with labels, "
                    "else agreement, which needs --reference).")
 @click.option("--reference", default=None, type=click.Path(path_type=str),
-              help="ONNX of the original model: the reference for agreement / cosine.")
+              help="ONNX of the original model: the reference for agreement / cosine / kl.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per run.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
 @click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
