@@ -36,6 +36,7 @@ from dtr_compile.search.ledger import hash_tensors
 
 TARGETS = ("site", "block")
 LOSSES = ("mse", "mse+ce")
+INITS = ("attention", "plain")
 #: Held-out rows are the last ``N // 8`` calibration rows, at most this many.
 MAX_HOLDOUT_ROWS = 16
 
@@ -50,7 +51,10 @@ class DistillSettings:
             student kind when ``student`` is None (``--feature-map``, as before ``--student``).
         student: a kind in :data:`~dtr_compile.linear.STUDENTS` other than a feature map
             (``gla``, ``deltanet``, ``gated-deltanet``), or None; see :attr:`kind`.
-        steps: optimiser steps per site (at most; early stopping may end sooner).
+        steps: optimiser steps per site, at most (early stopping may end sooner); with
+            ``tokens`` the lower of the two budgets applies (:meth:`steps_for`).
+        tokens: calibration tokens each site's training sees, at most: ``steps × batch_rows ×
+            row length`` (``--distill-tokens``); 0: ``steps`` alone decides.
         lr: Adam learning rate of the feature map's parameters (cosine-annealed).
         block_lr: learning rate of a block's teacher-initialised weights (q/k/v/o), relative to
             their RMS (Adam moves each weight by about ``block_lr · RMS`` per step).
@@ -65,6 +69,15 @@ class DistillSettings:
             attention (LoLCATs' sliding window, :func:`~dtr_compile.linear.kernel.
             sliding_window_linear_attention` for feature maps, :class:`~dtr_compile.linear.
             recurrence.MatrixStateStudent` for gla / deltanet); bidirectional sites ignore it.
+        window_dropout: with a window, the probability that a training step runs without it
+            (the linear branch then covers every key and must carry the whole signal), annealed
+            linearly to 0 at half the steps; see :func:`~dtr_compile.distill.train.
+            window_dropped` (scheduled sliding-window dropout, arXiv 2510.05901).
+        init: matrix-state students (``gla``, ``deltanet``, ``gated-deltanet``): ``"attention"``
+            starts their decays, write strengths and output mixing from the teacher's attention
+            statistics on the first training rows (:meth:`~dtr_compile.linear.recurrence.
+            MatrixStateStudent.init_from_teacher`); ``"plain"`` from fixed slow decays, ``β =
+            0.27`` and a least-squares output scale.
     """
 
     target: str = "site"
@@ -80,6 +93,18 @@ class DistillSettings:
     seed: int = 0
     window: int = 0
     student: str | None = None
+    tokens: int = 0
+    window_dropout: float = 0.0
+    init: str = "attention"
+
+    def steps_for(self, row_tokens: int) -> int:
+        """Optimiser steps of a site whose calibration rows hold ``row_tokens`` tokens each:
+        ``steps``, or fewer when ``tokens`` runs out first, ``ceil(tokens / (batch_rows ×
+        row_tokens))`` (at least 1)."""
+        if not self.tokens:
+            return self.steps
+        per_step = max(1, self.batch_rows * max(1, row_tokens))
+        return min(self.steps, max(1, -(-self.tokens // per_step)))
 
     @property
     def kind(self) -> str:
@@ -112,7 +137,7 @@ class DistillSettings:
         if self.loss != "mse" and self.target != "site":
             raise InputError(f"--distill-loss {self.loss} needs --distill-target site (the "
                              "block's attention weights are not the teacher's)")
-        for name in ("steps", "query_positions", "patience"):
+        for name in ("steps", "query_positions", "patience", "tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"distillation {name.replace('_', ' ')} must be >= 0")
         if self.window < 0:
@@ -123,6 +148,12 @@ class DistillSettings:
                 raise InputError(f"distillation {name.replace('_', ' ')} must be >= 1")
         if not (self.lr > 0 and self.block_lr >= 0):
             raise InputError("distillation learning rates must be > 0")
+        if not 0.0 <= self.window_dropout < 1.0:
+            raise InputError(f"--window-dropout {self.window_dropout:g}: a probability in [0, 1)"
+                             " (0: off)")
+        if self.init not in INITS:
+            raise InputError(f"unknown student initialisation {self.init!r}: expected one of "
+                             f"{', '.join(INITS)}")
 
     def for_target(self, target: str) -> DistillSettings:
         return dataclasses.replace(self, target=target,
@@ -132,7 +163,14 @@ class DistillSettings:
 @dataclass
 class DistillResult:
     """Outcome for one site. Errors are relative RMS ``‖y − ŷ‖₂ / ‖y‖₂`` on held-out rows, of
-    the site's output (target ``site``) or of the block's output (target ``block``)."""
+    the site's output (target ``site``) or of the block's output (target ``block``).
+
+    ``linear_contribution``: how much the student's linear branch adds, ``‖ŷ − ŷ₀‖₂ / ‖ŷ‖₂`` on
+    the held-out rows with ``ŷ₀`` the student's output with that branch removed (the window's
+    softmax alone: :meth:`~dtr_compile.linear.base.LinearStudent.without_linear`); 0: the
+    branch is unused, 1: it is everything (no window). ``tokens``: calibration tokens trained on
+    (steps × rows × row length).
+    """
 
     site_id: str
     ok: bool
@@ -147,6 +185,8 @@ class DistillResult:
     best_step: int = 0
     cached: bool = False
     note: str = ""
+    linear_contribution: float = float("nan")
+    tokens: int = 0
 
 
 def new_student(site: AttentionSite, settings: DistillSettings) -> LinearStudent:
@@ -262,6 +302,9 @@ def plan_distillation(
         own = dataclasses.asdict(settings.for_target(targets[site.id]))
         if not (site.causal and own["window"]):
             del own["window"]  # no window here: the key stays that of a run without --window
+            del own["window_dropout"]
+        if student_kind(settings.kind).family == "feature-map":
+            del own["init"]  # the teacher-statistics initialisation is the matrix states'
         if own["student"] is None:
             del own["student"]  # feature-map kinds: the key of a run before --student
         p = dict(common, teacher=hashlib.sha256("|".join(teacher).encode()).hexdigest(),
