@@ -37,7 +37,13 @@ from dtr_compile.device import OnDevice, Placement, peak_memory
 from dtr_compile.distill.cache import DistillCache, cache_key
 from dtr_compile.distill.execute import default_workers
 from dtr_compile.distill.launch import ReadOnlyCache, distill_sharded, share
-from dtr_compile.distill.plan import DistillPlan, DistillResult, DistillSettings, plan_distillation
+from dtr_compile.distill.plan import (
+    DistillPlan,
+    DistillResult,
+    DistillSettings,
+    plan_distillation,
+    search_order,
+)
 from dtr_compile.distill.run import distill
 from dtr_compile.errors import (
     EXIT_NO_REPLACEMENT,
@@ -852,7 +858,8 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
                 save_students(paths.students, distill_fp, students,
                               {sid: r.__dict__ for sid, r in results.items()})
 
-    candidates = [s.id for s in sites if s.id not in kept and results[s.id].ok]
+    candidates = search_order([s.id for s in sites if s.id not in kept and results[s.id].ok],
+                              results)  # lowest distillation error first, explosive ones last
     # students run in the search on the placement's device (copies: the exported hybrid takes
     # the CPU originals)
     on_device = students if placement.is_default else \

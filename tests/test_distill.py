@@ -437,3 +437,23 @@ def test_cache_key_covers_the_new_settings(tiny) -> None:
         k1 = plan_distillation(gm, [causal], dataclasses.replace(settings, **change), calib,
                                16).keys[causal.id]
         assert k1 != k0, change
+
+
+def test_search_order_puts_explosive_students_last() -> None:
+    """The search meets sites by distillation error, lowest first (ties: graph order), and last
+    those whose student is further from its teacher than zeros (error >= 1) or non-finite, so
+    the ranked strategy's first pass measures them last (and ranks them last among ties)."""
+    from dtr_compile.distill.plan import DistillResult, search_order
+    from dtr_compile.search.schedule import schedule
+
+    errors = {"a": 0.5, "b": float("nan"), "c": 0.2, "d": 1.3, "e": 0.2}
+    results = {s: DistillResult(s, True, 1.0, e, 0.0, 1, 0.0) for s, e in errors.items()}
+    order = search_order(list(errors), results)
+    assert order == ["c", "e", "a", "d", "b"]
+    seen: list[str] = []
+
+    def evaluate(linear: tuple[str, ...]) -> float:
+        seen.append(linear[-1])
+        return 1.0  # every site alike: the given order decides
+    res = schedule(order, evaluate, baseline=1.0, threshold=0.5, strategy="ranked")
+    assert seen[:5] == order and res.committed == order

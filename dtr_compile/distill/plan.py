@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -187,6 +188,26 @@ class DistillResult:
     note: str = ""
     linear_contribution: float = float("nan")
     tokens: int = 0
+
+
+#: A student whose held-out error reaches this is further from its teacher than outputting
+#: zeros: its lone swap is expected to explode the metric (:func:`search_order`).
+EXPLOSIVE_ERROR = 1.0
+
+
+def search_order(candidates: Sequence[str], results: Mapping[str, DistillResult]) -> list[str]:
+    """The order in which the search (stage 6) first meets the candidate sites: by held-out
+    distillation error, lowest first (ties: the given graph order), and last every site whose
+    error is non-finite or at least :data:`EXPLOSIVE_ERROR` — the sites whose lone swap would
+    explode the metric, found from the distillation before any evaluation. The ranked
+    strategy's sensitivity pass measures them last and ranks them last among equal metrics;
+    greedy and lazy break ties the same way (:func:`~dtr_compile.search.schedule.schedule`)."""
+    def key(i: int) -> tuple[bool, float, int]:
+        err = results[candidates[i]].final_error
+        bad = not math.isfinite(err) or err >= EXPLOSIVE_ERROR
+        return bad, err if math.isfinite(err) else math.inf, i
+
+    return [candidates[i] for i in sorted(range(len(candidates)), key=key)]
 
 
 def new_student(site: AttentionSite, settings: DistillSettings) -> LinearStudent:
