@@ -141,7 +141,7 @@ def _tokens_option(ctx: click.Context, param: click.Parameter, value: str | None
                    "the lower of the two budgets applies.")
 @click.option("--distill-tokens", default=None, callback=_tokens_option,
               help="Calibration tokens each site trains on, at most: steps x rows per step x row "
-                   "length, e.g. 500k or 2M (default 600k; 0: --distill-steps alone decides). "
+                   "length, e.g. 500k or 2M (default 400k; 0: --distill-steps alone decides). "
                    "Long rows get fewer steps of the same tokens.")
 @click.option("--window-dropout", type=float, default=None,
               help="With --window: the probability that a distillation step runs without the "

@@ -169,7 +169,7 @@ def parse_duration(value: str | float | int) -> float:
 
 #: Calibration tokens each site's distillation sees by default (``--distill-tokens``): see
 #: docs/benchmarks.md, "Distillation budget", for how it was chosen.
-DEFAULT_DISTILL_TOKENS = 600_000
+DEFAULT_DISTILL_TOKENS = 400_000
 #: Default probability of a training step without the window (``--window-dropout``).
 DEFAULT_WINDOW_DROPOUT = 0.0
 
