@@ -143,6 +143,10 @@ def _tokens_option(ctx: click.Context, param: click.Parameter, value: str | None
               help="Calibration tokens each site trains on, at most: steps x rows per step x row "
                    "length, e.g. 500k or 2M (default 400k; 0: --distill-steps alone decides). "
                    "Long rows get fewer steps of the same tokens.")
+@click.option("--distill-step-tokens", type=int, default=None,
+              help="Tokens per distillation step: rows longer than this / 4 tokens train fewer "
+                   "rows per step, max(1, this // row length) (default 1024: one 1024-token "
+                   "row, four 256-token rows; 0: always 4 rows).")
 @click.option("--window-dropout", type=float, default=None,
               help="With --window: the probability that a distillation step runs without the "
                    "window, so the linear branch must carry every key (scheduled: annealed to 0 "

@@ -196,7 +196,8 @@ class CompileConfig:
     student_init: str = "attention"  # matrix-state students: "attention" | "plain"
     distill_lr: float = 3e-2  # feature maps
     distill_block_lr: float = 3e-3  # a block's q/k/v/o weights, relative to their RMS
-    distill_batch: int = 4  # calibration rows per step
+    distill_batch: int = 4  # calibration rows per step, at most
+    distill_step_tokens: int = 1024  # long rows: max(1, this // row length) rows per step (0: off)
     distill_queries: int = 64  # query positions per row and step (site, bidirectional; 0: all)
     window: int = 0  # causal sites: softmax over the last W keys beside linear attention (0: off)
     max_calib_samples: int = 64

@@ -291,7 +291,7 @@ def _distill_settings(config: CompileConfig) -> DistillSettings:
         lr=config.distill_lr, block_lr=config.distill_block_lr, batch_rows=config.distill_batch,
         query_positions=config.distill_queries, loss=config.distill_loss, seed=config.seed,
         window=config.window, tokens=config.distill_tokens, window_dropout=config.window_dropout,
-        init=config.student_init)
+        init=config.student_init, step_tokens=config.distill_step_tokens)
 
 
 def _distill_cache(config: CompileConfig, group: Group, console: Console) -> DistillCache | None:

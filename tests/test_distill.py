@@ -342,6 +342,12 @@ def test_token_budget_sets_the_steps() -> None:
                                window=8)
     _, res = distill_site(site, rec, settings=settings)
     assert res.steps == 63 and res.tokens == 63 * 4 * 40
+    # long rows: fewer rows per step (step_tokens // row length, 1 to batch_rows), more steps
+    short = dataclasses.replace(s, step_tokens=1024)
+    assert [short.rows_for(t) for t in (64, 256, 300, 512, 1024, 4096)] == [4, 4, 3, 2, 1, 1]
+    assert short.steps_for(1024) == 10 and dataclasses.replace(s, step_tokens=0).rows_for(1024) == 4
+    _, res = distill_site(site, rec, settings=dataclasses.replace(settings, step_tokens=80))
+    assert res.steps == 125 and res.tokens == 125 * 2 * 40
 
 
 def test_linear_contribution_is_zero_for_an_unused_branch() -> None:

@@ -54,12 +54,16 @@ class DistillSettings:
             (``gla``, ``deltanet``, ``gated-deltanet``), or None; see :attr:`kind`.
         steps: optimiser steps per site, at most (early stopping may end sooner); with
             ``tokens`` the lower of the two budgets applies (:meth:`steps_for`).
-        tokens: calibration tokens each site's training sees, at most: ``steps × batch_rows ×
-            row length`` (``--distill-tokens``); 0: ``steps`` alone decides.
+        tokens: calibration tokens each site's training sees, at most: ``steps × rows per step
+            × row length`` (``--distill-tokens``); 0: ``steps`` alone decides.
         lr: Adam learning rate of the feature map's parameters (cosine-annealed).
         block_lr: learning rate of a block's teacher-initialised weights (q/k/v/o), relative to
             their RMS (Adam moves each weight by about ``block_lr · RMS`` per step).
-        batch_rows: calibration rows per step.
+        batch_rows: calibration rows per step, at most (see ``step_tokens``).
+        step_tokens: with rows longer than ``step_tokens / batch_rows`` tokens, fewer rows per
+            step: ``max(1, step_tokens // row length)`` (:meth:`rows_for`); 0: ``batch_rows``
+            always. For long rows the same tokens then make more, smaller steps, which trains
+            the few parameters of a student further per token.
         query_positions: query positions per row and step for bidirectional ``site`` training
             (0: all); keys are always complete.
         loss: ``"mse"`` or ``"mse+ce"`` (``site`` only).
@@ -87,6 +91,7 @@ class DistillSettings:
     lr: float = 3e-2
     block_lr: float = 3e-3
     batch_rows: int = 4
+    step_tokens: int = 0
     query_positions: int = 64
     loss: str = "mse"
     eval_every: int = 50
@@ -98,13 +103,20 @@ class DistillSettings:
     window_dropout: float = 0.0
     init: str = "attention"
 
+    def rows_for(self, row_tokens: int) -> int:
+        """Calibration rows per step for rows of ``row_tokens`` tokens: ``batch_rows``, or
+        ``max(1, step_tokens // row_tokens)`` when that is fewer."""
+        if not self.step_tokens:
+            return self.batch_rows
+        return max(1, min(self.batch_rows, self.step_tokens // max(1, row_tokens)))
+
     def steps_for(self, row_tokens: int) -> int:
         """Optimiser steps of a site whose calibration rows hold ``row_tokens`` tokens each:
-        ``steps``, or fewer when ``tokens`` runs out first, ``ceil(tokens / (batch_rows ×
-        row_tokens))`` (at least 1)."""
+        ``steps``, or fewer when ``tokens`` runs out first, ``ceil(tokens / (rows ×
+        row_tokens))`` with ``rows`` from :meth:`rows_for` (at least 1)."""
         if not self.tokens:
             return self.steps
-        per_step = max(1, self.batch_rows * max(1, row_tokens))
+        per_step = max(1, self.rows_for(row_tokens) * max(1, row_tokens))
         return min(self.steps, max(1, -(-self.tokens // per_step)))
 
     @property
@@ -138,7 +150,7 @@ class DistillSettings:
         if self.loss != "mse" and self.target != "site":
             raise InputError(f"--distill-loss {self.loss} needs --distill-target site (the "
                              "block's attention weights are not the teacher's)")
-        for name in ("steps", "query_positions", "patience", "tokens"):
+        for name in ("steps", "query_positions", "patience", "tokens", "step_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"distillation {name.replace('_', ' ')} must be >= 0")
         if self.window < 0:

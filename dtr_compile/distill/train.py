@@ -360,7 +360,7 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
     stale = 0
     loss_val = float("nan")
     step = 0
-    rows = min(s.batch_rows, len(train_idx))
+    rows = min(s.rows_for(row_tokens), len(train_idx))
     for step in range(1, steps + 1):
         idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:rows]]
         drop = dropout > 0 and float(torch.rand(1, generator=gen)) < dropout_probability(
