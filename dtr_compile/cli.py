@@ -28,7 +28,7 @@ import click  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from dtr_compile import __version__  # noqa: E402
-from dtr_compile.config import MAX_SEQ, CompileConfig, read_project_config  # noqa: E402
+from dtr_compile.config import MAX_SEQ, CompileConfig, parse_tokens, read_project_config  # noqa: E402
 from dtr_compile.errors import (  # noqa: E402
     EXIT_INTERNAL,
     EXIT_NO_REPLACEMENT,
@@ -91,6 +91,16 @@ def main() -> None:
     """dtr-compile: turn a full-attention transformer into a faster hybrid (DtR)."""
 
 
+def _tokens_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``--distill-tokens``: ``500k`` / ``2M`` → an int (None when not given)."""
+    if value is None:
+        return None
+    try:
+        return parse_tokens(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command("compile", epilog=EXIT_CODES)
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
@@ -104,7 +114,9 @@ def main() -> None:
               help="Held-out test set (.pt, as --data): the original, the delivered hybrid and "
                    "M_best are evaluated on it after the search, which never sees it.")
 @click.option("--metric", default=None,
-              help="accuracy | macro_f1 | agreement | cosine | mse | perplexity, or "
+              help="accuracy | macro_f1 | agreement | cosine | mse | perplexity | kl (mean "
+                   "KL(original ‖ hybrid) of the next-token or class distribution, no labels; "
+                   "give an absolute --budget such as 0.05, in nats), or "
                    "package.module:function (called as f(outputs, labels, reference) -> float; "
                    "attributes higher_is_better, needs_labels, bounds). Default: accuracy with "
                    "labels, else agreement with the original model's predictions.")
@@ -127,14 +139,32 @@ def main() -> None:
                    "Hedgehog's attention-weight cross-entropy.")
 @click.option("--distill-steps", type=int, default=None,
               help="Optimiser steps per site, at most (default 400, of 4 calibration rows; early "
-                   "stopping on held-out calibration rows may end sooner).")
+                   "stopping on held-out calibration rows may end sooner). With --distill-tokens "
+                   "the lower of the two budgets applies.")
+@click.option("--distill-tokens", default=None, callback=_tokens_option,
+              help="Calibration tokens each site trains on, at most: steps x rows per step x row "
+                   "length, e.g. 500k or 2M (default 400k; 0: --distill-steps alone decides). "
+                   "Long rows get fewer steps of the same tokens.")
+@click.option("--distill-step-tokens", type=int, default=None,
+              help="Tokens per distillation step: rows longer than this / 4 tokens train fewer "
+                   "rows per step, max(1, this // row length) (default 1024: one 1024-token "
+                   "row, four 256-token rows; 0: always 4 rows).")
+@click.option("--window-dropout", type=float, default=None,
+              help="With --window: the probability that a distillation step runs without the "
+                   "window, so the linear branch must carry every key (scheduled: annealed to 0 "
+                   "at half the steps). Default 0: off.")
+@click.option("--student-init", type=click.Choice(["attention", "plain"]), default=None,
+              help="gla / deltanet / gated-deltanet: attention (default) starts the decays from "
+                   "the teacher's attention distance, the write strength from its entropy and "
+                   "the window's share from its normalisers; plain: fixed slow decays.")
 @click.option("--distill-lr", type=float, default=None,
               help="Learning rate of the feature maps (default 0.03; a block's q/k/v/o weights "
                    "move by 0.003 of their RMS per step).")
 @click.option("--window", type=int, default=None,
               help="Causal sites: keep softmax over the last W keys beside the linear attention "
                    "(LoLCATs' sliding window; feature maps share one normaliser with it, gla and "
-                   "(gated-)deltanet add their state's read-out of the older keys; costs O(T·W) "
+                   "(gated-)deltanet mix in their state's read-out of the older keys by the window's "
+                   "share of a modelled normaliser; costs O(T·W) "
                    "more; bidirectional sites ignore it). "
                    "Default 0: off.")
 @click.option("--max-calib-samples", type=int, default=None,
@@ -367,7 +397,7 @@ Exit codes:
               help="Metric name or package.module:function (default: accuracy with labels, "
                    "else agreement, which needs --reference).")
 @click.option("--reference", default=None, type=click.Path(path_type=str),
-              help="ONNX of the original model: the reference for agreement / cosine.")
+              help="ONNX of the original model: the reference for agreement / cosine / kl.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per run.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
 @click.option("--json", "json_path", default=None, type=click.Path(path_type=str),

@@ -138,6 +138,29 @@ class Budget:
                 "threshold": self.threshold(baseline, higher_is_better)}
 
 
+_TOKENS_RE = re.compile(r"^\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[kKmMgG])?\s*$")
+
+
+def parse_tokens(value: str | int) -> int:
+    """A token count from ``500000``, ``"500k"``, ``"2M"`` or ``"1.5G"`` (powers of 1000).
+
+    Raises:
+        InputError: not a non-negative number with an optional k / M / G suffix.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    else:
+        m = _TOKENS_RE.match(str(value))
+        if m is None:
+            raise InputError(f"token count {value!r}: expected a number with an optional k, M "
+                             "or G suffix, e.g. 500k or 2M")
+        unit = (m["unit"] or "").lower()
+        count = round(float(m["num"]) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[unit])
+    if count < 0:
+        raise InputError(f"token count {value!r} must be >= 0 (0: no token budget)")
+    return int(count)
+
+
 _DURATION_RE = re.compile(r"^\s*(?P<num>\d+(\.\d*)?|\.\d+)\s*(?P<unit>s|m|h|min)?\s*$")
 
 
@@ -160,6 +183,13 @@ def parse_duration(value: str | float | int) -> float:
     return seconds
 
 
+#: Calibration tokens each site's distillation sees by default (``--distill-tokens``): see
+#: docs/benchmarks.md, "Distillation budget", for how it was chosen.
+DEFAULT_DISTILL_TOKENS = 400_000
+#: Default probability of a training step without the window (``--window-dropout``).
+DEFAULT_WINDOW_DROPOUT = 0.0
+
+
 @dataclass(frozen=True)
 class CompileConfig:
     """Everything one `dtr-compile` run depends on. Paths are as given by the user."""
@@ -176,10 +206,14 @@ class CompileConfig:
     student: str | None = None  # a dtr_compile.linear.STUDENTS kind; None: --feature-map's
     distill_target: str = "site"  # "site" | "block" (see dtr_compile.distill)
     distill_loss: str = "mse"  # "mse" | "mse+ce" (site only)
-    distill_steps: int = 400
+    distill_steps: int = 400  # at most, per site
+    distill_tokens: int = DEFAULT_DISTILL_TOKENS  # calibration tokens per site, at most (0: off)
+    window_dropout: float = DEFAULT_WINDOW_DROPOUT  # windowed students: p of a step without it
+    student_init: str = "attention"  # matrix-state students: "attention" | "plain"
     distill_lr: float = 3e-2  # feature maps
     distill_block_lr: float = 3e-3  # a block's q/k/v/o weights, relative to their RMS
-    distill_batch: int = 4  # calibration rows per step
+    distill_batch: int = 4  # calibration rows per step, at most
+    distill_step_tokens: int = 1024  # long rows: max(1, this // row length) rows per step (0: off)
     distill_queries: int = 64  # query positions per row and step (site, bidirectional; 0: all)
     window: int = 0  # causal sites: softmax over the last W keys beside linear attention (0: off)
     max_calib_samples: int = 64

@@ -22,6 +22,10 @@ perplexity    low    ``exp`` of the mean next-token negative log-likelihood: ``o
                      ``attention_mask == 0`` ignored. Each batch is reduced to a per-row
                      ``(sum of NLL, token count)`` as it is computed, so the ``[N, T, V]``
                      logits are never held for the whole set
+kl            low    mean ``KL(original ‖ hybrid)`` of the predicted distributions, per valid
+                     token position of a causal LM (``[N, T, V]`` logits; positions where
+                     ``attention_mask == 0`` ignored) or per row of a classifier (``[N, C]``);
+                     no labels (see :func:`kl_rows`)
 ============  =====  ======================================================================
 
 Every built-in metric is computed from **row statistics**: ``stats(outputs, labels, reference)``
@@ -367,6 +371,80 @@ perplexity = _from_stats(perplexity_stats, perplexity_combine)
 perplexity.__doc__ = "``exp(Σ NLL / Σ tokens)`` from :func:`perplexity_rows`' ``[N, 2]`` rows."
 
 
+def kl_rows(outputs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
+            labels: torch.Tensor | None) -> torch.Tensor:
+    """One batch's outputs as the ``kl`` metric keeps them: log-probabilities over the last dim
+    and, as one more last column, each position's weight (1: counted, 0: padding).
+
+    Args:
+        outputs: logits ``[B, C]`` (a classifier: every row counts) or ``[B, T, V]`` (a causal
+            LM's next-token logits, or per-token class scores: position ``t`` counts when the
+            batch's ``attention_mask[:, t]`` is 1, every position without a mask).
+        inputs: the batch's model inputs (an optional ``attention_mask: [B, T]``).
+        labels: unused (the metric compares with the original model).
+
+    Returns:
+        ``[B, ..., C + 1]`` fp32: ``log_softmax(outputs)`` then the weight column.
+
+    Raises:
+        InputError: outputs with fewer than 2 dims.
+    """
+    if outputs.dim() < 2:
+        raise InputError(f"kl needs class or next-token logits [N, C] or [N, T, V] as the "
+                         f"model's first output, got shape {tuple(outputs.shape)}")
+    logp = torch.log_softmax(outputs.float(), dim=-1)
+    weight = torch.ones_like(logp[..., :1])
+    mask = inputs.get("attention_mask")
+    if outputs.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(outputs.shape[:2]):
+        weight = mask.to(torch.float32)[..., None]
+    return torch.cat([logp, weight], dim=-1)
+
+
+def kl_stats(outputs: torch.Tensor, labels: torch.Tensor | None,
+             reference: torch.Tensor) -> torch.Tensor:
+    """Rows ``(Σ_t w_t KL_t, Σ_t w_t)``: ``[N, 2]`` float64, from :func:`kl_rows`' outputs.
+
+    ``KL_t = Σ_v p_t(v) (log p_t(v) − log q_t(v))`` (Kullback & Leibler 1951) with ``p`` the
+    original model's distribution (``reference``) and ``q`` the hybrid's (``outputs``) at
+    position ``t`` of the row, ``w_t`` the original's position weights (:func:`kl_rows`).
+
+    Raises:
+        InputError: the two do not have the same shape.
+    """
+    if outputs.shape != reference.shape or outputs.shape[-1] < 2:
+        raise InputError(f"kl expects the rows of kl_rows for both models, got shapes "
+                         f"{tuple(outputs.shape)} and {tuple(reference.shape)}")
+    log_p, log_q = reference[..., :-1].double(), outputs[..., :-1].double()
+    weight = reference[..., -1].double()  # [N, ...]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N, ...]
+    n = outputs.shape[0]
+    return torch.stack([(kl * weight).reshape(n, -1).sum(1), weight.reshape(n, -1).sum(1)],
+                       dim=1)
+
+
+def kl_combine(totals: torch.Tensor) -> torch.Tensor:
+    """``Σ w·KL / Σ w``, the mean KL per counted position.
+
+    Raises:
+        InputError: no position is counted (``Σ w == 0``).
+    """
+    if bool((totals[..., 1] <= 0).any()):
+        raise InputError("kl: the data has no counted position (every attention_mask is 0)")
+    return totals[..., 0] / totals[..., 1]
+
+
+kl = _from_stats(kl_stats, kl_combine)
+kl.__doc__ = """Mean KL divergence of the hybrid's predicted distribution from the original's,
+in nats, over counted positions (:func:`kl_rows`):
+
+    KL = Σ_{n,t} w_nt Σ_v p_nt(v) (log p_nt(v) − log q_nt(v))  /  Σ_{n,t} w_nt
+
+``p``: the original model's softmax (``reference``), ``q``: the hybrid's (``outputs``), ``w``:
+1 for a counted position (a classifier's row, a causal LM's token with ``attention_mask == 1``),
+else 0. 0 for the original itself; lower is better; no labels. Finer-grained than agreement
+(which only sees the argmax) or perplexity (which only sees the observed token)."""
+
+
 def _builtin(name: str, fn: MetricFn, higher: bool, labels: bool,
              bounds: tuple[float, float] | None, stats: StatsFn, combine: CombineFn,
              rows: RowsFn | None = None, binary: bool = False) -> Metric:
@@ -385,6 +463,7 @@ METRICS: dict[str, Metric] = {
     "mse": _builtin("mse", mse, False, False, (0.0, math.inf), mse_stats, _ratio),
     "perplexity": _builtin("perplexity", perplexity, False, False, (1.0, math.inf),
                            perplexity_stats, perplexity_combine, perplexity_rows),
+    "kl": _builtin("kl", kl, False, False, (0.0, math.inf), kl_stats, kl_combine, kl_rows),
 }
 
 

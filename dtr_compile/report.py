@@ -93,6 +93,21 @@ REL_ERROR_MEANING = (
     "guides the search; the budget is checked on the validation metric, not on it")
 
 
+#: What the per-site "linear branch" column of report.md is.
+LINEAR_BRANCH_MEANING = (
+    "linear branch = ‖ŷ − ŷ₀‖₂ / ‖ŷ‖₂, ŷ₀ the student's output with its linear branch removed "
+    "(the window's softmax alone) on the same held-out rows: how much the linear part adds; "
+    "near 0 the student is its window and the linear part is unused, 1 or more it carries "
+    "the output (always 1 without a window)")
+
+
+def _tokens(n: object) -> str:
+    """A token count as ``612k`` / ``1.2M`` (``–`` when unknown)."""
+    if not isinstance(n, (int, float)) or not n:
+        return "–"
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e3 else str(int(n))
+
+
 def _budget_for(drop: float, baseline: float, unit: str) -> str:
     """The budget text, in ``unit`` (``%``, ``pt`` or absolute), that allows ``drop``."""
     if unit == "%":
@@ -380,12 +395,15 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
         lines.append("")
     distill = report.get("distill") or {}
     if distill:
-        lines += ["## Distillation", "", REL_ERROR_MEANING + ".", "",
-                  "| site | ok | rel. error before → after | seconds |", "|---|---|---|---|"]
+        lines += ["## Distillation", "", REL_ERROR_MEANING + ". " + LINEAR_BRANCH_MEANING
+                  + ".", "",
+                  "| site | ok | rel. error before → after | linear branch | steps | tokens | "
+                  "seconds |", "|---|---|---|---|---|---|---|"]
         for sid, r in distill.items():
             lines.append(f"| {sid} | {'yes' if r.get('ok') else 'no: ' + str(r.get('reason', ''))} "
                          f"| {_fmt(r.get('init_error'), 3)} → {_fmt(r.get('final_error'), 3)} | "
-                         f"{_fmt(r.get('seconds'), 3)} |")
+                         f"{_fmt(r.get('linear_contribution'), 3)} | {r.get('steps', '–')} | "
+                         f"{_tokens(r.get('tokens'))} | {_fmt(r.get('seconds'), 3)} |")
         lines.append("")
     lines += heal_section(report.get("heal"), name)
     lines += _stateful_section(report.get("stateful"))

@@ -18,7 +18,7 @@ from dtr_compile.linear.recurrence import (
     naive_recurrence,
     recurrent_steps,
 )
-from dtr_compile.linear.window import naive_sliding_window_attention
+from dtr_compile.linear.window import naive_sliding_window_attention, naive_window_lse
 
 TOL = 2e-5
 
@@ -83,12 +83,20 @@ def module_reference(m: MatrixStateStudent, q: torch.Tensor, k: torch.Tensor, v:
     if m.window:
         kd, vd, valid_d = delay(k, m.window, 2), delay(v, m.window, 2), delay(valid_, m.window, 1)
     q_, k_, g, beta = m._inputs(q, kd, vd, valid_d)
-    out, _ = naive_recurrence(q_, k_, vd.float() * valid_d[:, None, :, None], g, beta)
-    out = m.norm(out)
+    o, _ = naive_recurrence(q_, k_, vd.float() * valid_d[:, None, :, None], g, beta)
+    out = m.norm(o).double()
     if m.window:
+        # π = σ(lse − c − u·q − log r), r = ms / (ms + eps): the window's share (fp64)
         sw = naive_sliding_window_attention(q, k, v, valid_, window=m.window, scale=m.scale)
-        out = out + sw * m.window_weight.detach()[None, :, None, None]
-    return out
+        lse = naive_window_lse(q, k, valid_, window=m.window, scale=m.scale).double()
+        lse = lse.clamp_min(-1e4)  # a query without a real key in its window: π = 0
+        ms = o.double().square().mean(-1)
+        far = (q.double() * m.far_gate.detach().double()[None, :, None, :]).sum(-1)
+        logit = (lse - m.far_bias.detach().double()[None, :, None] - far
+                 - torch.log(ms + 1e-30) + torch.log(ms + m.norm.eps))
+        pi = torch.sigmoid(logit)[..., None]
+        out = pi * sw.double() + (1 - pi) * out
+    return out.float()
 
 
 __all__ = [

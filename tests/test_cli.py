@@ -238,3 +238,21 @@ def test_tables_are_not_cut_when_output_is_not_a_terminal(tiny_task, columns) ->
         assert max(map(len, lines)) > 80
     else:
         assert max(map(len, lines)) <= 100
+
+
+def test_distill_tokens_take_k_m_g_suffixes() -> None:
+    """--distill-tokens 500k / 2M / 1.5G (powers of 1000) or a plain count; anything else is one
+    clear error (exit 2) before any work."""
+    from click.testing import CliRunner
+
+    from dtr_compile.cli import main
+    from dtr_compile.config import parse_tokens
+    from dtr_compile.errors import InputError
+
+    assert [parse_tokens(x) for x in ("0", "500k", "2M", "1.5G", " 40 ", 123)] == \
+        [0, 500_000, 2_000_000, 1_500_000_000, 40, 123]
+    for bad in ("2X", "-3", "", "1e6"):
+        with pytest.raises(InputError, match="token count"):
+            parse_tokens(bad)
+    res = CliRunner().invoke(main, ["compile", "m.pt", "-o", "h.onnx", "--distill-tokens", "2X"])
+    assert res.exit_code == 2 and "token count '2X'" in res.output

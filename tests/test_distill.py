@@ -309,3 +309,157 @@ def test_compile_with_block_target_exports_and_hits_the_cache(tiny_task, tmp_pat
                                               fp16=False))
     assert all(r["cached"] for r in again.report["distill"].values())
     assert again.report["replaced"] == first.report["replaced"]
+
+
+# --- token budget, window dropout, the linear branch's contribution (issue 23) ---------------
+
+
+def _causal_record(T: int = 40, rows: int = 8, seed: int = 0):
+    """A synthetic causal site (H = 4, Hkv = 2, D = 8) and its teacher record: sharp causal
+    softmax attention of random q, k, v."""
+    from dtr_compile.distill.activations import SiteRecord
+    from dtr_compile.passes.find_attention import AttentionSite
+
+    site = AttentionSite("site0", "layers.0.attn", "sdpa", "q", "k", "v", None, "out", ("out",),
+                         4, 2, 8, 8, True, "none", 8**-0.5)
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(rows, 4, T, 8, generator=g) * 2, torch.randn(rows, 2, T, 8, generator=g)
+    v = torch.randn(rows, 2, T, 8, generator=g)
+    out = SoftmaxAttention(4, 2, scale=site.scale, causal=True)(q, k, v, None)
+    return site, SiteRecord(q, k, v, None, out)
+
+
+def test_token_budget_sets_the_steps() -> None:
+    """Steps per site: ceil(tokens / (rows × row length)), at most --distill-steps; 0 tokens:
+    the steps alone. A site trained on 10k tokens of 40-token rows, 4 rows a step, makes 63
+    steps (63 × 160 = 10,080 tokens), and says so."""
+    s = DistillSettings(steps=400, tokens=10_000, batch_rows=4)
+    assert s.steps_for(256) == 10 and s.steps_for(1024) == 3 and s.steps_for(10**6) == 1
+    assert dataclasses.replace(s, steps=2).steps_for(256) == 2
+    assert dataclasses.replace(s, tokens=0).steps_for(256) == 400
+    site, rec = _causal_record()
+    settings = DistillSettings(steps=400, tokens=10_000, batch_rows=4, eval_every=1000,
+                               window=8)
+    _, res = distill_site(site, rec, settings=settings)
+    assert res.steps == 63 and res.tokens == 63 * 4 * 40
+    # long rows: fewer rows per step (step_tokens // row length, 1 to batch_rows), more steps
+    short = dataclasses.replace(s, step_tokens=1024)
+    assert [short.rows_for(t) for t in (64, 256, 300, 512, 1024, 4096)] == [4, 4, 3, 2, 1, 1]
+    assert short.steps_for(1024) == 10 and dataclasses.replace(s, step_tokens=0).rows_for(1024) == 4
+    _, res = distill_site(site, rec, settings=dataclasses.replace(settings, step_tokens=80))
+    assert res.steps == 125 and res.tokens == 125 * 2 * 40
+
+
+def test_linear_contribution_is_zero_for_an_unused_branch() -> None:
+    """The diagnostic ‖ŷ − ŷ₀‖ / ‖ŷ‖ (ŷ₀: the linear branch removed) on held-out rows: 0 for a
+    gla student whose far keys get no share of the output (π = 1) and for a hedgehog student whose window
+    covers every key (no key left for its feature maps); 1 without a window (ŷ₀ = 0); between
+    for a trained windowed student, and the same number in its DistillResult."""
+    from dtr_compile.distill.activations import RecordData
+    from dtr_compile.distill.train import SiteTask
+
+    site, rec = _causal_record()
+    hold = torch.arange(6, 8)
+
+    def task(kind: str, window: int) -> SiteTask:
+        fmap = kind if kind == "hedgehog" else "hedgehog"
+        s = DistillSettings(feature_map=fmap, student=None if kind == "hedgehog" else kind,
+                            window=window)
+        t = SiteTask(site, s, RecordData(rec, "none"))
+        t.init_output_scale(torch.arange(4))
+        return t
+
+    gla = task("gla", 8)
+    assert gla.linear_contribution(hold) > 0.1
+    with torch.no_grad():
+        gla.module.far_bias.fill_(-1e4)  # the far keys' normaliser 0: π = 1, the window alone
+    assert gla.linear_contribution(hold) == 0.0
+    assert task("hedgehog", 64).linear_contribution(hold) < 1e-5  # T = 40 <= W; eps = 1e-6
+    assert task("gated-deltanet", 0).linear_contribution(hold) == pytest.approx(1.0)
+    _, res = distill_site(site, rec, settings=DistillSettings(student="gla", window=8,
+                                                              steps=20))
+    assert 0.0 < res.linear_contribution < 5.0
+    _, res = distill_site(site, rec, settings=DistillSettings(window=8, steps=20))
+    assert 0.0 < res.linear_contribution < 5.0
+
+
+@pytest.mark.parametrize("kind", ["hedgehog", "gla"])
+def test_window_dropout_is_scheduled_and_deterministic(kind: str) -> None:
+    """Window dropout: a step runs without the window with probability p0·(1 − 2(i − 1)/n),
+    0 from half the steps on; the draws come from the site's seeded generator, so two runs give
+    the same weights, and other weights than without dropout. The window is back afterwards."""
+    from dtr_compile.distill.train import dropout_probability
+
+    assert dropout_probability(0.5, 1, 10) == 0.5
+    assert dropout_probability(0.5, 3, 10) == pytest.approx(0.3)
+    assert dropout_probability(0.5, 6, 10) == 0.0 == dropout_probability(0.5, 10, 10)
+    site, rec = _causal_record()
+    student = None if kind == "hedgehog" else kind
+    runs = [distill_site(site, rec, settings=DistillSettings(student=student, window=8, steps=12,
+                                                             window_dropout=p))
+            for p in (0.9, 0.9, 0.0)]
+    assert all(m.window == 8 for m, _ in runs)
+    (ma, ra), (mb, rb), (_, rc) = runs
+    assert _bytes(ma.state_dict()) == _bytes(mb.state_dict()) and ra.loss_history == rb.loss_history
+    assert ra.loss_history[0] != rc.loss_history[0]  # step 1 ran without the window
+
+
+def test_window_dropped_runs_the_student_without_its_window() -> None:
+    """Inside window_dropped(student, True) a windowed hedgehog student is plain causal linear
+    attention (its feature maps over every key), and its window is restored after."""
+    from dtr_compile.distill.train import window_dropped
+    from dtr_compile.linear import make_student
+
+    site, rec = _causal_record(T=20, rows=2)
+    windowed = make_student("hedgehog", num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8,
+                            causal=True, scale=site.scale, window=8)
+    plain = make_student("hedgehog", num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8,
+                         causal=True, scale=site.scale)
+    plain.load_state_dict({k: v for k, v in windowed.state_dict().items()
+                           if k != "window_factor"})
+    with torch.no_grad(), window_dropped(windowed, True):
+        dropped = windowed(rec.q, rec.k, rec.v)
+    assert windowed.window == 8
+    with torch.no_grad():
+        assert torch.equal(dropped, plain(rec.q, rec.k, rec.v))
+        assert not torch.equal(dropped, windowed(rec.q, rec.k, rec.v))
+
+
+def test_cache_key_covers_the_new_settings(tiny) -> None:
+    """Token budget, window dropout and the matrix-state initialisation enter a causal site's
+    key; window dropout does not enter a bidirectional site's (it has no window), nor the
+    initialisation a feature map's."""
+    gm, names, sites, calib = tiny
+    base = DistillSettings(steps=30)
+    keys = plan_distillation(gm, sites, base, calib, 16).keys
+    for change, same in ((dict(tokens=5000), False), (dict(window_dropout=0.3), True),
+                         (dict(init="plain"), True)):
+        other = plan_distillation(gm, sites, dataclasses.replace(base, **change), calib, 16).keys
+        assert (other == keys) == same, change
+    causal = dataclasses.replace(sites[0], causal=True)  # the same teacher, read as causal
+    settings = DistillSettings(student="gla", window=8)
+    k0 = plan_distillation(gm, [causal], settings, calib, 16).keys[causal.id]
+    for change in (dict(window_dropout=0.3), dict(init="plain"), dict(tokens=5000)):
+        k1 = plan_distillation(gm, [causal], dataclasses.replace(settings, **change), calib,
+                               16).keys[causal.id]
+        assert k1 != k0, change
+
+
+def test_search_order_puts_explosive_students_last() -> None:
+    """The search meets sites by distillation error, lowest first (ties: graph order), and last
+    those whose student is further from its teacher than zeros (error >= 1) or non-finite, so
+    the ranked strategy's first pass measures them last (and ranks them last among ties)."""
+    from dtr_compile.distill.plan import DistillResult, search_order
+    from dtr_compile.search.schedule import schedule
+
+    errors = {"a": 0.5, "b": float("nan"), "c": 0.2, "d": 1.3, "e": 0.2}
+    results = {s: DistillResult(s, True, 1.0, e, 0.0, 1, 0.0) for s, e in errors.items()}
+    order = search_order(list(errors), results)
+    assert order == ["c", "e", "a", "d", "b"]
+    seen: list[str] = []
+
+    def evaluate(linear: tuple[str, ...]) -> float:
+        seen.append(linear[-1])
+        return 1.0  # every site alike: the given order decides
+    res = schedule(order, evaluate, baseline=1.0, threshold=0.5, strategy="ranked")
+    assert seen[:5] == order and res.committed == order

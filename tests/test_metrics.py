@@ -29,7 +29,7 @@ def test_accuracy_agreement_macro_f1():
 def test_directions_and_needs():
     hib = {n: m.higher_is_better for n, m in METRICS.items()}
     assert hib == {"accuracy": True, "agreement": True, "macro_f1": True, "cosine": True,
-                   "mse": False, "perplexity": False}
+                   "mse": False, "perplexity": False, "kl": False}
     assert METRICS["accuracy"].better(0.9, 0.8) and METRICS["perplexity"].better(9.0, 10.0)
     assert [n for n, m in METRICS.items() if m.is_share] == ["accuracy", "agreement", "macro_f1"]
 
@@ -100,6 +100,47 @@ def test_perplexity_rejects_classifier_outputs():
         perplexity_rows(LOGITS, {"input_ids": torch.zeros(4, 3, dtype=torch.long)}, None)
 
 
+def test_kl_of_a_classifier_by_hand():
+    """Two rows, two classes: KL(p ‖ q) = Σ p (log p − log q), averaged over the rows."""
+    ref = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))  # logits whose softmax is p
+    out = torch.log(torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
+    m = METRICS["kl"]
+    r_ref, r_out = m.reduce(ref, {}, None), m.reduce(out, {}, None)
+    row0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # 0.1438…
+    assert m(r_out, None, r_ref) == pytest.approx(row0 / 2, rel=1e-6)  # fp32 log-probs
+    assert m(r_ref, None, r_ref) == 0.0
+    stats = m.row_stats(r_out, None, r_ref)
+    assert stats.reshape(-1).tolist() == pytest.approx([row0, 1.0, 0.0, 1.0], rel=1e-6, abs=1e-9)
+
+
+def test_kl_of_a_causal_lm_counts_valid_positions_only():
+    """[N, T, V] logits: mean over positions with attention_mask == 1 of the per-token KL, as a
+    hand loop computes it; reduced batch by batch; padding positions change nothing."""
+    g = torch.Generator().manual_seed(2)
+    ref, out = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 0]])
+    total, count = 0.0, 0
+    for n in range(3):
+        for t in range(4):
+            if mask[n, t]:
+                p, q = ref[n, t].double().softmax(-1), out[n, t].double().softmax(-1)
+                total += float((p * (p.log() - q.log())).sum())
+                count += 1
+    m = METRICS["kl"]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.reduce(x[:2], {"attention_mask": mask[:2]}, None),
+                          m.reduce(x[2:], {"attention_mask": mask[2:]}, None)])
+
+    assert m(rows(out), None, rows(ref)) == pytest.approx(total / count, rel=1e-6)
+    garbage = out.clone()
+    garbage[1, :2] = 1e3  # padding positions of row 1
+    assert m(rows(garbage), None, rows(ref)) == pytest.approx(total / count, rel=1e-6)
+    assert not m.higher_is_better and not m.needs_labels
+    with pytest.raises(InputError, match="no counted position"):
+        m(rows(out) * 0, None, rows(ref) * 0)
+
+
 def test_get_metric_defaults_and_errors():
     assert get_metric(None, True).name == "accuracy"
     assert get_metric(None, False).name == "agreement"
@@ -167,3 +208,47 @@ def test_metric_instance_by_import_path(tmp_path, monkeypatch):
     m = get_metric("my_metric_obj:M", False)
     assert isinstance(m, Metric) and m.name == "neg_mean" and not m.higher_is_better
     sys.modules.pop("my_metric_obj", None)
+
+
+def test_kl_bound_resamples_rows_of_token_sums():
+    """The confidence bound of a KL drop: the paired bootstrap over rows of ``(Σ KL, tokens)``;
+    the original's own rows give 0, a hybrid's a positive degradation."""
+    from dtr_compile.search.confidence import degradation_bound
+
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(6, 5, 7, generator=g)
+    out = ref + 0.3 * torch.randn(6, 5, 7, generator=g)
+    m = METRICS["kl"]
+    r_ref, r_out = m.reduce(ref, {}, None), m.reduce(out, {}, None)
+    b = degradation_bound(m, r_out, None, r_ref, 0.9, seed=0, resamples=200)
+    assert b.method == "paired-bootstrap" and b.degradation == pytest.approx(m(r_out, None, r_ref))
+    assert b.upper >= b.degradation > 0
+    assert degradation_bound(m, r_ref, None, r_ref, 0.9, resamples=50).upper == 0.0
+
+
+@pytest.mark.slow
+def test_kl_drives_a_compile_of_a_causal_lm(tmp_path):
+    """``--metric kl`` end to end on a tiny Llama: the original scores 0, the hybrid's KL from
+    it is positive and within an absolute budget, with a paired bound (--confidence) from the
+    metric's row statistics."""
+    from dtr_compile.config import CompileConfig
+    from dtr_compile.pipeline import compile_model
+
+    from .test_decoder_vision import VOCAB, TinyCausalLM, _export
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (8, 24), generator=g)
+    auto = torch.export.Dim.AUTO
+    _export(TinyCausalLM(), {"input_ids": ids[:2].clone()}, {"input_ids": {0: auto, 1: auto}},
+            tmp_path / "model.pt")
+    torch.save({"input_ids": ids}, tmp_path / "val.pt")
+    res = compile_model(CompileConfig(
+        model=str(tmp_path / "model.pt"), output=str(tmp_path / "h.onnx"),
+        data=str(tmp_path / "val.pt"), metric="kl", budget="1", confidence=0.9, max_linear=1,
+        distill_steps=5, max_calib_samples=8, workers=1, bench=False, decoder=False,
+        progress=False))
+    rep = res.report
+    assert rep["metric"]["name"] == "kl" and not rep["metric"]["higher_is_better"]
+    assert rep["baseline_metric"] == 0.0 and rep["threshold"] == 1.0
+    assert len(rep["replaced"]) == 1 and 0.0 < rep["final_metric"] <= 1.0
+    assert rep["confidence"]["interval"]["method"] == "paired-bootstrap"

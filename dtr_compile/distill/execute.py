@@ -61,10 +61,11 @@ def _run_one(site_id: str) -> tuple[str, bytes, DistillResult]:
     assert ctx is not None
     task = _task(ctx, site_id)
     last = [0.0]
+    final = task.settings.steps_for(task.row_tokens())
 
     def on_step(step: int, loss: float) -> None:
         now = time.perf_counter()
-        if ctx.progress is not None and (now - last[0] > 0.2 or step == task.settings.steps):
+        if ctx.progress is not None and (now - last[0] > 0.2 or step == final):
             last[0] = now
             ctx.progress.put((site_id, step, loss))
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -36,6 +37,7 @@ from dtr_compile.search.ledger import hash_tensors
 
 TARGETS = ("site", "block")
 LOSSES = ("mse", "mse+ce")
+INITS = ("attention", "plain")
 #: Held-out rows are the last ``N // 8`` calibration rows, at most this many.
 MAX_HOLDOUT_ROWS = 16
 
@@ -50,11 +52,18 @@ class DistillSettings:
             student kind when ``student`` is None (``--feature-map``, as before ``--student``).
         student: a kind in :data:`~dtr_compile.linear.STUDENTS` other than a feature map
             (``gla``, ``deltanet``, ``gated-deltanet``), or None; see :attr:`kind`.
-        steps: optimiser steps per site (at most; early stopping may end sooner).
+        steps: optimiser steps per site, at most (early stopping may end sooner); with
+            ``tokens`` the lower of the two budgets applies (:meth:`steps_for`).
+        tokens: calibration tokens each site's training sees, at most: ``steps × rows per step
+            × row length`` (``--distill-tokens``); 0: ``steps`` alone decides.
         lr: Adam learning rate of the feature map's parameters (cosine-annealed).
         block_lr: learning rate of a block's teacher-initialised weights (q/k/v/o), relative to
             their RMS (Adam moves each weight by about ``block_lr · RMS`` per step).
-        batch_rows: calibration rows per step.
+        batch_rows: calibration rows per step, at most (see ``step_tokens``).
+        step_tokens: with rows longer than ``step_tokens / batch_rows`` tokens, fewer rows per
+            step: ``max(1, step_tokens // row length)`` (:meth:`rows_for`); 0: ``batch_rows``
+            always. For long rows the same tokens then make more, smaller steps, which trains
+            the few parameters of a student further per token.
         query_positions: query positions per row and step for bidirectional ``site`` training
             (0: all); keys are always complete.
         loss: ``"mse"`` or ``"mse+ce"`` (``site`` only).
@@ -65,6 +74,15 @@ class DistillSettings:
             attention (LoLCATs' sliding window, :func:`~dtr_compile.linear.kernel.
             sliding_window_linear_attention` for feature maps, :class:`~dtr_compile.linear.
             recurrence.MatrixStateStudent` for gla / deltanet); bidirectional sites ignore it.
+        window_dropout: with a window, the probability that a training step runs without it
+            (the linear branch then covers every key and must carry the whole signal), annealed
+            linearly to 0 at half the steps; see :func:`~dtr_compile.distill.train.
+            window_dropped` (scheduled sliding-window dropout, arXiv 2510.05901).
+        init: matrix-state students (``gla``, ``deltanet``, ``gated-deltanet``): ``"attention"``
+            starts their decays, write strengths and output mixing from the teacher's attention
+            statistics on the first training rows (:meth:`~dtr_compile.linear.recurrence.
+            MatrixStateStudent.init_from_teacher`); ``"plain"`` from fixed slow decays, ``β =
+            0.27`` and a least-squares output scale.
     """
 
     target: str = "site"
@@ -73,6 +91,7 @@ class DistillSettings:
     lr: float = 3e-2
     block_lr: float = 3e-3
     batch_rows: int = 4
+    step_tokens: int = 0
     query_positions: int = 64
     loss: str = "mse"
     eval_every: int = 50
@@ -80,6 +99,25 @@ class DistillSettings:
     seed: int = 0
     window: int = 0
     student: str | None = None
+    tokens: int = 0
+    window_dropout: float = 0.0
+    init: str = "attention"
+
+    def rows_for(self, row_tokens: int) -> int:
+        """Calibration rows per step for rows of ``row_tokens`` tokens: ``batch_rows``, or
+        ``max(1, step_tokens // row_tokens)`` when that is fewer."""
+        if not self.step_tokens:
+            return self.batch_rows
+        return max(1, min(self.batch_rows, self.step_tokens // max(1, row_tokens)))
+
+    def steps_for(self, row_tokens: int) -> int:
+        """Optimiser steps of a site whose calibration rows hold ``row_tokens`` tokens each:
+        ``steps``, or fewer when ``tokens`` runs out first, ``ceil(tokens / (rows ×
+        row_tokens))`` with ``rows`` from :meth:`rows_for` (at least 1)."""
+        if not self.tokens:
+            return self.steps
+        per_step = max(1, self.rows_for(row_tokens) * max(1, row_tokens))
+        return min(self.steps, max(1, -(-self.tokens // per_step)))
 
     @property
     def kind(self) -> str:
@@ -112,7 +150,7 @@ class DistillSettings:
         if self.loss != "mse" and self.target != "site":
             raise InputError(f"--distill-loss {self.loss} needs --distill-target site (the "
                              "block's attention weights are not the teacher's)")
-        for name in ("steps", "query_positions", "patience"):
+        for name in ("steps", "query_positions", "patience", "tokens", "step_tokens"):
             if getattr(self, name) < 0:
                 raise InputError(f"distillation {name.replace('_', ' ')} must be >= 0")
         if self.window < 0:
@@ -123,6 +161,12 @@ class DistillSettings:
                 raise InputError(f"distillation {name.replace('_', ' ')} must be >= 1")
         if not (self.lr > 0 and self.block_lr >= 0):
             raise InputError("distillation learning rates must be > 0")
+        if not 0.0 <= self.window_dropout < 1.0:
+            raise InputError(f"--window-dropout {self.window_dropout:g}: a probability in [0, 1)"
+                             " (0: off)")
+        if self.init not in INITS:
+            raise InputError(f"unknown student initialisation {self.init!r}: expected one of "
+                             f"{', '.join(INITS)}")
 
     def for_target(self, target: str) -> DistillSettings:
         return dataclasses.replace(self, target=target,
@@ -132,7 +176,14 @@ class DistillSettings:
 @dataclass
 class DistillResult:
     """Outcome for one site. Errors are relative RMS ``‖y − ŷ‖₂ / ‖y‖₂`` on held-out rows, of
-    the site's output (target ``site``) or of the block's output (target ``block``)."""
+    the site's output (target ``site``) or of the block's output (target ``block``).
+
+    ``linear_contribution``: how much the student's linear branch adds, ``‖ŷ − ŷ₀‖₂ / ‖ŷ‖₂`` on
+    the held-out rows with ``ŷ₀`` the student's output with that branch removed (the window's
+    softmax alone: :meth:`~dtr_compile.linear.base.LinearStudent.without_linear`); 0: the
+    branch is unused, 1: it is everything (no window). ``tokens``: calibration tokens trained on
+    (steps × rows × row length).
+    """
 
     site_id: str
     ok: bool
@@ -147,6 +198,28 @@ class DistillResult:
     best_step: int = 0
     cached: bool = False
     note: str = ""
+    linear_contribution: float = float("nan")
+    tokens: int = 0
+
+
+#: A student whose held-out error reaches this is further from its teacher than outputting
+#: zeros: its lone swap is expected to explode the metric (:func:`search_order`).
+EXPLOSIVE_ERROR = 1.0
+
+
+def search_order(candidates: Sequence[str], results: Mapping[str, DistillResult]) -> list[str]:
+    """The order in which the search (stage 6) first meets the candidate sites: by held-out
+    distillation error, lowest first (ties: the given graph order), and last every site whose
+    error is non-finite or at least :data:`EXPLOSIVE_ERROR` — the sites whose lone swap would
+    explode the metric, found from the distillation before any evaluation. The ranked
+    strategy's sensitivity pass measures them last and ranks them last among equal metrics;
+    greedy and lazy break ties the same way (:func:`~dtr_compile.search.schedule.schedule`)."""
+    def key(i: int) -> tuple[bool, float, int]:
+        err = results[candidates[i]].final_error
+        bad = not math.isfinite(err) or err >= EXPLOSIVE_ERROR
+        return bad, err if math.isfinite(err) else math.inf, i
+
+    return [candidates[i] for i in sorted(range(len(candidates)), key=key)]
 
 
 def new_student(site: AttentionSite, settings: DistillSettings) -> LinearStudent:
@@ -262,6 +335,9 @@ def plan_distillation(
         own = dataclasses.asdict(settings.for_target(targets[site.id]))
         if not (site.causal and own["window"]):
             del own["window"]  # no window here: the key stays that of a run without --window
+            del own["window_dropout"]
+        if student_kind(settings.kind).family == "feature-map":
+            del own["init"]  # the teacher-statistics initialisation is the matrix states'
         if own["student"] is None:
             del own["student"]  # feature-map kinds: the key of a run before --student
         p = dict(common, teacher=hashlib.sha256("|".join(teacher).encode()).hexdigest(),

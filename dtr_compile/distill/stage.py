@@ -48,7 +48,8 @@ def distill_settings(config: CompileConfig) -> DistillSettings:
         steps=config.distill_steps,
         lr=config.distill_lr, block_lr=config.distill_block_lr, batch_rows=config.distill_batch,
         query_positions=config.distill_queries, loss=config.distill_loss, seed=config.seed,
-        window=config.window)
+        window=config.window, tokens=config.distill_tokens, window_dropout=config.window_dropout,
+        init=config.student_init, step_tokens=config.distill_step_tokens)
 
 
 def distill_cache(config: CompileConfig, group: Group, console: Console) -> DistillCache | None:
@@ -95,7 +96,8 @@ def log_distilled(console: Console, sid: str, res: DistillResult, rank: int = 0)
     status = "ok" if res.ok else f"[red]failed[/red]: {res.reason} (kept as softmax)"
     how = "from the cache" if res.cached else f"in {res.seconds:.1f} s, {res.steps} steps"
     console.log(f"distilled {sid} ({res.target}){f' on rank {rank}' if rank else ''}: rel. error "
-                f"{res.init_error:.3f} → {res.final_error:.3f} {how}, {status}"
+                f"{res.init_error:.3f} → {res.final_error:.3f} {how}, linear branch "
+                f"{res.linear_contribution:.3f}, {status}"
                 + (f" ({res.note})" if res.note else ""))
 
 

@@ -119,12 +119,22 @@ class SiteTask:
         self.subsample = (settings.query_positions > 0 and not site.causal
                           and not self.module.window and isinstance(self.module, LinearAttention))
 
+    @property
+    def student(self) -> LinearStudent:
+        return self.module
+
+    def row_tokens(self) -> int:
+        """Tokens per calibration row (the site's query length)."""
+        return int(self.data.get("q", torch.arange(1)).shape[2])
+
     def init_output_scale(self, idx: torch.Tensor) -> None:
-        """Matrix-state students: the output norm starts at the teacher's scale on ``idx``."""
+        """Matrix-state students: gates and output scale from the teacher on rows ``idx``
+        (:meth:`~dtr_compile.linear.recurrence.MatrixStateStudent.init_from_teacher`)."""
         if isinstance(self.module, MatrixStateStudent):
             d = self.data
-            self.module.init_output_scale(d.get("q", idx), d.get("k", idx), d.get("v", idx),
-                                          d.get("key_valid", idx))
+            self.module.init_from_teacher(d.get("q", idx), d.get("k", idx), d.get("v", idx),
+                                          d.get("key_valid", idx),
+                                          statistics=self.settings.init == "attention")
 
     def param_groups(self) -> list[dict[str, Any]]:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -164,6 +174,22 @@ class SiteTask:
             den += float((out**2 * w).sum())
         return math.sqrt(num / max(den, 1e-30))
 
+    @torch.no_grad()
+    def linear_contribution(self, idx: torch.Tensor) -> float:
+        """``‖ŷ − ŷ₀‖ / ‖ŷ‖`` on rows ``idx``: ``ŷ`` the student's output, ``ŷ₀`` the same
+        without its linear branch (:meth:`LinearStudent.without_linear`)."""
+        num = den = 0.0
+        for part in idx.split(8):
+            d = self.data
+            q, k, v = (d.get(n, part) for n in ("q", "k", "v"))
+            key_valid = d.get("key_valid", part)
+            pred = _site_forward(self.module, q, k, v, key_valid)[0].float()
+            alone = self.module.without_linear(q, k, v, key_valid)
+            w = query_weights(key_valid, len(part), q.shape[2], q.device)[:, None, :, None]
+            num += float(((pred - alone) ** 2 * w).sum())
+            den += float((pred**2 * w).sum())
+        return math.sqrt(num / max(den, 1e-30))
+
 
 class BlockTask:
     """Training of a ``block`` target: the student is the block with its own weights."""
@@ -174,18 +200,27 @@ class BlockTask:
         self.module = block_module(gm, block, site, new_student(site, settings),
                                    copy_weights=True).to(data.device)
 
+    @property
+    def student(self) -> LinearStudent:
+        return getattr(self.module, ATTENTION_MODULE)  # type: ignore[no-any-return]
+
+    def row_tokens(self) -> int:
+        """Tokens per calibration row (the block output's sequence length)."""
+        return int(self.data.get("out", torch.arange(1)).shape[1])
+
     def init_output_scale(self, idx: torch.Tensor) -> None:
-        """Matrix-state students: the output norm starts at the scale of softmax attention on
-        the q, k, v the block computes for ``idx`` (caught by a pre-hook on one forward)."""
+        """Matrix-state students: gates and output scale from softmax attention on the q, k, v
+        the block computes for ``idx`` (caught by a pre-hook on one forward)."""
         student = getattr(self.module, ATTENTION_MODULE, None)
         if not isinstance(student, MatrixStateStudent):
             return
+        statistics = self.settings.init == "attention"
 
         def hook(mod: MatrixStateStudent, args: tuple[Any, ...]) -> None:
             q, k, v = args[:3]
             mask = args[3] if len(args) > 3 else None
             key_valid = None if mask is None else key_valid_from_mask(mask, mod.mask_kind)
-            mod.init_output_scale(q, k, v, key_valid)
+            mod.init_from_teacher(q, k, v, key_valid, statistics=statistics)
 
         handle = student.register_forward_pre_hook(hook)
         try:
@@ -228,6 +263,55 @@ class BlockTask:
             den += float((out**2 * w).sum())
         return math.sqrt(num / max(den, 1e-30))
 
+    @torch.no_grad()
+    def linear_contribution(self, idx: torch.Tensor) -> float:
+        """As :meth:`SiteTask.linear_contribution`, at the block's output: the student inside
+        answers with :meth:`LinearStudent.without_linear` (a forward hook) for ``ŷ₀``."""
+
+        def alone(mod: LinearStudent, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            q, k, v = args[:3]
+            mask = args[3] if len(args) > 3 else None
+            kind = str(getattr(mod, "mask_kind", "none"))
+            key_valid = None if mask is None else key_valid_from_mask(mask, kind)
+            return mod.without_linear(q, k, v, key_valid).to(out.dtype)
+
+        num = den = 0.0
+        for part in idx.split(8):
+            inputs, _, w = self._batch(part)
+            pred = self.module(*inputs)
+            handle = self.student.register_forward_hook(alone)
+            try:
+                without = self.module(*inputs)
+            finally:
+                handle.remove()
+            num += float(((pred - without) ** 2 * w).sum())
+            den += float((pred**2 * w).sum())
+        return math.sqrt(num / max(den, 1e-30))
+
+
+@contextlib.contextmanager
+def window_dropped(student: LinearStudent, drop: bool) -> Iterator[None]:
+    """While active with ``drop``, ``student`` runs without its sliding window: its linear
+    branch covers every key (feature maps: plain causal linear attention; matrix states: the
+    recurrence over every key, undelayed) and carries the whole output. One training step of
+    window dropout (:func:`dropout_probability`)."""
+    before = student.window
+    if drop:
+        student.window = 0
+    try:
+        yield
+    finally:
+        student.window = before
+
+
+def dropout_probability(p0: float, step: int, steps: int) -> float:
+    """Scheduled sliding-window dropout (arXiv 2510.05901; SWAX, arXiv 2509.24552, varies the
+    window the same way): step ``step`` of ``steps`` (from 1) drops the window with probability
+    ``p0 · (1 − 2(step − 1)/steps)``, annealed linearly to 0 at half the steps, so the second
+    half trains the student as it is deployed (with its window) and the best held-out weights,
+    always measured with the window, come from it or later."""
+    return max(0.0, p0 * (1.0 - 2.0 * (step - 1) / max(1, steps)))
+
 
 def _site_seed(seed: int, site_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{site_id}".encode()).digest()[:4], "little")
@@ -255,26 +339,34 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
     task.init_output_scale(train_idx[: s.batch_rows])
     init_error = task.error(hold_idx)
     groups = task.param_groups()
-    if not groups or s.steps == 0:
+    row_tokens = task.row_tokens()
+    steps = s.steps_for(row_tokens)
+    if not groups or steps == 0:
         why = (f"{s.kind} has no trainable parameters: nothing to distill for target "
                f"{s.target}" if not groups else "0 steps")
         ok = math.isfinite(init_error)
         module.eval()
         return DistillResult(site_id, ok, init_error, init_error, float("nan"), 0,
                              time.perf_counter() - t0, "" if ok else "non-finite error",
-                             target=s.target, note=why)
+                             target=s.target, note=why,
+                             linear_contribution=task.linear_contribution(hold_idx))
     opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    student = task.student
+    dropout = s.window_dropout if student.window else 0.0
     best_error, best_step = init_error, 0
     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     history: list[float] = []
     stale = 0
     loss_val = float("nan")
     step = 0
-    rows = min(s.batch_rows, len(train_idx))
-    for step in range(1, s.steps + 1):
+    rows = min(s.rows_for(row_tokens), len(train_idx))
+    for step in range(1, steps + 1):
         idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:rows]]
-        loss = task.loss(idx, gen)
+        drop = dropout > 0 and float(torch.rand(1, generator=gen)) < dropout_probability(
+            dropout, step, steps)
+        with window_dropped(student, drop):
+            loss = task.loss(idx, gen)
         loss_val = float(loss.detach())
         if not math.isfinite(loss_val):
             module.load_state_dict(best_state)
@@ -282,7 +374,8 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
             return DistillResult(site_id, False, init_error, float("nan"), loss_val, step,
                                  time.perf_counter() - t0,
                                  reason=f"loss became {loss_val} at step {step}",
-                                 loss_history=history, target=s.target)
+                                 loss_history=history, target=s.target,
+                                 tokens=step * rows * row_tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -291,7 +384,7 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
             history.append(loss_val)
         if on_step is not None:
             on_step(step, loss_val)
-        if step % s.eval_every == 0 or step == s.steps:
+        if step % s.eval_every == 0 or step == steps:
             err = task.error(hold_idx)
             if err < best_error * (1 - 1e-3):
                 best_error, best_step, stale = err, step, 0
@@ -303,10 +396,12 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
     module.load_state_dict(best_state)
     module.eval()
     ok = math.isfinite(best_error)
-    note = "" if step == s.steps else f"stopped early at step {step}"
+    note = "" if step == steps else f"stopped early at step {step}"
+    contribution = task.linear_contribution(hold_idx)
     return DistillResult(site_id, ok, init_error, best_error, loss_val, step,
                          time.perf_counter() - t0, reason="" if ok else "non-finite held-out error",
-                         loss_history=history, target=s.target, best_step=best_step, note=note)
+                         loss_history=history, target=s.target, best_step=best_step, note=note,
+                         linear_contribution=contribution, tokens=step * rows * row_tokens)
 
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from dtr_compile.config import CompileConfig, cache_dir, parse_duration
 from dtr_compile.data import Dataset, run_model
 from dtr_compile.device import OnDevice, Placement
+from dtr_compile.distill.plan import search_order
 from dtr_compile.distill.stage import Distilled
 from dtr_compile.errors import InputError
 from dtr_compile.heal.cache import HealCache, heal_key, heal_key_parts, students_digest
@@ -132,7 +133,9 @@ def heal_stage(
     calib_hash = hash_tensors(calib.inputs)
     cache = None if config.no_cache else HealCache(
         cache_dir(config), on_warning=lambda msg: console.log(f"[yellow]{msg}[/yellow]"))
-    candidates = [s.id for s in sites if s.id not in found.kept and distilled.results[s.id].ok]
+    candidates = search_order([s.id for s in sites if s.id not in found.kept
+                               and distilled.results[s.id].ok],
+                              distilled.results)  # lowest distillation error first, explosive last
     level = config.confidence or DEFAULT_CONFIDENCE
     hib = metric.higher_is_better
     rounds_seen: dict[int, _Round] = {1: _Round(searched.schedule, searched.info,

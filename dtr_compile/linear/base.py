@@ -133,6 +133,15 @@ class LinearStudent(nn.Module):
         → [B, H, T, Dv]."""
         raise NotImplementedError
 
+    def without_linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       key_valid: torch.Tensor | None) -> torch.Tensor:
+        """The output with the linear branch removed: the sliding window's exact softmax alone
+        (as the student weighs it), zeros without a window. Shapes as :meth:`forward`, with a key
+        padding vector ``key_valid: [B|1, S]`` instead of the mask; fp32. Distillation's
+        diagnostic of how much the linear branch contributes (``DistillResult.
+        linear_contribution``)."""
+        raise NotImplementedError
+
     def state_names(self) -> tuple[str, ...]:
         """Names of the recurrent-state tensors, in a fixed order (e.g. ``("recurrent",)``)."""
         raise NotImplementedError

@@ -12,7 +12,9 @@ The update overwrites the value stored under ``k_t`` instead of adding to it. ``
 b)`` and ``α_t = σ(w'·v_t + b')`` per head (:class:`~dtr_compile.linear.recurrence.HeadGate`,
 from the site's own values, so site and block targets work alike), initialised at ``w = 0``,
 ``β = σ(−1) ≈ 0.27`` (a partial overwrite: the first steps average, as softmax does, more than
-they replace) and slow decays. The output RMS norm is the layers' own (GDN's output norm).
+they replace) and slow decays at construction; distillation then starts β from the teacher's
+attention entropy and the decays from its attention distance (:meth:`~dtr_compile.linear.
+recurrence.MatrixStateStudent.init_from_teacher`). The output RMS norm is the layers' own (GDN's output norm).
 
 Forms: :func:`delta_chunked` (WY/UT chunked form, the triangular inverse by blocked doubling,
 :func:`~dtr_compile.linear.recurrence.unit_lower_inverse`, so the graph has no Loop),

@@ -10,8 +10,10 @@ Mamba-2 and Gated DeltaNet): a scalar decay keeps every exponent of the chunked 
 (no per-dimension ``exp(−G)`` rescaling that overflows at fast decays, hence no secondary
 chunking) and it maps onto ONNX ``LinearAttention``'s ``gated`` rule. ``α_t = σ(w_h·v_t + b_h)``
 (:class:`~dtr_compile.linear.recurrence.HeadGate`: from the site's own values, so it works for
-site and block targets), initialised data-independent with slow decays
-(:func:`~dtr_compile.linear.recurrence.slow_decay_bias`). ``q`` is the teacher's query times the
+site and block targets), constructed data-independent with slow decays
+(:func:`~dtr_compile.linear.recurrence.slow_decay_bias`); distillation then starts each head's
+decay from the teacher's attention distance (:meth:`~dtr_compile.linear.recurrence.
+MatrixStateStudent.init_from_teacher`). ``q`` is the teacher's query times the
 site's softmax scale, ``k, v`` the teacher's; the output RMS norm (GLA's own) fixes the scale
 that softmax's normalisation gave.
 

@@ -456,6 +456,19 @@ class LinearAttention(LinearStudent):
             )
         return out.to(q.dtype)
 
+    def without_linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       key_valid: torch.Tensor | None) -> torch.Tensor:
+        """The window's softmax alone (see :meth:`LinearStudent.without_linear`): the
+        feature-map terms leave the numerator and the shared normaliser, so what remains is
+        softmax over the last ``W`` keys (``σ(γ)`` cancels); zeros without a window."""
+        if not self.window:
+            return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=torch.float32, device=q.device)
+        from dtr_compile.linear.window import sliding_window_attention  # it imports this module
+
+        k, v = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+        return sliding_window_attention(q, k, v, key_valid, window=self.window, scale=self.scale,
+                                        chunk_size=self.chunk_size)
+
     # --- stateful (decode) form, see LinearStudent ---------------------------------------------
 
     def state_names(self) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,11 @@ from torch import nn
 
 from dtr_compile.linear.base import LinearStudent, first_token, stored_window
 from dtr_compile.linear.kernel import _align_keys, _chunk, _unchunk, key_valid_from_mask, repeat_kv
-from dtr_compile.linear.window import sliding_window_attention, window_attention_step
+from dtr_compile.linear.window import (
+    sliding_window_attention,
+    sliding_window_attention_lse,
+    window_attention_step,
+)
 
 #: Scan rounds of an exported graph: exact for up to ``2**MAX_SCAN_ROUNDS`` chunks.
 MAX_SCAN_ROUNDS = 16
@@ -128,7 +133,7 @@ class HeadRMSNorm(nn.Module):
     with the number and alignment of keys), unlike softmax; as in the GLA and DeltaNet layers
     (Yang et al. 2024) a per-head RMS norm restores a fixed scale. ``g: [H, Dv]`` is 1 at
     construction; distillation sets it to the teacher's per-head output RMS before training
-    (:meth:`MatrixStateStudent.init_output_scale`) and trains it. An empty state gives ``0``,
+    (:meth:`MatrixStateStudent.init_from_teacher`) and trains it. An empty state gives ``0``,
     never NaN (``eps = 1e-6``; smaller values amplify rounding where ``o`` nearly cancels, and
     the exported graph then drifts from PyTorch).
     """
@@ -424,36 +429,38 @@ def delay(x: torch.Tensor, steps: int, dim: int) -> torch.Tensor:
     return F.pad(x, pad).narrow(d, 0, x.shape[d])
 
 
-def _nonnegative_fit(target: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                     w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per head, ``(a, g) >= 0`` minimising ``Σ w·(target − a·x − g·y)²``.
+#: Shifts of the far keys' log-normaliser ``c_h`` around the teacher's mean that
+#: :meth:`MatrixStateStudent.init_from_teacher` tries: −30 makes ``π ≈ 1`` (the window alone).
+FAR_BIAS_SHIFTS = (-30.0, -6.0, -4.0, -3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
 
-    All ``[B, H, T, D]`` (``w`` broadcastable) → ``a, g: [H]``. Two unknowns: the minimum is the
-    joint least-squares solution when both are ``>= 0``, else on an edge (one of them 0), so the
-    best of those candidates is exact.
+
+@dataclass(frozen=True)
+class AttentionStatistics:
+    """Per-head statistics ``[H]`` of a teacher's softmax attention on the keys a matrix state
+    holds (:meth:`MatrixStateStudent.teacher_statistics`): all keys, or with a window those at
+    least ``W`` positions back ("far" keys).
+
+    Attributes:
+        distance: mean distance ``t − s − W`` of the attention on far keys, weighted by it.
+        entropy: entropy of the attention on far keys (renormalised over them), divided by
+            ``log(count)``: 0 for one key, 1 for uniform; mass-weighted over queries.
+        far_mass: mean share of the attention on far keys.
+        far_lse: mean log-normaliser of the far keys, ``log Σ_{s <= t−W} exp(q_t·k_s·scale)``,
+            over queries that have any.
     """
-    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (u * v * w).sum(dim=(0, 2, 3)).double()  # [H]
 
-    tt, tx, ty = dot(target, target), dot(target, x), dot(target, y)
-    xx, xy, yy = dot(x, x), dot(x, y), dot(y, y)
-    det = xx * yy - xy * xy
-    tiny = 1e-30
-    cands = [
-        ((tx * yy - ty * xy) / det.clamp_min(tiny), (ty * xx - tx * xy) / det.clamp_min(tiny)),
-        ((tx / xx.clamp_min(tiny)).clamp_min(0.0), torch.zeros_like(tt)),
-        (torch.zeros_like(tt), (ty / yy.clamp_min(tiny)).clamp_min(0.0)),
-    ]
-    best_a, best_g = cands[1]
-    best = tt - 2 * best_a * tx + best_a * best_a * xx
-    solvable = det > 1e-9 * (xx * yy)  # the joint solution: only when x and y are not parallel
-    for (a, g), ok in ((cands[0], solvable), (cands[2], torch.ones_like(solvable))):
-        ok = ok & (a >= 0) & (g >= 0)
-        err = tt - 2 * a * tx - 2 * g * ty + a * a * xx + 2 * a * g * xy + g * g * yy
-        better = ok & (err < best)
-        best_a, best_g = torch.where(better, a, best_a), torch.where(better, g, best_g)
-        best = torch.where(better, err, best)
-    return best_a.float(), best_g.float().clamp_min(1e-6)
+    distance: torch.Tensor
+    entropy: torch.Tensor
+    far_mass: torch.Tensor
+    far_lse: torch.Tensor
+
+    def decay(self) -> torch.Tensor:
+        """``α = D / (1 + D)`` in ``[0.5, 0.9995]`` (geometric weights of mean distance ``D``)."""
+        return (self.distance / (1 + self.distance)).clamp(0.5, 0.9995)
+
+    def write_strength(self) -> torch.Tensor:
+        """``β = 1 − Ĥ`` in ``[0.05, 0.95]``."""
+        return (1 - self.entropy).clamp(0.05, 0.95)
 
 
 # --- the students' common module -------------------------------------------------------------
@@ -466,20 +473,26 @@ class MatrixStateStudent(LinearStudent):
     β, q/k transforms).
 
     With ``window = W > 0`` query ``t`` gets exact softmax over its last ``W`` keys (the site's
-    scale; :func:`~dtr_compile.linear.window.sliding_window_attention`) *plus* the recurrence's
-    normalised read-out of the keys that have left the window (``s <= t − W``)::
+    scale; :func:`~dtr_compile.linear.window.sliding_window_attention_lse`) *mixed with* the
+    recurrence's normalised read-out of the keys that have left the window (``s <= t − W``)::
 
-        out_t = a_h · SWA_W(q_t; k, v)_t + RMSNorm_h(S_{t−W}ᵀ q_t) · g_h
+        n_t   = RMSNorm_h(S_{t−W}ᵀ q_t) · g_h
+        π_t   = σ(lse_t − c_h − u_h·q_t − log r_t)
+        out_t = π_t · SWA_W(q_t; k, v)_t + (1 − π_t) · n_t
 
     where ``S_{t−W}`` is the recurrence run on the keys, values, gates and β delayed by ``W``
-    positions. This is LoLCATs' split (Zhang et al. 2025: softmax inside the window, linear
-    attention before it) for recurrences that have no normaliser to share with the softmax: the
-    two parts add, weighted per head. :meth:`init_output_scale` fits ``a_h`` (``window_weight``)
-    and ``g_h`` to the teacher's output by least squares; a head whose teacher attends mostly
-    outside the window (an attention sink at the first token, common in decoder LLMs) starts
-    with a small ``a_h`` instead of the window's recent values at full weight. The gates and β
-    read the values (:class:`HeadGate`), so a key leaving a stored window has everything its
-    state update needs.
+    positions, ``lse_t`` the window's log-normaliser ``log Σ_{window} exp(q_t·k_s·scale)`` and
+    ``r_t = ms_t / (ms_t + eps) ∈ [0, 1)`` (``ms_t`` the mean square of ``S_{t−W}ᵀ q_t``: 0 while
+    no key has left the window, about 1 after). Softmax over all keys *is* this mixture with
+    ``π_t = Z_win / (Z_win + Z_far)``, the window's share of the normaliser; the student models
+    the far keys' log-normaliser as ``c_h + u_h·q_t`` (a per-head constant and a learned
+    projection of the query, which can follow an attention sink's ``q·k_sink``), so the window
+    and the state share one normaliser as in LoLCATs (Zhang et al. 2025) without the recurrence
+    having one of its own. ``u = 0`` at construction; :meth:`init_from_teacher` sets ``c_h`` from
+    the teacher's far log-normalisers and ``g_h`` by least squares. Removing the state's
+    read-out leaves ``SWA`` alone (``Z_far = 0``: :meth:`without_linear`). The gates and β read
+    the values (:class:`HeadGate`), so a key leaving a stored window has everything its state
+    update needs.
 
     State: ``{"recurrent": [B, H, Dk, Dv]}`` fp32, plus with a window ``window_key: [B, Hkv, W,
     Dk]``, ``window_value: [B, Hkv, W, Dv]`` and ``window_valid: [B, W]`` (the last ``W``
@@ -511,7 +524,8 @@ class MatrixStateStudent(LinearStudent):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.norm = HeadRMSNorm(num_heads, head_dim_v)
         if window:
-            self.window_weight = nn.Parameter(torch.ones(num_heads))  # a_h: [H]
+            self.far_bias = nn.Parameter(torch.zeros(num_heads))  # c_h: [H]
+            self.far_gate = nn.Parameter(torch.zeros(num_heads, head_dim))  # u_h: [H, Dk]
 
     def _inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -552,37 +566,126 @@ class MatrixStateStudent(LinearStudent):
                             update_rule=self.update_rule, chunk_size=self.chunk_size)
         return out
 
-    def _window_part(self, sw: torch.Tensor) -> torch.Tensor:
-        """``a_h · SWA``: sw ``[B, H, t, Dv]`` fp32."""
-        return sw * self.window_weight.float()[None, :, None, None]
+    def window_share(self, o: torch.Tensor, lse: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``π: [B, H, t, 1]``, the window's share of the output (class docstring) from the
+        state's raw read-out ``o: [B, H, t, Dv]``, the window's log-normaliser ``lse: [B, H, t]``
+        and the queries ``q: [B, H, t, Dk]``; fp32."""
+        ms = o.square().mean(-1)  # [B, H, t]
+        log_r = torch.log(ms + 1e-30) - torch.log(ms + self.norm.eps)  # log r_t <= 0
+        far = torch.matmul(q.float(), self.far_gate.float()[:, :, None])[..., 0]  # u·q: [B, H, t]
+        logit = lse - self.far_bias.float()[None, :, None] - far - log_r
+        return torch.sigmoid(logit)[..., None]
+
+    def _mix(self, o: torch.Tensor, sw: torch.Tensor, lse: torch.Tensor,
+             q: torch.Tensor) -> torch.Tensor:
+        """``π·SWA + (1 − π)·RMSNorm(o)·g`` (fp32 ``[B, H, t, Dv]``)."""
+        pi = self.window_share(o, lse, q)
+        return pi * sw + (1.0 - pi) * self.norm(o)
 
     def forward_valid(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_valid: torch.Tensor | None) -> torch.Tensor:
         """:meth:`forward` from a key padding vector ``key_valid: [B|1, S]`` (1 = real token)
         instead of the site's mask (what distillation records)."""
         k, v, valid = self._aligned(q, k, v, key_valid)
-        out = self.norm(self._state_readout(q, k, v, valid))
-        if self.window:
-            out = out + self._window_part(sliding_window_attention(
-                q, k, v, valid, window=self.window, scale=self.scale, chunk_size=self.chunk_size))
-        return out.to(q.dtype)
+        o = self._state_readout(q, k, v, valid)
+        if not self.window:
+            return self.norm(o).to(q.dtype)
+        sw, lse = sliding_window_attention_lse(q, k, v, valid, window=self.window,
+                                               scale=self.scale, chunk_size=self.chunk_size)
+        return self._mix(o, sw, lse, q).to(q.dtype)
+
+    def without_linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       key_valid: torch.Tensor | None) -> torch.Tensor:
+        """The window's part alone (the state's read-out removed; see :meth:`LinearStudent.
+        without_linear`); zeros without a window. fp32 ``[B, H, T, Dv]``."""
+        if not self.window:
+            return torch.zeros(*q.shape[:-1], self.head_dim_v, dtype=torch.float32,
+                               device=q.device)
+        k, v, valid = self._aligned(q, k, v, key_valid)
+        return sliding_window_attention(q, k, v, valid, window=self.window, scale=self.scale,
+                                        chunk_size=self.chunk_size)
 
     @torch.no_grad()
-    def init_output_scale(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          key_valid: torch.Tensor | None) -> None:
-        """Set the output norm's gain ``g_h`` (and with a window the window's weight ``a_h``)
-        from the teacher — softmax attention with the site's scale, causal, over valid keys — on
-        these rows (real query positions only).
+    def teacher_statistics(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           key_valid: torch.Tensor | None) -> AttentionStatistics:
+        """Per-head statistics of the teacher — softmax attention with the site's scale, causal,
+        over valid keys — on these rows (real query positions only), of the keys the state
+        holds: those at least ``W`` positions back (all of them without a window). Shapes as
+        :meth:`forward_valid`; one head at a time, ``O(B·T²)`` memory."""
+        T, H, W = q.shape[-2], self.num_heads, self.window
+        k, v, valid = self._aligned(q, k, v, key_valid)
+        pos = torch.arange(T, device=q.device)
+        dist = (pos[:, None] - pos[None, :]).float()  # [T, T], t − s
+        causal = dist >= 0
+        far = dist >= W  # the state's keys, beside the window's
+        acc = torch.zeros(6, H, dtype=torch.float64)  # mass, dist·p, entropy·mass, its weight, Σ lse_far, n
+        for h in range(H):
+            scores = torch.matmul(q[:, h].float(), k[:, h].float().transpose(-1, -2)) * self.scale
+            allowed = causal & (valid[:, None, :] > 0)  # [B, T, T]
+            scores = scores.masked_fill(~allowed, -torch.inf)
+            log_z = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, T, 1]
+            p = torch.exp(scores - log_z).nan_to_num(0.0)  # a query without a real key: 0
+            p_far = p * far
+            mass = p_far.sum(-1)  # [B, T]
+            qw = valid.expand_as(mass) * (log_z[..., 0] > -torch.inf)  # real queries
+            count = (allowed & far).sum(-1)  # [B, T] far keys
+            has = (count > 0) & (qw > 0)
+            share = p_far / mass.clamp_min(1e-30)[..., None]
+            ent = -(share * torch.log(share.clamp_min(1e-30))).sum(-1)  # [B, T]
+            ent = ent / torch.log(count.clamp_min(2).float())  # normalised: 0 (one key) … 1
+            lse_far = torch.logsumexp(scores.masked_fill(~far, -torch.inf), dim=-1)
+            acc[:, h] = torch.stack([
+                (mass * qw).sum(), (p_far * (dist - W)).sum(-1).mul(qw).sum(),
+                (ent * mass * qw * (count > 1)).sum(), (mass * qw * (count > 1)).sum(),
+                torch.where(has, lse_far, 0.0).sum(), has.sum()]).double()
+        mass, dist_sum, ent_sum, ent_w, lse_sum, n = acc
+        return AttentionStatistics(
+            distance=(dist_sum / mass.clamp_min(1e-30)).float(),
+            entropy=torch.where(ent_w > 0, ent_sum / ent_w.clamp_min(1e-30), 1.0).float(),
+            far_mass=(mass / n.clamp_min(1.0)).float(),
+            far_lse=torch.where(n > 0, lse_sum / n.clamp_min(1.0), 0.0).float())
 
-        Without a window: the teacher's per-head output RMS (the normalised output has RMS 1
-        per position, so the student starts at the teacher's scale instead of 1, which can be
-        20× off). With a window: the per-head least-squares fit of ``teacher ≈ a·SWA + g·n``
-        (``n`` the normalised state read-out) with ``a, g >= 0``: the best of the joint fit and
-        the two one-part fits, so the student starts no further from the teacher than the
-        window alone (``a = 1, g = 0``). Shapes as :meth:`forward_valid`; called once before
-        training (``distill.train``).
+    @torch.no_grad()
+    def init_from_teacher(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          key_valid: torch.Tensor | None, *, statistics: bool = True) -> None:
+        """Start the student near the teacher on these rows (shapes as :meth:`forward_valid`;
+        called once before training, ``distill.train``).
+
+        With ``statistics`` (Taylor-Calibrate, 2026: decays from the attention distance, write
+        strength from the attention entropy; LoLCATs, Zhang et al. 2025, for the window and
+        state sharing one normaliser), from :meth:`teacher_statistics` of the keys the state
+        holds (at least ``W`` back):
+
+        * decay ``α_h = D_h / (1 + D_h)`` (``gla``, ``gated-deltanet``; ``gate.bias``): the
+          geometric weights ``α^d`` have mean distance ``α / (1 − α) = D_h``, the teacher's mean
+          distance (past the window's edge) of its attention on those keys; clamped to
+          ``[0.5, 0.9995]``;
+        * write strength ``β_h = 1 − Ĥ_h`` (``deltanet``, ``gated-deltanet``; ``beta.bias``),
+          ``Ĥ`` the teacher's entropy on those keys normalised by ``log(count)``: sharp attention
+          (one key) overwrites, diffuse attention averages; clamped to ``[0.05, 0.95]``.
+
+        Without it the gates keep their construction values (slow decays, ``β = σ(−1)``). Then,
+        either way, the output: with a window the far keys' log-normaliser ``c_h``
+        (``far_bias``) starts at the teacher's mean ``log Σ_{s <= t−W} exp(q_t·k_s·scale)``
+        (``u = 0``), so ``π_t`` starts at the teacher's window share up to the spread of that
+        term, and the gain ``g_h`` is the least-squares fit (``>= 0``) of ``teacher − π·SWA ≈
+        (1 − π)·g·n̂`` (``n̂`` the unit-RMS read-out); ``c_h`` is then the best of that mean
+        shifted by each of :data:`FAR_BIAS_SHIFTS` (per head, by the fitted error), the most
+        negative of which is the window alone (``π ≈ 1``), so the student starts no further
+        from the teacher than the window does; without one, ``g_h`` is the teacher's per-head output RMS
+        (the normalised output has RMS 1 per position, so the student starts at the teacher's
+        scale instead of 1, which can be 20× off).
         """
         T = q.shape[-2]
+        stats = self.teacher_statistics(q, k, v, key_valid)
+        if statistics:
+            gate, beta_gate = getattr(self, "gate", None), getattr(self, "beta", None)
+            if isinstance(gate, HeadGate):
+                alpha = stats.decay()
+                gate.bias.copy_(torch.log(alpha / (1 - alpha)))
+            if isinstance(beta_gate, HeadGate):
+                beta = stats.write_strength()
+                beta_gate.bias.copy_(torch.log(beta / (1 - beta)))
         k, v, valid = self._aligned(q, k, v, key_valid)
         allowed = (valid[:, None, None, :] > 0) & torch.ones(T, T, dtype=torch.bool,
                                                              device=q.device).tril()
@@ -590,12 +693,26 @@ class MatrixStateStudent(LinearStudent):
             q.float(), k.float(), v.float(), attn_mask=allowed, scale=self.scale)  # [B, H, T, Dv]
         w = valid[:, None, :, None].expand_as(out)  # real query positions
         if self.window:
-            sw = sliding_window_attention(q, k, v, valid, window=self.window, scale=self.scale,
-                                          chunk_size=self.chunk_size)
+            self.far_gate.zero_()
+            sw, lse = sliding_window_attention_lse(q, k, v, valid, window=self.window,
+                                                   scale=self.scale, chunk_size=self.chunk_size)
             o = self._state_readout(q, k, v, valid)
-            n = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + self.norm.eps)
-            weight, gain = _nonnegative_fit(out, sw, n, w)
-            self.window_weight.copy_(weight)
+            unit = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + self.norm.eps)
+            best_err = torch.full_like(stats.far_lse, torch.inf, dtype=torch.float64)
+            bias, gain = stats.far_lse.clone(), torch.full_like(stats.far_lse, 1e-6)
+            for shift in FAR_BIAS_SHIFTS:  # c_h = the teacher's mean, or off it by `shift`
+                self.far_bias.copy_(stats.far_lse + shift)
+                pi = self.window_share(o, lse, q)
+                n, rest = (1.0 - pi) * unit, out - pi * sw
+                nr = (n * rest * w).sum(dim=(0, 2, 3)).double()
+                nn_ = (n.square() * w).sum(dim=(0, 2, 3)).double().clamp_min(1e-30)
+                g = (nr / nn_).clamp_min(0.0)  # least squares, >= 0
+                err = (rest.square() * w).sum(dim=(0, 2, 3)).double() - 2 * g * nr + g * g * nn_
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                bias = torch.where(better, stats.far_lse + shift, bias)
+                gain = torch.where(better, g.float().clamp_min(1e-6), gain)
+            self.far_bias.copy_(bias)
         else:
             gain = ((out.square() * w).sum(dim=(0, 2, 3))
                     / w.sum(dim=(0, 2, 3)).clamp_min(1.0)).sqrt().clamp_min(1e-6)
@@ -662,8 +779,8 @@ class MatrixStateStudent(LinearStudent):
         values = torch.cat([win_v[:, :, 1:].to(v.dtype), v], dim=2)
         keys_valid = torch.cat([win_valid[:, 1:], valid], dim=1)  # [B, W]
         kh, vh = self._heads(keys, values)
-        out = self.norm(out) + self._window_part(
-            window_attention_step(q, kh, vh, keys_valid, scale=self.scale))
+        sw, lse = window_attention_step(q, kh, vh, keys_valid, scale=self.scale)
+        out = self._mix(out, sw, lse, q)
         return out, {
             "recurrent": s,
             "window_key": keys.to(win_k.dtype),
@@ -702,10 +819,10 @@ class MatrixStateStudent(LinearStudent):
         # heads repeated before concatenating: repeating a length C + t makes torch.export guard
         kh = torch.cat([repeat_kv(win_k, self.num_heads), repeat_kv(k, self.num_heads)], dim=2)
         vh = torch.cat([repeat_kv(win_v, self.num_heads), repeat_kv(v, self.num_heads)], dim=2)
-        sw = sliding_window_attention(q_all, kh, vh, valid_all, window=W, scale=self.scale,
-                                      chunk_size=self.chunk_size)  # [B, H, C+t, Dv]
-        out = self.norm(out) + self._window_part(
-            sw.index_select(2, torch.arange(C, C + t, device=q.device)))
+        sw, lse = sliding_window_attention_lse(q_all, kh, vh, valid_all, window=W,
+                                               scale=self.scale, chunk_size=self.chunk_size)
+        new = torch.arange(C, C + t, device=q.device)  # [B, H, C+t, Dv] → the new positions
+        out = self._mix(out, sw.index_select(2, new), lse.index_select(2, new), q)
         return out, {
             "recurrent": s,
             "window_key": k_all.index_select(2, keep).to(state["window_key"].dtype),

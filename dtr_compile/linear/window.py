@@ -7,9 +7,11 @@ feature-map students' LoLCATs form, :func:`~dtr_compile.linear.kernel.
 sliding_window_linear_attention`) with the site's softmax scale; padding keys never get weight
 and a query whose window holds no real key gets ``0``.
 
-Forms: :func:`sliding_window_attention` (chunked, ``[C, 2C]`` blocks with ``C = max(chunk, W)``:
-prefill, training, export), :func:`window_attention_step` (one query against a stored window:
-decode) and the fp64 quadratic reference :func:`naive_sliding_window_attention`.
+Forms: :func:`sliding_window_attention` / :func:`sliding_window_attention_lse` (chunked, ``[C,
+2C]`` blocks with ``C = max(chunk, W)``: prefill, training, export; the second also gives each
+query's log-normaliser, which the matrix-state students' output mixing reads),
+:func:`window_attention_step` (one query against a stored window: decode) and the fp64
+quadratic references :func:`naive_sliding_window_attention` and :func:`naive_window_lse`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from dtr_compile.linear.kernel import (
     _window_masks,
 )
 
-__all__ = ["naive_sliding_window_attention", "sliding_window_attention", "window_attention_step"]
+__all__ = ["naive_sliding_window_attention", "naive_window_lse", "sliding_window_attention",
+           "sliding_window_attention_lse", "window_attention_step"]
 
 
 def sliding_window_attention(
@@ -38,7 +41,23 @@ def sliding_window_attention(
     scale: float,
     chunk_size: int = 64,
 ) -> torch.Tensor:
-    """Causal softmax attention over the last ``window`` keys, chunked.
+    """Causal softmax attention over the last ``window`` keys, chunked: the output of
+    :func:`sliding_window_attention_lse`."""
+    return sliding_window_attention_lse(q, k, v, key_valid, window=window, scale=scale,
+                                        chunk_size=chunk_size)[0]
+
+
+def sliding_window_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    *,
+    window: int,
+    scale: float,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention over the last ``window`` keys, chunked, and its log-normaliser.
 
     Args:
         q: ``[B, H, T, Dk]``; k: ``[B, H, S, Dk]``; v: ``[B, H, S, Dv]`` (keys aligned top-left,
@@ -50,7 +69,10 @@ def sliding_window_attention(
             the one before.
 
     Returns:
-        ``[B, H, T, Dv]`` fp32. Work and memory ``O(T·C)`` per head, not ``O(T²)``.
+        ``(out: [B, H, T, Dv], lse: [B, H, T])`` fp32: ``lse`` is each query's
+        ``log Σ_s exp(q·k_s·scale)`` over its window's real keys (about ``−1e4`` when there is
+        none: finite, so a gate ``σ(lse − c)`` closes there instead of giving NaN). Work and
+        memory ``O(T·C)`` per head, not ``O(T²)``.
     """
     C = max(chunk_size, window)
     T = q.shape[-2]
@@ -67,17 +89,19 @@ def sliding_window_attention(
     allowed = in_window & valid_l
     scores = torch.matmul(q_c, k_l.transpose(-1, -2)) * scale  # [B, H, N, C, 2C]
     scores = torch.where(allowed, scores, _MASKED_SCORE)
-    a = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed.float()
+    top = scores.amax(dim=-1, keepdim=True)
+    a = torch.exp(scores - top) * allowed.float()
     # the row's best key contributes exp(0) = 1, so a row with a real key sums to >= 1; an empty
     # row sums to 0 and gives 0 (clamping at 1 changes nothing else: exact, no eps)
-    out = torch.matmul(a, v_l) / a.sum(-1, keepdim=True).clamp_min(1.0)
-    return _unchunk(out, T)
+    total = a.sum(-1, keepdim=True).clamp_min(1.0)
+    out = torch.matmul(a, v_l) / total
+    return _unchunk(out, T), _unchunk(top + torch.log(total), T)[..., 0]
 
 
 def window_attention_step(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, keys_valid: torch.Tensor, *,
     scale: float,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per row against its whole stored window (decode).
 
     Args:
@@ -86,13 +110,16 @@ def window_attention_step(
         scale: the softmax scale.
 
     Returns:
-        ``[B, H, 1, Dv]`` fp32, the terms :func:`sliding_window_attention` forms for that query.
+        ``(out: [B, H, 1, Dv], lse: [B, H, 1])`` fp32, the terms
+        :func:`sliding_window_attention_lse` forms for that query.
     """
     allowed = keys_valid[:, None, None, :] > 0  # [B, 1, 1, W]
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale  # [B, H, 1, W]
     scores = torch.where(allowed, scores, _MASKED_SCORE)
-    a = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed.float()
-    return torch.matmul(a, values.float()) / a.sum(-1, keepdim=True).clamp_min(1.0)
+    top = scores.amax(dim=-1, keepdim=True)
+    a = torch.exp(scores - top) * allowed.float()
+    total = a.sum(-1, keepdim=True).clamp_min(1.0)
+    return torch.matmul(a, values.float()) / total, (top + torch.log(total))[..., 0]
 
 
 def naive_sliding_window_attention(
@@ -109,3 +136,16 @@ def naive_sliding_window_attention(
     scores = torch.where(allowed, (q @ k.transpose(-1, -2)) * scale, -torch.inf)
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty row: 0
     return (weights @ v).float()
+
+
+def naive_window_lse(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, *,
+                     window: int, scale: float) -> torch.Tensor:
+    """fp64 reference of :func:`sliding_window_attention_lse`'s log-normaliser: ``logsumexp``
+    of the allowed scores, ``[B, H, T]`` (−inf for a query without a real key); returns fp32."""
+    q, k = q.double(), k.double()
+    T, S = q.shape[-2], k.shape[-2]
+    dist = torch.arange(T)[:, None] - torch.arange(S)[None, :]
+    valid = torch.ones(1, S, dtype=torch.bool) if key_valid is None else key_valid > 0
+    allowed = (dist >= 0) & (dist < window) & valid[:, None, None, :]
+    scores = torch.where(allowed, (q @ k.transpose(-1, -2)) * scale, -torch.inf)
+    return torch.logsumexp(scores, dim=-1).float()

@@ -26,7 +26,7 @@ from dtr_compile.errors import InputError, first_line
 from dtr_compile.fileio import read_onnx
 
 #: Metrics that compare with the original model's outputs: ``run`` needs ``--reference`` for them.
-REFERENCE_METRICS = frozenset({"agreement", "cosine"})
+REFERENCE_METRICS = frozenset({"agreement", "cosine", "kl"})
 
 _NP_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

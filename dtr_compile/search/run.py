@@ -22,6 +22,7 @@ from dtr_compile import __version__
 from dtr_compile.config import Budget, CompileConfig, parse_duration
 from dtr_compile.data import Dataset
 from dtr_compile.device import Placement
+from dtr_compile.distill.plan import search_order
 from dtr_compile.distill.stage import Distilled
 from dtr_compile.errors import EXIT_NO_REPLACEMENT, EXIT_OK
 from dtr_compile.inputs import Inputs, Sites
@@ -390,7 +391,9 @@ def search_stage(
     (:func:`search`), with the ledger at ``ledger_path``; ``students_path``: where the distill
     stage saved the students (for the report)."""
     sites, plan, students = found.sites, distilled.plan, distilled.students
-    candidates = [s.id for s in sites if s.id not in found.kept and distilled.results[s.id].ok]
+    candidates = search_order([s.id for s in sites if s.id not in found.kept
+                               and distilled.results[s.id].ok],
+                              distilled.results)  # lowest distillation error first, explosive last
     # students run in the search on the placement's device (copies: the exported hybrid takes
     # the CPU originals)
     on_device = students if placement.is_default else \

@@ -17,7 +17,9 @@ Strategies (``L`` candidate sites, ``k`` commits):
 * ``ranked`` — one single-site sensitivity pass, then sites are added in that order until one
   breaks the budget; see :func:`_ranked`. ``L + k`` evaluations; at most ``2L − 1``.
 
-Ties go to the site that comes first in graph order (the order of ``site_ids``), and a NaN metric
+Ties go to the site that comes first in the order of ``site_ids`` (graph order; the compile passes
+them by distillation error, explosive students last: :func:`~dtr_compile.distill.plan.
+search_order`), and each strategy's first pass measures them in that order. A NaN metric
 ranks below every number, so the same metric values always give the same choices.
 ``max_evals`` (counting replayed evaluations too, so that a resumed search ends where an
 uninterrupted one would) and ``time_limit_s`` (wall time of new evaluations in this process)
@@ -368,7 +370,8 @@ def schedule(
     """Search which of ``site_ids`` (in graph order) to make linear.
 
     Args:
-        site_ids: candidate sites (already excluding kept and failed sites), in graph order.
+        site_ids: candidate sites (already excluding kept and failed sites), in the order that
+            breaks ties (graph order, or :func:`~dtr_compile.distill.plan.search_order`'s).
         evaluate: metric of the model with exactly the given sites linear; the tuple is the
             committed sites in commit order, then the candidate.
         baseline: metric of the original model.
