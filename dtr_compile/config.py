@@ -196,7 +196,7 @@ class CompileConfig:
     select: str = "most-linear"  # which hybrid -o gets: "most-linear" (M_opt) | "best" (M_best)
     deploy_seq: str | list[int] | None = None  # bench lengths: "512,2048"; default: T and 4T; "none": skip
     bench: bool = True  # time original vs hybrid ONNX in onnxruntime after export
-    bench_repeats: int = 5  # interleaved timed rounds per length (median reported)
+    bench_repeats: int = 5  # timed runs per model and length, each model alone (median)
     device: str = "auto"  # torch stages: auto (CUDA when present) | cpu | cuda | cuda:N
     dtype: str = "fp32"  # teacher and recorded activations: fp32 | bf16 | fp16
     progress: bool = True

@@ -276,7 +276,10 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
         lines.append("")
     speed = report.get("speed") or {}
     if speed.get("rows"):
-        lines += ["## Speed (onnxruntime, batch 1, median of interleaved runs)", "",
+        rounds = speed.get("rounds")
+        how = (f"each model alone: {rounds} rounds, each a fresh process per model; median of "
+               f"{speed.get('repeats')} runs" if rounds else "median of interleaved runs")
+        lines += [f"## Speed (onnxruntime, batch 1, {how})", "",
                   "| length | original ms | hybrid ms | latency ratio | original MiB | hybrid MiB "
                   "| memory ratio |", "|---|---|---|---|---|---|---|"]
         for r in speed["rows"]:

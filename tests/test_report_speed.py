@@ -80,6 +80,13 @@ def test_speed_section(compiled):
         assert (f"NOT faster than the original at T={r['seq']}" in res.output) == (not r["faster"])
 
 
+def test_speed_stage_times_each_model_alone_in_rounds(compiled):
+    """The speed stage calls ``bench``: each model alone, in fresh processes, rounds kept."""
+    _, report, out = compiled
+    md = out.with_suffix(".report.md").read_text()
+    assert "each model alone" in md and "interleaved" not in md
+
+
 def test_confidence_rejects_what_the_point_metric_accepts(tiny_task, tmp_path):
     """Agreement stays 1 on 48 rows, within a 1pt threshold; but its exact 0.95 bound,
     1 − 0.05^(1/48) ≈ 0.06, is not within 0.01: nothing fits (exit 3), and the budget is finer
