@@ -225,6 +225,15 @@ def main() -> None:
 @click.option("--export-original", is_flag=True, default=None,
               help="Also write the original model as OUTPUT.original.onnx (verified), for "
                    "side-by-side runs.")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+              help="Also write int4 / int8 weight copies of the ONNX models (OUTPUT.int4.onnx, "
+                   "OUTPUT.int4.decoder.onnx, and the original's with --export-original): "
+                   "every constant-weight MatMul becomes onnxruntime's MatMulNBits (its own "
+                   "quantizer; onnxruntime-genai's CPU settings: symmetric, int8 activations). "
+                   "With --test, the report gives their test metric beside the fp32 original's.")
+@click.option("--quantize-block-size", type=int, default=None,
+              help="Weights per quantization scale with --quantize: 16, 32 (default, as "
+                   "onnxruntime-genai on CPU), 64, 128 or 256.")
 @click.option("--no-decoder", "decoder", flag_value=False, default=None,
               help="Causal models: do not write the stateful decoder OUTPUT.decoder.onnx "
                    "(input_ids, attention_mask and per-layer KV cache / recurrent state → logits "

@@ -180,6 +180,8 @@ class CompileConfig:
     external_data: str = "auto"  # ONNX weights in NAME.data: "auto" (over 1.5 GiB) | always | never
     fp16: bool = False  # also write <output>.fp16.onnx, verified at the fp16 tolerance
     export_original: bool = False  # also write <output>.original.onnx
+    quantize: str | None = None  # "int4" | "int8": also write <output>.int4.onnx etc. (MatMulNBits)
+    quantize_block_size: int = 32  # weights per quantization block (onnxruntime-genai's CPU default)
     decoder: bool = True  # causal models: also write <output>.decoder.onnx (KV cache + state)
     decode_steps: int = 64  # greedy tokens of the decoder's parity check
     engine: str | None = None  # build a TensorRT engine here (needs [tensorrt] and a GPU)

@@ -54,6 +54,11 @@ from dtr_compile.exporters.artifacts import (
     external_weights,
 )
 from dtr_compile.exporters.onnx import parity_cases
+from dtr_compile.exporters.quantize import (
+    check_quantize_options,
+    quantize_artifacts,
+    quantize_plan,
+)
 from dtr_compile.exporters.stateful import (
     check_decoder,
     copy_tokenizer,
@@ -101,6 +106,7 @@ from dtr_compile.search.ledger import (
     save_students,
 )
 from dtr_compile.search.prefix_cache import PrefixCache, SegmentedGraph
+from dtr_compile.search.quantized import evaluate_quantized
 from dtr_compile.search.schedule import STRATEGIES, Evaluation, ScheduleResult, meets, schedule
 
 
@@ -152,6 +158,8 @@ def write_plan(config: CompileConfig) -> dict[str, Path]:
         plan["decoder ONNX"] = dec["hybrid"]
         if config.export_original:
             plan["original decoder ONNX"] = dec["original"]
+    plan |= quantize_plan(config.quantize, out, original=config.export_original,
+                          decoders=config.decoder)
     # an ONNX file's weights may go to NAME.data beside it (--external-data); a stale one is removed
     for name, path in list(plan.items()):
         if path.suffix == ".onnx":
@@ -256,6 +264,7 @@ def _validate(config: CompileConfig) -> Budget:
                          linear_attention=config.linear_attention,
                          external_data=config.external_data)
     _distill_settings(config).check()
+    check_quantize_options(config.quantize, config.quantize_block_size)
     if config.max_calib_tokens < 1:
         raise InputError("--max-calib-tokens must be >= 1")
     if config.workers < 0:
@@ -912,6 +921,22 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         stateful = _decoders(config, gm, scan, {sid: students[sid] for sid in delivered},
                              plan.blocks, hybrid, val, names, out_path, exported.opset, console,
                              write_to=staging.path, fused=exported.fused)
+    quantized = None
+    if config.quantize:
+        with stages("quantize", console):
+            quantized = quantize_artifacts(
+                exported.artifacts | _decoder_artifacts(stateful), config.quantize,
+                block_size=config.quantize_block_size, write_to=staging.path,
+                locate=lambda p: str(staging.staged(p)), log=console.log,
+                external=external_weights(config.external_data))
+            if test is not None and test_info is not None:
+                quantized["test"] = evaluate_quantized(
+                    {k: v["path"] for k, v in quantized["models"].items() if "error" not in v},
+                    test, metric, run_model(gm, test, names, config.eval_batch,
+                                            reduce=metric.reduce),
+                    test_info["original"], test_info["threshold"],
+                    confidence=test_info["confidence"], batch_size=config.eval_batch,
+                    seed=config.seed, locate=lambda p: str(staging.staged(p)), log=console.log)
     parity = exported.parity
     parity_ok = exported.ok
     exit_code = EXIT_OK if fits else EXIT_NO_REPLACEMENT
@@ -933,7 +958,8 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
                       "report_md": str(paths.markdown), "plot": str(paths.plot),
                       "ledger": str(paths.ledger), "students": str(paths.students)}
-                     | exported.artifacts | _decoder_artifacts(stateful),
+                     | exported.artifacts | _decoder_artifacts(stateful)
+                     | (quantized or {}).get("artifacts", {}),
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
                    "bounds": metric.bounds},
         "budget": budget.to_dict(baseline, metric.higher_is_better),
@@ -947,6 +973,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
         "outputs": outputs,
         "test": test_info,
         "speed": speed,
+        "quantized": quantized,
         "warnings": warnings_,
         "calibration_rows": len(calib),
         "student": _distill_settings(config).kind,
