@@ -241,7 +241,8 @@ def _tokens_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--no-bench", "bench", flag_value=False, default=None,
               help="Skip timing the original and hybrid ONNX after export.")
 @click.option("--bench-repeats", type=int, default=None,
-              help="Interleaved timed rounds per length for the speed report (default 5).")
+              help="Timed runs per length and model for the speed report, each model alone "
+                   "in fresh processes (default 5).")
 @click.option("--cache-mb", type=int, default=None,
               help="Memory for the search's exact prefix cache, which skips the layers before "
                    "each candidate site (default 1024; 0 turns it off).")
@@ -280,6 +281,15 @@ def _tokens_option(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--export-original", is_flag=True, default=None,
               help="Also write the original model as OUTPUT.original.onnx (verified), for "
                    "side-by-side runs.")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+              help="Also write int4 / int8 weight copies of the ONNX models (OUTPUT.int4.onnx, "
+                   "OUTPUT.int4.decoder.onnx, and the original's with --export-original): "
+                   "every constant-weight MatMul becomes onnxruntime's MatMulNBits (its own "
+                   "quantizer; onnxruntime-genai's CPU settings: symmetric, int8 activations). "
+                   "With --test, the report gives their test metric beside the fp32 original's.")
+@click.option("--quantize-block-size", type=int, default=None,
+              help="Weights per quantization scale with --quantize: 16, 32 (default, as "
+                   "onnxruntime-genai on CPU), 64, 128 or 256.")
 @click.option("--no-decoder", "decoder", flag_value=False, default=None,
               help="Causal models: do not write the stateful decoder OUTPUT.decoder.onnx "
                    "(input_ids, attention_mask and per-layer KV cache / recurrent state → logits "
@@ -467,51 +477,71 @@ def _seqs(text: str, flag: str = "--seq") -> list[int]:
 
 
 @main.command("bench", epilog="""\b
+Each model is timed alone: --rounds rounds, each running every model in turn in a fresh process
+of its own (no two models loaded at once); a figure is the median of all timed runs, with the
+lowest and highest round median beside it.
 Columns: each model's median latency (ms) and peak memory (MiB) per length T, and each later
 model's ratio to the first (B/A < 1: B is faster / smaller).
 With --decode (stateful decoders): per context C, decode ms/token (median of --tokens greedy
-steps after a prefill of C tokens; * = from a synthesised past of length C), prefill ms, and
-state MiB per stream (KV caches + recurrent states), with B/A ratios.
+steps after a prefill of C tokens; * = from a synthesised past of length C), prefill ms, state
+MiB per stream (KV caches + recurrent states) and peak MiB, with ×A ratios; a MODEL may also be
+an onnxruntime-genai folder, and --builder-from HF_FOLDER adds the model builder's exports of
+the original (built once, kept in --builder-dir) beside yours.
 Exit codes:
   0  measured (cells a model cannot run say why)
   2  bad input: missing or unloadable file, malformed --seq / --context, a prefill-only model
-     with --decode""")
+     with --decode, --builder-from without onnxruntime-genai""")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--seq", "seq", default="512,2048", show_default=True,
               help="Comma-separated sequence lengths.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size.")
 @click.option("--repeats", type=int, default=10, show_default=True,
-              help="Timed rounds per length; each round runs every model once, interleaved.")
-@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed runs first.")
+              help="Timed runs per model and length, in all (spread over the rounds).")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Rounds; in each, every model runs alone in a fresh process of its own.")
+@click.option("--warmup", type=int, default=2, show_default=True,
+              help="Untimed runs (--decode: decode steps) per model in each round.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads.")
 @click.option("--extend-positions", is_flag=True, default=False,
               help="Time lengths beyond a model's position table (e.g. 512) on a copy whose "
                    "table is extended with random rows; such cells are marked *.")
 @click.option("--no-memory", is_flag=True, default=False,
-              help="Skip the peak-memory probes (one child process per model and length).")
+              help="Leave the peak-memory column out.")
 @click.option("--decode", is_flag=True, default=False,
               help="Decode benchmark of stateful decoder ONNX models (see below).")
 @click.option("--context", default="1024,4096,16384", show_default=True,
               help="--decode: comma-separated context lengths.")
-@click.option("--tokens", type=int, default=32, show_default=True,
-              help="--decode: timed decode steps per model and context.")
+@click.option("--tokens", type=int, default=48, show_default=True,
+              help="--decode: timed decode steps per model and context, in all.")
 @click.option("--max-prefill", type=int, default=4096, show_default=True,
               help="--decode: run a real prefill up to this context; above it decode starts "
                    "from a synthesised past and the prefill cell says 'skipped'.")
 @click.option("--prefill-repeats", type=int, default=3, show_default=True,
-              help="--decode: timed prefill runs per model and context.")
+              help="--decode: timed prefill runs per model and context, in all.")
 @click.option("--profile", is_flag=True, default=False,
               help="--decode: also profile 8 decode steps per model at the largest context "
                    "(onnxruntime profiler) and list where the time goes, per op type.")
+@click.option("--builder-from", "builder_from", default=None,
+              type=click.Path(path_type=str, file_okay=False),
+              help="--decode: a Hugging Face folder of the original model (with its tokenizer): "
+                   "also time onnxruntime-genai's model builder exports of it "
+                   "(--builder-precision), built offline once into --builder-dir.")
+@click.option("--builder-precision", default="fp32,int4", show_default=True,
+              help="--decode: the builder's precisions to time (fp32, int4, int8).")
+@click.option("--builder-dir", default=None, type=click.Path(path_type=str, file_okay=False),
+              help="--decode: where the builder's exports are kept (default: "
+                   "HF_FOLDER.genai beside it).")
 @click.option("--json", "json_path", default=None, type=click.Path(path_type=str),
               help="Also write the results as JSON here.")
-def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmup: int,
-              threads: int | None, extend_positions: bool, no_memory: bool, decode: bool,
-              context: str, tokens: int, max_prefill: int, prefill_repeats: int,
-              profile: bool, json_path: str | None) -> None:
+def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, rounds: int,
+              warmup: int, threads: int | None, extend_positions: bool, no_memory: bool,
+              decode: bool, context: str, tokens: int, max_prefill: int, prefill_repeats: int,
+              profile: bool, builder_from: str | None, builder_precision: str,
+              builder_dir: str | None, json_path: str | None) -> None:
     """Latency and peak memory of MODELS (.onnx, e.g. original then hybrid) in onnxruntime at
-    each sequence length, with inputs synthesised from each model's input signature; with
-    --decode, per-token decode latency, prefill time and state size of stateful decoders."""
+    each sequence length, each model timed alone, with inputs synthesised from each model's
+    input signature; with --decode, per-token decode latency, prefill time, state size and
+    peak memory of stateful decoders."""
     from dtr_compile.runtime.evaluate import write_json
 
     console = _console()
@@ -520,36 +550,18 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
         check_json_output(json_path, {k: v for i, m in enumerate(models)
                                       for k, v in onnx_inputs(f"model {i + 1}", m).items()})
         if decode:
-            from dataclasses import asdict
-
-            from dtr_compile.runtime.bench_decode import bench_decode, decode_table
-
-            dres = bench_decode(list(models), _seqs(context, "--context"), batch=batch,
-                                tokens=tokens, prefill_repeats=prefill_repeats,
-                                max_prefill=max_prefill, warmup=warmup, threads=threads,
-                                on_step=lambda msg: console.log(msg))
-            out = dres.to_dict()
-            profiles = {}
-            if profile:
-                from dtr_compile.runtime.bench_decode import profile_decode
-
-                longest = max(dres.contexts)
-                profiles = {m: profile_decode(m, longest, threads=threads) for m in dres.models}
-                out["profile"] = {"context": longest,
-                                  "ops": {m: [asdict(o) for o in p] for m, p in profiles.items()}}
-            if json_path:
-                write_json(json_path, out)
-            table_console().print(decode_table(dres))
-            if profiles:
-                from dtr_compile.runtime.bench_decode import profile_table
-
-                table_console().print(profile_table(profiles, max(dres.contexts)))
+            _bench_decode(console, list(models), _seqs(context, "--context"), batch=batch,
+                          tokens=tokens, prefill_repeats=prefill_repeats,
+                          max_prefill=max_prefill, warmup=warmup, rounds=rounds,
+                          threads=threads, profile=profile, builder_from=builder_from,
+                          builder_precision=builder_precision, builder_dir=builder_dir,
+                          json_path=json_path)
             return
         from dtr_compile.runtime.bench import bench, bench_table
 
-        result = bench(list(models), _seqs(seq), batch=batch, repeats=repeats, warmup=warmup,
-                       threads=threads, extend=extend_positions, memory=not no_memory,
-                       on_step=lambda msg: console.log(msg))
+        result = bench(list(models), _seqs(seq), batch=batch, repeats=repeats, rounds=rounds,
+                       warmup=warmup, threads=threads, extend=extend_positions,
+                       memory=not no_memory, on_step=lambda msg: console.log(msg))
         if json_path:
             write_json(json_path, result.to_dict())
     except DtrError as exc:
@@ -557,6 +569,47 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
     table_console().print(bench_table(result))
     if result.prepack_note:
         click.echo(result.prepack_note)
+
+
+def _bench_decode(console: Console, models: list[str], contexts: list[int], *,
+                  builder_from: str | None, builder_precision: str, builder_dir: str | None,
+                  profile: bool, json_path: str | None, threads: int | None,
+                  **kwargs: Any) -> None:
+    """``bench --decode``: the builder's baselines (built or reused), the timing, the tables."""
+    from dataclasses import asdict
+
+    from dtr_compile.runtime.bench_decode import (
+        bench_decode,
+        decode_table,
+        is_genai_folder,
+        profile_decode,
+        profile_table,
+    )
+    from dtr_compile.runtime.evaluate import write_json
+
+    builds = {}
+    if builder_from is not None:
+        from dtr_compile.runtime.genai_baseline import builder_baselines
+
+        precisions = [p.strip() for p in builder_precision.split(",") if p.strip()]
+        root = builder_dir or str(Path(builder_from).resolve()) + ".genai"
+        builds = builder_baselines(builder_from, root, precisions, log=console.log)
+        models = models + [b.folder for b in builds.values()]
+    dres = bench_decode(models, contexts, threads=threads, on_step=lambda m: console.log(m),
+                        **kwargs)
+    out = dres.to_dict() | {"builds": {p: b.to_dict() for p, b in builds.items()}}
+    profiles = {}
+    if profile:
+        longest = max(dres.contexts)
+        profiles = {m: profile_decode(m, longest, threads=threads) for m in dres.models
+                    if not is_genai_folder(m)}
+        out["profile"] = {"context": longest,
+                          "ops": {m: [asdict(o) for o in p] for m, p in profiles.items()}}
+    if json_path:
+        write_json(json_path, out)
+    table_console().print(decode_table(dres))
+    if profiles:
+        table_console().print(profile_table(profiles, max(dres.contexts)))
 
 
 def _prompt_ids(text: str) -> list[int]:

@@ -230,6 +230,8 @@ class CompileConfig:
     external_data: str = "auto"  # ONNX weights in NAME.data: "auto" (over 1.5 GiB) | always | never
     fp16: bool = False  # also write <output>.fp16.onnx, verified at the fp16 tolerance
     export_original: bool = False  # also write <output>.original.onnx
+    quantize: str | None = None  # "int4" | "int8": also write <output>.int4.onnx etc. (MatMulNBits)
+    quantize_block_size: int = 32  # weights per quantization block (onnxruntime-genai's CPU default)
     decoder: bool = True  # causal models: also write <output>.decoder.onnx (KV cache + state)
     decode_steps: int = 64  # greedy tokens of the decoder's parity check
     engine: str | None = None  # build a TensorRT engine here (needs [tensorrt] and a GPU)
@@ -253,7 +255,7 @@ class CompileConfig:
     select: str = "most-linear"  # which hybrid -o gets: "most-linear" (M_opt) | "best" (M_best)
     deploy_seq: str | list[int] | None = None  # bench lengths: "512,2048"; default: T and 4T; "none": skip
     bench: bool = True  # time original vs hybrid ONNX in onnxruntime after export
-    bench_repeats: int = 5  # interleaved timed rounds per length (median reported)
+    bench_repeats: int = 5  # timed runs per model and length, each model alone (median)
     device: str = "auto"  # torch stages: auto (CUDA when present) | cpu | cuda | cuda:N
     dtype: str = "fp32"  # teacher and recorded activations: fp32 | bf16 | fp16
     progress: bool = True

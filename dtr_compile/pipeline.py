@@ -38,6 +38,7 @@ from dtr_compile.report import build_report, report_paths, write_report
 from dtr_compile.runtime.speed import speed_stage
 from dtr_compile.search.baseline import measure_baseline
 from dtr_compile.search.holdout import holdout_stage
+from dtr_compile.search.quantized import quantize_stage
 from dtr_compile.search.run import search_stage, select
 from dtr_compile.search.schedule import ScheduleResult
 
@@ -140,10 +141,11 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     test = holdout_stage(config, inputs, budget, distilled, chosen, hybrid, console, stages)
     exported = export_stage(config, inputs, found, distilled, chosen.delivered, hybrid, out_path,
                             staging.path, console, stages)
+    quantized = quantize_stage(config, inputs, exported, test, staging, console, stages)
     speed = speed_stage(config, inputs, exported.result, console, stages,
                         locate=lambda p: str(staging.staged(p)))
     report = build_report(config, files, inputs, found, budget, base, distilled, searched, chosen,
-                          test, exported, speed, stages, placement, group, memory, console)
+                          test, exported, quantized, speed, stages, placement, group, memory, console)
     _write(config, report, files, exported.result, staging)
     return CompileResult(chosen.exit_code, out_path, report_path, report, hybrid, found.sites,
                          searched.schedule, distilled.results)

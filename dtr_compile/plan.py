@@ -14,6 +14,7 @@ from dtr_compile.config import Budget, CompileConfig, cache_dir, check_seed, par
 from dtr_compile.distill.stage import distill_settings
 from dtr_compile.errors import InputError
 from dtr_compile.exporters.artifacts import check_export_options, export_paths
+from dtr_compile.exporters.quantize import check_quantize_options, quantize_plan
 from dtr_compile.exporters.stateful import (
     decoder_paths,
     find_model_tokenizer,
@@ -66,6 +67,8 @@ def write_plan(config: CompileConfig) -> dict[str, Path]:
         plan["decoder ONNX"] = dec["hybrid"]
         if config.export_original:
             plan["original decoder ONNX"] = dec["original"]
+    plan |= quantize_plan(config.quantize, out, original=config.export_original,
+                          decoders=config.decoder)
     # an ONNX file's weights may go to NAME.data beside it (--external-data); a stale one is removed
     for name, path in list(plan.items()):
         if path.suffix == ".onnx":
@@ -134,6 +137,7 @@ def validate(config: CompileConfig) -> Budget:
                          linear_attention=config.linear_attention,
                          external_data=config.external_data)
     distill_settings(config).check()
+    check_quantize_options(config.quantize, config.quantize_block_size)
     check_heal(config)
     if config.max_calib_tokens < 1:
         raise InputError("--max-calib-tokens must be >= 1")

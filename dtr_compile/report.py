@@ -246,7 +246,72 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                          f"original {_fmt(test['original'], 4)} (drop {_fmt(m['drop'], 4)}{bound}; "
                          f"{'within' if m['within_budget'] else 'BEYOND'} the budget on test)")
     lines += speed_lines(report)
+    lines += quantized_lines(report)
     lines += [f"warning: {w}" for w in report.get("warnings") or []]
+    return lines
+
+
+_QUANTIZED_LABELS = {"onnx": "hybrid", "original_onnx": "original",
+                     "hybrid_decoder_onnx": "hybrid decoder",
+                     "original_decoder_onnx": "original decoder"}
+
+
+def quantized_lines(report: dict[str, Any]) -> list[str]:
+    """One line per quantized model evaluated on the test rows (``--quantize`` with ``--test``):
+    its metric, the fp32 original's and the change, and whether the budget holds; one line per
+    model the quantizer failed on."""
+    q = report.get("quantized") or {}
+    if not q:
+        return []
+    name = report.get("metric", {}).get("name", "metric")
+    lines = []
+    test = q.get("test") or {}
+    for label, m in (test.get("models") or {}).items():
+        rel = m.get("relative_change")
+        lines.append(f"{q['scheme']} {label} on the test rows ({test['rows']}): {name} "
+                     f"{_fmt(m['metric'], 4)} vs fp32 original {_fmt(test['original'], 4)} "
+                     f"(change {m['change']:+.4g}"
+                     + (f", {100 * rel:+.2f} %" if rel is not None else "") + "; "
+                     f"{'within' if m['within_budget'] else 'BEYOND'} the budget on test)")
+    for key, m in (q.get("models") or {}).items():
+        if "error" in m:
+            lines.append(f"{q['scheme']} {_QUANTIZED_LABELS.get(key, key)} not written: "
+                         f"{m['error']}")
+    return lines
+
+
+def _quantized_section(report: dict[str, Any]) -> list[str]:
+    """The ``--quantize`` artifacts: files, MatMuls quantized, weight sizes, test quality."""
+    q = report.get("quantized") or {}
+    if not q:
+        return []
+    name = report.get("metric", {}).get("name", "metric")
+    test = (q.get("test") or {}).get("models") or {}
+    lines = [f"## Quantized weights ({q['scheme']})", "",
+             f"Every constant-weight MatMul → onnxruntime `MatMulNBits` ({q['scheme']}, block "
+             f"{q['block_size']}, symmetric, accuracy level {q['accuracy_level']}), as "
+             "onnxruntime-genai's model builder quantizes for the CPU. Test quality: the "
+             "quantized prefill model in onnxruntime on the test rows, against the fp32 "
+             "original in PyTorch.", "",
+             f"| model | file | MatMuls quantized | weights MiB | test {name} | change vs fp32 "
+             "original | drop bound | within budget |", "|---|---|---|---|---|---|---|---|"]
+    for key, m in (q.get("models") or {}).items():
+        label = _QUANTIZED_LABELS.get(key, key)
+        if "error" in m:
+            lines.append(f"| {label} | not written: {m['error']} | | | | | | |")
+            continue
+        t = test.get(label) if key in ("onnx", "original_onnx") else None
+        rel = (t or {}).get("relative_change")
+        iv = (t or {}).get("interval") or {}
+        lines.append(
+            f"| {label} | {Path(m['path']).name} | {m['matmuls']} of {m['matmuls_total']} | "
+            f"{m['weight_bytes_before'] / 2**20:.0f} → {m['weight_bytes_after'] / 2**20:.0f} | "
+            + (f"{_fmt(t['metric'])} | {t['change']:+.4g}"
+               + (f" ({100 * rel:+.2f} %)" if rel is not None else "")
+               + f" | {_fmt(iv.get('upper')) if iv else '—'} | "
+               f"{'yes' if t['within_budget'] else '**no**'} |" if t else "— | — | — | — |"))
+    lines.append("")
+    lines += [f"- {x}" for x in quantized_lines(report)] + [""]
     return lines
 
 
@@ -340,7 +405,10 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
         lines.append("")
     speed = report.get("speed") or {}
     if speed.get("rows"):
-        lines += ["## Speed (onnxruntime, batch 1, median of interleaved runs)", "",
+        rounds = speed.get("rounds")
+        how = (f"each model alone: {rounds} rounds, each a fresh process per model; median of "
+               f"{speed.get('repeats')} runs" if rounds else "median of interleaved runs")
+        lines += [f"## Speed (onnxruntime, batch 1, {how})", "",
                   "| length | original ms | hybrid ms | latency ratio (range over the rounds) "
                   "| original MiB | hybrid MiB | memory ratio |", "|---|---|---|---|---|---|---|"]
         for r in speed["rows"]:
@@ -407,6 +475,7 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
         lines.append("")
     lines += heal_section(report.get("heal"), name)
     lines += _stateful_section(report.get("stateful"))
+    lines += _quantized_section(report)
     timings = report.get("timings_s") or {}
     if timings:
         rss = (report.get("runtime") or {}).get("peak_rss_by_stage_mib") or {}
@@ -558,8 +627,8 @@ def plot_search(report: dict[str, Any], path: str | Path) -> None:
 def build_report(
     config: CompileConfig, files: tuple[Path, Path, Path], inputs: Inputs, found: Sites,
     budget: Budget, base: Baseline, distilled: Distilled, searched: Searched, chosen: Selection,
-    test: dict[str, Any] | None, exported: Exported, speed: dict[str, Any] | None,
-    stages: Stages, placement: Placement, group: Group, memory: list[Any], console: Console,
+    test: dict[str, Any] | None, exported: Exported, quantized: dict[str, Any] | None,
+    speed: dict[str, Any] | None, stages: Stages, placement: Placement, group: Group, memory: list[Any], console: Console,
 ) -> dict[str, Any]:
     """The report of a compile (``report.json``), from what each stage produced; with
     ``next_steps`` (logged too) when no site fits the budget.
@@ -567,6 +636,8 @@ def build_report(
     Args:
         files: the ``(onnx, report, config)`` paths (:func:`dtr_compile.plan.artifact_paths`).
         test: the ``test`` section (:func:`dtr_compile.search.holdout.holdout_stage`), or None.
+        quantized: the ``quantized`` section (:func:`dtr_compile.search.quantized.quantize_stage`),
+            or None.
         speed: the ``speed`` section (:func:`dtr_compile.runtime.speed.speed_stage`), or None.
         memory: every rank's peak memory (MiB) after the search; rank 0's is taken again now.
     """
@@ -592,7 +663,8 @@ def build_report(
         "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
                       "report_md": str(paths.markdown), "plot": str(paths.plot),
                       "ledger": str(paths.ledger), "students": str(paths.students)}
-                     | exported_.artifacts | decoder_artifacts(stateful) | exported.tokenizer,
+                     | exported_.artifacts | decoder_artifacts(stateful) | exported.tokenizer
+                     | (quantized or {}).get("artifacts", {}),
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
                    "bounds": metric.bounds},
         "budget": budget.to_dict(baseline, metric.higher_is_better),
@@ -606,6 +678,7 @@ def build_report(
         "outputs": chosen.outputs,
         "test": test,
         "speed": speed,
+        "quantized": quantized,
         "warnings": chosen.warnings,
         "calibration_rows": len(inputs.calib),
         "student": distilled.plan.settings.kind,

@@ -24,7 +24,8 @@ def compiled(tiny_task, tmp_path_factory):
     res = CliRunner().invoke(main, [
         tiny_task["model"], "--data", tiny_task["val"], "--test", tiny_task["test"],
         "-o", str(out), "--metric", "agreement", "--budget", "10%", "--confidence", "0.9",
-        "--select", "best", "--deploy-seq", "24,48,96", "--bench-repeats", "2", *FAST_FLAGS])
+        "--select", "best", "--deploy-seq", "24,48,96", "--bench-repeats", "2",
+        "--quantize", "int4", *FAST_FLAGS])
     report = json.loads(out.with_suffix(".report.json").read_text())
     return res, report, out
 
@@ -81,6 +82,38 @@ def test_speed_section(compiled):
         slower = r["latency_ratio_min"] >= 1.0
         assert (f"NOT faster than the original at T={r['seq']}" in res.output) == slower
         assert r["verdict"] in ("faster", "slower", "inconclusive")
+
+
+def test_speed_stage_times_each_model_alone_in_rounds(compiled):
+    """The speed stage calls ``bench``: each model alone, in fresh processes, rounds kept."""
+    _, report, out = compiled
+    md = out.with_suffix(".report.md").read_text()
+    assert "each model alone" in md and "interleaved" not in md
+
+
+def test_quantized_hybrid_runs_on_the_test_rows_and_reports_its_quality(compiled):
+    """--quantize int4 with --test: hybrid.int4.onnx (MatMulNBits) runs in onnxruntime on the
+    test rows; its metric and its change vs the fp32 original are in the report, the console
+    summary and report.md."""
+    import onnx
+
+    res, report, out = compiled
+    q = report["quantized"]
+    path = out.with_name("hybrid.int4.onnx")
+    assert report["artifacts"]["onnx_int4"] == str(path) and path.is_file()
+    m = q["models"]["onnx"]
+    assert 0 < m["matmuls"] <= m["matmuls_total"]
+    assert m["weight_bytes_after"] < m["weight_bytes_before"]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMulNBits") == m["matmuls"]
+    t = q["test"]["models"]["hybrid"]
+    assert q["test"]["original"] == report["test"]["original"] == 1.0
+    assert 0.0 <= t["metric"] <= 1.0 and t["change"] == pytest.approx(t["metric"] - 1.0)
+    assert t["within_budget"] == (t["metric"] >= report["test"]["threshold"])
+    line = f"int4 hybrid on the test rows (32): agreement {t['metric']:.4g}"
+    assert line in res.output
+    md = out.with_suffix(".report.md").read_text()
+    assert "## Quantized weights (int4)" in md and line in md and "hybrid.int4.onnx" in md
 
 
 def test_confidence_rejects_what_the_point_metric_accepts(tiny_task, tmp_path):

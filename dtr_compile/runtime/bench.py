@@ -1,13 +1,14 @@
 """Latency and memory benchmarks of ONNX models in onnxruntime (``dtr-compile bench``).
 
-* :func:`bench` — latency (median of interleaved runs) and peak memory of one or more ONNX models
-  at several sequence lengths, with inputs synthesised from each model's input signature
+* :func:`bench` — latency and peak memory of one or more ONNX models at several sequence
+  lengths, **each model timed alone** (a fresh process per model and round, several rounds,
+  median and spread), with inputs synthesised from each model's input signature
   (:func:`~dtr_compile.runtime.evaluate.synthesize_inputs`); :func:`bench_table` renders the
   result, :meth:`BenchResult.to_dict` serialises it.
 
 Memory: ``peak_bytes`` is the peak resident memory that creating an onnxruntime session and
-running it once at the shape adds to a fresh Python process (weights + activations + allocator
-arenas), measured in a child process so that runs do not share a high-water mark.
+running it at the shape adds to a fresh Python process (weights + activations + allocator
+arenas), measured in the timing process itself: no two models share a high-water mark.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ import numpy as np
 from dtr_compile.errors import DtrError, InputError, first_line
 from dtr_compile.fileio import onnx_weight_bytes, save_onnx
 from dtr_compile.runtime.evaluate import (
+    InputSpec,
     OnnxModel,
     extend_positions,
     load_proto,
@@ -42,7 +45,8 @@ from dtr_compile.runtime.evaluate import (
 
 @dataclass
 class BenchCell:
-    """One model at one sequence length. ``latency_ms`` is the median of ``runs_ms``."""
+    """One model at one sequence length. ``latency_ms`` is the median of ``runs_ms`` (every
+    timed run, over all rounds); ``round_ms`` holds each round's median (one process each)."""
 
     model: str
     seq: int
@@ -52,6 +56,12 @@ class BenchCell:
     peak_bytes: int | None = None
     extended_positions: bool = False
     note: str = ""
+    round_ms: list[float] = field(default_factory=list)
+
+    @property
+    def spread_ms(self) -> tuple[float, float] | None:
+        """``(lowest, highest)`` round median, None when not measured."""
+        return (min(self.round_ms), max(self.round_ms)) if self.round_ms else None
 
 
 @dataclass
@@ -69,6 +79,8 @@ class BenchResult:
     #: onnxruntime's weight prepacking in the timed sessions, and why it was turned off
     prepack: bool = True
     prepack_note: str = ""
+    #: fresh processes per model and length (each model timed alone in each)
+    rounds: int = 1
 
     def cell(self, model: str, seq: int) -> BenchCell:
         return next(c for c in self.cells if c.model == model and c.seq == seq)
@@ -107,7 +119,8 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": self.models, "seqs": self.seqs, "batch": self.batch,
-            "repeats": self.repeats, "warmup": self.warmup, "threads": self.threads,
+            "repeats": self.repeats, "rounds": self.rounds, "warmup": self.warmup,
+            "threads": self.threads, "method": "alone",
             "position_limits": self.position_limits,
             "prepack": self.prepack, "prepack_note": self.prepack_note,
             "cells": [asdict(c) for c in self.cells],
@@ -271,12 +284,61 @@ def prepack_decision(protos: Mapping[str, Any], available: int | None) -> tuple[
                    f"{available / 2**30:.1f} GiB available")
 
 
+def _specs(proto: Any) -> list[InputSpec]:  # noqa: ANN401 - onnx.ModelProto
+    """The graph inputs of ``proto`` (initializers excluded) as onnxruntime reports them."""
+    from onnx import helper
+
+    inits = {t.name for t in proto.graph.initializer}
+    out = []
+    for i in proto.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in tt.shape.dim)
+        out.append(InputSpec(i.name, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).type,
+                             dims))
+    return out
+
+
+def split_repeats(repeats: int, rounds: int) -> list[int]:
+    """``repeats`` timed runs spread over ``min(rounds, repeats)`` rounds, earlier rounds
+    taking the remainder: ``split_repeats(5, 3) == [2, 2, 1]``."""
+    rounds = max(1, min(rounds, repeats))
+    return [repeats // rounds + (i < repeats % rounds) for i in range(rounds)]
+
+
+def time_onnx(path: str, feed_path: str, names: list[str], threads: int, prepack: bool,
+              warmup: int, repeats: int) -> dict[str, Any]:
+    """One model alone (in its own process, :func:`~dtr_compile.runtime.alone.run_alone`): a
+    session of ``path``, ``warmup`` untimed runs on the stored feed, then ``repeats`` timed runs.
+
+    Returns:
+        ``{"runs_ms": [...]}``, or ``{"error": "..."}`` when the model fails to load or run.
+    """
+    try:
+        stored = np.load(feed_path)  # arr_0, arr_1, … in the order of ``names``
+        feed = {name: stored[f"arr_{i}"] for i, name in enumerate(names)}
+        model = OnnxModel(path, threads or None, prepack=prepack)
+        for _ in range(warmup):
+            model.run(feed)
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.run(feed)
+            runs.append((time.perf_counter() - t0) * 1000.0)
+    except Exception as exc:  # noqa: BLE001 - reported in the cell
+        return {"error": first_line(exc)[:200]}
+    return {"runs_ms": runs}
+
+
 def bench(
     paths: Sequence[str | os.PathLike[str]],
     seqs: Sequence[int],
     *,
     batch: int = 1,
     repeats: int = 10,
+    rounds: int = 3,
     warmup: int = 2,
     threads: int | None = None,
     extend: bool = False,
@@ -285,12 +347,17 @@ def bench(
     on_step: Callable[[str], None] | None = None,
     prepack: bool | None = None,
 ) -> BenchResult:
-    """Benchmark ONNX models with onnxruntime at each sequence length in ``seqs``.
+    """Benchmark ONNX models with onnxruntime at each sequence length in ``seqs``, each model
+    timed **alone**.
 
-    For each length, every model gets ``warmup`` runs, then ``repeats`` rounds in which each model
-    runs once (the order rotates from round to round, so that no model always runs first);
-    ``latency_ms`` is each model's median. With ``memory``, each model's peak memory at the length
-    is measured in a child process (:func:`measure_peak_bytes`).
+    For each length, ``rounds`` rounds; in each round every model in turn (the order rotating
+    from round to round) runs in a fresh process of its own
+    (:func:`~dtr_compile.runtime.alone.run_alone`): it loads the one model, runs it ``warmup``
+    times, then times its share of the ``repeats`` runs (:func:`split_repeats`). No two models
+    are ever loaded or running at once. ``latency_ms`` is the median of a model's ``repeats``
+    runs; ``round_ms`` holds each round's median (its spread is the machine's drift between
+    processes). With ``memory``, ``peak_bytes`` is the largest peak resident memory that loading
+    and running the model added to its process (weights, activations, arenas).
 
     A length beyond a model's position table (:func:`position_limit`) is not run, and its cell
     says so — unless ``extend``, which times a copy of the model with the table extended by
@@ -298,25 +365,29 @@ def bench(
     that fails at a length for another reason gets the error in its cell's ``note``.
 
     ``prepack``: onnxruntime's weight prepacking in the timed sessions (its default, faster
-    MatMuls for a copy of their weights); None: on unless the models' weights, twice over,
-    exceed the available memory (:func:`prepack_decision`; the result says why it was off).
+    MatMuls for a copy of their weights); None: on unless the largest model's weights, twice
+    over, exceed the available memory (:func:`prepack_decision`; the result says why it was off).
 
     Raises:
         InputError: a path is missing or not loadable, or ``seqs`` is empty or has a length < 1.
     """
+    from dtr_compile.runtime.alone import run_alone
+
     if not seqs or any(t < 1 for t in seqs):
         raise InputError(f"--seq needs lengths >= 1, got {list(seqs)}")
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise InputError("--batch and --repeats must be >= 1 and --warmup >= 0")
+    if batch < 1 or repeats < 1 or warmup < 0 or rounds < 1:
+        raise InputError("--batch, --repeats and --rounds must be >= 1 and --warmup >= 0")
     names = [str(p) for p in paths]
     protos = {n: _without_float_weights(load_proto(n)) for n in names}
     prepack_note = ""
     if prepack is None:
-        prepack, prepack_note = prepack_decision(protos, available_memory_bytes())
-    models = {n: OnnxModel(n, threads, prepack=prepack) for n in names}
+        largest = max(names, key=lambda n: onnx_weight_bytes(protos[n]))
+        prepack, prepack_note = prepack_decision({largest: protos[largest]},
+                                                 available_memory_bytes())
     limits = {n: position_limit(protos[n], Path(n).parent) for n in names}
     longest = max(seqs)
     extended: dict[str, str] = {}
+    shares = split_repeats(repeats, rounds)
     cells: list[BenchCell] = []
     with tempfile.TemporaryDirectory(prefix="dtr-bench-") as tmp:
         if extend:
@@ -328,53 +399,62 @@ def bench(
                     save_onnx(proto, ext_path)  # NAME.data beside it when large
                     extended[n] = str(ext_path)
         for seq in seqs:
-            live: dict[str, tuple[OnnxModel, dict[str, np.ndarray], str]] = {}
+            live: dict[str, dict[str, Any]] = {}  # the child's arguments, by model
             row: dict[str, BenchCell] = {}
-            for n in names:
+            for i, n in enumerate(names):
                 limit = limits[n]
                 use_ext = limit is not None and seq > limit
-                if use_ext and n not in extended:
-                    row[n] = BenchCell(n, seq, batch, None, note=(
-                        f"T={seq} is beyond the model's {limit} positions "
-                        "(--extend-positions times it with random extra position rows)"))
-                    continue
-                model, run_path = models[n], n
-                if use_ext:
-                    run_path = extended[n]
-                    if run_path not in models:
-                        models[run_path] = OnnxModel(run_path, threads, prepack=prepack)
-                    model = models[run_path]
-                feed = synthesize_inputs(model, batch, seq, seed=seed, proto=protos[n])
-                try:
-                    for _ in range(max(1, warmup)):
-                        model.run(feed)
-                except Exception as exc:  # noqa: BLE001
-                    row[n] = BenchCell(n, seq, batch, None, note=f"fails at T={seq}: "
-                                       f"{first_line(exc)[:200]}", extended_positions=use_ext)
-                    continue
                 row[n] = BenchCell(n, seq, batch, None, extended_positions=use_ext)
-                live[n] = (model, feed, run_path)
-            order = list(live)
-            for r in range(repeats):
+                if use_ext and n not in extended:
+                    row[n].note = (f"T={seq} is beyond the model's {limit} positions "
+                                   "(--extend-positions times it with random extra position rows)")
+                    continue
+                feed = synthesize_inputs(SimpleNamespace(inputs=_specs(protos[n])), batch, seq,
+                                         seed=seed, proto=protos[n])
+                feed_path = Path(tmp) / f"feed-{i}-{seq}.npz"
+                # positional arrays, names apart: an input named "file" or "allow_pickle" would
+                # otherwise be taken for one of savez's own arguments
+                np.savez(feed_path, *feed.values())
+                live[n] = {"path": extended[n] if use_ext else n, "feed_path": str(feed_path),
+                           "names": list(feed), "threads": threads or 0, "prepack": prepack,
+                           "warmup": max(1, warmup)}
+            peaks: dict[str, list[int]] = {n: [] for n in live}
+            for r, share in enumerate(shares):
+                order = [n for n in live if not row[n].note]
                 k = r % max(1, len(order))
                 for n in order[k:] + order[:k]:
-                    model, feed, _ = live[n]
-                    t0 = time.perf_counter()
-                    model.run(feed)
-                    row[n].runs_ms.append((time.perf_counter() - t0) * 1000.0)
-            for n, (_model, feed, run_path) in live.items():
+                    try:
+                        got = run_alone("dtr_compile.runtime.bench:time_onnx",
+                                        live[n] | {"repeats": share})
+                    except DtrError as exc:
+                        got = {"error": str(exc)}
+                    if "error" in got:
+                        row[n].note = f"fails at T={seq}: {got['error']}"
+                        continue
+                    row[n].runs_ms += got["runs_ms"]
+                    row[n].round_ms.append(statistics.median(got["runs_ms"]))
+                    peaks[n].append(int(got["peak_bytes_added"]))
+            for n in live:
+                if row[n].note:
+                    row[n].runs_ms, row[n].round_ms = [], []
+                    continue
                 row[n].latency_ms = statistics.median(row[n].runs_ms)
                 if memory:
-                    try:
-                        row[n].peak_bytes = measure_peak_bytes(run_path, feed, threads,
-                                                               prepack=prepack)
-                    except (DtrError, subprocess.TimeoutExpired) as exc:
-                        row[n].note = f"memory probe failed: {exc}"
+                    row[n].peak_bytes = max(peaks[n])
                 if on_step is not None:
-                    on_step(f"{Path(n).name} T={seq}: {row[n].latency_ms:.2f} ms")
+                    on_step(f"{Path(n).name} T={seq}: {row[n].latency_ms:.2f} ms "
+                            f"(rounds {_spread(row[n].round_ms)})")
             cells.extend(row[n] for n in names)
     return BenchResult(names, list(seqs), batch, repeats, warmup, threads, cells, limits,
-                       prepack, prepack_note)
+                       prepack, prepack_note, rounds=len(shares))
+
+
+def _spread(values: Sequence[float]) -> str:
+    """``"lo–hi ms"`` of per-round medians (one value: itself)."""
+    if not values:
+        return "n/a"
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f} ms" if lo == hi else f"{lo:.2f}–{hi:.2f} ms"
 
 
 def _labels(models: Sequence[str]) -> dict[str, str]:
@@ -392,7 +472,9 @@ def bench_table(result: BenchResult, title: str | None = None):  # noqa: ANN201
     labels = _labels(result.models)
     legend = [f"{labels[m]} = {m}" for m in result.models]
     with_memory = any(c.peak_bytes is not None for c in result.cells)  # bench(memory=False): none
-    legend.append(f"batch {result.batch}; latency: median of {result.repeats} interleaved runs"
+    legend.append(f"batch {result.batch}; each model timed alone: {result.rounds} rounds, each "
+                  f"a fresh process per model; latency: median of {result.repeats} runs "
+                  "[lowest–highest round median]"
                   + ("; memory: peak RSS a session adds" if with_memory else ""))
     if any(c.extended_positions for c in result.cells):
         legend.append("* beyond the model's position table: timed with random extra "
@@ -416,7 +498,8 @@ def bench_table(result: BenchResult, title: str | None = None):  # noqa: ANN201
         row = [str(seq)]
         for c in cells:
             mark = "*" if c.extended_positions else ""
-            row.append(f"{c.latency_ms:.2f}{mark}" if c.latency_ms is not None else "n/a")
+            row.append(f"{c.latency_ms:.2f}{mark} {_bracket(c.spread_ms)}"
+                       if c.latency_ms is not None else "n/a")
             if c.note:
                 notes.append(f"{labels[c.model]} T={seq}: {c.note}")
         row += [_fmt_ratio(ratios[m]["latency"]) for m in result.models[1:]]
@@ -426,6 +509,13 @@ def bench_table(result: BenchResult, title: str | None = None):  # noqa: ANN201
             row += [_fmt_ratio(ratios[m]["peak_bytes"]) for m in result.models[1:]]
         table.add_row(*row)
     return Group(table, Text("\n".join(legend + notes)))
+
+
+def _bracket(spread: tuple[float, float] | None) -> str:
+    """``[lo–hi]`` of round medians; empty for a single round."""
+    if spread is None or spread[0] == spread[1]:
+        return ""
+    return f"[{spread[0]:.2f}–{spread[1]:.2f}]"
 
 
 def _fmt_ratio(x: float | None) -> str:

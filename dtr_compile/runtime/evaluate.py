@@ -239,7 +239,7 @@ def _index_bound(proto: Any, input_name: str) -> int | None:
 
 
 def synthesize_inputs(
-    model: OnnxModel,
+    model: Any,  # noqa: ANN401 - an OnnxModel, or anything with its ``inputs`` (and ``path``)
     batch: int,
     seq: int,
     *,

@@ -76,8 +76,8 @@ def bench_speed(
     seqs: list[int] | None, console: Console, locate: Callable[[str], str] = str,
 ) -> dict[str, Any]:
     """Time the original and the hybrid ONNX in onnxruntime (:func:`dtr_compile.runtime.bench`:
-    interleaved rounds, medians, peak memory per child process, position tables extended past
-    their length) at the validation length and ``seqs`` (default: it and 4×), batch 1.
+    each model alone in fresh processes, rounds, medians, peak memory, position tables extended
+    past their length) at the validation length and ``seqs`` (default: it and 4×), batch 1.
 
     The original ONNX is the one ``--export-original`` wrote, else exported to a temporary file
     for the timing only. A model without a sequence axis (fixed-size images) is timed at its
@@ -115,6 +115,7 @@ def bench_speed(
         rows.append({
             "seq": t if axis else None, "validation_length": t == t_val,
             "original_ms": o.latency_ms, "hybrid_ms": h.latency_ms,
+            "original_round_ms": o.round_ms, "hybrid_round_ms": h.round_ms,
             "original_peak_bytes": o.peak_bytes, "hybrid_peak_bytes": h.peak_bytes,
             "latency_ratio": ratio["latency"], "memory_ratio": ratio["peak_bytes"],
             "latency_ratio_min": low, "latency_ratio_max": high,
@@ -127,7 +128,8 @@ def bench_speed(
             f" (×{low:.2f}–×{high:.2f} over the rounds)" if low is not None else "")
         console.log(f"speed at {'T=' + str(t) if axis else 'the validation shape'}: hybrid/"
                     f"original latency {lat}")
-    return {"batch": 1, "repeats": config.bench_repeats, "seq_axis": list(axis) if axis else None,
+    return {"batch": 1, "repeats": config.bench_repeats, "rounds": res.rounds, "method": "alone",
+            "seq_axis": list(axis) if axis else None,
             "validation_length": t_val if axis else None,
             "original_onnx": exported.artifacts.get("original_onnx", "(temporary, timing only)"),
             "prepack": res.prepack, "prepack_note": res.prepack_note, "rows": rows}

@@ -67,6 +67,46 @@ def load_smollm2() -> tuple[nn.Module, object]:
     return model.eval(), tok
 
 
+def save_hf_folder(out: str | Path, max_positions: int | None = None) -> Path:
+    """The same weights as ``model.pt`` (the GGUF dequantised to float32) as a Hugging Face
+    folder: ``save_pretrained`` of the model (fp32 safetensors) and of its tokenizer, written to
+    a temporary folder and renamed to ``out``. What onnxruntime-genai's model builder reads
+    (``benchmarks/decode.py`` times its exports beside ours); nothing is downloaded.
+
+    ``max_positions``: ``max_position_embeddings`` to write instead of the GGUF's (8192), so
+    that the builder's RoPE tables and ``context_length`` cover a longer benchmark context;
+    SmolLM2 has no RoPE scaling, so positions below 8192 are unchanged and those above follow
+    the same formula our decoders compute.
+    """
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    gguf, tok = load_smollm2()
+    # transformers refuses to save a model loaded from a GGUF file: the same weights, in fp32,
+    # into a plain model of the same config (no quantization_config)
+    cfg = LlamaConfig(**{k: v for k, v in gguf.config.to_dict().items()
+                         if k not in ("quantization_config", "architectures", "transformers_version")})
+    if max_positions:
+        cfg.max_position_embeddings = max(max_positions, cfg.max_position_embeddings)
+    cfg.use_cache = True  # as the hub's config: the builder's runtime keeps a KV cache
+    lm = LlamaForCausalLM(cfg).eval()
+    missing, unexpected = lm.load_state_dict(gguf.state_dict(), strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise SystemExit(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+    if missing:  # tied embeddings
+        lm.tie_weights()
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp)
+    tok.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
 class CausalLM(nn.Module):
     """``input_ids: [B, T]`` → ``logits: [B, T, V]`` (no KV cache, no other outputs)."""
 
@@ -127,7 +167,15 @@ def main() -> None:
     ap.add_argument("--val-rows", type=int, default=2)
     ap.add_argument("--test-len", type=int, default=1024)
     ap.add_argument("--test-rows", type=int, default=4)
+    ap.add_argument("--hf-folder", default=None,
+                    help="only write the model as a Hugging Face folder here (save_pretrained: "
+                         "onnxruntime-genai's model builder reads it) and stop")
+    ap.add_argument("--max-positions", type=int, default=None,
+                    help="with --hf-folder: max_position_embeddings to write (default the GGUF's)")
     args = ap.parse_args()
+    if args.hf_folder:
+        print(f"wrote {save_hf_folder(args.hf_folder, args.max_positions)}")
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
