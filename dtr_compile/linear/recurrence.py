@@ -661,9 +661,8 @@ class MatrixStateStudent(LinearStudent):
         keys = torch.cat([win_k[:, :, 1:].to(k.dtype), k], dim=2)  # [B, Hkv, W, Dk]
         values = torch.cat([win_v[:, :, 1:].to(v.dtype), v], dim=2)
         keys_valid = torch.cat([win_valid[:, 1:], valid], dim=1)  # [B, W]
-        kh, vh = self._heads(keys, values)
-        out = self.norm(out) + self._window_part(
-            window_attention_step(q, kh, vh, keys_valid, scale=self.scale))
+        out = self.norm(out) + self._window_part(  # key heads not repeated: grouped matmuls
+            window_attention_step(q, keys, values, keys_valid, scale=self.scale))
         return out, {
             "recurrent": s,
             "window_key": keys.to(win_k.dtype),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from dtr_compile.linear.base import window_terms_step
 from dtr_compile.linear.kernel import (
     _MASKED_SCORE,
     _align_keys,
@@ -81,18 +82,18 @@ def window_attention_step(
     """One query per row against its whole stored window (decode).
 
     Args:
-        q: ``[B, H, 1, Dk]``; keys: ``[B, H, W, Dk]``; values: ``[B, H, W, Dv]`` — the window
-            including the query's own key; keys_valid: ``[B, W]`` (1 = real key).
+        q: ``[B, H, 1, Dk]``; keys: ``[B, Hkv, W, Dk]``; values: ``[B, Hkv, W, Dv]`` — the window
+            including the query's own key (``Hkv`` divides ``H``; not repeated); keys_valid:
+            ``[B, W]`` (1 = real key).
         scale: the softmax scale.
 
     Returns:
-        ``[B, H, 1, Dv]`` fp32, the terms :func:`sliding_window_attention` forms for that query.
+        ``[B, H, 1, Dv]`` fp32, the terms :func:`sliding_window_attention` forms for that query
+        (0 for a window with no real key).
     """
-    allowed = keys_valid[:, None, None, :] > 0  # [B, 1, 1, W]
-    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale  # [B, H, 1, W]
-    scores = torch.where(allowed, scores, _MASKED_SCORE)
-    a = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed.float()
-    return torch.matmul(a, values.float()) / a.sum(-1, keepdim=True).clamp_min(1.0)
+    num_den = window_terms_step(q, keys, values, keys_valid, scale=scale)
+    # the row's best key weighs exp(0) = 1: a row with a real key sums to >= 1, an empty one to 0
+    return num_den[..., :-1] / num_den[..., -1:].clamp_min(1.0)
 
 
 def naive_sliding_window_attention(
