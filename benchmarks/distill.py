@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     from dtr_compile.distill.execute import default_workers
     from dtr_compile.distill.plan import plan_distillation
     from dtr_compile.distill.run import distill
+    from dtr_compile.distill.stage import distill_settings
     from dtr_compile.load import load_model
     from dtr_compile.passes.find_attention import find_attention
     from dtr_compile.passes.linearize import linearize
-    from dtr_compile.pipeline import _distill_settings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", type=Path, default=ROOT / "build" / "bbc_news")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for target in args.targets.split(","):
             config = dataclasses.replace(defaults, feature_map=fmap, distill_target=target,
                                          **overrides)
-            settings = _distill_settings(config)
+            settings = distill_settings(config)
             load_before = loadavg()
             t0 = time.perf_counter()
             plan = plan_distillation(gm, sites, settings, calib, config.eval_batch)

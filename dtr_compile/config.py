@@ -207,6 +207,12 @@ class CompileConfig:
         return dataclasses.asdict(self)
 
 
+def cache_dir(config: CompileConfig) -> Path:
+    """The distilled-weights cache folder: ``--cache-dir``, else ``.dtr-cache`` beside the output."""
+    return Path(config.cache_dir) if config.cache_dir else \
+        Path(config.output).parent / ".dtr-cache"
+
+
 CONFIG_KEYS = {f.name for f in dataclasses.fields(CompileConfig)} - {"model", "output", "extra"}
 # Keys a config file may not set: a dtr.toml can arrive with a pull request, and these switch a
 # safety off (unpickling runs code) or describe the terminal, not the project.

@@ -12,9 +12,22 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtr_compile.fileio import atomic_path, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dtr_compile.config import Budget, CompileConfig
+    from dtr_compile.device import Placement
+    from dtr_compile.distill.stage import Distilled
+    from dtr_compile.exporters.stage import Exported
+    from dtr_compile.inputs import Inputs, Sites
+    from dtr_compile.parallel import Group
+    from dtr_compile.progress import Stages
+    from dtr_compile.search.baseline import Baseline
+    from dtr_compile.search.run import Searched, Selection
 
 EXIT_MEANING = {
     0: "the hybrid was written and verified",
@@ -455,6 +468,90 @@ def plot_search(report: dict[str, Any], path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def build_report(
+    config: CompileConfig, files: tuple[Path, Path, Path], inputs: Inputs, found: Sites,
+    budget: Budget, base: Baseline, distilled: Distilled, searched: Searched, chosen: Selection,
+    test: dict[str, Any] | None, exported: Exported, speed: dict[str, Any] | None,
+    stages: Stages, placement: Placement, group: Group, memory: list[Any], console: Console,
+) -> dict[str, Any]:
+    """The report of a compile (``report.json``), from what each stage produced; with
+    ``next_steps`` (logged too) when no site fits the budget.
+
+    Args:
+        files: the ``(onnx, report, config)`` paths (:func:`dtr_compile.plan.artifact_paths`).
+        test: the ``test`` section (:func:`dtr_compile.search.holdout.holdout_stage`), or None.
+        speed: the ``speed`` section (:func:`dtr_compile.runtime.speed.speed_stage`), or None.
+        memory: every rank's peak memory (MiB) after the search; rank 0's is taken again now.
+    """
+    import platform
+
+    import torch
+
+    from dtr_compile import __version__
+    from dtr_compile.device import peak_memory
+    from dtr_compile.errors import ParityError
+    from dtr_compile.exporters.decoders import decoder_artifacts
+    from dtr_compile.linear import kinds_for_site
+
+    out_path, report_path, config_path = files
+    paths = report_paths(report_path)
+    metric, baseline, sites = inputs.metric, base.metric, found.sites
+    sched, delivered, interval = searched.schedule, chosen.delivered, chosen.interval
+    exported_, stateful = exported.result, exported.decoders
+    report = {
+        "tool": {"name": "dtr-compile", "version": __version__, "torch": torch.__version__,
+                 "python": platform.python_version()},
+        "model": config.model,
+        "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
+                      "report_md": str(paths.markdown), "plot": str(paths.plot),
+                      "ledger": str(paths.ledger), "students": str(paths.students)}
+                     | exported_.artifacts | decoder_artifacts(stateful),
+        "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
+                   "bounds": metric.bounds},
+        "budget": budget.to_dict(baseline, metric.higher_is_better),
+        "baseline_metric": baseline,
+        "threshold": base.threshold,
+        "final_metric": chosen.metric,
+        "validation_rows": len(inputs.val),
+        "confidence": {"level": config.confidence, "required": config.confidence is not None,
+                       "allowed_drop": base.allowed_drop,
+                       "interval": None if interval is None else interval.to_dict()},
+        "outputs": chosen.outputs,
+        "test": test,
+        "speed": speed,
+        "warnings": chosen.warnings,
+        "calibration_rows": len(inputs.calib),
+        "student": distilled.plan.settings.kind,
+        "sites": [s.__dict__ | {"internal": list(s.internal),
+                                "students": list(kinds_for_site(s.causal))} for s in sites],
+        "rejected": [r.__dict__ for r in found.scan.rejected],
+        "kept": sorted(found.kept),
+        "replaced": [{"site": sid, "module_path": next(s.module_path for s in sites if s.id == sid),
+                      "metric_after": m}
+                     for sid, m in zip(delivered, chosen.metric_after, strict=True)],
+        "schedule": sched.to_dict(),
+        "search": searched.info,
+        "distill": {sid: r.__dict__ for sid, r in distilled.results.items()},
+        "parity": [p.__dict__ for p in exported_.parity],
+        "parity_ok": exported_.ok,
+        "export": exported_.to_dict(),
+        **({"stateful": stateful} if stateful is not None else {}),
+        "timings_s": stages.seconds,
+        "runtime": {"device": str(placement.device), "dtype": placement.dtype_name,
+                    "ranks": group.world, "backend": group.backend or None,
+                    # MiB, per rank (rank 0's taken after the export)
+                    "memory": [peak_memory(placement.device)] + memory[1:],
+                    "peak_rss_by_stage_mib": stages.peak_rss_mib},  # rank 0, after each stage
+        "exit_code": chosen.exit_code if exported_.ok else ParityError.exit_code,
+    }
+    if not sched.fits:
+        steps = next_steps(report, distill_target=config.distill_target, window=config.window,
+                           calib_available=inputs.calib_rows)
+        report["next_steps"] = steps
+        console.log("no site fits the budget; try: " + "; ".join(steps))
+    return report
 
 
 def write_report(report: dict[str, Any], report_path: str | Path,

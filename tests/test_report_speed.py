@@ -152,29 +152,30 @@ def test_ledger_keeps_intervals_for_resume(tmp_path):
     assert again.recorded[frozenset({"site0"})]["interval"] == iv
 
 
-def test_deploy_seqs_and_resolution_warnings():
+def test_deploy_seqs_andresolution_warnings():
     from dtr_compile.errors import InputError
     from dtr_compile.metrics import METRICS
-    from dtr_compile.pipeline import _resolution_warnings, deploy_seqs
+    from dtr_compile.runtime.speed import deploy_seqs
+    from dtr_compile.search.run import resolution_warnings
 
     assert deploy_seqs(None) is None and deploy_seqs("none") == []
     assert deploy_seqs("256, 1024") == [256, 1024] and deploy_seqs([512, 2048]) == [512, 2048]
     with pytest.raises(InputError, match="--deploy-seq"):
         deploy_seqs("long")
     # 445 rows: one row is 0.22 pt of accuracy; a 0.5% budget of 0.9 (0.0045) is coarser, 0.1% not
-    assert _resolution_warnings(METRICS["accuracy"], 445, 0.0045, "0.5%", 0.9, None) == []
-    (w,) = _resolution_warnings(METRICS["accuracy"], 445, 0.0009, "0.1%", 0.9, None)
+    assert resolution_warnings(METRICS["accuracy"], 445, 0.0045, "0.5%", 0.9, None) == []
+    (w,) = resolution_warnings(METRICS["accuracy"], 445, 0.0009, "0.1%", 0.9, None)
     assert "one row = 0.002247" in w
-    assert "too few" in _resolution_warnings(METRICS["perplexity"], 2, 0.5, "5%", 10.0, 0.9)[0]
+    assert "too few" in resolution_warnings(METRICS["perplexity"], 2, 0.5, "5%", 10.0, 0.9)[0]
 
 
 def test_seq_axis_is_the_first_dynamic_non_batch_dim():
     from types import SimpleNamespace
 
-    from dtr_compile.pipeline import _seq_axis
+    from dtr_compile.runtime.speed import seq_axis
 
     text = SimpleNamespace(dynamic_dims={"input_ids": {0: "batch", 1: "sequence"},
                                          "attention_mask": {0: "batch", 1: "sequence"}})
-    assert _seq_axis(text, ["input_ids", "attention_mask"]) == ("input_ids", 1)
+    assert seq_axis(text, ["input_ids", "attention_mask"]) == ("input_ids", 1)
     image = SimpleNamespace(dynamic_dims={"pixel_values": {0: "batch"}})
-    assert _seq_axis(image, ["pixel_values"]) is None  # timed at the validation shape only
+    assert seq_axis(image, ["pixel_values"]) is None  # timed at the validation shape only

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dtr_compile.exporters.onnx import parity_cases
-from dtr_compile.pipeline import _at_least_two
+from dtr_compile.inputs import at_least_two
 
 from .conftest import make_token_data
 
@@ -70,12 +70,12 @@ def test_nan_labels_refused_before_distillation(tiny_task, tmp_path: Path) -> No
 def test_examples_of_one_row_or_one_token_are_widened() -> None:
     one = {"input_ids": torch.tensor([[7]]), "attention_mask": torch.tensor([[1]]),
            "pixel_values": torch.randn(1, 1, 3)}
-    ex = _at_least_two(one)
+    ex = at_least_two(one)
     assert ex["input_ids"].tolist() == [[7, 7], [7, 7]]
     assert ex["attention_mask"].tolist() == [[1, 1], [1, 1]]
     assert ex["pixel_values"].shape == (2, 1, 3)  # float dims other than batch are kept
     many = make_token_data(5, 6)
-    assert {k: v.shape for k, v in _at_least_two(many).items()} == {
+    assert {k: v.shape for k, v in at_least_two(many).items()} == {
         "input_ids": (2, 6), "attention_mask": (2, 6)}
 
 
