@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import onnxruntime as ort
-from rich.console import Console
 
+from dtr_compile.report import table_console
 from dtr_compile.runtime.bench_decode import (
     bench_decode,
     decode_table,
@@ -93,7 +93,7 @@ def main() -> None:
     labels = {path: label for label, path in pairs}
     paths = [path for _, path in pairs]
     contexts = [int(c) for c in args.context.split(",")]
-    console = Console()
+    console = table_console()  # tables keep their columns in a pipe or CI log
     before, t0 = loadavg(), time.perf_counter()
     res = bench_decode(paths, contexts, tokens=args.tokens, max_prefill=args.max_prefill,
                        threads=args.threads, on_step=console.log)

@@ -36,6 +36,7 @@ from typing import Any
 import onnxruntime as ort
 from rich.console import Console
 
+from dtr_compile.report import table_console
 from dtr_compile.runtime.bench_decode import bench_decode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in args.runs if "=" not in r or r.startswith("-")]
     if bad:
         ap.error(f"runs are NAME=\"FLAGS\", got {bad}")
-    console = Console()
+    console = table_console()  # tables keep their columns in a pipe or CI log
     before, t0 = loadavg(), time.perf_counter()
     rows = []
     for spec in args.runs:

@@ -28,7 +28,7 @@ import click  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from dtr_compile import __version__  # noqa: E402
-from dtr_compile.config import CompileConfig, read_project_config  # noqa: E402
+from dtr_compile.config import MAX_SEQ, CompileConfig, read_project_config  # noqa: E402
 from dtr_compile.errors import (  # noqa: E402
     EXIT_INTERNAL,
     EXIT_NO_REPLACEMENT,
@@ -36,6 +36,8 @@ from dtr_compile.errors import (  # noqa: E402
     DtrError,
     InputError,
 )
+from dtr_compile.fileio import check_json_output, onnx_inputs  # noqa: E402
+from dtr_compile.report import table_console  # noqa: E402
 
 EXIT_CODES = """\b
 Exit codes:
@@ -162,16 +164,19 @@ def main() -> None:
                    "budget (L + k evaluations).")
 @click.option("--max-evals", type=int, default=None,
               help="Stop the search after N evaluations (replayed ones count); the sites "
-                   "committed until then stand.")
+                   "committed until then stand, and so does the best site measured in the "
+                   "unfinished step when its set is within budget (in --search ranked's "
+                   "single-site pass: the best site that passed alone).")
 @click.option("--time-limit", default=None,
-              help="Stop the search after this long: seconds, or '90s', '15m', '1.5h'.")
+              help="Stop the search after this long: seconds, or '90s', '15m', '1.5h'; what "
+                   "stands is as for --max-evals.")
 @click.option("--resume", is_flag=True, default=None,
               help="Continue an interrupted search: replay the evaluations in the ledger "
                    "(REPORT.ledger.jsonl) if it was written for the same model, data, distilled "
                    "weights and metric; otherwise start afresh.")
 @click.option("--confidence", type=float, default=None,
               help="A candidate is within budget only when the one-sided P upper bound of its "
-                   "metric drop (paired over validation rows: exact McNemar / Clopper-Pearson "
+                   "metric drop (paired over validation rows: exact Clopper-Pearson limits "
                    "for accuracy and agreement, a seeded bootstrap otherwise) is within it, "
                    "e.g. 0.9. Default: the point metric decides (the bound is still reported).")
 @click.option("--select", type=click.Choice(["most-linear", "best"]), default=None,
@@ -232,6 +237,10 @@ def main() -> None:
               help="Build a TensorRT engine of the hybrid at this path (needs the [tensorrt] "
                    "extra and a CUDA GPU; with --fp16, fp16 kernels).")
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
+@click.option("--ignore-auto-map", is_flag=True, default=None,
+              help="A Hugging Face folder whose config.json names its own model code "
+                   "(auto_map) is refused: dtr-compile never runs code from a model folder. "
+                   "This loads it with transformers' built-in class for its model_type instead.")
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow loading a pickled torch.save model (runs code from the file).")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bars.")
@@ -355,6 +364,9 @@ def run_cmd(model: str, data: str, metric: str | None, reference: str | None, ba
         if batch_size < 1:
             raise InputError("--batch-size must be >= 1")
         _check_threads(threads)
+        check_json_output(json_path, {**onnx_inputs("model", model), "--data": Path(data),
+                                      **(onnx_inputs("--reference", reference) if reference
+                                         else {})})
         rows = _rows(data)
         show = not no_progress and sys.stderr.isatty() and rows > batch_size
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -397,6 +409,9 @@ def _seqs(text: str, flag: str = "--seq") -> list[int]:
         raise InputError(f"{flag} {text!r}: expected comma-separated lengths, e.g. 512,2048") from None
     if not seqs:
         raise InputError(f"{flag} needs at least one length")
+    if max(seqs) > MAX_SEQ:
+        raise InputError(f"{flag} {text!r}: {max(seqs)} tokens is beyond what can be timed "
+                         f"({MAX_SEQ} at most)")
     return seqs
 
 
@@ -451,6 +466,8 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
     console = _console()
     try:
         _check_threads(threads)
+        check_json_output(json_path, {k: v for i, m in enumerate(models)
+                                      for k, v in onnx_inputs(f"model {i + 1}", m).items()})
         if decode:
             from dataclasses import asdict
 
@@ -471,11 +488,11 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
                                   "ops": {m: [asdict(o) for o in p] for m, p in profiles.items()}}
             if json_path:
                 write_json(json_path, out)
-            Console().print(decode_table(dres))
+            table_console().print(decode_table(dres))
             if profiles:
                 from dtr_compile.runtime.bench_decode import profile_table
 
-                Console().print(profile_table(profiles, max(dres.contexts)))
+                table_console().print(profile_table(profiles, max(dres.contexts)))
             return
         from dtr_compile.runtime.bench import bench, bench_table
 
@@ -486,7 +503,7 @@ def bench_cmd(models: tuple[str, ...], seq: str, batch: int, repeats: int, warmu
             write_json(json_path, result.to_dict())
     except DtrError as exc:
         _fail(exc)
-    Console().print(bench_table(result))
+    table_console().print(bench_table(result))
     if result.prepack_note:
         click.echo(result.prepack_note)
 
@@ -535,7 +552,7 @@ def generate_cmd(model: str, prompt: tuple[str, ...], prompt_file: str | None,
                  top_k: int | None, seed: int, eos_id: int | None, threads: int | None) -> None:
     """Continue a prompt with a stateful decoder ONNX in onnxruntime, streaming the text to
     stdout as it is decoded (greedy by default; seeded sampling with --temperature / --top-k)."""
-    from dtr_compile.runtime.generate import Generator
+    from dtr_compile.runtime.generate import Generator, TextStream
 
     console = _console()
     try:
@@ -548,23 +565,24 @@ def generate_cmd(model: str, prompt: tuple[str, ...], prompt_file: str | None,
                 texts = [Path(prompt_file).read_text(encoding="utf-8")]
             except OSError as exc:
                 raise InputError(f"--prompt-file {prompt_file}: {exc.strerror or exc}") from None
+            except UnicodeDecodeError as exc:
+                raise InputError(f"--prompt-file {prompt_file}: not UTF-8 text (byte "
+                                 f"{exc.start}: {exc.reason}); convert it, e.g. iconv -t UTF-8"
+                                 ) from None
         ids = [_prompt_ids(p) for p in prompt_ids]
         gen = Generator(model, tokenizer=tokenizer, threads=threads)
         rows = ids or gen.encode(texts)
         out: list[int] = []
-        shown = [""]
+        stream = TextStream(gen.tokenizer) if gen.tokenizer is not None else None
 
         def on_token(_row: int, tok: int) -> None:
             if len(rows) > 1:  # a batch is printed row by row when it is done
                 return
             out.append(tok)
-            if gen.tokenizer is None:
+            if stream is None:
                 click.echo(("" if len(out) == 1 else " ") + str(tok), nl=False)
-            else:  # decode the whole continuation: multi-byte characters arrive whole
-                full = gen.decode(out)
-                if not full.endswith("\ufffd"):
-                    click.echo(full[len(shown[0]):], nl=False)  # echo flushes
-                    shown[0] = full
+            elif piece := stream.push(tok):  # multi-byte characters arrive whole
+                click.echo(piece, nl=False)  # echo flushes
 
         res = gen.generate(rows, max_new_tokens, temperature=temperature, top_k=top_k,
                            seed=seed, eos_token_id=eos_id, on_token=on_token)
@@ -573,7 +591,7 @@ def generate_cmd(model: str, prompt: tuple[str, ...], prompt_file: str | None,
                 click.echo(f"[{r}] " + (res.text[r] if res.text is not None
                                         else " ".join(map(str, toks))))
         else:
-            click.echo("")
+            click.echo(stream.flush() if stream is not None else "")
     except DtrError as exc:
         _fail(exc)
     ms = 1000.0 * res.decode_s / res.steps if res.steps else float("nan")
@@ -589,28 +607,34 @@ onnxruntime_genai.Model(OUT) (extra [genai]). docs/exporters.md, "onnxruntime-ge
 works and what does not.
 Exit codes:
   0  written
-  2  bad input: missing or prefill-only model, no tokenizer
+  2  bad input: missing or prefill-only model, no tokenizer, a decoder or option
+     onnxruntime-genai cannot run (no head size recorded, an unknown --model-type,
+     --context-length beyond a learned position table)
   130 / 143  interrupted by Ctrl-C / SIGTERM: OUT holds what it held before""")
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="Folder to write.")
 @click.option("--tokenizer", default=None, type=click.Path(path_type=str),
               help="Hugging Face tokenizer folder (default: looked up beside MODEL).")
-@click.option("--context-length", type=int, default=4096, show_default=True,
-              help="context_length and search.max_length in genai_config.json.")
-@click.option("--model-type", default="llama", show_default=True,
-              help="model.type in genai_config.json.")
-def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_length: int,
-                     model_type: str) -> None:
+@click.option("--context-length", type=int, default=None,
+              help="context_length and search.max_length in genai_config.json (default: the "
+                   "model's: a learned position table's rows, else its max positions, else "
+                   "4096; at most the position table).")
+@click.option("--model-type", default=None,
+              help="model.type in genai_config.json (default: the model's own when "
+                   "onnxruntime-genai runs it as a plain decoder, else decoder).")
+def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_length: int | None,
+                     model_type: str | None) -> None:
     """Write a folder onnxruntime-genai can run from a stateful decoder MODEL (.onnx)."""
     from dtr_compile.runtime.genai_config import write_genai_folder
 
+    notes: list[str] = []
     try:
-        if context_length < 1:
+        if context_length is not None and context_length < 1:
             raise InputError("--context-length must be >= 1")
         with _sigterm_as_interrupt():
             out = write_genai_folder(model, output, tokenizer, context_length=context_length,
-                                     model_type=model_type)
+                                     model_type=model_type, notes=notes)
     except DtrError as exc:
         _fail(exc)
     except KeyboardInterrupt as exc:  # the model being written is removed; what stood is kept
@@ -619,6 +643,8 @@ def genai_folder_cmd(model: str, output: str, tokenizer: str | None, context_len
                    f"{output} holds what it held before (nothing half-written): rerun the same "
                    "command", err=True)
         sys.exit(143 if term else 130)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out}/model.onnx, genai_config.json and the tokenizer files")
 
 
@@ -644,13 +670,14 @@ def lint_trt_cmd(model: str, strict: bool, json_path: str | None) -> None:
     from dtr_compile.runtime.evaluate import write_json
 
     try:
+        check_json_output(json_path, onnx_inputs("model", model))
         findings = lint_trt(model)
         if json_path:
             write_json(json_path, [f.to_dict() for f in findings])
     except DtrError as exc:
         _fail(exc)
     if findings:
-        Console().print(findings_table(findings, title=f"TensorRT lint: {Path(model).name}"))
+        table_console().print(findings_table(findings, title=f"TensorRT lint: {Path(model).name}"))
     failing = blocking(findings, strict=strict)
     click.echo(f"{len(findings)} finding{'s' if len(findings) != 1 else ''}, {len(failing)} "
                f"blocking" + ("" if failing else ": TensorRT-ready"))
@@ -689,10 +716,14 @@ Exit codes:
               help="Example inputs (.pt dict of tensors) instead of ones built from the model's "
                    "signature or config; required for a pickled model.")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@click.option("--ignore-auto-map", is_flag=True, default=False,
+              help="A Hugging Face folder whose config.json names its own model code "
+                   "(auto_map) is refused: dtr-compile never runs code from a model folder. "
+                   "This loads it with transformers' built-in class for its model_type instead.")
 @click.option("--trust-pickle", is_flag=True, default=False,
               help="Allow loading a pickled torch.save model (runs code from the file).")
 def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool,
-                trust_pickle: bool) -> None:
+                trust_pickle: bool, ignore_auto_map: bool) -> None:
     """List the attention sites of MODEL (a torch.export archive .pt/.pt2, or a Hugging Face
     folder) with their shapes, masks and FLOPs share, and say why any look-alike is not
     rewritable. Without --data the inputs are built: from the archive's input signature, or from
@@ -704,13 +735,14 @@ def inspect_cmd(model: str, seq_len: int | None, data: str | None, as_json: bool
 
     try:
         result = inspect_onnx(model) if Path(model).suffix == ".onnx" else \
-            inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle)
+            inspect_model(model, seq_len=seq_len, data=data, trust_pickle=trust_pickle,
+                          ignore_auto_map=ignore_auto_map)
     except DtrError as exc:
         _fail(exc)
     if as_json:
         click.echo(json_text(result.to_dict()), nl=False)
     else:
-        render(result, Console())
+        render(result, table_console())
 
 
 def entry() -> None:

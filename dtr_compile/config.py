@@ -24,6 +24,22 @@ _BUDGET_HELP = ("'0.5%' (relative to the original's metric), '0.005' (absolute, 
                 "units) or '0.5pt' (absolute percentage points)")
 
 
+#: The longest sequence a timing takes (``--deploy-seq``, ``bench --seq / --context``), in
+#: tokens: its inputs and activations are allocated whole.
+MAX_SEQ = 1 << 20
+
+
+def check_seed(seed: int) -> None:
+    """``--seed`` is one torch (``manual_seed``) and numpy (``default_rng``) both accept.
+
+    Raises:
+        InputError: outside ``[0, 2**63 - 1]``.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise InputError(f"--seed {seed}: expected an integer in [0, 2**63 - 1] (torch and "
+                         "numpy take no other), e.g. --seed 0")
+
+
 @dataclass(frozen=True)
 class Budget:
     """How far the validation metric may move from the original model's, in its worse direction.
@@ -184,6 +200,7 @@ class CompileConfig:
     decode_steps: int = 64  # greedy tokens of the decoder's parity check
     engine: str | None = None  # build a TensorRT engine here (needs [tensorrt] and a GPU)
     trust_pickle: bool = False
+    ignore_auto_map: bool = False  # load an HF folder with auto_map by its built-in class
     keep: tuple[str, ...] = ()
     max_linear: int | None = None
     min_linear: int = 0  # commit at least N sites, beyond the budget if need be (then exit 3)

@@ -110,7 +110,8 @@ def check_integral(tensors: dict[str, torch.Tensor], names: Collection[str], sou
     only hold whole numbers, which are then exact after a cast.
 
     Raises:
-        InputError: naming the input, the first row with a fractional value and the value.
+        InputError: naming the input, the first row with a fractional value, or one beyond
+            int64 (which a cast would wrap to another id), and the value.
     """
     for name in names:
         t = tensors.get(name)
@@ -123,6 +124,14 @@ def check_integral(tensors: dict[str, torch.Tensor], names: Collection[str], sou
             raise InputError(f"{source}: input {name!r} is an integer input (token ids or a "
                              f"mask) but holds the non-integer value {first} at {_where(rows)}; "
                              f"save it as an integer tensor (torch.long) with whole values")
+        # a cast to int64 would wrap these (1e30 becomes a negative id): name them as given
+        huge = t.abs() >= 2.0**63
+        if bool(huge.any()):
+            rows = _rows_where(huge)
+            first = t[rows[0]][huge[rows[0]]].reshape(-1)[0].item()
+            raise InputError(f"{source}: input {name!r} is an integer input (token ids or a "
+                             f"mask) but holds {first:g} at {_where(rows)}, beyond any id "
+                             "(int64 cannot hold it); save it as an integer tensor (torch.long)")
 
 
 def load_dataset(path: str | os.PathLike[str], input_names: Sequence[str],

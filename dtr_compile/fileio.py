@@ -145,6 +145,81 @@ def _place_model(written: Path, target: Path) -> None:
     os.replace(written, target)
 
 
+def folder_mode(target: Path) -> int:
+    """The mode a new artifact folder at ``target`` gets: the replaced folder's, else
+    ``0o777 & ~umask`` (``mkdtemp`` alone would leave 0700)."""
+    try:
+        if target.is_dir():
+            return stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        pass
+    return 0o777 & ~_umask()
+
+
+def copy_artifact(src: Path, dst: Path, like: Path | None = None) -> None:
+    """Copy the bytes of ``src`` to ``dst`` with an artifact's mode: that of ``like`` (the
+    file ``dst`` will replace) if it exists, else ``0o666`` less the umask (never the source's
+    mode, as ``shutil.copy2`` would give)."""
+    shutil.copyfile(src, dst)
+    os.chmod(dst, _final_mode(like if like is not None else dst))
+
+
+def check_copied_links(files: Sequence[Path], source: Path) -> None:
+    """Files about to be copied from the folder ``source`` into an artifact may be symbolic
+    links only to files inside ``source``, or to the ``blobs/`` of a Hugging Face cache
+    snapshot (``REPO/snapshots/REV/f`` → ``REPO/blobs/HASH``): the copy is shipped with the
+    artifacts, and a crafted folder's ``tokenizer.json -> ~/.ssh/id_rsa`` would put a private
+    file in it.
+
+    Raises:
+        InputError: a link leads elsewhere (naming it and its target).
+    """
+    root = source.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    for f in files:
+        if not f.is_symlink():
+            continue
+        real = f.resolve()
+        if not (real.is_relative_to(root) or (blobs is not None and real.parent == blobs)):
+            raise InputError(f"{f} is a link to {real}, outside the folder {source}: it would "
+                             "be copied into the artifacts. Replace the link by the file itself")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the entries ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``, one
+    system call: no moment where neither exists); False where the system has no such call."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # no such call, or the filesystem
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _place_folder(written: Path, target: Path, aside: Path) -> None:
+    """Move the folder ``written`` onto ``target`` whole. A folder (or file) there is swapped
+    with it in one step where the system allows (:func:`_exchange`), else first renamed to
+    ``aside``; either way the old one ends in the staging folder (removed with it), and
+    ``target`` is never half-written. Call it with signals deferred (:func:`signals_deferred`)."""
+    os.chmod(written, folder_mode(target))
+    if target.exists() or target.is_symlink():
+        if _exchange(written, target):
+            return
+        os.rename(target, aside)
+    os.rename(written, target)
+
+
 @contextlib.contextmanager
 def atomic_model_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """:func:`atomic_path` for an ONNX model that may be written with external data.
@@ -276,9 +351,11 @@ def _same(a: Path, ra: Path, b: Path, rb: Path) -> bool:
         return False
 
 
-def _writable_folder(folder: Path, what: str, path: Path) -> None:
+def _writable_folder(folder: Path, what: str, path: Path, probed: set[Path] | None = None) -> None:
     """``folder`` (to be created if missing) can hold a new file: its nearest existing ancestor
-    is a writable folder."""
+    is a writable folder, checked by creating (and removing) a file there: permission bits say
+    nothing of ``/proc``, ``/sys`` or a read-only mount, where even root cannot create files.
+    ``probed`` remembers folders already tried (a plan names one folder many times)."""
     probe = folder
     while not probe.exists():
         if probe.is_symlink():  # a dangling link
@@ -290,65 +367,142 @@ def _writable_folder(folder: Path, what: str, path: Path) -> None:
         raise InputError(f"{what} {str(path)!r}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"{what} {str(path)!r}: the folder {probe} is not writable")
+    if probed is not None and probe in probed:
+        return
+    try:
+        fd, name = tempfile.mkstemp(prefix=".dtr-probe-", suffix=".tmp", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise InputError(f"{what} {str(path)!r}: the folder {probe} is not writable (creating "
+                         f"a file there fails: {exc.strerror or exc}); write elsewhere") from None
+    if probed is not None:
+        probed.add(probe)
 
 
-def check_write_plan(writes: Mapping[str, Path], inputs: Mapping[str, Path | None]) -> None:
+#: Plan names ending so are folders a run writes whole (``tokenizer folder``): replaced as one
+#: artifact, so nothing the run reads or writes may lie inside.
+FOLDER = " folder"
+
+
+def check_write_plan(writes: Mapping[str, Path], inputs: Mapping[str, Path | None], *,
+                     hint: str = "-o / --report") -> None:
     """Refuse a run whose artifacts would overwrite an input or each other, or cannot be written.
 
     Args:
-        writes: every path the run may write, by a name for messages (``report``, ``pt2``…).
+        writes: every path the run may write, by a name for messages (``report``, ``pt2``…);
+            a name ending in :data:`FOLDER` is a folder written whole.
         inputs: every path the run reads (model, ``--data``, ``--calib``, ``--test``…), by flag;
             None entries are ignored.
+        hint: the flags that choose the written paths, for the messages.
 
     Raises:
         InputError: two paths are the same file (compared resolved, and with
-            :func:`os.path.samefile` for hard links), a path to write is a folder or a symlink
-            loop, or its folder is a file or not writable.
+            :func:`os.path.samefile` for hard links), a path to write is a folder (a file, for a
+            folder artifact), a device or other non-regular file, or a symlink loop, an input or
+            another artifact lies inside a folder artifact, or its folder is a file or not
+            writable (no file can be created there).
     """
     resolved_in = {k: (p, _resolve(p, k)) for k, p in inputs.items() if p is not None}
+    resolved_out = {k: _resolve(p, k) for k, p in writes.items()}
     seen: dict[Path, str] = {}
+    probed: set[Path] = set()
     for name, p in writes.items():
-        rp = _resolve(p, name)
+        rp = resolved_out[name]
+        folder = name.endswith(FOLDER)
         for flag, (ip, rip) in resolved_in.items():
             if _same(p, rp, ip, rip):
                 raise InputError(f"the {name} path {str(p)!r} is the {flag} {str(ip)!r}: the run "
-                                 "would overwrite its own input; choose another -o / --report")
+                                 f"would overwrite its own input; choose another {hint}")
             if ip.is_dir() and rp.is_relative_to(rip):
                 raise InputError(f"the {name} path {str(p)!r} lies inside the {flag} folder "
-                                 f"{str(ip)!r}: write the artifacts elsewhere (-o / --report)")
+                                 f"{str(ip)!r}: write the artifacts elsewhere ({hint})")
+            if folder and rip.is_relative_to(rp):
+                raise InputError(f"the {flag} {str(ip)!r} lies inside the {name} {str(p)!r}, "
+                                 "which the run replaces whole: move it, or choose another "
+                                 f"{hint}")
+        if folder:
+            for other, rq in resolved_out.items():
+                if other != name and rq != rp and rq.is_relative_to(rp):
+                    raise InputError(f"the {other} path {str(writes[other])!r} lies inside the "
+                                     f"{name} {str(p)!r}, which the run replaces whole; choose "
+                                     f"another {hint}")
         if rp in seen:
             raise InputError(f"the {name} path {str(p)!r} is also the {seen[rp]} path; choose "
-                             "another -o / --report")
+                             f"another {hint}")
         seen[rp] = name
-        if p.is_dir():
+        if folder:
+            if p.exists() and not p.is_dir():
+                raise InputError(f"{str(p)!r} is a file, where the run writes its {name}: move "
+                                 f"it away, or choose another {hint}")
+        elif p.is_dir():
             if name.endswith(" weights"):  # planned beside an ONNX path, not given by the user
                 raise InputError(f"{str(p)!r} is a folder, where the {name} file (ONNX external "
                                  "data, or a stale one removed) belongs: move it away, or "
-                                 "choose another -o")
+                                 f"choose another {hint}")
             raise InputError(f"the {name} path {str(p)!r} is a folder; give a file path")
-        _writable_folder(p.parent, f"the {name} path", p)
+        elif p.exists() and not stat.S_ISREG(p.stat().st_mode):
+            raise InputError(f"the {name} path {str(p)!r} is not a regular file (a device, "
+                             "pipe or socket): the run replaces what it writes by a rename, so "
+                             f"give the path of a file ({hint})")
+        _writable_folder(p.parent, f"the {name} path", p, probed)
         if p.exists() and not os.access(p, os.W_OK) and not os.access(p.parent, os.W_OK):
             raise InputError(f"the {name} path {str(p)!r} is not writable")
 
 
-def check_cache_dir(path: Path, writes: Mapping[str, Path] | None = None) -> None:
-    """``path`` is (or can become) a writable folder, and none of the run's ``writes``.
+def onnx_inputs(flag: str, path: str | os.PathLike[str]) -> dict[str, Path | None]:
+    """An ONNX input and its external-data file (``NAME.data``), by ``flag`` and
+    ``flag weights``: the inputs of :func:`check_write_plan` for a command that reads it."""
+    p = Path(path)
+    return {flag: p, f"{flag} weights": data_path(p)}
+
+
+def check_json_output(path: str | os.PathLike[str] | None,
+                      inputs: Mapping[str, Path | None]) -> None:
+    """``--json PATH`` of a side command (``run``, ``bench``, ``lint-trt``): a file it may
+    write atomically, and none of its ``inputs`` (see :func:`check_write_plan`).
 
     Raises:
-        InputError: it is a file, resolves through a symlink loop, cannot be created, or is the
+        InputError: as :func:`check_write_plan`.
+    """
+    if path is not None:
+        check_write_plan({"--json": Path(path)}, inputs, hint="--json path")
+
+
+def check_cache_dir(path: Path, writes: Mapping[str, Path] | None = None,
+                    inputs: Mapping[str, Path | None] | None = None) -> None:
+    """``path`` is (or can become) a writable folder, none of the run's ``writes``, and not
+    inside one of its input folders (a Hugging Face model folder) or folder artifacts.
+
+    Raises:
+        InputError: it is a file, resolves through a symlink loop, cannot be created, is the
             path of an artifact the run writes (``writes``, by name as in
-            :func:`check_write_plan`).
+            :func:`check_write_plan`) or lies inside a folder one writes whole, or lies inside
+            (or is) an input (``inputs``, by flag).
     """
     rp = _resolve(path, "--cache-dir")
     for name, w in (writes or {}).items():
-        if _resolve(w, name) == rp:
+        rw = _resolve(w, name)
+        if rw == rp:
             raise InputError(f"--cache-dir {str(path)!r} is also the {name} path: choose another "
                              "--cache-dir (or -o)")
+        if name.endswith(FOLDER) and rp.is_relative_to(rw):
+            raise InputError(f"--cache-dir {str(path)!r} lies inside the {name} {str(w)!r}, "
+                             "which the run replaces whole: choose another --cache-dir")
+    for flag, ip in (inputs or {}).items():
+        if ip is None:
+            continue
+        rip = _resolve(ip, flag)
+        if rp == rip or (ip.is_dir() and rp.is_relative_to(rip)):
+            raise InputError(f"--cache-dir {str(path)!r} lies inside the {flag} "
+                             f"{str(ip)!r}: the run never writes into its inputs; choose "
+                             "another --cache-dir (default: .dtr-cache beside the output)")
     if path.exists() and not path.is_dir():
         raise InputError(f"--cache-dir {str(path)!r} is a file, not a folder")
     if path.is_dir():
         if not os.access(path, os.W_OK | os.X_OK):
             raise InputError(f"--cache-dir {str(path)!r} is not writable (or pass --no-cache)")
+        _writable_folder(path, "--cache-dir", path)
         return
     _writable_folder(path, "--cache-dir", path)
 
@@ -393,8 +547,9 @@ class OutputLock:
                     continue
                 who = f"pid {owner[0]} on {owner[1]}" if owner else "an unknown process"
                 raise InputError(f"another dtr-compile run ({who}) is writing this output: lock "
-                                 f"{self.path} exists; wait for it to finish, or delete the lock "
-                                 "if no such run exists") from None
+                                 f"{self.path} exists (that run writes the same file); wait for "
+                                 "it to finish, or delete the lock if no such run exists") \
+                    from None
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{os.getpid()} {host}\n")
             self.held = True
@@ -422,6 +577,32 @@ class OutputLock:
         self.release()
 
 
+def artifact_lock_path(path: Path) -> Path:
+    """The hidden lock of one artifact, ``.NAME.lock`` beside it (see :func:`lock_artifacts`)."""
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def lock_artifacts(plan: Mapping[str, Path], main: str = "lock") -> Iterator[None]:
+    """Hold ``plan[main]`` (the output lock, ``<output>.lock``) and an :class:`OutputLock` on
+    every other path of the write ``plan`` (:func:`artifact_lock_path`), released on exit.
+
+    Two runs with different ``-o`` may share another artifact (the same ``--report``, hence
+    ledger and students; one's ``-o`` another's decoder path): the second to come exits 2
+    instead of replacing the first's files, or removing its temporaries as stale. The locks are
+    taken in the order of their resolved paths, so of two runs that overlap one always goes on.
+
+    Raises:
+        InputError: a live run holds one of the locks (naming it); the ones taken are released.
+    """
+    paths = {_resolve(p, name): artifact_lock_path(p) for name, p in plan.items() if name != main}
+    order = [plan[main]] + [paths[k] for k in sorted(paths, key=str)]
+    with contextlib.ExitStack() as stack:
+        for lock_file in order:
+            stack.enter_context(OutputLock(lock_file))
+        yield
+
+
 # --- staging ---------------------------------------------------------------------------------
 
 
@@ -440,7 +621,8 @@ class Staging:
         self._moves: list[tuple[Path, Path]] = []
 
     def path(self, final: str | os.PathLike[str]) -> Path:
-        """Where to write the artifact whose final place is ``final``."""
+        """Where to write the artifact whose final place is ``final``: a file, or a folder the
+        caller creates there (moved into place whole, replacing the folder at ``final``)."""
         f = Path(final)
         staged = self.dir / f"{len(self._moves)}" / f.name
         staged.parent.mkdir()
@@ -474,6 +656,10 @@ class Staging:
             if not staged.exists():
                 continue
             final.parent.mkdir(parents=True, exist_ok=True)
+            if staged.is_dir():  # a folder artifact (the tokenizer): the old one set aside
+                _place_folder(staged, final, staged.parent / ".replaced")
+                moved.append(final)
+                continue
             is_model = final.suffix == ".onnx"  # with its NAME.data, if written with one
             try:
                 if is_model:

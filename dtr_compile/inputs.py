@@ -132,7 +132,8 @@ def load_inputs(config: CompileConfig, budget: Budget, console: Console,
         InputError: a data file does not fit the model, or the metric and budget disagree.
     """
     with stages("load", console):
-        loaded = load_model(config.model, trust_pickle=config.trust_pickle)
+        loaded = load_model(config.model, trust_pickle=config.trust_pickle,
+                            ignore_auto_map=config.ignore_auto_map)
     with stages("capture", console):
         captured = capture(loaded, example_inputs(config) if loaded.program is None else None)
     gm, names = captured.gm, captured.input_names

@@ -440,7 +440,7 @@ def _examples(loaded: LoadedModel, seq_len: int | None, data: str | None) -> dic
 
 
 def inspect_model(model: str, *, seq_len: int | None = None, data: str | None = None,
-                  trust_pickle: bool = False) -> Inspection:
+                  trust_pickle: bool = False, ignore_auto_map: bool = False) -> Inspection:
     """Load, capture, find attention and count FLOPs (see the module docstring). For an
     ``.onnx`` file use :func:`inspect_onnx`.
 
@@ -449,7 +449,7 @@ def inspect_model(model: str, *, seq_len: int | None = None, data: str | None = 
         CaptureError: torch.export failed; names the failing line and the usual fix.
         NoAttentionError: no rewritable site; says what was searched for and why not.
     """
-    loaded = load_model(model, trust_pickle=trust_pickle)
+    loaded = load_model(model, trust_pickle=trust_pickle, ignore_auto_map=ignore_auto_map)
     example = _examples(loaded, seq_len, data)
     try:
         captured = capture(loaded, example)

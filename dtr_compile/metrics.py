@@ -49,6 +49,7 @@ import numbers
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -190,7 +191,11 @@ def _as_float(result: object, name: str) -> float:
                              f"{list(result.shape)} ({result.dtype}), not one real number")
         return float(result.item())
     if isinstance(result, numbers.Real) and not isinstance(result, bool):
-        return float(result)
+        try:
+            return float(result)
+        except OverflowError:  # an int or Fraction beyond a float (10**400): infinite
+            big: Any = result
+            return math.inf if big > 0 else -math.inf
     raise InputError(f"metric {name!r} returned {type(result).__name__} "
                      f"({str(result)[:60]!r}), not a float")
 

@@ -27,7 +27,7 @@ from dtr_compile.distill.stage import distill_stage
 from dtr_compile.errors import EXIT_OK, ParityError
 from dtr_compile.exporters.artifacts import ExportResult
 from dtr_compile.exporters.stage import export_stage
-from dtr_compile.fileio import OutputLock, Staging, clean_stale_temporaries, write_json_atomic
+from dtr_compile.fileio import Staging, clean_stale_temporaries, lock_artifacts, write_json_atomic
 from dtr_compile.inputs import find_sites, load_inputs
 from dtr_compile.parallel import Group, from_env, rank_device
 from dtr_compile.passes.find_attention import AttentionSite
@@ -85,7 +85,7 @@ def compile_model(config: CompileConfig, console: Console | None = None) -> Comp
             with tempfile.TemporaryDirectory(prefix="dtr-rank-") as tmp:
                 return _compile(config, console, budget, Staging(Path(tmp) / "rank"),
                                 placement, group)
-        with OutputLock(plan["lock"]):
+        with lock_artifacts(plan):  # every artifact's path: another run may share the report
             for junk in clean_stale_temporaries(list(plan.values())):
                 console.log(f"removed a stale temporary of an interrupted run: {junk}")
             staging = Staging(plan["output"])

@@ -10,11 +10,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from dtr_compile.config import Budget, CompileConfig, cache_dir, parse_duration
+from dtr_compile.config import Budget, CompileConfig, cache_dir, check_seed, parse_duration
 from dtr_compile.distill.stage import distill_settings
 from dtr_compile.errors import InputError
 from dtr_compile.exporters.artifacts import check_export_options, export_paths
-from dtr_compile.exporters.stateful import decoder_paths
+from dtr_compile.exporters.stateful import (
+    decoder_paths,
+    find_model_tokenizer,
+    tokenizer_files,
+    tokenizer_path,
+)
 from dtr_compile.fileio import check_cache_dir, check_write_plan, data_path
 from dtr_compile.load import check_model_path
 from dtr_compile.report import report_paths
@@ -45,7 +50,8 @@ def write_plan(config: CompileConfig) -> dict[str, Path]:
     exp = export_paths(out)
     plan = {"output": out, "pt2": exp["pt2"], "report": report, "report_md": rp.markdown,
             "report_png": rp.plot, "config": config_path, "ledger": rp.ledger,
-            "students": rp.students, "lock": lock_path(config)}
+            "students": rp.students, "lock": lock_path(config),
+            "tokenizer folder": tokenizer_path(out)}  # causal models, when a tokenizer came along
     if config.fp16:
         plan["fp16 ONNX"] = exp["onnx_fp16"]
     if config.export_original:
@@ -89,6 +95,7 @@ def validate(config: CompileConfig) -> Budget:
     if config.select not in SELECT:
         raise InputError(f"unknown --select {config.select!r}; choose one of {', '.join(SELECT)}")
     deploy_seqs(config.deploy_seq)
+    check_seed(config.seed)
     if config.bench_repeats < 1:
         raise InputError("--bench-repeats must be >= 1")
     if Path(config.output).suffix != ".onnx":
@@ -130,6 +137,8 @@ def validate(config: CompileConfig) -> Budget:
         raise InputError("--workers must be >= 0 (0: one per CPU)")
     plan = write_plan(config)
     check_write_plan(plan, input_paths(config))
+    if (tok := find_model_tokenizer(config.model)) is not None:  # encoders' too
+        tokenizer_files(tok)  # what the tokenizer folder will copy, checked before any work
     if not config.no_cache:
-        check_cache_dir(cache_dir(config), plan)
+        check_cache_dir(cache_dir(config), plan, input_paths(config))
     return budget

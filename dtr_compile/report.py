@@ -37,6 +37,23 @@ EXIT_MEANING = {
 }
 
 
+#: Columns of a table printed where output is not a terminal and COLUMNS is not set
+WIDE_COLUMNS = 240
+
+
+def table_console() -> Any:
+    """The stdout console for tables: the terminal's width on a terminal; elsewhere (a pipe, a
+    CI log) ``COLUMNS`` when set, else :data:`WIDE_COLUMNS` — rich's default of 80 would cut
+    the tables' columns."""
+    import os
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return Console()
+    return Console(width=WIDE_COLUMNS)
+
 @dataclass(frozen=True)
 class ReportPaths:
     """Where the report's files go."""
@@ -137,25 +154,42 @@ def _linear_text(linear: list[str] | None) -> str:
     return "none" if not linear else ", ".join(linear)
 
 
+def _range(row: dict[str, Any]) -> str:
+    low, high = row.get("latency_ratio_min"), row.get("latency_ratio_max")
+    return "" if low is None or high is None else f" ({_fmt(low, 3)}–{_fmt(high, 3)})"
+
+
 def speed_lines(report: dict[str, Any]) -> list[str]:
-    """One line on the hybrid's speed vs the original, and one per length where it is not
-    faster (plainly), from ``report["speed"]``; empty when nothing was timed."""
+    """One line on the hybrid's speed vs the original (median latency ratio and its range over
+    the timed rounds), one per length where it is plainly not faster, and one per length where
+    the range spans 1.0 (inconclusive), from ``report["speed"]``; empty when nothing was timed."""
+    from dtr_compile.runtime.speed import speed_verdict
+
     speed = report.get("speed") or {}
     rows = speed.get("rows") or []
     if not rows:
         return []
-    parts, slower = [], []
+    parts, slower, unsure = [], [], []
     for r in rows:
         where = f"T={r['seq']}" if r.get("seq") is not None else "validation shape"
         lat, mem = r.get("latency_ratio"), r.get("memory_ratio")
         if lat is None:
             parts.append(f"{where}: not timed ({r.get('note') or 'no measurement'})")
             continue
+        low, high = r.get("latency_ratio_min"), r.get("latency_ratio_max")
+        verdict = speed_verdict(lat, low, high)
         text = f"{where}: latency ×{lat:.2f}"
+        if low is not None and high is not None:
+            span = f"×{low:.2f}–×{high:.2f}"
+            text += f" ({span} over the rounds{', inconclusive' if verdict == 'inconclusive' else ''})"
+            if verdict == "inconclusive":
+                unsure.append(f"inconclusive at {where}: the rounds' hybrid/original ratios span "
+                              f"1.0 ({span}); time it on a quiet machine or with more "
+                              "--bench-repeats")
         if mem is not None:
             text += f", memory ×{mem:.2f}"
         parts.append(text + (" *" if r.get("extended_positions") else ""))
-        if lat >= 1.0:
+        if verdict == "slower":
             slower.append(f"the hybrid is NOT faster than the original at {where} "
                           f"({r['hybrid_ms']:.3g} ms vs {r['original_ms']:.3g} ms)")
     lines = ["speed (hybrid/original, onnxruntime, batch 1): " + "; ".join(parts)]
@@ -163,7 +197,7 @@ def speed_lines(report: dict[str, Any]) -> list[str]:
         lines.append("  * position table extended with random rows to time this length")
     if speed.get("prepack") is False:
         lines.append(f"  {speed.get('prepack_note') or 'onnxruntime weight prepacking off'}")
-    return lines + slower
+    return lines + slower + unsure
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -290,15 +324,15 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
     speed = report.get("speed") or {}
     if speed.get("rows"):
         lines += ["## Speed (onnxruntime, batch 1, median of interleaved runs)", "",
-                  "| length | original ms | hybrid ms | latency ratio | original MiB | hybrid MiB "
-                  "| memory ratio |", "|---|---|---|---|---|---|---|"]
+                  "| length | original ms | hybrid ms | latency ratio (range over the rounds) "
+                  "| original MiB | hybrid MiB | memory ratio |", "|---|---|---|---|---|---|---|"]
         for r in speed["rows"]:
             def mib(b: Any) -> str:
                 return "—" if b is None else f"{b / 2**20:.0f}"
             where = "validation shape" if r.get("seq") is None else str(r["seq"])
             lines.append(f"| {where}{' *' if r.get('extended_positions') else ''} | "
                          f"{_fmt(r['original_ms'], 4)} | {_fmt(r['hybrid_ms'], 4)} | "
-                         f"{_fmt(r['latency_ratio'], 3)} | {mib(r['original_peak_bytes'])} | "
+                         f"{_fmt(r['latency_ratio'], 3)}{_range(r)} | {mib(r['original_peak_bytes'])} | "
                          f"{mib(r['hybrid_peak_bytes'])} | {_fmt(r['memory_ratio'], 3)} |")
         lines.append("")
         lines += [f"- {x}" for x in speed_lines(report)[1:]] + [""]
@@ -507,7 +541,7 @@ def build_report(
         "artifacts": {"onnx": str(out_path), "report": str(report_path), "config": str(config_path),
                       "report_md": str(paths.markdown), "plot": str(paths.plot),
                       "ledger": str(paths.ledger), "students": str(paths.students)}
-                     | exported_.artifacts | decoder_artifacts(stateful),
+                     | exported_.artifacts | decoder_artifacts(stateful) | exported.tokenizer,
         "metric": {"name": metric.name, "higher_is_better": metric.higher_is_better,
                    "bounds": metric.bounds},
         "budget": budget.to_dict(baseline, metric.higher_is_better),

@@ -205,3 +205,22 @@ def save_tokenizer(folder: str | Path) -> Path:
                                    bos_token="<s>")
     fast.save_pretrained(str(folder))
     return Path(folder)
+
+
+def save_byte_tokenizer(folder: str | Path) -> Path:
+    """A byte-level BPE tokenizer (GPT-2 style, ids < ``VOCAB``) trained offline on a few lines
+    with multi-byte characters (ä, é, 日本, 🙂), ``<|endoftext|>`` = 0 = EOS, saved to ``folder``:
+    one character can span several tokens, as with real decoders' tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["Grüße aus Köln, naïve café — 日本語 🙂 hello world."] * 20  # 39 distinct bytes
+    trainer = trainers.BpeTrainer(vocab_size=48, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=[])  # 8 merges: most characters stay split
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+    return Path(folder)

@@ -28,11 +28,26 @@ def run_cli(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def compiled(tiny_task, tmp_path_factory):
+    from tests.stateful_fixture import save_tokenizer
+
+    src = tmp_path_factory.mktemp("src")
+    (src / "model.pt").write_bytes(Path(tiny_task["model"]).read_bytes())
+    save_tokenizer(src / "model.tokenizer")  # an encoder that came with its tokenizer
     out = tmp_path_factory.mktemp("out") / "hybrid.onnx"
     # agreement with the original at a loose budget: some site must fit
-    res = run_cli(tiny_task["model"], "--budget", "10%", "--data", tiny_task["val"],
+    res = run_cli(str(src / "model.pt"), "--budget", "10%", "--data", tiny_task["val"],
                   "-o", str(out), "--metric", "agreement", *FAST)
     return res, out
+
+
+def test_encoder_gets_its_tokenizer_beside_the_hybrid(compiled) -> None:
+    """Issue 25 item 15: the tokenizer is copied for every model, not only for decoders."""
+    res, out = compiled
+    assert res.returncode in (0, 3), res.stderr
+    tok = out.with_name("hybrid.tokenizer")
+    assert (tok / "tokenizer.json").is_file()
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["artifacts"]["tokenizer"] == str(tok)
 
 
 def test_compile_writes_verified_artifacts(compiled) -> None:
@@ -131,3 +146,95 @@ def test_help_documents_every_flag() -> None:
     for flag in ["--budget", "--data", "--calib", "--metric", "--report", "-o, --output",
                  "--keep", "--max-linear", "--trust-pickle", "Exit codes"]:
         assert flag in res.stdout
+
+
+# Issue 25 item 14: the README's and docs' snippets cannot rot.
+
+_DOCS = [Path(__file__).resolve().parents[1] / p for p in ("README.md", "docs/exporters.md",
+                                                            "docs/benchmarks.md")]
+
+
+def _blocks(lang: str) -> list[tuple[str, str]]:
+    import re
+
+    out = []
+    for doc in _DOCS:
+        for m in re.finditer(rf"^( *)```{lang}\n(.*?)^\1```", doc.read_text(), re.M | re.S):
+            indent = len(m.group(1))
+            out.append((doc.name, "\n".join(line[indent:] for line in
+                                            m.group(2).splitlines())))
+    return out
+
+
+def test_doc_python_snippets_import_what_they_use() -> None:
+    """Every import of every Python snippet runs, and every name the snippet calls at the top
+    level (``f(...)`` or ``f(...).x``) is imported or a builtin: a snippet that imports ``bench``
+    from the wrong module, or uses ``rich`` without importing it, fails here."""
+    import ast
+    import builtins
+
+    blocks = _blocks("python")
+    assert len(blocks) >= 2
+    for doc, code in blocks:
+        tree = ast.parse(code)
+        bound: set[str] = set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                exec(compile(ast.Module([node], []), doc, "exec"), {})  # noqa: S102
+                bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.Assign):
+                bound |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+            elif isinstance(node, ast.comprehension):
+                bound |= {n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                and isinstance(n.ctx, ast.Load)}
+        assert used <= bound | {"texts", "labels"}, (doc, sorted(used - bound), code)
+
+
+def test_doc_command_lines_use_existing_flags() -> None:
+    """Every ``dtr-compile`` line of the shell snippets names a subcommand and flags that exist."""
+    import click
+
+    from dtr_compile.cli import main
+
+    checked = 0
+    for doc, code in _blocks("sh") + _blocks(""):
+        lines = code.splitlines()
+        for i, line in enumerate(lines):
+            words = line.split("#")[0].split()
+            if "dtr-compile" not in words:
+                continue
+            words = words[words.index("dtr-compile") + 1:]
+            j = i + 1  # continuation lines: indented, no new command
+            while j < len(lines) and lines[j].startswith(" ") and "dtr-compile" not in lines[j]:
+                words += lines[j].split("#")[0].split()
+                j += 1
+            name = words[0] if words and words[0] in main.commands else "compile"
+            cmd = main.commands[name]
+            opts = {o for p in cmd.params if isinstance(p, click.Option) for o in p.opts}
+            opts |= {"--help", "-h"}
+            for w in words:
+                flag = w.strip("[]()…|,").split("=")[0]
+                if flag.startswith("--"):
+                    assert flag in opts, (doc, name, flag, line)
+            checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("columns", [None, "100"])
+def test_tables_are_not_cut_when_output_is_not_a_terminal(tiny_task, columns) -> None:
+    """Issue 25 item 15: a pipe or a CI log got rich's 80 columns, cutting the table. Now COLUMNS
+    when set, else wide enough for every column."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    if columns:
+        env["COLUMNS"] = columns
+    res = subprocess.run([*CLI, "inspect", tiny_task["model"]], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    if columns is None:
+        assert any("backbone.encoder.layer.0.attention.self" in ln for ln in lines), res.stdout
+        assert max(map(len, lines)) > 80
+    else:
+        assert max(map(len, lines)) <= 100

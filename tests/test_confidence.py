@@ -56,15 +56,48 @@ def test_paired_binary_counts_and_methods():
     orig = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 0, 1], dtype=torch.float64)
     cand = torch.tensor([1, 0, 0, 1, 0, 1, 1, 0, 0, 1], dtype=torch.float64)
     b = paired_binary_bound(orig, cand, 0.9)
-    assert b.method == "mcnemar-exact" and b.detail == {"b": 3, "c": 1}
+    assert b.method == "paired-clopper-pearson" and b.detail == {"b": 3, "c": 1}
     assert b.degradation == pytest.approx(0.2)
-    # conditional on n = 4 discordant pairs: U = (4/10)(2 π_U − 1), π_U the CP limit for 3 of 4
-    assert b.upper == pytest.approx(0.4 * (2 * (0.9 ** 0.25) - 1), rel=1e-9)
+    # U = CP upper of p10 (3 of 10) − CP lower of p01 (1 of 10), each at 1 − 0.1/2; the lower
+    # limit for 1 of n solves 1 − (1 − π)^n = 0.05
+    assert b.upper == pytest.approx(clopper_pearson_upper(3, 10, 0.95) - (1 - 0.95 ** 0.1),
+                                    rel=1e-9)
     always = paired_binary_bound(torch.ones(10), cand, 0.9)
     assert always.method == "clopper-pearson" and always.detail["b"] == 5
     assert always.upper == pytest.approx(clopper_pearson_upper(5, 10, 0.9))
+
+
+@pytest.mark.parametrize("n", [10, 40, 500])
+def test_paired_binary_bound_without_flips_is_positive_by_hand(n: int):
+    """Issue 25 item 8: no row flips is not proof of no drop. With b = c = 0 the bound is the CP
+    upper limit for 0 of N at 1 − α/2: 1 − (α/2)^(1/N); one flip in favour lowers it by the CP
+    lower limit for 1 of N, 1 − (1 − α/2)^(1/N)."""
+    orig = torch.tensor([1, 0] * (n // 2))
     none = paired_binary_bound(orig, orig, 0.9)
-    assert none.upper == 0.0 and none.degradation == 0.0
+    assert none.degradation == 0.0
+    assert none.upper == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-9) and none.upper > 0
+    better = orig.clone()
+    better[1] = 1  # the candidate gets one row right that the original got wrong
+    one_up = paired_binary_bound(orig, better, 0.9)
+    assert one_up.upper == pytest.approx(0.95 ** (1 / n) - 0.05 ** (1 / n), rel=1e-9)
+
+
+def test_paired_binary_bound_grows_with_each_flip_against():
+    """The bound never falls as rows flip against the candidate, whatever the flips in favour."""
+    n = 60
+    orig = torch.tensor([1, 1, 0] * (n // 3))
+    right, wrong = (orig == 1).nonzero().flatten(), (orig == 0).nonzero().flatten()
+    for favour in (0, 1, 3):
+        cand = orig.clone()
+        cand[wrong[:favour]] = 1
+        uppers = []
+        for against in range(12):
+            bd = paired_binary_bound(orig, cand, 0.9)
+            assert bd.detail == {"b": against, "c": favour}
+            uppers.append(bd.upper)
+            cand[right[against]] = 0
+        assert all(b > a for a, b in zip(uppers, uppers[1:], strict=False)), (favour, uppers)
+        assert uppers[0] > 0 or favour > 0
 
 
 def test_binary_bound_covers_the_true_degradation_at_least_P_of_the_time():
@@ -96,7 +129,7 @@ def test_accuracy_and_agreement_use_the_exact_bounds():
     out = ref.clone()
     out[5:9] = torch.nn.functional.one_hot((labels[5:9] + 1) % 4, 4).float()  # 4 more wrong
     acc = degradation_bound(METRICS["accuracy"], out, labels, ref, 0.9)
-    assert acc.method == "mcnemar-exact" and acc.detail == {"b": 4, "c": 0}
+    assert acc.method == "paired-clopper-pearson" and acc.detail == {"b": 4, "c": 0}
     assert acc.degradation == pytest.approx(4 / 40)
     agr = degradation_bound(METRICS["agreement"], out, None, ref, 0.9)
     assert agr.method == "clopper-pearson" and agr.upper == pytest.approx(
@@ -149,3 +182,18 @@ def test_bootstrap_of_identical_outputs_is_zero_and_perplexity_sign():
     worse[:, 0] += 1.0  # higher NLL: perplexity rises, a positive degradation
     b = degradation_bound(METRICS["perplexity"], worse, None, ref, 0.9, resamples=200)
     assert b.degradation > 0 and b.upper >= b.degradation
+
+
+def test_floor_warning_counts_the_unconditional_bound_for_accuracy_below_one():
+    """An accuracy original below 1 now has a floor too: a candidate that changes no row has the
+    bound 1 − (α/2)^(1/N); the compile says so before the search."""
+    from dtr_compile.search.run import resolution_warnings
+    from dtr_compile.search.confidence import bound_without_change
+
+    assert bound_without_change(40, 0.9, original_always_right=True) == pytest.approx(
+        1 - 0.1 ** (1 / 40))
+    assert bound_without_change(40, 0.9, original_always_right=False) == pytest.approx(
+        1 - 0.05 ** (1 / 40))
+    (w,) = resolution_warnings(METRICS["accuracy"], 40, 0.05, "5pt", 0.9, 0.9)
+    assert "changes no row has a drop bound of 0.07216" in w and "about 59 rows" in w
+    assert resolution_warnings(METRICS["accuracy"], 40, 0.05, "5pt", 0.9, None) == []

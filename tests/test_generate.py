@@ -6,6 +6,7 @@ model is the hand-written fixture of tests/stateful_fixture.py (KV + recurrent s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +390,242 @@ def test_signature_of_windowed_fp16_states() -> None:
     ins[4] = io("past.3.recurrent", ["batch", 4, "f", 9])
     with pytest.raises(InputError, match="not fixed"):
         read_signature(sess, "m.onnx")
+
+
+# --- issue 25 item 10 / 16: generate's edge cases ----------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-300, 1e-30])
+def test_tiny_temperatures_are_greedy_not_nan(temperature: float) -> None:
+    """softmax(logits / 1e-310) overflowed to inf − inf = NaN and always drew token 0; in the
+    limit it is the argmax (ties shared), computed without overflow."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 50)).astype(np.float32) * 10
+    with np.errstate(all="raise"):
+        picks = choose(logits, temperature, None, rng)
+        assert (picks == logits.argmax(-1)).all()
+        assert (choose(logits, temperature, 3, rng) == logits.argmax(-1)).all()
+    tie = np.array([[0.0, 7.0, 7.0, 1.0]] * 400)
+    drawn = choose(tie, temperature, None, rng)
+    assert set(drawn.tolist()) == {1, 2}  # the two maxima, both drawn
+
+
+@pytest.mark.parametrize("ids, message", [
+    ("-1", r"token id -1 .*outside the model's vocabulary of 96 ids \(0\.\.95\)"),
+    ("5,96", r"token id 96 .*outside the model's vocabulary of 96 ids"),
+    ("5,99999999999999999999999", r"token id 99999999999999999999999 .*vocabulary of 96"),
+])
+def test_prompt_ids_outside_the_vocabulary_are_exit_2(fixture_onnx, ids: str,
+                                                       message: str) -> None:
+    res = CliRunner().invoke(main, ["generate", str(fixture_onnx["path"]), "--prompt-ids", ids,
+                                    "--max-new-tokens", "2"])
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert re.search(message, res.stderr), res.stderr
+    with pytest.raises(InputError, match="vocabulary"):
+        Generator(fixture_onnx["path"]).generate([[3, 4], [int(ids.split(",")[-1])]], 2)
+
+
+def _with_decoder_info(src: str, dst: Path, info: dict) -> Path:
+    import onnx
+
+    from dtr_compile.runtime.generate import DECODER_KEY
+
+    proto = onnx.load(src)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = DECODER_KEY, json.dumps(info)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_prompt_longer_than_a_learned_position_table_is_refused(fixture_onnx,
+                                                                 tmp_path: Path) -> None:
+    """A decoder whose positions come from a learned table of P rows (recorded by dtr-compile in
+    its metadata) cannot see position P: a longer prompt is exit 2, naming both lengths, and
+    generation stops when the table is full (stop reason max_positions)."""
+    path = _with_decoder_info(fixture_onnx["path"], tmp_path / "p8.onnx", {"position_table": 8})
+    gen = Generator(path, threads=1)
+    with pytest.raises(InputError, match=r"prompt of 9 tokens.*8 positions"):
+        gen.generate([list(range(3, 12))], 4)
+    got = gen.generate([PROMPTS[0], PROMPTS[1]], 10)  # 5 and 2 prompt tokens
+    assert [len(t) for t in got.tokens] == [3, 6] and got.stopped == ["max_positions"] * 2
+    res = CliRunner().invoke(main, ["generate", str(path), "--prompt-ids", "3,4,5,6,7,8,9,10,11"])
+    assert res.exit_code == 2 and "8 positions" in res.stderr
+    odd = _with_decoder_info(fixture_onnx["path"], tmp_path / "odd.onnx", {"position_table": True})
+    assert Generator(odd).generate([PROMPTS[0]], 3).stopped == ["max_new_tokens"]  # not 1 row
+
+
+def test_non_utf8_prompt_file_is_exit_2(fixture_onnx, tmp_path: Path) -> None:
+    pf = tmp_path / "latin1.txt"
+    pf.write_bytes("Grüße".encode("latin-1"))
+    save_tokenizer(tmp_path / "tok")
+    res = CliRunner().invoke(main, ["generate", str(fixture_onnx["path"]), "--prompt-file",
+                                    str(pf), "--tokenizer", str(tmp_path / "tok")])
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert "UTF-8" in res.stderr and "latin1.txt" in res.stderr
+
+
+def test_text_stream_is_incremental_and_exact(tmp_path: Path) -> None:
+    """The streamed pieces add up to the full decoding, a multi-byte character is never shown
+    half (no U+FFFD), and the work is linear in the tokens: the whole continuation is not
+    re-decoded for every new token."""
+    from dtr_compile.runtime.generate import TextStream, load_tokenizer
+    from tests.stateful_fixture import save_byte_tokenizer
+
+    tok = load_tokenizer(save_byte_tokenizer(tmp_path / "btok"))
+    ids = tok("Grüße aus Köln, naïve café — 日本語 🙂 hello world. " * 12)["input_ids"]
+    decoded: list[int] = []
+    real = tok.decode
+
+    def counting(toks, **kw):
+        decoded.append(len(toks))
+        return real(toks, **kw)
+
+    tok.decode = counting
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == real(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(decoded) < 8 * len(ids), (sum(decoded), len(ids))  # quadratic: ~len²/2
+    # a continuation that ends inside a character is flushed as it decodes
+    stream = TextStream(tok)
+    cut = tok("日")["input_ids"][:-1]
+    assert "".join(stream.push(t) for t in cut) == ""
+    assert stream.flush() == real(cut, skip_special_tokens=True)
+
+
+# --- issue 25 item 11: genai-folder takes the model's own description -------------------------
+
+#: the fixture as dtr-compile describes a decoder it writes (DECODER_KEY)
+FIXTURE_INFO = {"model_type": "qwen2", "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+                "head_size": HEAD_DIM, "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 96,
+                "max_position_embeddings": 256, "position_table": None}
+
+
+def _genai(model: Path, out: Path, *extra: str):
+    save_tokenizer(model.parent / "tokenizer")
+    return CliRunner().invoke(main, ["genai-folder", str(model), "-o", str(out), *extra])
+
+
+def _og_greedy(folder: Path, prompt: list[int], new: int) -> list[int]:
+    og = pytest.importorskip("onnxruntime_genai")
+    params = og.GeneratorParams(og.Model(str(folder)))
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(og.Model(str(folder)), params)
+    gen.append_tokens([prompt])
+    got: list[int] = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    return got
+
+
+def test_genai_folder_takes_heads_type_and_context_from_the_model(fixture_onnx,
+                                                                  tmp_path: Path) -> None:
+    """GQA: 4 query heads over 2 KV heads and hidden size 32, not the KV inputs' 2 and 16; the
+    model's type and context length, not llama / 4096; and the folder still decodes."""
+    (tmp_path / "src").mkdir()
+    model = _with_decoder_info(fixture_onnx["path"], tmp_path / "src" / "tiny.onnx", FIXTURE_INFO)
+    res = _genai(model, tmp_path / "genai")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
+    dec = cfg["model"]["decoder"]
+    assert (dec["num_attention_heads"], dec["num_key_value_heads"], dec["head_size"],
+            dec["hidden_size"]) == (HEADS, KV_HEADS, HEAD_DIM, 32)
+    assert cfg["model"]["type"] == "qwen2"
+    assert cfg["model"]["context_length"] == 256 == cfg["search"]["max_length"]
+    assert _og_greedy(tmp_path / "genai", PROMPTS[0], 24) == greedy_full_recompute(
+        fixture_onnx["model"], PROMPTS[0], 24, eos_id=2)
+
+
+@pytest.mark.parametrize("info, extra, message", [
+    ({**FIXTURE_INFO, "position_table": 64}, ["--context-length", "100"],
+     r"--context-length 100.*64 positions"),
+    (FIXTURE_INFO, ["--model-type", "bert"], r"--model-type bert.*onnxruntime-genai"),
+], ids=["beyond-position-table", "unknown-type"])
+def test_genai_folder_refuses_what_genai_cannot_run(fixture_onnx, tmp_path: Path, info: dict,
+                                                    extra: list[str], message: str) -> None:
+    (tmp_path / "src").mkdir()
+    model = _with_decoder_info(fixture_onnx["path"], tmp_path / "src" / "tiny.onnx", info)
+    res = _genai(model, tmp_path / "genai", *extra)
+    assert res.exit_code == 2, (res.output, res.exception)
+    assert re.search(message, res.stderr), res.stderr
+    assert not (tmp_path / "genai").exists()
+
+
+def test_genai_config_types_and_context_defaults(fixture_onnx, tmp_path: Path) -> None:
+    from dtr_compile.runtime.genai_config import genai_config
+
+    gpt2 = _with_decoder_info(fixture_onnx["path"], tmp_path / "gpt2.onnx",
+                              {**FIXTURE_INFO, "model_type": "gpt2", "position_table": 64})
+    cfg = genai_config(gpt2)
+    # onnxruntime-genai's gpt2 type expects its own builder's inputs: the generic decoder type
+    assert cfg["model"]["type"] == "decoder" and cfg["model"]["context_length"] == 64
+    notes: list[str] = []
+    bare = genai_config(fixture_onnx["path"], notes=notes)  # no record: said, not hidden
+    assert bare["model"]["decoder"]["num_attention_heads"] == KV_HEADS
+    assert any("num_attention_heads" in n and "not recorded" in n for n in notes), notes
+
+
+def test_genai_config_of_an_all_linear_decoder_needs_the_record(fixture_onnx) -> None:
+    """Without a KV cache the head size and KV heads are nowhere in the inputs: from the record,
+    else refused (genai refuses nulls; this used to write them and exit 0)."""
+    from dtr_compile.runtime.genai_config import genai_config
+    from dtr_compile.runtime.generate import Signature, StateSpec
+
+    rec = StateSpec("past.0.recurrent", "present.0.recurrent", 0, "recurrent", "recurrent",
+                    np.float32, (None, HEADS, HEAD_DIM, HEAD_DIM + 1))
+    sig = Signature("input_ids", "attention_mask", "logits", (rec,))
+    with pytest.raises(InputError, match="no KV cache and no record"):
+        genai_config(fixture_onnx["path"], sig=sig, info={})
+    cfg = genai_config(fixture_onnx["path"], sig=sig, info=FIXTURE_INFO)["model"]
+    assert (cfg["decoder"]["head_size"], cfg["decoder"]["num_key_value_heads"],
+            cfg["decoder"]["num_attention_heads"]) == (HEAD_DIM, KV_HEADS, HEADS)
+    assert cfg["decoder"]["layer_types"] == ["linear_attention"]
+
+
+@pytest.mark.slow  # two stateful exports of a tiny Llama: minutes on a loaded machine
+@pytest.mark.parametrize("linear", [(1,), (0, 1, 2)], ids=["one-linear", "all-linear"])
+def test_genai_folder_of_a_compiled_llama_decoder_runs_in_onnxruntime_genai(tmp_path: Path,
+                                                                            linear) -> None:
+    """A tiny random Llama (GQA: 4 heads over 2 KV heads) through the compiler's decoder path
+    (make_stateful, export with its record): the genai folder loads in onnxruntime_genai.Model
+    and its greedy continuation equals our runner's, KV + recurrent and all-linear alike."""
+    from dtr_compile.exporters.stateful import decoder_metadata, export_stateful_onnx
+    from dtr_compile.passes.stateful import make_stateful
+    from tests.test_stateful import _captured, _students
+
+    gm, scan = _captured("llama")
+    students = _students(scan, 0, linear)
+    sg = make_stateful(gm, scan.sites, students, rejected=scan.rejected)
+    (tmp_path / "src").mkdir()
+    path = export_stateful_onnx(sg, tmp_path / "src" / "hybrid.decoder.onnx",
+                                metadata=decoder_metadata(sg, scan.sites, list(students)))
+    res = _genai(path, tmp_path / "genai")
+    assert res.exit_code == 0, res.output
+    dec = json.loads((tmp_path / "genai" / "genai_config.json").read_text())["model"]["decoder"]
+    assert (dec["num_attention_heads"], dec["num_key_value_heads"], dec["hidden_size"]) == (
+        4, 2, 32)
+    ours = Generator(path).generate(PROMPTS[0], 16, eos_token_id=2).tokens[0]
+    assert _og_greedy(tmp_path / "genai", PROMPTS[0], 16)[:len(ours)] == ours
+
+
+def test_finished_rows_do_not_advance_their_positions(fixture_onnx, tmp_path: Path) -> None:
+    """A row that stopped (EOS, max_positions) keeps riding the batch on pad tokens; they are
+    masked out, so its positions stop growing: past a learned position table's last row they
+    would index outside it and fail the whole batch."""
+    path = _with_decoder_info(fixture_onnx["path"], tmp_path / "p8.onnx", {"position_table": 8})
+    gen = Generator(path, threads=1)
+    masks: list[np.ndarray] = []
+    step = gen.model.step
+
+    def spy(ids, mask, past):
+        masks.append(mask.copy())
+        return step(ids, mask, past)
+
+    gen.model.step = spy  # type: ignore[method-assign]
+    got = gen.generate([PROMPTS[0], PROMPTS[1]], 10)
+    assert got.stopped == ["max_positions"] * 2 and [len(t) for t in got.tokens] == [3, 6]
+    assert max(int(m.sum(-1).max()) for m in masks) <= 8  # no row past position 7
+    alone = Generator(path, threads=1).generate([PROMPTS[1]], 10)
+    assert alone.tokens[0] == got.tokens[1]

@@ -77,7 +77,10 @@ def test_speed_section(compiled):
         assert r["faster"] == (r["latency_ratio"] < 1.0)
     assert "speed (hybrid/original" in res.output
     for r in speed["rows"]:
-        assert (f"NOT faster than the original at T={r['seq']}" in res.output) == (not r["faster"])
+        assert r["latency_ratio_min"] <= r["latency_ratio"] <= r["latency_ratio_max"]
+        slower = r["latency_ratio_min"] >= 1.0
+        assert (f"NOT faster than the original at T={r['seq']}" in res.output) == slower
+        assert r["verdict"] in ("faster", "slower", "inconclusive")
 
 
 def test_confidence_rejects_what_the_point_metric_accepts(tiny_task, tmp_path):
@@ -117,8 +120,9 @@ def test_flags_rejected_before_writing(tiny_task, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def _speed_report(ratios: list[float]) -> dict:
+def _speed_report(ratios: list[float], spread: float = 0.0) -> dict:
     rows = [{"seq": 128 * 4**i, "original_ms": 10.0, "hybrid_ms": 10.0 * r, "latency_ratio": r,
+             "latency_ratio_min": r - spread, "latency_ratio_max": r + spread,
              "memory_ratio": 0.5, "original_peak_bytes": 2**20, "hybrid_peak_bytes": 2**19,
              "extended_positions": False, "faster": r < 1.0, "note": ""}
             for i, r in enumerate(ratios)]
@@ -126,10 +130,37 @@ def _speed_report(ratios: list[float]) -> dict:
             "threshold": 0.8955, "budget": {"text": "0.5%"}, "speed": {"rows": rows}}
 
 
+def test_speed_verdict_gives_the_spread_and_says_inconclusive_when_it_crosses_one():
+    """Issue 25 item 15: under load one run said ×1.28 and the next ×0.84. The rounds' range is
+    given beside the median ratio; a range across 1.0 is inconclusive, not a verdict."""
+    lines = speed_lines(_speed_report([0.84, 1.28, 0.6], spread=0.2))
+    assert "T=128: latency ×0.84 (×0.64–×1.04 over the rounds, inconclusive)" in lines[0]
+    assert "T=512: latency ×1.28 (×1.08–×1.48 over the rounds)" in lines[0]
+    assert "T=2048: latency ×0.60 (×0.40–×0.80 over the rounds)" in lines[0]
+    assert lines[1:] == [
+        "the hybrid is NOT faster than the original at T=512 (12.8 ms vs 10 ms)",
+        "inconclusive at T=128: the rounds' hybrid/original ratios span 1.0 (×0.64–×1.04); "
+        "time it on a quiet machine or with more --bench-repeats"]
+    assert "| 0.84 (0.64–1.04) |" in render_markdown(_speed_report([0.84], spread=0.2))
+
+
+def test_bench_latency_spread_over_rounds():
+    from dtr_compile.runtime.bench import BenchCell, BenchResult
+
+    cells = [BenchCell("a", 8, 1, 11.0, [10.0, 12.0, 11.0]),
+             BenchCell("b", 8, 1, 10.0, [9.0, 13.0, 10.0]),
+             BenchCell("c", 8, 1, 5.0, [5.0, 6.0])]  # not paired round by round
+    res = BenchResult(["a", "b", "c"], [8], 1, 3, 0, None, cells)
+    spread = res.latency_spread(8)
+    assert spread["b"] == pytest.approx((0.9, 13 / 12))  # per-round ratios 0.9, 1.083, 0.909
+    assert spread["c"] == pytest.approx((5 / 12, 6 / 10))  # unpaired: min/max, max/min
+    assert res.to_dict()["latency_spread"]["8"]["b"] == pytest.approx([0.9, 13 / 12])
+
+
 def test_summary_says_plainly_when_the_hybrid_is_not_faster():
     lines = speed_lines(_speed_report([1.25, 0.5]))
     assert lines[0].startswith("speed (hybrid/original")
-    assert "T=128: latency ×1.25, memory ×0.50" in lines[0]
+    assert "T=128: latency ×1.25 (×1.25–×1.25 over the rounds), memory ×0.50" in lines[0]
     assert lines[1:] == ["the hybrid is NOT faster than the original at T=128 (12.5 ms vs 10 ms)"]
     assert speed_lines(_speed_report([0.9, 0.5]))[1:] == []
     assert "## Speed" in render_markdown(_speed_report([1.25, 0.5]))
@@ -166,7 +197,9 @@ def test_deploy_seqs_andresolution_warnings():
     assert resolution_warnings(METRICS["accuracy"], 445, 0.0045, "0.5%", 0.9, None) == []
     (w,) = resolution_warnings(METRICS["accuracy"], 445, 0.0009, "0.1%", 0.9, None)
     assert "one row = 0.002247" in w
-    assert "too few" in resolution_warnings(METRICS["perplexity"], 2, 0.5, "5%", 10.0, 0.9)[0]
+    (few,) = resolution_warnings(METRICS["perplexity"], 2, 0.5, "5%", 10.0, 0.9)
+    # issue 25 item 14: the advice agrees with the README (validate at the deployment length)
+    assert "too few" in few and "more, shorter" not in few and "as long as" in few
 
 
 def test_seq_axis_is_the_first_dynamic_non_batch_dim():

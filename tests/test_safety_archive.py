@@ -108,6 +108,71 @@ def test_crafted_archive_runs_no_code_without_trust_pickle(tiny_task, tmp_path, 
     assert not marker.exists() and not out.exists()
 
 
+def _ambiguous(tiny_task, tmp_path: Path, kind: str, marker: Path) -> Path:
+    """An archive whose members are read differently by Python's zipfile and torch's reader
+    (miniz: the first of two equal names, names compared case-insensitively), or that takes
+    torch.export.load's legacy (pre-pt2) path, with a pickle where torch reads it."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    src = Path(tiny_task["model"])
+    dst = tmp_path / f"{kind}.pt2"
+    buf = io.BytesIO()
+    torch.save(_Touch(str(marker)), buf)
+    evil = buf.getvalue()
+    legacy = {"version": ".".join(map(str, SCHEMA_VERSION)).encode(),
+              "serialized_state_dict.pt": evil, "serialized_constants.pt": evil,
+              "serialized_example_inputs.pt": evil}
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        root = zin.namelist()[0].split("/")[0]
+        program = zin.read(f"{root}/models/model.json")
+        if kind == "legacy":  # the old format alone: every member top-level
+            zout.writestr("serialized_exported_program.json", program)
+            for name, data in legacy.items():
+                zout.writestr(name, data)
+            return dst
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if "/data/sample_inputs/" in info.filename:
+                if kind == "duplicate":  # torch reads the first, zipfile the last
+                    zout.writestr(info.filename, evil)
+                elif kind == "case":  # torch's lookup of .../sample_inputs/model.pt finds it
+                    zout.writestr(info.filename.replace("sample_inputs", "SAMPLE_INPUTS"), evil)
+                    continue
+            zout.writestr(info.filename, data)
+        if kind == "hybrid":  # a pt2 archive torch cannot list, then its legacy fallback
+            zout.writestr("serialized_exported_program.json", program)
+            for name, data in legacy.items():
+                zout.writestr(name, data)
+    return dst
+
+
+_LIVE = ("import sys, torch\nfrom pathlib import Path\nfor p, m in zip(sys.argv[1::2], "
+         "sys.argv[2::2]):\n    try:\n        torch.export.load(p)\n    except Exception:\n"
+         "        pass\n    print(p, Path(m).exists())\n")
+
+
+def test_ambiguous_or_legacy_archive_runs_no_code(tiny_task, tmp_path) -> None:
+    """Issue 25 item 1: duplicate member names, names equal but for case, and the legacy
+    format torch.export.load falls back to are judged as torch reads them: refused, no code."""
+    kinds = ["duplicate", "case", "legacy", "hybrid"]
+    crafted = {k: _ambiguous(tiny_task, tmp_path, k, tmp_path / f"pwned-{k}") for k in kinds}
+    args = [a for k in kinds for a in (str(crafted[k]), str(tmp_path / f"pwned-{k}"))]
+    live = subprocess.run([sys.executable, "-c", _LIVE, *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert live.stdout.count(" True") == len(kinds), live.stdout + live.stderr  # all are live
+    for k in kinds:
+        (tmp_path / f"pwned-{k}").unlink()
+        with pytest.raises(InputError) as info:
+            load_model(crafted[k])
+        assert "--trust-pickle" in str(info.value) or "ambiguous" in str(info.value), k
+        assert not (tmp_path / f"pwned-{k}").exists(), k
+    res = subprocess.run([sys.executable, "-m", "dtr_compile", "inspect",
+                          str(crafted["duplicate"])], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert res.returncode == 2 and "model.pt" in res.stderr, res.stderr
+    assert not (tmp_path / "pwned-duplicate").exists()
+
+
 def test_plain_archive_still_loads(tiny_task) -> None:
     loaded = load_model(tiny_task["model"])
     assert loaded.format == "torch.export" and loaded.program is not None
@@ -244,3 +309,41 @@ def test_resume_remeasures_a_forged_ledger(tiny_task, tmp_path) -> None:
     assert res.report["replaced"] == [] and res.exit_code == 3
     assert res.report["search"]["evaluations_replayed"] == 0
     assert "discarded" in res.report["search"]["resume"]
+
+
+# --- the saved students (issue 25 item 5) ------------------------------------------------------
+
+
+def test_resume_distils_again_when_saved_students_were_edited(tmp_path) -> None:
+    """`--resume` reloads `*.report.students.pt` only when it matches the digest saved with
+    it: weights edited in place (the file still loads, its fingerprint still matches) are
+    distilled again, never exported."""
+    from dtr_compile.search.ledger import load_students, save_students
+
+    path = tmp_path / "h.report.students.pt"
+    torch.manual_seed(0)
+    students = {"site0": torch.nn.Linear(4, 4), "site1": torch.nn.Linear(4, 4)}
+    save_students(path, "fp", students, {sid: {"ok": True, "final_error": 0.01}
+                                         for sid in students})
+    def build(sid: str) -> torch.nn.Module:
+        return torch.nn.Linear(4, 4)
+
+    got = load_students(path, "fp", build)
+    assert not isinstance(got, str), got
+    assert torch.equal(got[0]["site1"].weight, students["site1"].weight)
+
+    state = torch.load(path, weights_only=True)
+    state["sites"]["site1"]["state_dict"]["weight"] += 0.5  # an edit that keeps the format
+    torch.save(state, path)
+    got = load_students(path, "fp", build)
+    assert isinstance(got, str) and "digest" in got, got
+
+    state["sites"]["site1"]["state_dict"]["weight"] -= 0.5  # weights back, result edited
+    state["sites"]["site1"]["result"]["final_error"] = 0.0
+    torch.save(state, path)
+    assert isinstance(load_students(path, "fp", build), str)
+    state["sites"]["site1"]["result"]["final_error"] = 0.01
+    del state["digest"]  # no digest at all (an older file, or one stripped of it)
+    torch.save(state, path)
+    got = load_students(path, "fp", build)
+    assert isinstance(got, str) and "digest" in got, got

@@ -4,6 +4,7 @@ silently wrong number. Each test fails on the code before the fix."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 import textwrap
 
@@ -92,6 +93,20 @@ def test_whole_float_ids_are_cast_for_integer_inputs(tmp_path) -> None:
     assert torch.equal(ds.inputs["input_ids"], data["input_ids"])
 
 
+@pytest.mark.parametrize("value", [1e30, -1e30, 2.0**63])
+def test_float_ids_beyond_int64_are_named_as_given(tmp_path, value: float) -> None:
+    """Issue 25 item 16: a float id of 1e30 is whole, but a cast to int64 wraps it (to a
+    negative id): refused naming the value as given, not as the id it wrapped to."""
+    data = make_token_data(5, 6)
+    ids = data["input_ids"].double()
+    ids[2, 3] = value
+    torch.save({"input_ids": ids, "attention_mask": data["attention_mask"]}, tmp_path / "d.pt")
+    with pytest.raises(InputError, match=rf"'input_ids' .* holds {re.escape(f'{value:g}')} "
+                                         r"at row 2") as info:
+        load_dataset(tmp_path / "d.pt", NAMES, integer_inputs={"input_ids"})
+    assert "-9223372036854775808" not in str(info.value)
+
+
 @pytest.mark.parametrize("content", [b"", b"\x80\x04garbage", b"not a zip"])
 def test_unreadable_data_file_is_input_error(tmp_path, content: bytes) -> None:
     p = tmp_path / "bad.pt"
@@ -131,6 +146,8 @@ def metric_module(tmp_path, monkeypatch):
         def many(outputs, labels, reference): return outputs.mean(0)
         def flag(outputs, labels, reference): return True
         def tensor(outputs, labels, reference): return (outputs == reference).float().mean()
+        def huge(outputs, labels, reference): return 10 ** 400
+        def tiny(outputs, labels, reference): return -(10 ** 400)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
@@ -144,6 +161,8 @@ def metric_module(tmp_path, monkeypatch):
     ("text", "returned str .*not a float"),
     ("many", r"returned a tensor of shape \[3\]"),
     ("flag", "returned bool"),
+    ("huge", "returned inf, not a finite number"),  # issue 25: an int beyond a float
+    ("tiny", "returned -inf, not a finite number"),
 ])
 def test_bad_user_metric_results(metric_module, fn: str, match: str) -> None:
     m = get_metric(f"umetrics:{fn}", has_labels=False)

@@ -115,6 +115,19 @@ def test_symlinked_and_hard_linked_outputs_are_the_input(task, tmp_path) -> None
     assert sha(task["val"]) == before and sha(d / "model.pt2") == sha(task["model"])
 
 
+def test_cache_dir_inside_a_model_folder_is_refused(tmp_path) -> None:
+    """Issue 25 item 16: the distillation cache never writes into the input model's folder."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    data = tmp_path / "val.pt"
+    data.write_bytes(b"x")
+    res = run_cli(str(hf), "--data", str(data), "-o", str(tmp_path / "h.onnx"),
+                  "--cache-dir", str(hf / "cache"))
+    one_line_exit_2(res, "--cache-dir", "inside the model")
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json"]
+
+
 def test_output_inside_a_model_folder_is_refused(tmp_path) -> None:
     hf = tmp_path / "hf"
     hf.mkdir()
@@ -137,8 +150,12 @@ def test_output_inside_a_model_folder_is_refused(tmp_path) -> None:
     (["--opset", "30"], "writes opset 27 at most"),
     (["--target", "tensorrt", "--opset", "27"], "LinearAttention, which TensorRT does not import"),
     (["--target", "tensorrt", "--linear-attention", "fused"], "TensorRT does not import"),
+    # issue 25 item 16: values torch / numpy refuse deep inside the run
+    (["--seed", "18446744073709551616"], "--seed 18446744073709551616"),
+    (["--seed", "-1"], "--seed -1"),
+    (["--deploy-seq", "100000000000000000000"], "--deploy-seq"),
 ], ids=["eval-batch-0", "calib-0", "atol-neg", "atol-nan", "max-linear-0", "opset-30",
-        "tensorrt-opset-27", "tensorrt-fused"])
+        "tensorrt-opset-27", "tensorrt-fused", "seed-2-64", "seed-negative", "deploy-seq-1e20"])
 def test_bad_flags_fail_before_loading(task, tmp_path, flags, needle) -> None:
     out = tmp_path / "o" / "h.onnx"
     res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(out), *flags)
@@ -154,12 +171,15 @@ def test_threads_must_be_positive(task, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("case", ["folder", "under-file", "symlink-loop", "cache-dir-file",
-                                  "read-only"])
+                                  "read-only", "proc", "sys"])
 def test_unwritable_outputs_fail_up_front(task, tmp_path, case) -> None:
     if case == "read-only" and ROOT:
         pytest.skip("root writes into read-only folders")
     extra: list[str] = []
-    if case == "folder":
+    if case in ("proc", "sys"):  # issue 25 item 16: even root cannot create files there
+        out = Path("/proc/h.onnx") if case == "proc" else Path("/sys/kernel/h.onnx")
+        needle = "not writable"
+    elif case == "folder":
         out = tmp_path / "h.onnx"
         out.mkdir()
         needle = "is a folder"
@@ -470,3 +490,142 @@ def test_ci_logs_are_plain_lines(task, tmp_path) -> None:
                or "ledger" in ln), res.stderr
     report = json.loads((long_dir / "h.report.json").read_text())
     assert report["artifacts"]["onnx"] == str(long_dir / "h.onnx")
+
+
+# --- every artifact is locked; the tokenizer folder is a staged artifact (issue 25) ------------
+
+
+@pytest.mark.parametrize("shared", ["report", "decoder"])
+def test_two_runs_sharing_an_artifact_cannot_both_write(task, tmp_path, monkeypatch,
+                                                        shared) -> None:
+    """Issue 25 item 3: run B (another -o) while run A holds its locks: the same --report (so
+    ledger and students), or B's -o is A's decoder path. B exits 2 naming the shared path
+    instead of replacing A's files; once A is done, B runs."""
+    import dtr_compile.pipeline as pipeline
+
+    a = CompileConfig(model=str(task["model"]), output=str(tmp_path / "a.onnx"),
+                      data=str(task["val"]), report=str(tmp_path / "shared.report.json"),
+                      progress=False)
+    b = dataclasses.replace(a, output=str(tmp_path / "b.onnx"))
+    needle = "shared.report.json"
+    if shared == "decoder":
+        b = dataclasses.replace(a, output=str(tmp_path / "a.decoder.onnx"), report=None)
+        needle = "a.decoder.onnx"
+    seen: list[str] = []
+
+    def fake_compile(config, *args, **kwargs):  # stands for the whole compile
+        seen.append(config.output)
+        if config.output == a.output:  # while A holds its locks
+            with pytest.raises(InputError, match="another dtr-compile run") as info:
+                compile_model(b)
+            assert needle in str(info.value)
+        return config.output
+
+    monkeypatch.setattr(pipeline, "_compile", fake_compile)
+    assert compile_model(a) == a.output
+    assert seen == [a.output]  # B never started while A ran
+    assert compile_model(b) == b.output  # A's locks are released
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".lock")]
+
+
+def _tokenizer_source(folder: Path, body: str) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text(f"{body} {name}")
+        (folder / name).chmod(0o600)  # the source's own mode is not the artifact's
+    return folder
+
+
+def test_tokenizer_folder_is_staged_with_the_artifacts(tmp_path) -> None:
+    """Issue 25 item 4: the tokenizer folder is written into the run's staging folder and moved
+    with the set: until the commit the old one stands whole (an interrupted run leaves the old
+    decoder beside the old tokenizer); at the commit it is replaced whole, with an artifact's
+    modes (0755 / 0644 under umask 022, not mkdtemp's 0700)."""
+    from dtr_compile.exporters.stateful import copy_tokenizer, tokenizer_path
+
+    out = tmp_path / "h.onnx"
+    old = tokenizer_path(out)
+    old.mkdir()
+    (old / "tokenizer.json").write_text("old")
+    (old / "notes.txt").write_text("what the folder held before")
+    src = _tokenizer_source(tmp_path / "model.tokenizer", "new")
+    prev = os.umask(0o022)
+    try:
+        staging = Staging(out)
+        assert copy_tokenizer(src, out, write_to=staging.path) == old
+        # before the commit (an interrupt, a failed export): the old folder, untouched
+        assert sorted(p.name for p in old.iterdir()) == ["notes.txt", "tokenizer.json"]
+        assert (old / "tokenizer.json").read_text() == "old"
+        staging.commit()
+        assert sorted(p.name for p in old.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+        assert (old / "tokenizer.json").read_text() == "new tokenizer.json"
+        assert stat.S_IMODE(old.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(p.stat().st_mode) for p in old.iterdir()} == {0o644}
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+        # without a staging folder: staged and moved at once, with the same modes
+        shutil.rmtree(old)
+        copy_tokenizer(src, out)
+        assert stat.S_IMODE(old.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(p.stat().st_mode) for p in old.iterdir()} == {0o644}
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")
+                    or p.name.startswith("h.tokenizer.")]
+    finally:
+        os.umask(prev)
+
+
+def test_a_file_at_the_tokenizer_path_is_exit_2_up_front(task, tmp_path) -> None:
+    """Issue 25 item 4: the tokenizer folder is in the write plan: a file at its path is found
+    before the model is loaded, not after the whole compile."""
+    (tmp_path / "h.tokenizer").write_text("not a folder")
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(tmp_path / "h.onnx"))
+    one_line_exit_2(res, "h.tokenizer", "tokenizer folder")
+    assert (tmp_path / "h.tokenizer").read_text() == "not a folder"
+    assert not (tmp_path / "h.onnx").exists()
+
+
+@pytest.mark.parametrize("inside", ["data", "report", "cache"])
+def test_nothing_lies_inside_the_tokenizer_folder(task, tmp_path, inside) -> None:
+    """The tokenizer folder is replaced whole: an input, another artifact or the cache inside
+    it would be deleted by the commit; refused up front."""
+    tok = tmp_path / "h.tokenizer"
+    tok.mkdir()
+    data = task["val"]
+    extra: list[str] = []
+    if inside == "data":
+        shutil.copy(task["val"], tok / "val.pt")
+        data = tok / "val.pt"
+    elif inside == "report":
+        extra = ["--report", str(tok / "r.json")]
+    else:
+        extra = ["--cache-dir", str(tok / "cache")]
+    res = run_cli(str(task["model"]), "--data", str(data), "-o", str(tmp_path / "h.onnx"),
+                  *extra)
+    one_line_exit_2(res, "tokenizer folder")
+
+
+def test_tokenizer_links_out_of_their_folder_are_refused(task, tmp_path) -> None:
+    """A crafted model.tokenizer/ whose tokenizer.json links to a private file elsewhere would
+    put that file into the artifacts users ship: refused up front, naming the link. Links into
+    the folder itself, and a Hugging Face cache snapshot's links to its blobs/, are fine."""
+    from dtr_compile.exporters.stateful import copy_tokenizer, tokenizer_files
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    tok = task["dir"] / "model.tokenizer"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text("{}")
+    (tok / "tokenizer.json").symlink_to(secret)
+    with pytest.raises(InputError, match="tokenizer.json is a link to .*id_rsa"):
+        copy_tokenizer(tok, tmp_path / "out" / "h.onnx")
+    assert not (tmp_path / "out" / "h.tokenizer").exists()
+    res = run_cli(str(task["model"]), "--data", str(task["val"]), "-o", str(tmp_path / "h.onnx"))
+    one_line_exit_2(res, "is a link to", "id_rsa")
+    # a Hugging Face cache snapshot: REPO/snapshots/REV/tokenizer.json -> REPO/blobs/HASH
+    repo = tmp_path / "models--x"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_text("{}")
+    snap = repo / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "tokenizer.json").symlink_to(repo / "blobs" / "abc")
+    (snap / "tokenizer_config.json").symlink_to(snap / "tokenizer.json")
+    assert [f.name for f in tokenizer_files(snap)] == ["tokenizer.json", "tokenizer_config.json"]

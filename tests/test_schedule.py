@@ -270,7 +270,7 @@ def test_max_evals(strategy: str):
     syn = Synthetic({f"site{i}": i * U for i in range(5)})
     res = run(strategy, syn, BASE - 20 * U, max_evals=7)
     assert len(res.evaluations) == 7 == len(syn.calls)
-    assert res.stop_reason == "reached --max-evals 7"
+    assert res.stop_reason.startswith("reached --max-evals 7")
     assert res.committed  # what was committed before the limit stands
     assert res.final_metric >= BASE - 20 * U
 
@@ -287,6 +287,67 @@ def test_time_limit_with_fake_clock():
     assert len(res.evaluations) == 4  # started at 0, 10, 20, 30 s; not at 40 s
     assert res.stop_reason.startswith("reached --time-limit 35 s after 4 evaluations")
     assert res.committed == ["site0"]
+
+
+class _Timed:
+    """A fake evaluation that takes ``step_s`` on a fake clock, with given single-site metrics."""
+
+    def __init__(self, single: Mapping[str, float], step_s: float = 10.0,
+                 pair: float = -U) -> None:
+        self.single, self.step_s, self.pair, self.now = dict(single), step_s, pair, 0.0
+
+    def __call__(self, linear: tuple[str, ...]) -> float:
+        self.now += self.step_s
+        return min(self.single[s] for s in linear) + self.pair * (len(linear) - 1)
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_time_limit_in_the_sensitivity_pass_commits_the_best_single_site():
+    """Issue 25 item 9: a time limit during ranked's first pass used to commit nothing. The sites
+    measured alone are evidence: the best of them within budget is committed (it was measured
+    exactly as it is delivered), and the report says which sites were never measured."""
+    sites = {"site0": BASE - 2 * U, "site1": BASE - U, "site2": BASE - 9 * U,
+             "site3": BASE - U, "site4": BASE, "site5": BASE}
+    ev = _Timed(sites)
+    res = schedule(list(sites), ev, baseline=BASE, threshold=BASE - 4 * U, strategy="ranked",
+                   time_limit_s=35.0, clock=ev.clock)
+    assert [e.candidate for e in res.evaluations] == ["site0", "site1", "site2", "site3"]
+    assert res.committed == ["site1"]  # tie with site3: graph order; site4/5 never measured
+    assert res.metric_after_step == [BASE - U] and res.committed_within_budget == [True]
+    assert res.evaluations_at_commit == [4] and res.fits
+    assert res.stop_reason.startswith("reached --time-limit 35 s after 4 evaluations")
+    assert "site1" in res.stop_reason and "2 sites not measured" in res.stop_reason
+
+
+def test_time_limit_mid_step_commits_only_what_was_measured_within_budget():
+    """greedy, a limit inside step 2: the best site measured with the committed set is added if
+    within budget and passes the judge; a site within the threshold but not the judge is not."""
+    sites = {f"site{i}": BASE - i * U for i in range(5)}
+    ev = _Timed(sites, pair=0.0)
+
+    def judge(linear: tuple[str, ...], m: float) -> tuple[bool, dict | None]:
+        return m >= BASE - 3 * U and "site1" not in linear[1:], None
+
+    res = schedule(list(sites), ev, baseline=BASE, threshold=BASE - 3 * U, time_limit_s=75.0,
+                   clock=ev.clock, judge=judge)
+    # step 1: 5 evaluations (commit site0); step 2: site1 (judge says no), site2, site3 (t=80)
+    assert len(res.evaluations) == 8
+    assert res.committed == ["site0", "site2"]
+    assert res.metric_after_step == [BASE, BASE - 2 * U]
+    none_fit = schedule(list(sites), _Timed(sites), baseline=BASE, threshold=BASE + U,
+                        time_limit_s=15.0, clock=_Timed(sites).clock)
+    assert none_fit.committed == []
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_max_linear_still_caps_what_a_limit_commits(strategy: str):
+    sites = {f"site{i}": BASE for i in range(4)}
+    ev = _Timed(sites, pair=0.0)
+    res = schedule(list(sites), ev, baseline=BASE, threshold=BASE, strategy=strategy,
+                   max_linear=1, time_limit_s=15.0, clock=ev.clock)
+    assert len(res.committed) == 1
 
 
 # ------------------------------------------------------------------------------------------

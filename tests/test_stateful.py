@@ -141,9 +141,22 @@ def test_left_padded_batch_rows_generate_what_they_generate_alone(kind, window):
 def test_stateful_onnx_greedy_equals_full_recompute(tmp_path, kind, window):
     import onnx
 
+    from dtr_compile.exporters.stateful import decoder_metadata
+    from dtr_compile.inspect import inspect_onnx
+
     prefill, sg = _setup(kind, window)
-    path = export_stateful_onnx(sg, tmp_path / "decoder.onnx")
+    gm, scan = _captured(kind)
+    linear = [lay.site for lay in sg.layers if lay.kind == "linear"]
+    meta = decoder_metadata(sg, scan.sites, linear)
+    path = export_stateful_onnx(sg, tmp_path / "decoder.onnx", metadata=meta)
     model = onnx.load(str(path))
+    # issue 25 item 12: inspect reads the decoder's site record as it does the prefill ONNX's
+    from dtr_compile.runtime.generate import KV_CACHE_KEY
+
+    assert {m.key: m.value for m in model.metadata_props} == meta | {KV_CACHE_KEY: "shared"}
+    seen = inspect_onnx(path)
+    assert seen.recorded and [s["linear"] for s in seen.sites] == [
+        s.id in linear for s in scan.sites]
     from dtr_compile.exporters.tensorrt import _with_subgraphs
 
     ops = {n.op_type for g in _with_subgraphs(model.graph) for n in g.node}
@@ -172,6 +185,57 @@ def test_stateful_onnx_greedy_equals_full_recompute(tmp_path, kind, window):
         assert torch.equal(batch.tokens[i], alone.tokens[0]), i
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decoder_metadata_describes_the_model(kind, tmp_path):
+    """Issue 25 items 10-12: what a decoder carries about its source. Heads and head size from the
+    sites (GQA: 4 query heads over 2 KV heads, not the KV inputs' 2), the hidden size and
+    vocabulary from the token embedding, and a learned position table's rows (GPT-2's wpe,
+    512) where positions index a table; RoPE computes them (no table). With a Hugging Face
+    folder, the model's own config adds its type and max positions."""
+    import json
+
+    from dtr_compile.exporters.onnx import SITES_KEY
+    from dtr_compile.exporters.stateful import decoder_metadata
+    from dtr_compile.runtime.generate import DECODER_KEY
+
+    _, sg = _setup(kind, 0)
+    gm, scan = _captured(kind)
+    meta = decoder_metadata(sg, scan.sites, ["site1"])
+    sites = json.loads(meta[SITES_KEY])
+    assert [(s["id"], s["linear"]) for s in sites] == [("site0", False), ("site1", True),
+                                                       ("site2", False)]
+    info = json.loads(meta[DECODER_KEY])
+    heads = (4, 2) if kind == "llama" else (4, 4)
+    assert (info["num_attention_heads"], info["num_key_value_heads"]) == heads
+    assert (info["head_size"], info["hidden_size"], info["vocab_size"]) == (8, 32, VOCAB)
+    assert info["num_hidden_layers"] == 3
+    assert info["position_table"] == (512 if kind == "gpt2" else None)
+    assert info["model_type"] is None and info["max_position_embeddings"] is None
+    LM(kind).lm.save_pretrained(tmp_path / "hf")
+    info = json.loads(decoder_metadata(sg, scan.sites, [], tmp_path / "hf")[DECODER_KEY])
+    assert info["model_type"] == kind and info["max_position_embeddings"] == 512
+
+
+def test_decoder_check_stays_inside_a_learned_position_table():
+    """A GPT-2 with 64 learned positions and the check's 16-token prompts + 64 greedy steps
+    indexed position 80: onnxruntime's Gather failed and the compile died with an internal
+    error, its artifacts lost. The check now fits prompts and steps in the table."""
+    from dtr_compile.exporters.stateful import fit_decode_check, position_table
+
+    _, sg = _setup("gpt2", 0)
+    assert position_table(sg) == 512
+    _, llama = _setup("llama", 0)
+    assert position_table(llama) is None
+    prompts = [_prompt(1, 16), _prompt(2, 11)]
+    same, steps = fit_decode_check(prompts, 64, None)
+    assert steps == 64 and [len(p) for p in same] == [16, 11]
+    short, steps = fit_decode_check(prompts, 64, 64)
+    assert max(map(len, short)) + steps <= 64 and steps == 48
+    tiny, steps = fit_decode_check(prompts, 64, 8)
+    assert [len(p) for p in tiny] == [4, 4] and steps == 4
+    assert torch.equal(tiny[0], prompts[0][:4])
+
+
 def test_not_stateful_says_why():
     from tests.conftest import TinyClassifier
 
@@ -188,6 +252,7 @@ def test_not_stateful_says_why():
 @pytest.mark.slow  # minutes on a loaded machine: a compile plus two decoder exports
 def test_compile_writes_checked_decoders(tmp_path):
     from dtr_compile.config import CompileConfig
+    from dtr_compile.inspect import inspect_onnx
     from dtr_compile.pipeline import compile_model
 
     model = LM("llama", layers=2)
@@ -213,6 +278,9 @@ def test_compile_writes_checked_decoders(tmp_path):
         assert rep["artifacts"][f"{key}_decoder_onnx"] == str(tmp_path / file)
         par = st[key]["parity"]
         assert par["tokens_equal"] and par["steps"] == STEPS and par["batch"] == 2, par
+        assert par["artifact"] == str(tmp_path / file)  # not the staging folder's copy
+        seen = inspect_onnx(tmp_path / file)
+        assert seen.recorded and sum(s["linear"] for s in seen.sites) == (key == "hybrid")
         assert par["worst_max_abs"] < 1e-3, par
     kinds = sorted(lay["kind"] for lay in st["hybrid"]["layers"])
     assert kinds == ["linear", "softmax"]
@@ -275,6 +343,12 @@ def test_tokenizer_is_found_and_copied_beside_the_artifacts(tmp_path):
     assert find_model_tokenizer(tmp_path / "model.pt") == tmp_path / "model.tokenizer"
     dest = copy_tokenizer(tmp_path / "model.tokenizer", out)  # replaces the older copy
     assert [p.name for p in dest.iterdir()] == ["tokenizer.json"]
+    from dtr_compile.exporters.stateful import copy_model_tokenizer
+
+    logged: list[str] = []
+    assert copy_model_tokenizer(hf, out, logged.append) == {"tokenizer": str(dest)}
+    assert "the tokenizer of" in logged[0]
+    assert copy_model_tokenizer(tmp_path / "none.pt", out) == {}
 
 
 def _matrix_state_site1(student: str, window: int, seed: int):  # noqa: ANN202

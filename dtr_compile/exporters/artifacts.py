@@ -20,7 +20,6 @@ fails the run like a parity miss (exit 4, artifacts kept).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from dtr_compile.exporters.onnx import (
     DEFAULT_OPSET,
     FP16_ATOL,
     FP16_RTOL,
-    SITES_KEY,
     TENSORRT_OPSET,
     ParityCase,
     check_parity,
@@ -49,6 +47,7 @@ from dtr_compile.exporters.onnx import (
     export_program,
     onnx_interface,
     save_program,
+    sites_metadata,
     to_half,
 )
 from dtr_compile.exporters.tensorrt import (
@@ -263,8 +262,7 @@ def export_artifacts(
             res.artifacts[f"{key}_data"] = str(data_path(final[key]))
 
     def meta(lin: Sequence[str]) -> dict[str, str]:
-        return {SITES_KEY: json.dumps([{"id": sid, "module_path": path, "linear": sid in lin}
-                                       for sid, path in sites])} if sites else {}
+        return sites_metadata(sites or (), lin)
 
     t0 = time.perf_counter()
     program = export_program(hybrid, example, input_names, dynamic_dims,

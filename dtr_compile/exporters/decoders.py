@@ -20,10 +20,9 @@ from dtr_compile.errors import DtrError
 from dtr_compile.exporters.artifacts import external_weights
 from dtr_compile.exporters.stateful import (
     check_decoder,
-    copy_tokenizer,
+    decoder_metadata,
     decoder_paths,
     export_stateful_onnx,
-    find_model_tokenizer,
     parity_prompts,
     split_phases,
 )
@@ -38,8 +37,7 @@ def decoder_artifacts(stateful: dict[str, Any] | None) -> dict[str, str]:
     return ({f"{k}_decoder_onnx": v["path"] for k, v in st.items()
              if isinstance(v, dict) and v.get("path")}
             | {f"{k}_decoder_onnx_data": v["data"] for k, v in st.items()
-               if isinstance(v, dict) and v.get("data")}
-            | ({"tokenizer": st["tokenizer"]} if "tokenizer" in st else {}))
+               if isinstance(v, dict) and v.get("data")})
 
 
 def export_decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: AttentionScan,
@@ -84,6 +82,8 @@ def export_decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: Atten
             try:
                 path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset, fused=fused,
                                             external_data=external_weights(config.external_data),
+                                            metadata=decoder_metadata(sg, scan.sites, list(studs),
+                                                                      config.model),
                                             kv_cache=kv_cache, on_phase=phase)
             except DtrError as exc:  # the prefill artifacts stand; the report says why
                 console.log(f"[yellow]no stateful decoder[/yellow] ({key}): {exc}")
@@ -98,7 +98,8 @@ def export_decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: Atten
                     "inputs": sg.input_names, "outputs": sg.output_names,
                     "layers": [{"layer": lay.layer, "site": lay.site, "kind": lay.kind,
                                 "state": list(lay.names)} for lay in sg.layers],
-                    "parity": parity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
+                    "parity": parity.to_dict() | {"artifact": str(paths[key])},
+                    "seconds": round(time.perf_counter() - t0, 3)}
         if config.target == "tensorrt":  # reported, not blocking: the prefill ONNX is the artifact
             from dtr_compile.exporters.tensorrt import lint_trt
 
@@ -107,8 +108,4 @@ def export_decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: Atten
                    else f"[red]differs from step {parity.first_mismatch}[/red]")
         console.log(f"wrote {paths[key].name}: {parity.steps} greedy tokens x {parity.batch} rows {verdict} "
                     f"(logits max-abs {parity.worst_max_abs:.2e}, rel-RMS {parity.worst_rel_rms:.2e})")
-    source = find_model_tokenizer(config.model)
-    if source is not None:
-        out["tokenizer"] = str(copy_tokenizer(source, out_path))
-        console.log(f"wrote {out['tokenizer']} (the tokenizer of {source})")
     return out

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -415,6 +416,15 @@ def wants_external_data(model: Any, external_data: bool | None) -> bool:  # noqa
 #: ``metadata_props`` key of the ONNX models dtr-compile writes: JSON
 #: ``[{"id", "module_path", "linear"}]``, one entry per attention site in graph order.
 SITES_KEY = "dtr_compile.sites"
+
+
+def sites_metadata(sites: Sequence[tuple[str, str]], linear: Sequence[str]) -> dict[str, str]:
+    """``{SITES_KEY: JSON}`` for ``sites`` (``(id, module path)`` in graph order), the ``linear``
+    ids among them marked; ``{}`` without sites. Written in every ONNX model of a compile (prefill
+    and decoders) and read by ``inspect``."""
+    lin = set(linear)
+    return {SITES_KEY: json.dumps([{"id": sid, "module_path": path, "linear": sid in lin}
+                                   for sid, path in sites])} if sites else {}
 
 _ONNX_TYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool",
                3: "int8", 2: "uint8", 16: "bfloat16"}

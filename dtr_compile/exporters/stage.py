@@ -18,6 +18,7 @@ from dtr_compile.distill.stage import Distilled
 from dtr_compile.exporters.artifacts import ExportResult, export_artifacts
 from dtr_compile.exporters.decoders import export_decoders
 from dtr_compile.exporters.onnx import parity_cases
+from dtr_compile.exporters.stateful import copy_model_tokenizer
 from dtr_compile.inputs import Inputs, Sites, at_least_two
 from dtr_compile.progress import Stages
 
@@ -29,10 +30,13 @@ class Exported:
     Attributes:
         result: the prefill artifacts and their parity checks.
         decoders: the report's ``stateful`` section (:func:`export_decoders`), or None.
+        tokenizer: ``{"tokenizer": path}`` when the input model came with a tokenizer (copied
+            beside the hybrid for every model, encoders too), else ``{}``.
     """
 
     result: ExportResult
     decoders: dict[str, Any] | None
+    tokenizer: dict[str, str]
 
 
 def export_stage(config: CompileConfig, inputs: Inputs, found: Sites, distilled: Distilled,
@@ -59,4 +63,5 @@ def export_stage(config: CompileConfig, inputs: Inputs, found: Sites, distilled:
                                    distilled.plan.blocks, hybrid, val, names, out_path,
                                    exported.opset, console, write_to=write_to,
                                    fused=exported.fused)
-    return Exported(exported, stateful)
+        tokenizer = copy_model_tokenizer(config.model, out_path, console.log, write_to=write_to)
+    return Exported(exported, stateful, tokenizer)

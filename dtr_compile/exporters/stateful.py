@@ -43,7 +43,7 @@ from dtr_compile.exporters.onnx import (
     wants_external_data,
 )
 from dtr_compile.exporters.phases import merge_phases
-from dtr_compile.fileio import atomic_model_path
+from dtr_compile.fileio import atomic_model_path, check_copied_links
 from dtr_compile.linear.base import extend_only
 from dtr_compile.passes.stateful import (
     MASK,
@@ -187,7 +187,7 @@ def _gqa_translation() -> dict[Any, Any]:
 def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
                          opset: int = DEFAULT_OPSET, fused: bool | None = None,
                          external_data: bool | None = None, kv_cache: str = "shared",
-                         optimize: bool = True,
+                         metadata: Mapping[str, str] | None = None, optimize: bool = True,
                          on_phase: Callable[[str], None] | None = None) -> Path:
     """Write ``sg`` as an ONNX model at ``path`` (atomically), inputs and outputs named as in
     ``sg`` and the ONNX checker run on it. ``fused``: the students' recurrences as ONNX
@@ -197,7 +197,9 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
     form (:data:`KV_FORMS`; recorded in the model's metadata under
     :data:`~dtr_compile.runtime.generate.KV_CACHE_KEY`, which tells a runner how it may bind them):
     ``shared`` (onnxruntime's ``GroupQueryAttention``; the default) or ``concat`` (standard
-    ops, for TensorRT).
+    ops, for TensorRT). ``metadata`` goes to the model's ``metadata_props``
+    (:func:`decoder_metadata`). ``on_phase`` is called with a line naming each step as it starts
+    (trace, conversion, save, check).
 
     Raises:
         DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
@@ -220,6 +222,8 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
                             step=True, split=True, phase=phase)
             prog.model = merge_phases(step.model, prog.model)
         phase("saving")
+        for key, value in (metadata or {}).items():
+            prog.model.metadata_props[key] = value
         prog.model.metadata_props[KV_CACHE_KEY] = kv_cache
         _name_axes(prog.model, sg)
         prog.save(str(tmp), external_data=wants_external_data(prog.model, external_data))
@@ -517,11 +521,27 @@ def parity_prompts(inputs: Mapping[str, torch.Tensor], *, rows: int = 2,
     return out
 
 
+def fit_decode_check(prompts: Sequence[torch.Tensor], steps: int, table: int | None
+                     ) -> tuple[list[torch.Tensor], int]:
+    """Prompts and greedy steps of the decoder check that stay inside a learned position table
+    of ``table`` rows (None: no table, unchanged): prompts cut to at most half the table when
+    they and ``steps`` do not fit, then the steps cut to what is left."""
+    out = list(prompts)
+    longest = max(len(p) for p in out)
+    if table is None or longest + steps <= table:
+        return out, steps
+    keep = min(longest, max(1, table // 2))
+    out = [p[:keep] for p in out]
+    return out, max(1, min(steps, table - max(len(p) for p in out)))
+
+
 def check_decoder(path: str | os.PathLike[str], sg: StatefulGraph, prefill: Callable[..., Any],
                   prompts: Sequence[torch.Tensor], steps: int, *, has_mask: bool) -> DecodeParity:
     """Greedy ``steps`` tokens from the ONNX decoder at ``path`` on the left-padded batch of
     ``prompts``, against each prompt's continuation alone by full recomputation of ``prefill``
-    (:func:`forced_reference`: one pass per prompt)."""
+    (:func:`forced_reference`: one pass per prompt); both fitted inside a learned position table
+    (:func:`fit_decode_check`), which cannot index past its last row."""
+    prompts, steps = fit_decode_check(prompts, steps, position_table(sg))
     ids, mask = left_pad(prompts)
     got = greedy_stateful(ort_runner(path, prepack=False), sg.empty_past(len(prompts)), ids, steps, mask)
     refs = [forced_reference(prefill, p[None], got.tokens[i:i + 1],
@@ -551,6 +571,24 @@ def find_model_tokenizer(model: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def tokenizer_files(source: Path) -> list[Path]:
+    """The files :func:`copy_tokenizer` copies from ``source``: all files of a
+    ``*.tokenizer``/``tokenizer`` folder, only :data:`TOKENIZER_FILES` of a model folder.
+
+    Links are followed only within the folder (see
+    :func:`dtr_compile.fileio.check_copied_links`).
+
+    Raises:
+        InputError: a link leads elsewhere (named).
+    """
+    names = TOKENIZER_FILES if not (source.name.endswith(".tokenizer")
+                                    or source.name == "tokenizer") else None
+    cands = [source / f for f in names] if names is not None else sorted(source.iterdir())
+    files = [f for f in cands if f.is_file()]
+    check_copied_links(files, source)
+    return files
+
+
 def tokenizer_path(output: str | os.PathLike[str]) -> Path:
     """``<output name up to its first dot>.tokenizer/`` (``hybrid.onnx`` → ``hybrid.tokenizer``),
     where ``dtr-compile generate`` looks for it beside ``hybrid.decoder.onnx``."""
@@ -558,21 +596,154 @@ def tokenizer_path(output: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name.split(".")[0] + ".tokenizer")
 
 
-def copy_tokenizer(source: Path, output: str | os.PathLike[str]) -> Path:
+def copy_tokenizer(source: Path, output: str | os.PathLike[str],
+                   write_to: Callable[[Path], Path] | None = None) -> Path:
     """Copy the tokenizer files of ``source`` (all files of a ``*.tokenizer``/``tokenizer``
-    folder, only :data:`TOKENIZER_FILES` of a model folder) to :func:`tokenizer_path`, replacing
-    an older copy only once the new one is complete."""
-    import shutil
-    import tempfile
+    folder, only :data:`TOKENIZER_FILES` of a model folder) to :func:`tokenizer_path`.
+
+    The folder is a staged artifact like the others: written where ``write_to`` (the run's
+    :meth:`dtr_compile.fileio.Staging.path`) says and moved into place, replacing an older copy
+    whole, with the run's other artifacts; without ``write_to`` it is staged and moved at once.
+    Files get an artifact's mode (:func:`dtr_compile.fileio.copy_artifact`), the folder that of
+    the folder it replaces, else ``0o777`` less the umask. Nothing is copied when ``source`` is
+    that folder already. Returns the final path."""
+    from dtr_compile.fileio import Staging, copy_artifact
 
     target = tokenizer_path(output)
-    files = ([source / f for f in TOKENIZER_FILES if (source / f).is_file()]
-             if not (source.name.endswith(".tokenizer") or source.name == "tokenizer")
-             else [f for f in source.iterdir() if f.is_file()])
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    for f in files:
-        shutil.copy2(f, tmp / f.name)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    if target.resolve() == source.resolve():  # the model's own X.tokenizer/: already in place
+        return target
+    files = tokenizer_files(source)
+    staging = Staging(target) if write_to is None else None
+    try:
+        dest = (staging.path if staging is not None else write_to)(target)  # type: ignore[misc]
+        dest.mkdir()
+        for f in files:
+            copy_artifact(f, dest / f.name, like=target / f.name)
+        if staging is not None:
+            staging.commit()
+    finally:
+        if staging is not None:
+            staging.discard()
     return target
+
+
+def copy_model_tokenizer(model: str | os.PathLike[str], output: str | os.PathLike[str],
+                         log: Callable[[str], None] = lambda _: None,
+                         write_to: Callable[[Path], Path] | None = None) -> dict[str, str]:
+    """The input ``model``'s tokenizer (:func:`find_model_tokenizer`) copied beside ``output``
+    (:func:`copy_tokenizer`, staged through ``write_to``), for every model, encoders too:
+    ``{"tokenizer": path}`` for the report's artifacts, ``{}`` when the model came without one."""
+    source = find_model_tokenizer(model)
+    if source is None:
+        return {}
+    copied = str(copy_tokenizer(source, output, write_to=write_to))
+    log(f"wrote {copied} (the tokenizer of {source})")
+    return {"tokenizer": copied}
+
+# --- what a decoder carries about its model (issue 25: inspect, generate, genai-folder) --------
+
+
+def decoder_metadata(sg: StatefulGraph, sites: Sequence[Any], linear: Sequence[str],
+                     source: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """``metadata_props`` of a stateful decoder ONNX: the site record every ONNX model of a
+    compile carries (:func:`~dtr_compile.exporters.onnx.sites_metadata`, read by ``inspect``),
+    and :data:`~dtr_compile.runtime.generate.DECODER_KEY`, the model's description that
+    ``generate`` and ``genai-folder`` need and the decoder's inputs do not show.
+
+    From the graph: ``num_attention_heads`` ``H``, ``num_key_value_heads`` ``Hkv`` and
+    ``head_size`` ``Dk`` of the first site; ``hidden_size`` ``C`` and ``vocab_size`` ``V`` from
+    the token embedding ``[V, C]`` (the one indexed by ``input_ids``); ``position_table``: the
+    rows of a learned position embedding (one indexed by the positions), the positions the
+    decoder can see at all (None when positions are computed, e.g. RoPE); ``num_hidden_layers``.
+    From ``source``, a Hugging Face folder: ``model_type``, ``max_position_embeddings`` and
+    ``hidden_size`` of its ``config.json`` (None without one).
+
+    Args:
+        sites: the compile's attention sites in graph order (``.id``, ``.module_path``, heads).
+        linear: ids of the sites that are linear attention in this decoder.
+    """
+    import json
+
+    from dtr_compile.exporters.onnx import sites_metadata
+    from dtr_compile.runtime.generate import DECODER_KEY
+
+    embed, table = _embeddings(sg)
+    config = _source_config(source)
+    first = sites[0] if sites else None
+    info = {
+        "model_type": config.get("model_type"),
+        "num_attention_heads": getattr(first, "num_heads", None),
+        "num_key_value_heads": getattr(first, "num_kv_heads", None),
+        "head_size": getattr(first, "head_dim", None),
+        "hidden_size": config.get("hidden_size") or (embed[1] if embed else None),
+        "num_hidden_layers": max((lay.layer for lay in sg.layers), default=-1) + 1,
+        "vocab_size": embed[0] if embed else config.get("vocab_size"),
+        "max_position_embeddings": config.get("max_position_embeddings"),
+        "position_table": table,
+    }
+    return sites_metadata([(s.id, s.module_path) for s in sites], linear) | {
+        DECODER_KEY: json.dumps(info)}
+
+
+def position_table(sg: StatefulGraph) -> int | None:
+    """Rows of the learned position embedding of ``sg`` (an embedding indexed by the positions;
+    the smallest if several): the positions the decoder can see at all. None when positions
+    are computed (RoPE, sinusoids)."""
+    return _embeddings(sg)[1]
+
+
+def _embeddings(sg: StatefulGraph) -> tuple[tuple[int, ...] | None, int | None]:
+    """``(token embedding shape [V, C] or None, position table rows or None)`` of ``sg``: the
+    embedding indexed by ``input_ids`` (through reshapes) and those indexed by the positions."""
+    import operator
+
+    from dtr_compile.passes.stateful import positions_from_mask
+
+    aten = torch.ops.aten
+    reshapes = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default,
+                aten._to_copy.default}
+
+    def through_reshapes(node: Any) -> Any:
+        while getattr(node, "op", None) == "call_function" and node.target in reshapes:
+            node = node.args[0]
+        return node
+
+    def shape(node: Any) -> tuple[int, ...] | None:
+        val = getattr(node, "meta", {}).get("val")
+        if val is None and getattr(node, "op", None) == "get_attr":
+            val = operator.attrgetter(str(node.target))(sg.gm)
+        return tuple(int(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+    tokens = next((n for n in sg.gm.graph.nodes if n.op == "placeholder"), None)
+    embed = table = None
+    for node in sg.gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.embedding.default:
+            continue
+        index = through_reshapes(node.args[1])
+        if index is tokens and embed is None:
+            embed = shape(node.args[0])
+        elif getattr(index, "target", None) is positions_from_mask:
+            rows = shape(node.args[0])
+            table = rows[0] if rows and (table is None or rows[0] < table) else table
+    return embed, table
+
+
+def _source_config(source: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """``model_type``, ``hidden_size``, ``vocab_size`` and ``max_position_embeddings`` from the
+    ``config.json`` of a Hugging Face folder ``source`` (through transformers' config class, so
+    ``n_embd`` / ``n_positions`` are read as the standard names); ``{}`` when there is none."""
+    if source is None or not (Path(source) / "config.json").is_file():
+        return {}
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    except Exception:  # noqa: BLE001 - the description is optional; the load already checked it
+        return {}
+    out: dict[str, Any] = {"model_type": getattr(config, "model_type", None)}
+    for key in ("hidden_size", "vocab_size", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            out[key] = value
+    return out

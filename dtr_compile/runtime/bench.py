@@ -86,6 +86,24 @@ class BenchResult:
             }
         return out
 
+    def latency_spread(self, seq: int) -> dict[str, tuple[float, float] | None]:
+        """``{model: (low, high)}``: the range over the timed rounds of each later model's
+        latency ratio to the first at ``seq`` — the per-round ratios when both have one run per
+        round, else the widest, ``(min m / max first, max m / min first)``; None without runs.
+        Noise shows here: a range across 1.0 is no verdict."""
+        base = self.cell(self.models[0], seq).runs_ms
+        out: dict[str, tuple[float, float] | None] = {}
+        for m in self.models[1:]:
+            runs = self.cell(m, seq).runs_ms
+            if not runs or not base or min(base) <= 0:
+                out[m] = None
+            elif len(runs) == len(base):
+                per_round = [r / b for r, b in zip(runs, base, strict=True)]
+                out[m] = (min(per_round), max(per_round))
+            else:
+                out[m] = (min(runs) / max(base), max(runs) / min(base))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": self.models, "seqs": self.seqs, "batch": self.batch,
@@ -94,6 +112,9 @@ class BenchResult:
             "prepack": self.prepack, "prepack_note": self.prepack_note,
             "cells": [asdict(c) for c in self.cells],
             "ratios": {str(t): self.ratios(t) for t in self.seqs} if len(self.models) > 1 else {},
+            "latency_spread": {str(t): {m: None if v is None else list(v)
+                                        for m, v in self.latency_spread(t).items()}
+                               for t in self.seqs} if len(self.models) > 1 else {},
         }
 
 

@@ -368,7 +368,13 @@ def extend_positions(proto: Any, length: int, *, seed: int = 0) -> Any:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` (a result's ``to_dict()``) as JSON, atomically."""
-    from dtr_compile.fileio import json_text, write_text_atomic
+    """Write ``obj`` (a result's ``to_dict()``) as JSON, atomically, holding the file's artifact
+    lock (a compile writing the same file makes this exit 2 instead of racing it).
 
-    write_text_atomic(path, json_text(obj))
+    Raises:
+        InputError: another run holds the lock.
+    """
+    from dtr_compile.fileio import OutputLock, artifact_lock_path, json_text, write_text_atomic
+
+    with OutputLock(artifact_lock_path(Path(path))):
+        write_text_atomic(path, json_text(obj))

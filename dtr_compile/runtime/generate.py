@@ -11,6 +11,10 @@ A stateful decoder (LINEAR_CONTRACT.md, onnxruntime-genai's naming) has inputs `
   batches of prompts of different lengths are left-padded and the attention mask carries it.
 * :func:`find_tokenizer` — ``--tokenizer``, else ``<model stem>.tokenizer/`` or ``tokenizer/``
   beside the model (or its own folder, as onnxruntime-genai lays it out).
+* :class:`TextStream` — incremental detokenization for streaming: each new token costs the
+  decoding of a few tokens, not of the whole continuation.
+* :func:`decoder_info` — what dtr-compile recorded about the decoder in its metadata
+  (:data:`DECODER_KEY`): the source model's heads, sizes and position table.
 
 The state a decode step needs is exactly the previous step's ``present.*``; nothing is recomputed.
 """
@@ -47,6 +51,28 @@ PREFILL_ONLY_HINT = (
     "past.* inputs with matching present.* outputs), so every new token would re-run the whole "
     "prefix. Use the stateful decoder dtr-compile writes beside the hybrid for causal models "
     "(see README, Generation)")
+
+
+#: ``metadata_props`` key of the stateful decoders dtr-compile writes: a JSON object describing
+#: the source model (written by :func:`dtr_compile.exporters.stateful.decoder_metadata`):
+#: ``num_attention_heads``, ``num_key_value_heads``, ``head_size``, ``hidden_size``,
+#: ``num_hidden_layers``, ``vocab_size``, ``model_type``, ``max_position_embeddings`` (None where
+#: unknown) and ``position_table``: the rows of a learned position embedding, the positions the
+#: decoder can see at all (None: positions are computed, e.g. RoPE).
+DECODER_KEY = "dtr_compile.decoder"
+
+
+def decoder_info(session: Any) -> dict[str, Any]:
+    """The :data:`DECODER_KEY` record of an onnxruntime ``session``'s model; ``{}`` when the
+    model has none (not written by dtr-compile) or it is not a JSON object."""
+    import json
+
+    try:
+        text = session.get_modelmeta().custom_metadata_map.get(DECODER_KEY)
+        info = json.loads(text) if text else {}
+    except (ValueError, AttributeError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,7 @@ class Signature:
     ids_dtype: Any = np.int64
     mask_dtype: Any = np.int64
     position_ids: str | None = None
+    vocab: int | None = None  # logits' last dim when fixed
 
     def state_bytes(self, batch: int, past_len: int) -> dict[str, int]:
         """``{"kv": bytes, "recurrent": bytes}`` of the state of ``batch`` streams after
@@ -155,11 +182,13 @@ def read_signature(session: Any, path: str | os.PathLike[str] = "model") -> Sign
         raise InputError(f"{name}: inputs the runner does not know how to feed: "
                          f"{', '.join(unknown)}")
     mask = "attention_mask" if "attention_mask" in ins else None
+    vocab = _dims(outs[logits].shape)[-1] if outs[logits].shape else None
     return Signature(
         "input_ids", mask, logits, tuple(sorted(states, key=lambda s: (s.layer, s.past))),
         _ORT_DTYPES.get(ins["input_ids"].type, np.int64),
         _ORT_DTYPES.get(ins[mask].type, np.int64) if mask else np.int64,
-        "position_ids" if "position_ids" in ins else None)
+        "position_ids" if "position_ids" in ins else None,
+        vocab if isinstance(vocab, int) and vocab > 0 else None)
 
 
 def open_session(path: str | os.PathLike[str], threads: int | None = None,
@@ -221,6 +250,7 @@ class StatefulSession:
         self.path = Path(path)
         self.session = open_session(path, threads, profile_prefix, prepack=prepack)
         self.sig = read_signature(self.session, path)
+        self.info = decoder_info(self.session)
         self._outputs = [self.sig.logits] + [s.present for s in self.sig.states]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.kv_shared = meta.get(KV_CACHE_KEY) == "shared"
@@ -392,7 +422,9 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise DependencyError("loading a tokenizer needs transformers") from exc
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # never the folder's own code (auto_map), and never transformers' prompt to run it
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                             trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"tokenizer folder {folder}: cannot load it with "
                          f"transformers.AutoTokenizer ({first_line(exc)[:200]})") from exc
@@ -413,18 +445,64 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 def choose(logits: np.ndarray, temperature: float, top_k: int | None,
            rng: np.random.Generator) -> np.ndarray:
     """Next tokens ``[B]`` from last-position logits ``[B, V]``: argmax when ``temperature`` is
-    0, else a draw from softmax(logits / temperature) restricted to the ``top_k`` largest."""
+    0, else a draw from softmax(logits / temperature) restricted to the ``top_k`` largest.
+
+    The logits are shifted by their maximum *before* the division, ``(z − max z) / T <= 0``, so
+    a tiny ``T`` (1e-310) gives ``exp(0) = 1`` at the maxima and ``exp(−inf) = 0`` elsewhere:
+    the greedy limit (a draw among tied maxima) instead of ``inf − inf = NaN``."""
     if temperature == 0:
         return logits.argmax(-1)
-    z = logits.astype(np.float64) / temperature
+    z = logits.astype(np.float64)
     if top_k is not None and top_k < z.shape[-1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k][:, None]
         z = np.where(z >= kth, z, -np.inf)
-    z = z - z.max(-1, keepdims=True)
-    p = np.exp(z)
+    with np.errstate(over="ignore", under="ignore"):
+        z = (z - z.max(-1, keepdims=True)) / temperature  # <= 0: -inf, never NaN
+        p = np.exp(z)
     p /= p.sum(-1, keepdims=True)
     u = rng.random(z.shape[0])
     return np.minimum((p.cumsum(-1) < u[:, None]).sum(-1), z.shape[-1] - 1)
+
+
+class TextStream:
+    """Incremental detokenization of a token stream: :meth:`push` each new id, get the text it
+    completes (``""`` while a character or word is still incomplete), :meth:`flush` at the end.
+
+    Decoding ids one by one is wrong for byte-level and SentencePiece tokenizers (a character
+    can span tokens; a word's leading space depends on what precedes it), and decoding the
+    whole continuation for every new token is quadratic. As text-generation servers do (vLLM's
+    ``detokenize_incrementally``), two offsets into the ids are kept: text is emitted as
+    ``decode(ids[prefix:]) − decode(ids[prefix:read])`` once it does not end in U+FFFD (an
+    incomplete UTF-8 sequence), then both offsets move up. Each push decodes the ids since the
+    last emitted piece and the piece before it: linear work in the tokens. The pieces add up to
+    ``tokenizer.decode(ids, skip_special_tokens=True)``.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] were emitted last: context for the next piece
+        self.read = 0  # ids[:read] are emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def push(self, token: int) -> str:
+        """Add ``token``; return the text it completes (maybe ``""``)."""
+        self.ids.append(int(token))
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """The text of ids not yet emitted (an incomplete character decodes as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
 
 
 class Generator:
@@ -497,11 +575,24 @@ class Generator:
         (``eos_token_id``, default the tokenizer's); the run stops when every row has.
         ``on_token(row, token_id)`` is called for every new token as it is chosen.
 
+        A decoder with a learned position table of ``P`` rows (:func:`decoder_info`) sees
+        positions ``0 … P − 1`` only: a row stops when its prompt and new tokens fill them (stop
+        reason ``max_positions``).
+
         Raises:
-            InputError: an empty prompt, ``max_new_tokens`` < 1, ``temperature`` < 0,
+            InputError: an empty prompt, a token id outside the model's vocabulary, a prompt
+                that fills the position table, ``max_new_tokens`` < 1, ``temperature`` < 0,
                 ``top_k`` < 1, text prompts without a tokenizer.
         """
         rows = self._rows(prompts)
+        self._check_ids(rows)
+        table = self.model.info.get("position_table")
+        table = table if type(table) is int and table > 0 else None  # not a bool
+        longest = max(len(r) for r in rows)
+        if table is not None and longest >= table:
+            raise InputError(f"a prompt of {longest} tokens fills the {table} positions of "
+                             f"{self.model.path.name} (a learned position table of {table} rows): "
+                             f"give at most {table - 1} prompt tokens")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not (temperature >= 0 and np.isfinite(temperature)):
@@ -536,16 +627,37 @@ class Generator:
                     done[r], stopped[r] = True, "eos"
                 elif len(out[r]) >= max_new_tokens:
                     done[r] = True
+                elif table is not None and len(rows[r]) + len(out[r]) >= table:
+                    done[r], stopped[r] = True, "max_positions"
             if done.all():
                 break
-            # finished rows keep running (a batch moves together) on pad tokens they ignore
+            # finished rows keep running (a batch moves together) on pad tokens, masked out:
+            # their positions stop (a learned position table's last row is never passed)
             feed = np.where(done, pad_token_id, nxt).astype(np.int64)[:, None]
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
+            mask = np.concatenate([mask, (~done).astype(mask.dtype)[:, None]], axis=1)
             logits, state = self.model.step(feed, mask, state)
             steps += 1
         decode_s = time.perf_counter() - t1
         text = [self.decode(o) for o in out] if self.tokenizer is not None else None
         return Generation(rows, out, text, prefill_s, decode_s, steps, stopped)
+
+    def _check_ids(self, rows: Sequence[Sequence[int]]) -> None:
+        """Refuse a token id the model cannot embed: negative, or at least its vocabulary size
+        (the logits' last dim); without a fixed vocabulary, at least 2^63.
+
+        Raises:
+            InputError: naming the id, its row and position, and the vocabulary size.
+        """
+        vocab = self.model.sig.vocab
+        top = vocab if vocab is not None else 2 ** 63
+        for r, row in enumerate(rows):
+            for i, tok in enumerate(row):
+                if not 0 <= tok < top:
+                    where = f"row {r}, position {i}" if len(rows) > 1 else f"position {i}"
+                    size = (f"the model's vocabulary of {vocab} ids (0..{vocab - 1})"
+                            if vocab is not None else "int64 token ids")
+                    raise InputError(f"prompt token id {tok} ({where}) is outside {size}; "
+                                     "check the ids or the tokenizer (it should be the model's)")
 
     def _rows(self, prompts: Any) -> list[list[int]]:
         if isinstance(prompts, str):

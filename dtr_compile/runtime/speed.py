@@ -12,12 +12,26 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from dtr_compile.config import CompileConfig
+from dtr_compile.config import MAX_SEQ, CompileConfig
 from dtr_compile.data import Dataset
 from dtr_compile.errors import InputError
 from dtr_compile.exporters.artifacts import ExportResult
 from dtr_compile.inputs import Inputs, at_least_two
 from dtr_compile.progress import Stages
+
+
+def speed_verdict(ratio: float | None, low: float | None, high: float | None) -> str | None:
+    """``"faster"`` / ``"slower"`` when the latency ratio (hybrid/original) and its range over
+    the timed rounds are all below / at or above 1.0, ``"inconclusive"`` when the range spans
+    1.0 (the machine's noise is larger than the difference); None when not timed. Without a
+    range, the ratio alone decides."""
+    if ratio is None:
+        return None
+    low = ratio if low is None else low
+    high = ratio if high is None else high
+    if high < 1.0:
+        return "faster"
+    return "slower" if low >= 1.0 else "inconclusive"
 
 
 def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
@@ -39,6 +53,10 @@ def deploy_seqs(text: str | list[int] | None) -> list[int] | None:
         seqs = []
     if not seqs or any(t < 1 for t in seqs):
         raise InputError(f"--deploy-seq {text!r}: expected comma-separated lengths >= 1, e.g. "
+                         "'256,1024', or 'none' to skip timing")
+    if max(seqs) > MAX_SEQ:
+        raise InputError(f"--deploy-seq {text!r}: {max(seqs)} tokens is beyond what can be "
+                         f"timed ({MAX_SEQ} at most); give deployment lengths, e.g. "
                          "'256,1024', or 'none' to skip timing")
     return seqs
 
@@ -93,16 +111,20 @@ def bench_speed(
     for t in lengths:
         o, h = res.cell(original_path, t), res.cell(hybrid_path, t)
         ratio = res.ratios(t)[hybrid_path]
+        low, high = res.latency_spread(t)[hybrid_path] or (None, None)
         rows.append({
             "seq": t if axis else None, "validation_length": t == t_val,
             "original_ms": o.latency_ms, "hybrid_ms": h.latency_ms,
             "original_peak_bytes": o.peak_bytes, "hybrid_peak_bytes": h.peak_bytes,
             "latency_ratio": ratio["latency"], "memory_ratio": ratio["peak_bytes"],
+            "latency_ratio_min": low, "latency_ratio_max": high,
+            "verdict": speed_verdict(ratio["latency"], low, high),
             "extended_positions": o.extended_positions or h.extended_positions,
             "faster": None if ratio["latency"] is None else ratio["latency"] < 1.0,
             "note": "; ".join(x for x in (o.note and f"original: {o.note}",
                                           h.note and f"hybrid: {h.note}") if x)})
-        lat = "n/a" if ratio["latency"] is None else f"×{ratio['latency']:.2f}"
+        lat = "n/a" if ratio["latency"] is None else f"×{ratio['latency']:.2f}" + (
+            f" (×{low:.2f}–×{high:.2f} over the rounds)" if low is not None else "")
         console.log(f"speed at {'T=' + str(t) if axis else 'the validation shape'}: hybrid/"
                     f"original latency {lat}")
     return {"batch": 1, "repeats": config.bench_repeats, "seq_axis": list(axis) if axis else None,

@@ -17,11 +17,14 @@ Methods, exact where one exists:
     original against itself), ``c = 0`` and ``b ~ Binomial(N, D)``: ``U`` is the exact
     one-sided Clopper-Pearson upper limit for ``b`` of ``N`` (Clopper & Pearson, Biometrika
     1934).
-  - Otherwise, McNemar's exact test (McNemar, Psychometrika 1947) conditions on ``n``:
-    ``b ~ Binomial(n, π)`` with ``π = p₁₀ / (p₁₀ + p₀₁)``, and ``D = p_d · (2π − 1)`` with
-    ``p_d`` the discordance rate. With ``π_U`` the exact Clopper-Pearson upper limit for ``b``
-    of ``n``, ``U = (n / N) · (2 π_U − 1)`` (``p_d`` at its estimate ``n / N``: exact
-    conditionally on the discordant count; no discordant pair gives ``U = 0``).
+  - Otherwise, unconditionally over the ``N`` rows: ``D = p₁₀ − p₀₁ <= π₁₀ − λ₀₁`` whenever
+    ``p₁₀ <= π₁₀`` and ``p₀₁ >= λ₀₁``, with ``π₁₀`` the exact Clopper-Pearson upper limit for
+    ``b`` of ``N`` and ``λ₀₁`` the exact lower limit for ``c`` of ``N``, each at confidence
+    ``1 − α/2`` (``α = 1 − P``). By Bonferroni's inequality both hold with probability at
+    least ``P``, so ``U = π₁₀ − λ₀₁``. ``U`` grows with every row that flips against the
+    candidate, and with no flip at all it is ``1 − (α/2)^(1/N) > 0``: thin evidence gives a
+    cautious bound. (McNemar's exact test conditions on the discordant count ``n = b + c``
+    and so says nothing when ``n`` is small: it gave ``U = 0`` for ``n = 0``.)
 
 * **every other metric** (macro-F1, perplexity, cosine, mse, user metrics): the seeded paired
   percentile bootstrap (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13):
@@ -58,7 +61,7 @@ class Bound:
         confidence: ``P``, the one-sided confidence level.
         degradation: the point estimate ``D`` on these rows.
         upper: ``U``: the true degradation is at most this with confidence ``P``.
-        method: ``"clopper-pearson"``, ``"mcnemar-exact"`` or ``"paired-bootstrap"``.
+        method: ``"clopper-pearson"``, ``"paired-clopper-pearson"`` or ``"paired-bootstrap"``.
         rows: ``N``, the paired rows.
         detail: method specifics (``b``, ``c`` discordant counts; ``resamples``, ``seed``).
     """
@@ -119,11 +122,22 @@ def clopper_pearson_upper(x: int, n: int, confidence: float) -> float:
     return hi
 
 
+def clopper_pearson_lower(x: int, n: int, confidence: float) -> float:
+    """Exact one-sided lower limit of a binomial proportion: the ``π`` with
+    ``P(X >= x | n, π) = 1 − confidence`` (Clopper & Pearson 1934), i.e. one minus the upper limit
+    for the ``n − x`` failures; 0 when ``x == 0``.
+
+    Raises:
+        ValueError: as :func:`clopper_pearson_upper`.
+    """
+    return 1.0 - clopper_pearson_upper(n - x, n, confidence)
+
+
 def paired_binary_bound(original: torch.Tensor, candidate: torch.Tensor,
                         confidence: float) -> Bound:
     """Bound of ``mean(original) − mean(candidate)`` for 0/1 outcomes ``[N]`` on the same rows
-    (see the module docstring: Clopper-Pearson when the original is always right, else exact
-    McNemar conditional on the discordant pairs).
+    (see the module docstring: Clopper-Pearson of ``b`` over ``N`` when the original is always
+    right, else the Bonferroni pair of Clopper-Pearson limits of ``b`` and ``c`` over ``N``).
     """
     o, c = original.to(torch.bool), candidate.to(torch.bool)
     n_rows = int(o.numel())
@@ -133,9 +147,24 @@ def paired_binary_bound(original: torch.Tensor, candidate: torch.Tensor,
     if bool(o.all()):
         upper = clopper_pearson_upper(b, n_rows, confidence)
         return Bound(confidence, point, upper, "clopper-pearson", n_rows, {"b": b, "c": cc})
-    n = b + cc
-    upper = 0.0 if n == 0 else (n / n_rows) * (2.0 * clopper_pearson_upper(b, n, confidence) - 1.0)
-    return Bound(confidence, point, max(upper, point), "mcnemar-exact", n_rows, {"b": b, "c": cc})
+    half = 1.0 - (1.0 - confidence) / 2.0
+    upper = clopper_pearson_upper(b, n_rows, half) - clopper_pearson_lower(cc, n_rows, half)
+    return Bound(confidence, point, upper, "paired-clopper-pearson", n_rows, {"b": b, "c": cc})
+
+
+def bound_without_change(rows: int, confidence: float, *, original_always_right: bool) -> float:
+    """The bound :func:`paired_binary_bound` gives a candidate that changes no row of ``rows``:
+    ``1 − α^(1/N)`` when the original is right on every row (Clopper-Pearson of 0 of ``N``),
+    else ``1 − (α/2)^(1/N)`` (``α = 1 − P``). No budget finer than this can be met at ``P``."""
+    alpha = (1.0 - confidence) / (1.0 if original_always_right else 2.0)
+    return 1.0 - alpha ** (1.0 / rows)
+
+
+def rows_for_bound(allowed_drop: float, confidence: float, *,
+                   original_always_right: bool) -> int:
+    """The fewest rows for which :func:`bound_without_change` is within ``allowed_drop`` (> 0)."""
+    alpha = (1.0 - confidence) / (1.0 if original_always_right else 2.0)
+    return math.ceil(math.log(alpha) / math.log1p(-allowed_drop))
 
 
 # --- bootstrap --------------------------------------------------------------------------------

@@ -186,18 +186,31 @@ class Ledger:
         self.close()
 
 
+def students_digest(fingerprint: str, sites: Mapping[str, Mapping[str, Any]]) -> str:
+    """SHA-256 of saved students: the fingerprint, and per site (sorted) its weights
+    (:func:`hash_tensors`) and its distillation result (canonical JSON)."""
+    h = hashlib.sha256(fingerprint.encode() + b"\0")
+    for sid in sorted(sites):
+        entry = sites[sid]
+        h.update(f"{sid}\0{hash_tensors(entry['state_dict'])}\0".encode())
+        h.update(json.dumps(entry["result"], sort_keys=True, default=str).encode() + b"\0")
+    return h.hexdigest()
+
+
 def save_students(path: str | os.PathLike[str], fingerprint: str,
                   students: Mapping[str, torch.nn.Module],
                   results: Mapping[str, Mapping[str, Any]]) -> None:
-    """Keep the distilled modules' weights and results beside the ledger (atomically).
+    """Keep the distilled modules' weights and results beside the ledger (atomically), with
+    their digest (:func:`students_digest`).
 
     Distillation is not bitwise reproducible across processes on a busy CPU, and the ledger's
     measurements are only valid for the exact weights they were measured with; ``--resume``
     therefore reloads these instead of distilling again (which also saves its time).
     """
-    state = {"format": LEDGER_FORMAT + " students", "fingerprint": fingerprint,
-             "sites": {sid: {"state_dict": m.state_dict(), "result": dict(results[sid])}
-                       for sid, m in students.items()}}
+    sites = {sid: {"state_dict": m.state_dict(), "result": dict(results[sid])}
+             for sid, m in students.items()}
+    state = {"format": LEDGER_FORMAT + " students", "fingerprint": fingerprint, "sites": sites,
+             "digest": students_digest(fingerprint, sites)}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -207,7 +220,8 @@ def load_students(
     fingerprint: str,
     build: Callable[[str], torch.nn.Module],
 ) -> tuple[dict[str, torch.nn.Module], dict[str, dict[str, Any]]] | str:
-    """The modules saved by :func:`save_students` if written for ``fingerprint``, else a reason.
+    """The modules saved by :func:`save_students` if written for ``fingerprint`` and their
+    weights and results match the digest saved with them, else a reason (distil again).
 
     Args:
         build: makes the empty module of a site id (its weights are then loaded, strictly).
@@ -219,6 +233,10 @@ def load_students(
         state = torch.load(p, weights_only=True, map_location="cpu")
         if state.get("fingerprint") != fingerprint:
             return f"{p} was distilled from other inputs or settings"
+        if not state.get("digest") or state["digest"] != students_digest(fingerprint,
+                                                                         state["sites"]):
+            return (f"{p} does not match its digest (edited, corrupt, or written by an older "
+                    "dtr-compile): its weights are not the ones the ledger measured")
         modules, results = {}, {}
         for sid, entry in state["sites"].items():
             m = build(sid)

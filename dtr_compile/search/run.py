@@ -244,8 +244,8 @@ def resolution_warnings(metric: Metric, rows: int, allowed_drop: float, budget_t
                          baseline: float, confidence: float | None) -> list[str]:
     """Warnings when the budget is finer than the validation set can resolve: one row of a
     share metric is ``1/N``; with ``--confidence`` and an original right on every row, even a
-    candidate that changes no row has the bound ``1 − (1 − P)^(1/N)`` (Clopper-Pearson)."""
-    from dtr_compile.search.confidence import clopper_pearson_upper, resolution
+    candidate that changes no row has a bound above 0 (:func:`bound_without_change`)."""
+    from dtr_compile.search.confidence import bound_without_change, resolution, rows_for_bound
 
     out = []
     step = resolution(metric, rows)
@@ -257,14 +257,16 @@ def resolution_warnings(metric: Metric, rows: int, allowed_drop: float, budget_t
     if not metric.binary and rows < 20:
         out.append(f"{rows} validation rows are too few for a bootstrap bound of the {metric.name} "
                    "drop to mean much (with so few rows it is about the worst row's drop): use "
-                   "more validation rows (e.g. more, shorter sequences)")
-    if confidence is not None and step is not None and baseline == 1.0:
-        floor = clopper_pearson_upper(0, rows, confidence)
+                   "more validation rows, each as long as the contexts you deploy (shorter rows "
+                   "hide linear attention's error on long contexts)")
+    if confidence is not None and step is not None and allowed_drop > 0:
+        always = baseline == 1.0  # floors: search/confidence.py
+        floor = bound_without_change(rows, confidence, original_always_right=always)
         if floor > allowed_drop:
             out.append(f"with --confidence {confidence:g} on {rows} rows, even a candidate that "
                        f"changes no row has a drop bound of {floor:.4g} > {allowed_drop:.4g}: "
                        f"no candidate can pass; it needs about "
-                       f"{math.ceil(math.log(1 - confidence) / math.log1p(-allowed_drop))} rows")
+                       f"{rows_for_bound(allowed_drop, confidence, original_always_right=always)} rows")
     return out
 
 

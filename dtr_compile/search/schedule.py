@@ -21,7 +21,12 @@ Ties go to the site that comes first in graph order (the order of ``site_ids``),
 ranks below every number, so the same metric values always give the same choices.
 ``max_evals`` (counting replayed evaluations too, so that a resumed search ends where an
 uninterrupted one would) and ``time_limit_s`` (wall time of new evaluations in this process)
-end a search early; what was committed until then stands.
+end a search early; what was committed until then stands. The measurements of the unfinished
+step are evidence too (:meth:`_Search.settle`): the best site measured with exactly the committed
+set whose set is within budget (and passes the ``judge``) is committed, as the step would have
+committed it had every site been measured and none done better. So a limit inside ``ranked``'s
+single-site pass still delivers the best single site that passed alone. Nothing is committed on
+sets that were never measured: no pair of single-site results is assumed to add up.
 """
 
 from __future__ import annotations
@@ -172,6 +177,7 @@ class _Search:
         self.max_linear, self.max_evals, self.time_limit_s = max_linear, max_evals, time_limit_s
         self.on_eval, self.clock, self.judge = on_eval, clock, judge
         self.within: dict[frozenset[str], bool] = {}
+        self.order: dict[str, int] = {}  # site -> graph index, for ties
         self.start = clock()
 
     def ok(self, m: float) -> bool:
@@ -237,6 +243,27 @@ class _Search:
         self.res.committed_within_budget.append(within)
         self.res.evaluations_at_commit.append(len(self.res.evaluations))
         return True
+
+    def settle(self, stop: str) -> str:
+        """After a limit stopped the search mid-step: commit the best site of the unfinished step,
+        i.e. the best evaluation of ``committed + (site,)`` whose set is within budget (ties:
+        graph order); none when no such set was measured or ``max_linear`` is reached. Returns
+        the stop reason, saying what was committed and how many sites were not measured."""
+        if self.full() is not None:
+            return stop
+        done = set(self.committed)
+        step = {e.candidate: e for e in self.res.evaluations
+                if e.linear[:-1] == self.committed and e.candidate not in done}
+        fit = [e for e in step.values() if self.within.get(frozenset(e.linear), False)]
+        if not fit:
+            return stop
+        best = min(fit, key=lambda e: (self.badness(e.metric), self.order.get(str(e.candidate), 0)))
+        assert best.candidate is not None
+        self.decide(best.candidate, best.metric)
+        unmeasured = len(self.order) - len(done) - len(step)
+        return (f"{stop}; committed {best.candidate} ({best.metric:.6g}), the best within budget "
+                f"of the {len(step)} site{'s' if len(step) != 1 else ''} measured in the "
+                f"unfinished step ({unmeasured} sites not measured)")
 
     def beyond(self, site: str, m: float, what: str = "best next site") -> str:
         if self.ok(m):  # within the threshold, not within the judge's test
@@ -351,8 +378,10 @@ def schedule(
         max_linear: commit at most this many sites.
         min_linear: commit at least this many sites, beyond the budget if need be (the result's
             ``fits`` is then False).
-        max_evals: stop after this many evaluations (replayed ones included).
-        time_limit_s: stop before a new evaluation once this many seconds have passed.
+        max_evals: stop after this many evaluations (replayed ones included); the best site
+            of the unfinished step within budget is committed (see the module docstring).
+        time_limit_s: stop before a new evaluation once this many seconds have passed; as
+            ``max_evals``.
         known: ``{frozenset(linear): (metric, seconds)}`` from a ledger, replayed instead of
             evaluated.
         on_eval: called after every evaluation, replayed ones included.
@@ -375,11 +404,12 @@ def schedule(
                          min_linear=min_linear)
     search = _Search(res, evaluate, known or {}, max_linear, max_evals, time_limit_s, on_eval,
                      clock, judge)
+    search.order = {s: i for i, s in enumerate(site_ids)}
     try:
         res.stop_reason = _RUN[strategy](search, list(site_ids)) if site_ids else \
             "no candidate site"
     except _Stop as stop:
-        res.stop_reason = str(stop)
+        res.stop_reason = search.settle(str(stop))
     res.seconds = clock() - search.start
     return res
 

@@ -19,8 +19,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
 
+from dtr_compile.report import table_console  # noqa: E402
 from dtr_compile.runtime.bench import bench, bench_table  # noqa: E402
 from dtr_compile.runtime.evaluate import evaluate_onnx  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     d = Path(args.dir)
-    console = Console()
+    console = table_console()  # tables keep their columns in a pipe or CI log
     report = json.loads((d / "hybrid.report.json").read_text())
     original_onnx, hybrid_onnx = d / "hybrid.original.onnx", d / "hybrid.onnx"
 

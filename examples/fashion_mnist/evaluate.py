@@ -20,8 +20,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
 
+from dtr_compile.report import table_console  # noqa: E402
 from dtr_compile.runtime.bench import bench  # noqa: E402
 from dtr_compile.runtime.evaluate import evaluate_onnx  # noqa: E402
 
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     d = Path(args.dir)
-    console = Console()
+    console = table_console()  # tables keep their columns in a pipe or CI log
     report = json.loads((d / "hybrid.report.json").read_text())
     task = json.loads((d / "task.json").read_text())
     tokens = task["tokens"]

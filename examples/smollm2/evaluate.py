@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from dtr_compile.report import table_console  # noqa: E402
 from dtr_compile.runtime.bench import bench, bench_table  # noqa: E402
 from dtr_compile.runtime.bench_decode import bench_decode, decode_table  # noqa: E402
 from dtr_compile.runtime.evaluate import evaluate_onnx  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     args = ap.parse_args()
     d = Path(args.dir)
-    console = Console()
+    console = table_console()  # tables keep their columns in a pipe or CI log
     report = json.loads((d / "hybrid.report.json").read_text())
     original_onnx, hybrid_onnx = d / "hybrid.original.onnx", d / "hybrid.onnx"
     test_path = d / args.test
