@@ -187,13 +187,13 @@ def test_bootstrap_of_identical_outputs_is_zero_and_perplexity_sign():
 def test_floor_warning_counts_the_unconditional_bound_for_accuracy_below_one():
     """An accuracy original below 1 now has a floor too: a candidate that changes no row has the
     bound 1 − (α/2)^(1/N); the compile says so before the search."""
-    from dtr_compile.pipeline import _resolution_warnings
     from dtr_compile.search.confidence import bound_without_change
+    from dtr_compile.search.run import resolution_warnings
 
     assert bound_without_change(40, 0.9, original_always_right=True) == pytest.approx(
         1 - 0.1 ** (1 / 40))
     assert bound_without_change(40, 0.9, original_always_right=False) == pytest.approx(
         1 - 0.05 ** (1 / 40))
-    (w,) = _resolution_warnings(METRICS["accuracy"], 40, 0.05, "5pt", 0.9, 0.9)
+    (w,) = resolution_warnings(METRICS["accuracy"], 40, 0.05, "5pt", 0.9, 0.9)
     assert "changes no row has a drop bound of 0.07216" in w and "about 59 rows" in w
-    assert _resolution_warnings(METRICS["accuracy"], 40, 0.05, "5pt", 0.9, None) == []
+    assert resolution_warnings(METRICS["accuracy"], 40, 0.05, "5pt", 0.9, None) == []

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import Progress
 
 from dtr_compile.config import CompileConfig
 from dtr_compile.data import Dataset
@@ -23,10 +24,12 @@ from dtr_compile.exporters.stateful import (
     decoder_paths,
     export_stateful_onnx,
     parity_prompts,
+    split_phases,
 )
 from dtr_compile.fileio import data_path
 from dtr_compile.passes.find_attention import AttentionScan
 from dtr_compile.passes.stateful import StatefulGraph, make_stateful
+from dtr_compile.progress import progress_bar
 
 
 def decoder_artifacts(stateful: dict[str, Any] | None) -> dict[str, str]:
@@ -60,24 +63,37 @@ def export_decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: Atten
     if config.export_original:
         todo.append(("original", {}, gm))
     prompts = parity_prompts(val.inputs)
+    # TensorRT imports no com.microsoft op: its decoders keep the KV cache in standard ops
+    kv_cache = "concat" if config.target == "tensorrt" else "shared"
     for key, studs, prefill in todo:
         sg = make_stateful(gm, scan.sites, studs, rejected=scan.rejected)
         if not isinstance(sg, StatefulGraph):
             console.log(f"[yellow]no stateful decoder[/yellow]: {sg.describe()}")
             return {"status": "not_stateful", "reasons": list(sg.reasons)}
         t0 = time.perf_counter()
-        try:
-            path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset, fused=fused,
-                                        external_data=external_weights(config.external_data),
-                                        metadata=decoder_metadata(sg, scan.sites, list(studs),
-                                                                  config.model))
-        except DtrError as exc:  # the prefill artifacts stand; the report says why
-            console.log(f"[yellow]no stateful decoder[/yellow] ({key}): {exc}")
-            out[key] = {"status": "export_failed", "reason": str(exc)}
-            continue
-        parity = check_decoder(path, sg, prefill, prompts, config.decode_steps,
-                               has_mask="attention_mask" in names)
-        out[key] = {"path": str(paths[key]),
+        phases = 7 if split_phases(sg, fused) else 5  # traces and conversions, save, check, parity
+        with progress_bar(console, config.progress) as prog:
+            task = prog.add_task(f"{key} decoder", total=phases, info="")
+
+            def phase(what: str, task: Any = task, prog: Progress = prog) -> None:
+                done = prog.tasks[task].fields.get("info") != ""
+                prog.update(task, advance=1 if done else 0, info=what)
+
+            try:
+                path = export_stateful_onnx(sg, write_to(paths[key]), opset=opset, fused=fused,
+                                            external_data=external_weights(config.external_data),
+                                            metadata=decoder_metadata(sg, scan.sites, list(studs),
+                                                                      config.model),
+                                            kv_cache=kv_cache, on_phase=phase)
+            except DtrError as exc:  # the prefill artifacts stand; the report says why
+                console.log(f"[yellow]no stateful decoder[/yellow] ({key}): {exc}")
+                out[key] = {"status": "export_failed", "reason": str(exc)}
+                continue
+            phase(f"parity: {config.decode_steps} greedy tokens x {len(prompts)} rows")
+            parity = check_decoder(path, sg, prefill, prompts, config.decode_steps,
+                                   has_mask="attention_mask" in names)
+            prog.update(task, completed=phases)
+        out[key] = {"path": str(paths[key]), "kv_cache": kv_cache,
                     **({"data": str(data_path(paths[key]))} if data_path(path).exists() else {}),
                     "inputs": sg.input_names, "outputs": sg.output_names,
                     "layers": [{"layer": lay.layer, "site": lay.site, "kind": lay.kind,

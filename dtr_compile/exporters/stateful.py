@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from torch.export import Dim
 
 from dtr_compile.errors import DtrError, first_line
 from dtr_compile.exporters.fused import (
+    ORT_DOMAIN,
     finish,
     is_fused,
     torch_max_opset,
@@ -40,8 +42,23 @@ from dtr_compile.exporters.onnx import (
     prepare_for_export,
     wants_external_data,
 )
+from dtr_compile.exporters.phases import merge_phases
 from dtr_compile.fileio import atomic_model_path, check_copied_links
-from dtr_compile.passes.stateful import MASK, TOKENS, StatefulGraph
+from dtr_compile.linear.base import extend_only
+from dtr_compile.passes.stateful import (
+    MASK,
+    TOKENS,
+    StatefulGraph,
+    StatefulLinear,
+    shared_kv_cache,
+)
+from dtr_compile.runtime.generate import KV_CACHE_KEY
+
+#: ``kv_cache`` forms of :func:`export_stateful_onnx`: ``shared``, onnxruntime's
+#: ``GroupQueryAttention`` over a KV buffer a runner may share between past and present (no
+#: per-step copy of the cache); ``concat``, standard ops (``Concat`` + ``Attention``), what
+#: TensorRT imports.
+KV_FORMS = ("shared", "concat")
 
 
 def _example(sg: StatefulGraph, batch: int = 2, t: int = 3, past: int = 4) -> dict[str, torch.Tensor]:
@@ -50,91 +67,233 @@ def _example(sg: StatefulGraph, batch: int = 2, t: int = 3, past: int = 4) -> di
     return feed | sg.empty_past(batch, length=past)
 
 
-def _dynamic_shapes(sg: StatefulGraph) -> tuple[dict[int, Any], ...]:
-    dims = {"batch": Dim("batch"), "sequence": Dim("sequence"), "past_sequence": Dim("past_sequence"),
-            "total_sequence": Dim.AUTO}  # = past + sequence: torch.export derives it
+def _dynamic_shapes(sg: StatefulGraph, *, static_t: bool = False,
+                    exact_past: bool = True) -> tuple[dict[int, Any], ...]:
+    """``dynamic_shapes`` of ``sg``'s inputs for ``torch.export``; ``static_t``: the new tokens'
+    axis fixed at 1 (the one-token graph); ``exact_past``: the KV caches hold exactly the past's
+    ``P`` positions (False for shared buffers, which may be longer: the mask's length must then
+    stay independent of theirs)."""
     spec = sg.dynamic_dims()
-    return tuple({i: dims[a] for i, a in spec.get(n, {}).items()} for n in sg.input_names)
+    past = Dim("past_sequence")
+    has_past = any("past_sequence" in axes.values() for axes in spec.values())
+    # total = past + sequence: torch.export derives it from a dynamic t; at t = 1 with exact
+    # pasts it is past + 1, a derived dim (AUTO is refused once the Concat of past and new keys
+    # ties the mask to the named past axis)
+    total = past + 1 if static_t and exact_past and has_past else Dim.AUTO
+    dims = {"batch": Dim("batch"), "sequence": Dim("sequence"), "past_sequence": past,
+            "total_sequence": total}
+    return tuple({i: dims[a] for i, a in spec.get(n, {}).items()
+                  if not (static_t and a == "sequence")} for n in sg.input_names)
 
 
-def _name_axes(path: Path, sg: StatefulGraph) -> None:
-    """Replace the exporter's symbol names (``s17``, ``s17 + s70``) on inputs and outputs by
-    ``batch`` / ``sequence`` / ``past_sequence`` / ``total_sequence``."""
-    import onnx
+def _name_axes(model: Any, sg: StatefulGraph) -> None:  # noqa: ANN401 - an onnx_ir Model
+    """Replace the exporter's symbol names (``s17``, ``s17 + s70``) on the inputs and outputs of
+    ``model`` (in memory, before it is saved) by ``batch`` / ``sequence`` / ``past_sequence`` /
+    ``total_sequence``."""
+    import onnx_ir as ir
 
-    model = onnx.load(str(path), load_external_data=False)  # weights stay where they are
     spec = sg.dynamic_dims()
     names: dict[str, str] = {}
-    for value in model.graph.input:
-        for i, d in enumerate(value.type.tensor_type.shape.dim):
+    for value in model.graph.inputs:
+        for i, d in enumerate(value.shape or ()):
             axis = spec.get(value.name, {}).get(i)
-            if d.dim_param and axis:
-                names.setdefault(d.dim_param, axis)
-    for value in (*model.graph.input, *model.graph.output):
-        for d in value.type.tensor_type.shape.dim:
-            if d.dim_param in names:
-                d.dim_param = names[d.dim_param]
-            elif d.dim_param and "+" in d.dim_param:
-                d.dim_param = "total_sequence"
-    onnx.save(model, str(path))
+            if isinstance(d, ir.SymbolicDim) and d.value and axis:
+                names.setdefault(d.value, axis)
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names
+                else ir.SymbolicDim("total_sequence")
+                if isinstance(d, ir.SymbolicDim) and d.value and "+" in d.value else d
+                for d in value.shape]
+        value.shape = ir.Shape(dims)
+
+
+def _gqa_schema() -> Any:  # noqa: ANN401 - onnx.defs.OpSchema
+    """The inputs, outputs and attributes of onnxruntime's ``com.microsoft``
+    ``GroupQueryAttention`` (1.32) that :func:`_gqa_translation` uses."""
+    from onnx.defs import OpSchema
+
+    opt, one = OpSchema.FormalParameterOption.Optional, OpSchema.FormalParameterOption.Single
+    names = ("query", "key", "value", "past_key", "past_value", "seqlens_k",
+             "total_sequence_length", "cos_cache", "sin_cache", "position_ids", "attention_bias",
+             "head_sink", "k_scale", "v_scale", "q_norm_weight", "k_norm_weight",
+             "query_seqlens")
+    types = {"seqlens_k": "M", "total_sequence_length": "M", "query_seqlens": "M",
+             "position_ids": "I"}
+    return OpSchema(
+        "GroupQueryAttention", ORT_DOMAIN, 1,
+        inputs=[OpSchema.FormalParameter(n, types.get(n, "T"),
+                                         param_option=one if n in ("query", "seqlens_k",
+                                                                   "total_sequence_length")
+                                         else opt) for n in names],
+        outputs=[OpSchema.FormalParameter(n, "T", param_option=opt if i else one)
+                 for i, n in enumerate(("output", "present_key", "present_value"))],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute(n, t, "") for n, t in (
+            ("num_heads", OpSchema.AttrType.INT), ("kv_num_heads", OpSchema.AttrType.INT),
+            ("scale", OpSchema.AttrType.FLOAT))])
+
+
+def _gqa_translation() -> dict[Any, Any]:
+    """``custom_translation_table`` entry: :data:`~dtr_compile.passes.stateful.
+    kv_cache_attention_op` → ``GroupQueryAttention`` (``com.microsoft``).
+
+    The layout is the decoder's: left padding stays where the attention mask puts it, every row
+    holds ``P + t`` cache positions (``seqlens_k = P + t − 1``, ``query_seqlens = t``, which
+    lets a batch extend a past by several tokens), and padding keys are masked by an additive
+    ``attention_bias [B, 1, t, P + t]`` (0 / fp32 min) from ``attention_mask``; the op adds its
+    own causal mask. The past and present buffers are ``[B, Hkv, L, D]``: ``L = P`` gives a
+    present of ``P + t`` positions (the op copies the past), and one buffer of ``L >= P + t``
+    bound as both past and present is written in place at positions ``P … P + t − 1``.
+    """
+    import torch
+    from onnx import TensorProto
+    from onnxscript import opset18, values
+
+    op: Any = opset18
+    gqa = values.Op(values.Opset(ORT_DOMAIN, 1), "GroupQueryAttention", _gqa_schema())
+
+    def translate(q, k, v, past_key, past_value, attention_mask, scale: float):  # noqa: ANN001, ANN202
+        heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[3]
+        if not all(isinstance(x, int) for x in (heads, kv_heads, dim)):
+            raise ValueError("GroupQueryAttention needs static head counts and head size")
+        tokens = op.Constant(value_ints=[0, 0, -1])
+        q3, k3, v3 = (op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), tokens) for x in (q, k, v))
+        mask_shape = op.Shape(attention_mask)  # [B, P + t]
+        batch = op.Slice(mask_shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
+        total = op.Slice(mask_shape, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+        t = op.Slice(op.Shape(q), op.Constant(value_ints=[2]), op.Constant(value_ints=[3]))
+        seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch),
+                            to=TensorProto.INT32)  # [B]
+        total_len = op.Cast(op.Squeeze(total, op.Constant(value_ints=[0])), to=TensorProto.INT32)
+        query_lens = op.Cast(op.Expand(t, batch), to=TensorProto.INT32)  # [B]
+        real = op.Greater(attention_mask, op.Constant(value_int=0))  # [B, P + t]
+        bias = op.Where(real, op.Constant(value_float=0.0),
+                        op.Constant(value_float=float(torch.finfo(torch.float32).min)))
+        bias = op.Unsqueeze(bias, op.Constant(value_ints=[1, 2]))  # [B, 1, 1, P + t]
+        bias = op.Expand(bias, op.Concat(batch, op.Constant(value_ints=[1]), t, total, axis=0))
+        out, present_key, present_value = gqa(
+            q3, k3, v3, past_key, past_value, seqlens_k, total_len, None, None, None, bias,
+            None, None, None, None, None, query_lens,
+            num_heads=heads, kv_num_heads=kv_heads, scale=scale, _outputs=3)
+        out = op.Reshape(out, op.Constant(value_ints=[0, 0, heads, dim]))  # [B, t, H, D]
+        return op.Transpose(out, perm=[0, 2, 1, 3]), present_key, present_value
+
+    return {torch.ops.dtr_compile.kv_cache_attention.default: translate}
 
 
 def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
                          opset: int = DEFAULT_OPSET, fused: bool | None = None,
-                         external_data: bool | None = None,
-                         metadata: Mapping[str, str] | None = None) -> Path:
+                         external_data: bool | None = None, kv_cache: str = "shared",
+                         metadata: Mapping[str, str] | None = None, optimize: bool = True,
+                         on_phase: Callable[[str], None] | None = None) -> Path:
     """Write ``sg`` as an ONNX model at ``path`` (atomically), inputs and outputs named as in
     ``sg`` and the ONNX checker run on it. ``fused``: the students' recurrences as ONNX
     ``LinearAttention`` nodes (:mod:`~dtr_compile.exporters.fused`; default: from opset 27 on).
     ``external_data``: the weights in ``NAME.data`` beside it (default: when they exceed
-    :data:`~dtr_compile.exporters.onnx.EXTERNAL_DATA_BYTES`). ``metadata`` goes to the model's
-    ``metadata_props`` (:func:`decoder_metadata`).
+    :data:`~dtr_compile.exporters.onnx.EXTERNAL_DATA_BYTES`). ``kv_cache``: the softmax layers'
+    form (:data:`KV_FORMS`; recorded in the model's metadata under
+    :data:`~dtr_compile.runtime.generate.KV_CACHE_KEY`, which tells a runner how it may bind them):
+    ``shared`` (onnxruntime's ``GroupQueryAttention``; the default) or ``concat`` (standard
+    ops, for TensorRT). ``metadata`` goes to the model's ``metadata_props``
+    (:func:`decoder_metadata`). ``on_phase`` is called with a line naming each step as it starts
+    (trace, conversion, save, check).
 
     Raises:
         DtrError: torch.export or torch.onnx failed, or the checker rejected the model.
+        ValueError: an unknown ``kv_cache``.
     """
     import onnx
 
-    from dtr_compile.capture import flat_graph_module
-
+    if kv_cache not in KV_FORMS:
+        raise ValueError(f"kv_cache must be one of {KV_FORMS}, got {kv_cache!r}")
+    phase = on_phase or (lambda _: None)
     fused = is_fused(opset) if fused is None else fused
-    example = _example(sg)
-    args = tuple(example[n] for n in sg.input_names)
-    shapes = _dynamic_shapes(sg)
+    shared = kv_cache == "shared"
+    split = split_phases(sg, fused)
     target = Path(path)
     with atomic_model_path(target) as tmp:
-        try:
-            with warnings.catch_warnings(), _no_rotary_fusion():
-                warnings.simplefilter("ignore")
-                with tracing(fused):
-                    program = torch.export.export(sg.gm, args, dynamic_shapes=shapes,
-                                                  strict=False)
-                gm = prepare_for_export(flat_graph_module(program.module()), opset)
-                prog = torch.onnx.export(gm, args, dynamo=True,
-                                         opset_version=min(opset, torch_max_opset()),
-                                         input_names=list(sg.input_names),
-                                         output_names=list(sg.output_names),
-                                         dynamic_shapes=shapes, verbose=False,
-                                         custom_translation_table=translation_table(fused))
-        except Exception as exc:  # noqa: BLE001
-            text = str(exc)
-            raise DtrError(f"stateful ONNX export failed: {type(exc).__name__}: "
-                           f"{text.splitlines()[0] if text else ''}") from exc
-        assert prog is not None
+        prog = _to_onnx(sg, opset=opset, fused=fused, shared=shared, optimize=optimize,
+                        step=False, split=split, phase=phase)
+        if split:  # the one-token graph, then both under one If (exporters/phases.py)
+            step = _to_onnx(sg, opset=opset, fused=fused, shared=shared, optimize=optimize,
+                            step=True, split=True, phase=phase)
+            prog.model = merge_phases(step.model, prog.model)
+        phase("saving")
         for key, value in (metadata or {}).items():
             prog.model.metadata_props[key] = value
+        prog.model.metadata_props[KV_CACHE_KEY] = kv_cache
+        _name_axes(prog.model, sg)
         prog.save(str(tmp), external_data=wants_external_data(prog.model, external_data))
         try:
             finish(tmp, opset, fused)
         except Exception as exc:  # noqa: BLE001
             raise DtrError(f"converting the stateful ONNX to opset {opset} failed: "
                            f"{first_line(exc)}") from exc
-        _name_axes(Path(tmp), sg)
+        phase("checking (ONNX checker)")
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise DtrError(f"the stateful ONNX fails the ONNX checker: {exc}") from exc
     return target
+
+
+def split_phases(sg: StatefulGraph, fused: bool) -> bool:
+    """Whether ``sg`` has a linear layer whose one-token step and chunked form differ (then the
+    decoder is two graphs under one ``If``, :mod:`~dtr_compile.exporters.phases`); False for
+    the original and for students whose fused op serves every ``t``."""
+    with tracing(fused):
+        return any(isinstance(m, StatefulLinear) and not m.student.one_form()
+                   for m in sg.modules.values())
+
+
+def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimize: bool,
+             step: bool, split: bool, phase: Callable[[str], None]) -> Any:  # noqa: ANN401
+    """``torch.export`` then ``torch.onnx`` of ``sg``: at a static ``t = 1`` (``step``), or with
+    a dynamic ``t`` (linear layers in their chunked form alone when ``split``). Returns the
+    ``torch.onnx.ONNXProgram``.
+
+    Raises:
+        DtrError: either step failed.
+    """
+    from dtr_compile.capture import flat_graph_module
+
+    what = "one-token step" if step else ("prefill" if split else "decoder")
+    example = _example(sg, t=1 if step else 3)
+    args = tuple(example[n] for n in sg.input_names)
+    shapes = _dynamic_shapes(sg, static_t=step, exact_past=not shared)
+    table = (translation_table(fused) or {}) | (_gqa_translation() if shared else {})
+    try:
+        with warnings.catch_warnings(), _no_rotary_fusion():
+            warnings.simplefilter("ignore")
+            phase(f"tracing the {what} (torch.export)")
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(tracing(fused))
+                if shared:
+                    stack.enter_context(shared_kv_cache())
+                if split and not step:
+                    stack.enter_context(extend_only())
+                program = torch.export.export(sg.gm, args, dynamic_shapes=shapes, strict=False)
+            flat = flat_graph_module(program.module())
+            gm = prepare_for_export(flat, opset)
+            phase(f"converting the {what} to ONNX (torch.onnx)")
+            # an unchanged graph goes to torch.onnx as the program already traced: one trace
+            # fewer (the exporter would trace the module again)
+            prog = torch.onnx.export(program if gm is flat else gm, args, dynamo=True,
+                                     opset_version=min(opset, torch_max_opset()),
+                                     input_names=list(sg.input_names),
+                                     output_names=list(sg.output_names),
+                                     dynamic_shapes=None if gm is flat else shapes,
+                                     verbose=False, optimize=optimize,
+                                     custom_translation_table=table or None)
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc)
+        raise DtrError(f"stateful ONNX export failed ({what}): {type(exc).__name__}: "
+                       f"{text.splitlines()[0] if text else ''}") from exc
+    assert prog is not None
+    return prog
 
 
 # --- greedy decoding: reference and stateful ---------------------------------------------------
@@ -180,6 +339,34 @@ def greedy_reference(prefill: Callable[..., Any], input_ids: torch.Tensor, steps
     return Continuation(torch.cat(toks, 1), torch.stack(logits, 1))
 
 
+def forced_reference(prefill: Callable[..., Any], input_ids: torch.Tensor, tokens: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> Continuation:
+    """The reference of a given continuation by full recomputation, in one pass: ``prefill`` on
+    ``[input_ids, tokens[:, :-1]]``, and at each step the logits of the position before the
+    step's token and their argmax, the token full recomputation picks after that prefix.
+
+    When ``tokens`` is a greedy continuation whose every token equals the reference's, it *is*
+    the greedy continuation by full recomputation (:func:`greedy_reference`, one pass instead of
+    one per step); at the first step where they differ, the two continuations part there.
+
+    Args:
+        prefill: the captured or hybrid prefill graph (flat inputs).
+        input_ids: ``[B, T0]``; tokens: ``[B, N]``, the continuation to check.
+        attention_mask: ``[B, T0]`` or None (the graph has no mask input).
+    """
+    n = tokens.shape[1]
+    ids = torch.cat([input_ids, tokens[:, :n - 1]], dim=1)
+    with torch.inference_mode():
+        if attention_mask is not None:
+            mask = torch.cat([attention_mask, torch.ones_like(tokens[:, :n - 1])], dim=1)
+            out = prefill(ids, mask)
+        else:
+            out = prefill(ids)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+    logits = out[:, input_ids.shape[1] - 1:].float()  # [B, N, V]
+    return Continuation(logits.argmax(-1), logits)
+
+
 def _present_to_past(name: str) -> str:
     layer, _, rest = name.removeprefix("present.").partition(".")
     return f"past_key_values.{layer}.{rest}" if rest in ("key", "value") else f"past.{layer}.{rest}"
@@ -215,19 +402,29 @@ def greedy_stateful(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]
 
 
 def ort_runner(path: str | os.PathLike[str], threads: int | None = 1, *, prepack: bool = True,
-               ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+               capacity: int = 64) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """``feed → outputs`` by name through an onnxruntime CPU session of ``path`` (``prepack``:
-    see :func:`~dtr_compile.exporters.onnx.ort_session`)."""
-    from dtr_compile.exporters.onnx import ORT_DTYPES, ort_session
+    see :func:`~dtr_compile.exporters.onnx.ort_session`), as a runner runs it
+    (:class:`~dtr_compile.runtime.generate.StatefulSession`): a decoder whose KV caches may be
+    shared gets, at its first call, one buffer per cache with room for ``capacity`` more
+    positions, which every later call writes in place (its ``present.*`` KV outputs are those
+    buffers, longer than ``P + t``: feed them back as they are)."""
+    from dtr_compile.runtime.generate import StatefulSession
 
-    sess = ort_session(path, threads, prepack=prepack)
-    names = [o.name for o in sess.get_outputs()]
-    types = {i.name: ORT_DTYPES.get(i.type) for i in sess.get_inputs()}
+    sess = StatefulSession(path, threads, prepack=prepack)
+    names = {s.past: s.present for s in sess.sig.states}
+    kv = [s.past for s in sess.sig.states if s.kind == "kv"]
 
-    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cast = {k: (v.astype(types[k]) if types.get(k) is not None else v) for k, v in feed.items()
-                if k in types}
-        return dict(zip(names, sess.run(None, cast), strict=True))
+    def run(feed: dict[str, Any]) -> dict[str, Any]:
+        ids, mask = np.asarray(feed[TOKENS]), np.asarray(feed[MASK])
+        past = {k: v for k, v in feed.items() if k in names}
+        past_len = mask.shape[1] - ids.shape[1]
+        if sess.kv_shared and kv and all(
+                (v.shape if isinstance(v, np.ndarray) else v.shape())[2] == past_len
+                for k, v in past.items() if k in kv):
+            past = sess.with_capacity(past, past_len, mask.shape[1] + capacity)
+        logits, present = sess.step(ids, mask, past)
+        return {"logits": logits} | {names[k]: v for k, v in present.items()}
     return run
 
 
@@ -341,15 +538,15 @@ def fit_decode_check(prompts: Sequence[torch.Tensor], steps: int, table: int | N
 def check_decoder(path: str | os.PathLike[str], sg: StatefulGraph, prefill: Callable[..., Any],
                   prompts: Sequence[torch.Tensor], steps: int, *, has_mask: bool) -> DecodeParity:
     """Greedy ``steps`` tokens from the ONNX decoder at ``path`` on the left-padded batch of
-    ``prompts``, against each prompt's continuation alone by full recomputation of ``prefill``;
-    both fitted inside a learned position table (:func:`fit_decode_check`), which cannot index
-    past its last row."""
+    ``prompts``, against each prompt's continuation alone by full recomputation of ``prefill``
+    (:func:`forced_reference`: one pass per prompt); both fitted inside a learned position table
+    (:func:`fit_decode_check`), which cannot index past its last row."""
     prompts, steps = fit_decode_check(prompts, steps, position_table(sg))
     ids, mask = left_pad(prompts)
     got = greedy_stateful(ort_runner(path, prepack=False), sg.empty_past(len(prompts)), ids, steps, mask)
-    refs = [greedy_reference(prefill, p[None], steps,
+    refs = [forced_reference(prefill, p[None], got.tokens[i:i + 1],
                              torch.ones(1, len(p), dtype=torch.long) if has_mask else None)
-            for p in prompts]
+            for i, p in enumerate(prompts)]
     ref = Continuation(torch.cat([r.tokens for r in refs]), torch.cat([r.logits for r in refs]))
     return decode_parity(str(path), got, ref)
 

@@ -28,7 +28,8 @@ student whose extend is one fused op for every ``t`` (:meth:`LinearStudent.one_f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -60,22 +61,82 @@ def first_token(x: torch.Tensor, dim: int) -> torch.Tensor:
 
     A gather with a constant index, not ``x[:, :1]``: under ``torch.export`` the slice of a
     symbolic length has a symbolic size (``min(1, t)``), and a ``torch.cond`` branch cannot add
-    the guard that would tie it to a static axis it is concatenated or broadcast with.
+    the guard that would tie it to a static axis it is concatenated or broadcast with. ``x``
+    itself when the axis is statically 1 (a graph traced at ``t = 1``: no op at all).
     """
+    if isinstance(x.shape[dim], int) and x.shape[dim] == 1:
+        return x
     return x.index_select(dim, torch.zeros(1, dtype=torch.long, device=x.device))
+
+
+def group_heads(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``x: [B, H, 1, D]`` (one token) → ``[B, Hkv, H/Hkv, D]``: the query heads of each key/value
+    head side by side, so one matmul against ``[B, Hkv, W, D]`` keys serves the group (GQA's
+    layout, no repeated keys)."""
+    return x.reshape(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, x.shape[-1])
+
+
+def window_terms_step(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      keys_valid: torch.Tensor, *, scale: float,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per row against its stored window, unnormalised (decode).
+
+    Args:
+        q: ``[B, H, 1, Dk]``; keys: ``[B, Hkv, W, Dk]``; values: ``[B, Hkv, W, Dv]`` — the
+            window including the query's own key (key/value heads not repeated: each group of
+            ``H / Hkv`` query heads is one matmul against its key head); keys_valid: ``[B, W]``
+            (1 = real key).
+        scale: the softmax scale.
+        weight: ``[H]`` factor of each head's weights, or None.
+
+    Returns:
+        ``[B, H, 1, Dv + 1]`` fp32: ``Σ_s a_s [v_s, 1]`` over the valid keys, with
+        ``a_s = weight · exp(q·k_s·scale − max_s q·k_s·scale)``: the numerator and the weight sum
+        of softmax attention in one matmul (0 for a window with no valid key).
+    """
+    b, h = q.shape[0], q.shape[1]
+    hkv = keys.shape[1]
+    qg = group_heads(q.float(), hkv)  # [B, Hkv, g, Dk]
+    scores = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, g, W]
+    allowed = (keys_valid > 0)[:, None, None, :]  # [B, 1, 1, W]
+    scores = torch.where(allowed, scores, -1.0e9)
+    a = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed.float()
+    if weight is not None:
+        a = a * weight.float().reshape(hkv, h // hkv, 1)
+    v1 = F.pad(values.float(), (0, 1), value=1.0)  # [B, Hkv, W, Dv+1]: [v, 1]
+    return torch.matmul(a, v1).reshape(b, h, 1, v1.shape[-1])  # [B, H, 1, Dv+1]
+
+
+# A plain global, not a ContextVar: torch.export reads module globals while tracing. Exports run
+# one at a time.
+_EXTEND_ONLY = [False]
+
+
+@contextlib.contextmanager
+def extend_only() -> Iterator[None]:
+    """While active, :func:`by_phase` calls ``extend`` whatever ``t``: a trace with a symbolic
+    ``t`` then holds the chunked form alone, no ``torch.cond`` (the prefill graph of a decoder
+    whose one-token steps are traced separately, at a static ``t = 1``)."""
+    before, _EXTEND_ONLY[0] = _EXTEND_ONLY[0], True
+    try:
+        yield
+    finally:
+        _EXTEND_ONLY[0] = before
 
 
 def by_phase(t: int | torch.SymInt, decode: StepFn, extend: StepFn,
              operands: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """``decode(*operands)`` when ``t == 1``, else ``extend(*operands)``.
 
-    A plain ``if`` when ``t`` is a Python int (eager PyTorch, or a static export); ``torch.cond``
-    when it is symbolic (``torch.export`` with a dynamic sequence axis), which exports as one ONNX
-    ``If`` whose two branches are both in the graph. Both forms must return tensors of the same
-    shapes and dtypes (``torch.cond``'s rule).
+    A plain ``if`` when ``t`` is a Python int (eager PyTorch, or a static export); ``extend``
+    under :func:`extend_only`; else ``torch.cond`` (``torch.export`` with a dynamic sequence
+    axis), which exports as one ONNX ``If`` whose two branches are both in the graph. Both forms
+    must return tensors of the same shapes and dtypes (``torch.cond``'s rule).
     """
     if isinstance(t, int):
         return (decode if t == 1 else extend)(*operands)
+    if _EXTEND_ONLY[0]:
+        return extend(*operands)
 
     def dense(form: StepFn) -> StepFn:
         # torch.cond merges the branches' outputs only when their strides and storage offsets

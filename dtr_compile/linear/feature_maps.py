@@ -90,6 +90,8 @@ class _PerHeadProjection(FeatureMap):
         """``[x, 1] [W; b]: [B, H, T, Dout]`` in fp32 for ``weight: [H, Dk, Dout]``, ``bias: [H, 1,
         Dout]``: the bias rides in the matmul instead of a separate pass over its output."""
         x = x.float()
+        if isinstance(x.shape[-2], int) and x.shape[-2] == 1:  # one token: two ops, no concat
+            return torch.matmul(x, weight.float()) + bias.float()
         x1 = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # [B, H, T, Dk+1]
         return torch.matmul(x1, torch.cat([weight, bias], dim=-2).float())
 

@@ -45,7 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from dtr_compile.linear.base import LinearStudent, first_token, stored_window
+from dtr_compile.linear.base import (
+    LinearStudent,
+    first_token,
+    stored_window,
+    window_terms_step,
+)
 from dtr_compile.linear.feature_maps import FEATURE_MAPS, FeatureMap, make_feature_map
 
 __all__ = [
@@ -520,34 +525,33 @@ class LinearAttention(LinearStudent):
         Returns:
             ``(out: [B, H, 1, Dv]`` fp32``, new state)``.
         """
-        q, k, v = first_token(q, 2), first_token(k, 2), first_token(v, 2)
+        q, k, v = first_token(q, 2), first_token(k, 2), first_token(v, 2)  # no-ops at t = 1
         valid = first_token(key_valid, 1)  # [B, 1]
         past = state["recurrent"].float()  # [B, H, F, Dv+1]
         phi_q = self.feature_map_q(q)  # [B, H, 1, F] fp32
         if not self.window:
             kh, vh = repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)  # [B, H, 1, *]
             phi_k = self.feature_map_k(kh) * valid[:, None, :, None]
-            new = past + torch.matmul(phi_k.transpose(-1, -2), _with_ones(vh.float()))
+            new = past + phi_k.transpose(-1, -2) * F.pad(vh.float(), (0, 1), value=1.0)
             return _normalise(torch.matmul(phi_q, new), self.eps), {"recurrent": new}
 
         win_k, win_v = state["window_key"], state["window_value"]  # [B, Hkv, W, D]
         win_valid = state["window_valid"].float()  # [B, W]
         # the oldest stored key is W positions back: it leaves the window for the state
         leave_k = repeat_kv(win_k[:, :, :1].to(k.dtype), self.num_heads)  # [B, H, 1, Dk]
-        leave_v = repeat_kv(win_v[:, :, :1].to(v.dtype), self.num_heads)
-        phi_leave = self.feature_map_k(leave_k) * win_valid[:, None, :1, None]  # [B, H, 1, F]
-        new = past + torch.matmul(phi_leave.transpose(-1, -2), _with_ones(leave_v.float()))
+        leave_v = repeat_kv(win_v[:, :, :1], self.num_heads).float()  # [B, H, 1, Dv]
+        leave_valid = win_valid[:, :1].reshape(win_valid.shape[0], 1, 1, 1)
+        phi_leave = self.feature_map_k(leave_k) * leave_valid  # [B, H, 1, F]
+        # the outer product φ(k)ᵀ[v, 1] as a broadcast multiply: [B, H, F, 1] · [B, H, 1, Dv+1]
+        new = past + phi_leave.transpose(-1, -2) * F.pad(leave_v, (0, 1), value=1.0)
         keys = torch.cat([win_k[:, :, 1:].to(k.dtype), k], dim=2)  # [B, Hkv, W, Dk]: the window
         values = torch.cat([win_v[:, :, 1:].to(v.dtype), v], dim=2)
         keys_valid = torch.cat([win_valid[:, 1:], valid], dim=1)  # [B, W]
-        kh = repeat_kv(keys, self.num_heads).float()  # [B, H, W, Dk]
-        vh = _with_ones(repeat_kv(values, self.num_heads).float())  # [B, H, W, Dv+1]
-        allowed = keys_valid[:, None, None, :] > 0  # [B, 1, 1, W]
-        scores = torch.matmul(q.float(), kh.transpose(-1, -2)) * self.scale  # [B, H, 1, W]
-        scores = torch.where(allowed, scores, _MASKED_SCORE)
-        a = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed.float()
-        a = a * torch.sigmoid(self.window_factor).float()[:, None, None]
-        num_den = torch.matmul(a, vh) + torch.matmul(phi_q, new)  # [B, H, 1, Dv+1]
+        # softmax weights σ(γ)·exp(s − max) over the window (key heads not repeated), linear
+        # weights φ(q)·φ(k) over the state, one normalisation
+        num_den = window_terms_step(q, keys, values, keys_valid, scale=self.scale,
+                                    weight=torch.sigmoid(self.window_factor))
+        num_den = num_den + torch.matmul(phi_q, new)  # [B, H, 1, Dv+1]
         return _normalise(num_den, self.eps), {
             "recurrent": new,
             "window_key": keys.to(win_k.dtype),

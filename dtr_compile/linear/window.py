@@ -106,7 +106,8 @@ def window_attention_step(
 
     Args:
         q: ``[B, H, 1, Dk]``; keys: ``[B, H, W, Dk]``; values: ``[B, H, W, Dv]`` — the window
-            including the query's own key; keys_valid: ``[B, W]`` (1 = real key).
+            including the query's own key (key heads repeated to ``H``); keys_valid: ``[B, W]``
+            (1 = real key).
         scale: the softmax scale.
 
     Returns:

@@ -38,9 +38,10 @@ with no stateful form, ...); the prefill artifacts do not depend on it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -174,12 +175,85 @@ def last_columns(attention_mask: torch.Tensor, t: int) -> torch.Tensor:
     return attention_mask[:, attention_mask.shape[1] - t:]
 
 
+def kv_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       past_key: torch.Tensor, past_value: torch.Tensor,
+                       attention_mask: torch.Tensor, scale: float | None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``t`` new tokens over a KV cache, the reference form: the past and
+    new keys concatenated (``present_*: [B, Hkv, P + t, D]``) and SDPA with
+    :func:`decoder_mask`.
+
+    Args:
+        q: ``[B, H, t, Dk]``; k: ``[B, Hkv, t, Dk]``; v: ``[B, Hkv, t, Dv]`` — the new tokens.
+        past_key: ``[B, Hkv, P, Dk]``; past_value: ``[B, Hkv, P, Dv]``.
+        attention_mask: ``[B, P + t]``, 1 = real token (left padding allowed).
+        scale: the softmax scale (None: ``Dk ** -0.5``).
+
+    Returns:
+        ``(out: [B, H, t, Dv], present_key, present_value)``.
+    """
+    key = torch.cat([past_key.to(k.dtype), k], dim=2)
+    value = torch.cat([past_value.to(v.dtype), v], dim=2)
+    mask = decoder_mask(attention_mask, q.shape[2])
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out, key, value
+
+
+def _kv_cache_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             past_key: torch.Tensor, past_value: torch.Tensor,
+                             attention_mask: torch.Tensor, scale: float,
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(x.contiguous() for x in kv_cache_attention(  # type: ignore[return-value]
+        q, k, v, past_key, past_value, attention_mask, scale or None))
+
+
+#: One softmax site over a KV cache as one op (:func:`kv_cache_attention`; ``scale`` 0: the
+#: default ``Dk ** -0.5``). Traced under :func:`shared_kv_cache`, the ONNX exporter writes it as
+#: onnxruntime's ``com.microsoft`` ``GroupQueryAttention``
+#: (:mod:`dtr_compile.exporters.stateful`).
+kv_cache_attention_op = torch.library.custom_op(
+    "dtr_compile::kv_cache_attention", _kv_cache_attention_impl, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor past_key, Tensor past_value, "
+           "Tensor attention_mask, float scale) -> (Tensor, Tensor, Tensor)")
+
+
+@kv_cache_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
+      past_value: torch.Tensor, attention_mask: torch.Tensor, scale: float,
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, t, _ = q.shape
+    total = past_key.shape[2] + k.shape[2]
+    return (q.new_empty(B, H, t, v.shape[-1]),
+            k.new_empty(B, k.shape[1], total, k.shape[-1]),
+            v.new_empty(B, v.shape[1], total, v.shape[-1]))
+
+
+# A plain global, not a ContextVar, as linear.recurrence's _FUSED: exports run one at a time.
+_SHARED_KV = [False]
+
+
+@contextlib.contextmanager
+def shared_kv_cache() -> Iterator[None]:
+    """While active, every :class:`KVCacheAttention` runs as one :data:`kv_cache_attention_op`
+    call: a trace (``torch.export``) taken inside it holds one node per softmax site, which the
+    ONNX exporter writes as ``GroupQueryAttention`` over a KV buffer the runtime may share
+    between past and present. Results in PyTorch are unchanged."""
+    before, _SHARED_KV[0] = _SHARED_KV[0], True
+    try:
+        yield
+    finally:
+        _SHARED_KV[0] = before
+
+
 class KVCacheAttention(nn.Module):
     """A softmax site with a KV cache: ``(q, k, v, past_key, past_value, attention_mask)`` →
     ``(out: [B, H, t, Dv], present_key: [B, Hkv, P + t, Dk], present_value: [B, Hkv, P + t, Dv])``.
 
     ``q: [B, H, t, Dk]``, ``k/v: [B, Hkv, t, D]`` are the new tokens', ``past_*: [B, Hkv, P, D]``,
-    ``attention_mask: [B, P + t]``. SDPA with the site's scale and :func:`decoder_mask`.
+    ``attention_mask: [B, P + t]``. :func:`kv_cache_attention` with the site's scale; one
+    :data:`kv_cache_attention_op` under :func:`shared_kv_cache` (when the site's shapes allow
+    it: ``Dk == Dv``, ``H`` a multiple of ``Hkv``).
     """
 
     def __init__(self, site: AttentionSite) -> None:
@@ -187,15 +261,26 @@ class KVCacheAttention(nn.Module):
         self.num_heads, self.num_kv_heads = site.num_heads, site.num_kv_heads
         self.head_dim, self.head_dim_v, self.scale = site.head_dim, site.head_dim_v, site.scale
 
+    def fuses(self) -> bool:
+        """Whether this site runs as one :data:`kv_cache_attention_op` under
+        :func:`shared_kv_cache` (``GroupQueryAttention`` has one head size and whole groups)."""
+        return (self.head_dim == self.head_dim_v and self.num_kv_heads > 0
+                and self.num_heads % self.num_kv_heads == 0)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor,
                 past_value: torch.Tensor, attention_mask: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = torch.cat([past_key.to(k.dtype), k], dim=2)
-        value = torch.cat([past_value.to(v.dtype), v], dim=2)
-        mask = decoder_mask(attention_mask, q.shape[2])
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
-        return out, key, value
+        if _SHARED_KV[0] and self.fuses():
+            # static head counts: the captured graph may compute them (a view with -1)
+            b, t = q.shape[0], q.shape[2]
+            q = q.reshape(b, self.num_heads, t, self.head_dim)
+            k = k.reshape(b, self.num_kv_heads, k.shape[2], self.head_dim)
+            v = v.reshape(b, self.num_kv_heads, v.shape[2], self.head_dim_v)
+            out, key, value = kv_cache_attention_op(q, k, v, past_key.to(k.dtype),
+                                                    past_value.to(v.dtype), attention_mask,
+                                                    float(self.scale or 0.0))
+            return out, key, value
+        return kv_cache_attention(q, k, v, past_key, past_value, attention_mask, self.scale)
 
 
 class StatefulLinear(nn.Module):

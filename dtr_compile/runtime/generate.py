@@ -39,6 +39,10 @@ _ORT_DTYPES = {
     "tensor(bfloat16)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
     "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
 }
+#: ``metadata_props`` key of a stateful decoder saying how its KV caches may be bound:
+#: ``shared`` (one buffer as past and present, written in place; onnxruntime's
+#: ``GroupQueryAttention``) or ``concat`` (each step returns a new, longer present).
+KV_CACHE_KEY = "dtr_compile.kv_cache"
 _KV = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PAST = re.compile(r"^past\.(\d+)\.(\w+)$")
 
@@ -218,24 +222,78 @@ def open_session(path: str | os.PathLike[str], threads: int | None = None,
         raise unloadable(p, exc) from exc
 
 
+def _length(x: Any) -> int:
+    """Dim 2 (a KV cache's positions) of a numpy array or an OrtValue."""
+    return int((x.shape if isinstance(x, np.ndarray) else x.shape())[2])
+
+
 class StatefulSession:
     """A stateful decoder in onnxruntime: :meth:`step` runs t tokens on top of a past.
+
+    A decoder whose metadata says its KV caches may be shared (:data:`KV_CACHE_KEY` =
+    ``shared``: onnxruntime's ``GroupQueryAttention``, which writes the new keys into a past
+    buffer bound as its present too) is run over one preallocated buffer per KV cache
+    (``empty_state(batch, capacity)``): each step binds it as both past and present with
+    onnxruntime's IO binding, so the cache is written in place, ``t`` positions per step, and
+    never copied (every other decoder, and this one without a capacity, returns a present of
+    ``P + t`` positions, a copy of the past plus the new keys).
+
+    Attributes:
+        kv_shared: whether the decoder's KV caches may be shared buffers.
 
     Raises:
         InputError: as :func:`open_session` and :func:`read_signature`.
     """
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None,
-                 profile_prefix: str | None = None) -> None:
+                 profile_prefix: str | None = None, *, prepack: bool = True) -> None:
         self.path = Path(path)
-        self.session = open_session(path, threads, profile_prefix)
+        self.session = open_session(path, threads, profile_prefix, prepack=prepack)
         self.sig = read_signature(self.session, path)
         self.info = decoder_info(self.session)
         self._outputs = [self.sig.logits] + [s.present for s in self.sig.states]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.kv_shared = meta.get(KV_CACHE_KEY) == "shared"
 
-    def empty_state(self, batch: int) -> dict[str, np.ndarray]:
-        """``{past name: array}`` of an empty past (P = 0) for ``batch`` streams."""
-        return {s.past: s.empty(batch) for s in self.sig.states}
+    def empty_state(self, batch: int, capacity: int | None = None) -> dict[str, Any]:
+        """``{past name: array}`` of an empty past (P = 0) for ``batch`` streams.
+
+        ``capacity``: for a decoder with :attr:`kv_shared`, each KV cache is one buffer of
+        ``capacity`` positions ``[B, Hkv, capacity, D]`` (an OrtValue; positions past the
+        attention mask's length are never read) that :meth:`step` fills in place; a longer
+        sequence moves to a buffer twice as large. Ignored for other decoders.
+        """
+        if capacity is None or not self.kv_shared:
+            return {s.past: s.empty(batch) for s in self.sig.states}
+        return {s.past: self._buffer(s, batch, capacity) if s.kind == "kv" else s.empty(batch)
+                for s in self.sig.states}
+
+    def _buffer(self, spec: StateSpec, batch: int, capacity: int,
+                content: Any = None) -> Any:  # noqa: ANN401 - an OrtValue
+        """An OrtValue ``[B, Hkv, capacity, D]`` holding ``content`` (``[B, Hkv, P, D]``) at
+        positions ``0 … P − 1``."""
+        import onnxruntime as ort
+
+        buf = np.zeros(spec.at(batch, capacity), dtype=spec.dtype)
+        if content is not None:
+            arr = content if isinstance(content, np.ndarray) else content.numpy()
+            buf[:, :, :arr.shape[2]] = arr
+        return ort.OrtValue.ortvalue_from_numpy(buf)
+
+    def with_capacity(self, past: Mapping[str, Any], past_len: int,
+                      capacity: int) -> dict[str, Any]:
+        """``past`` (exact KV caches of ``past_len`` positions) with each KV cache copied into a
+        shared buffer of ``capacity`` positions (see :meth:`empty_state`); ``past`` itself for a
+        decoder without :attr:`kv_shared`."""
+        if not self.kv_shared:
+            return dict(past)
+        out = dict(past)
+        for s in self.sig.states:
+            if s.kind == "kv":
+                x = past[s.past]
+                arr = x if isinstance(x, np.ndarray) else x.numpy()
+                out[s.past] = self._buffer(s, arr.shape[0], capacity, arr[:, :, :past_len])
+        return out
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
              past: Mapping[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -245,7 +303,9 @@ class StatefulSession:
         Returns ``(logits [B, t, V], present)``: ``present`` holds OrtValues keyed by the *past*
         names, fed as they are to the next step — the state stays in onnxruntime's memory, with
         no copy to numpy and back per step (a 16K-token KV cache is hundreds of MB);
-        :func:`state_arrays` turns it into numpy arrays.
+        :func:`state_arrays` turns it into numpy arrays. With shared KV buffers (see
+        :meth:`empty_state`) the KV entries of ``present`` are the same buffers, written in
+        place: positions ``P … P + t − 1`` now hold the new keys and values.
         """
         import onnxruntime as ort
 
@@ -262,10 +322,37 @@ class StatefulSession:
             t = input_ids.shape[1]
             pos = np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None)[:, -t:]
             feed[sig.position_ids] = val(pos.astype(np.int64))
+        total = attention_mask.shape[1]
+        past_len = total - input_ids.shape[1]
+        kv = [s for s in sig.states if s.kind == "kv"]
+        shared = self.kv_shared and bool(kv) and all(_length(past[s.past]) > past_len
+                                                     for s in kv)
+        if shared and any(_length(past[s.past]) < total for s in kv):  # full: a larger buffer
+            past = dict(past)
+            for s in kv:
+                x = past[s.past]
+                grown = max(total, 2 * _length(x))
+                past[s.past] = self._buffer(s, input_ids.shape[0], grown,
+                                            (x if isinstance(x, np.ndarray)
+                                             else x.numpy())[:, :, :past_len])
         for name, x in past.items():
             feed[name] = val(x)
-        res = self.session.run_with_ort_values(self._outputs, feed)
-        return res[0].numpy(), {s.past: r for s, r in zip(sig.states, res[1:], strict=True)}
+        if not shared:
+            res = self.session.run_with_ort_values(self._outputs, feed)
+            return res[0].numpy(), {s.past: r for s, r in zip(sig.states, res[1:], strict=True)}
+        io = self.session.io_binding()
+        for name, x in feed.items():
+            io.bind_ortvalue_input(name, x)
+        io.bind_output(sig.logits, "cpu")
+        for s in sig.states:
+            if s.kind == "kv":
+                io.bind_ortvalue_output(s.present, feed[s.past])
+            else:
+                io.bind_output(s.present, "cpu")
+        self.session.run_with_iobinding(io)
+        res = io.get_outputs()  # in binding order: logits, then the states
+        return res[0].numpy(), {s.past: feed[s.past] if s.kind == "kv" else r
+                                for s, r in zip(sig.states, res[1:], strict=True)}
 
 
 def state_arrays(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -520,7 +607,8 @@ class Generator:
         batch = len(rows)
         ids, mask = left_pad(rows, pad_token_id)
         t0 = time.perf_counter()
-        logits, state = self.model.step(ids, mask, self.model.empty_state(batch))
+        logits, state = self.model.step(ids, mask, self.model.empty_state(
+            batch, capacity=ids.shape[1] + max_new_tokens))
         prefill_s = time.perf_counter() - t0
         out: list[list[int]] = [[] for _ in rows]
         done = np.zeros(batch, dtype=bool)
