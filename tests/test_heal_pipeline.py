@@ -122,6 +122,7 @@ def _cli(args: list[str], cwd: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # two full compiles (~2 min on 2 cores); the heal's own resume is tested in test_heal.py
 def test_heal_killed_then_resumed_gives_the_same_artifacts(llm: Path, tmp_path: Path) -> None:
     """An uninterrupted compile (A) and one killed with SIGKILL once its heal has written a
     checkpoint (B), then rerun with ``--resume``: B's distilled students come from its saved
