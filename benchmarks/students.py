@@ -7,7 +7,7 @@ already holds a report from an earlier invocation (``--reuse``; the report's stu
 match the flags). From each report: linear layers, validation and test perplexity, distillation
 and search wall time, the prefill latency ratio at the longest benchmarked length (the report's
 speed stage). Then the stateful decoders are timed side by side in one run
-(:func:`dtr_compile.runtime.bench_decode.bench_decode`, interleaved steps, a synthesised past of
+(:func:`dtr_compile.runtime.bench_decode.bench_decode`, each model alone in rounds, a synthesised past of
 ``--context`` tokens): the KV-cached original (from the first run) and every run's hybrid.
 
 Prints the table and writes it into ``docs/benchmarks.md`` between this benchmark's markers::
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=16, help="timed decode steps per model")
     ap.add_argument("--note", default="")
     ap.add_argument("--doc", default="docs/benchmarks.md")
+    ap.add_argument("--section", default=SECTION, help="the docs section (markers) to write")
     ap.add_argument("--no-doc", action="store_true")
     argv = sys.argv[1:] if argv is None else list(argv)
     tail: list[str] = []
@@ -173,15 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Measured {dt.date.today()} on {platform.machine()}, {cpu_model()}, onnxruntime "
               f"{ort.__version__}; load average {before} → {loadavg()}; {time.perf_counter() - t0:.0f} s "
               f"in this invocation. Common options: `{shlex.join(common)}`. {args.note} "
-              f"Decode: median of {args.tokens} interleaved steps of batch 1 after a synthesised "
+              f"Decode: median of {args.tokens} steps of batch 1, each model alone (3 rounds, a fresh "
+              f"process per model and round), after a synthesised "
               f"past of {args.context} tokens (the values do not change the cost). Prefill: the "
               "compile's own speed stage (hybrid.onnx vs hybrid.original.onnx), at the longest "
               "length it measured.")
     md = markdown(rows, decode, header)
     print(md)
     if not args.no_doc:
-        write_section(Path(args.doc), SECTION, md)
-        console.print(f"wrote section {SECTION!r} of {args.doc}")
+        write_section(Path(args.doc), args.section, md)
+        console.print(f"wrote section {args.section!r} of {args.doc}")
     return 0
 
 
