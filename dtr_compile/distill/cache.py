@@ -140,42 +140,55 @@ class DistillCache:
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """``(state dict, result dict)`` stored under ``key``, or None: absent, unreadable,
         foreign, altered (digest mismatch), non-finite or a failed training."""
-        p = self.path(key)
-        if not p.is_file():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            if meta.get("format") != CACHE_FORMAT:
-                self._miss(p, f"not a {CACHE_FORMAT!r} file")
-                return None
-            state, result = load_file(str(p)), json.loads(meta["result"])
-        except Exception as exc:  # noqa: BLE001 - a torn or foreign file is a miss
-            self._miss(p, f"unreadable ({type(exc).__name__})")
-            return None
-        if meta.get("digest") != state_digest(state):
-            self._miss(p, "its tensors do not match their stored digest (altered or corrupt)")
-            return None
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            self._miss(p, f"tensor {bad[0]!r} holds NaN or inf")
-            return None
-        if not isinstance(result, dict) or not result.get("ok", False):
-            self._miss(p, "it records a failed training")
-            return None
-        return state, result
+        return read_entry(self.path(key), CACHE_FORMAT, lambda p, why: self._miss(p, why),
+                          failed="a failed training")
 
     def save(self, key: str, state: Mapping[str, torch.Tensor], result: Mapping[str, Any],
              parts: Mapping[str, str]) -> Path:
         """Store ``state`` (atomically) with the training result and the key's parts."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-        meta = {"format": CACHE_FORMAT, "result": json.dumps(dict(result)),
-                "parts": json.dumps(dict(parts), sort_keys=True),
-                "digest": state_digest(tensors)}
-        p = self.path(key)
-        with atomic_path(p) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return p
+        return write_entry(self.path(key), CACHE_FORMAT, state, result, parts)
+
+
+def read_entry(p: Path, fmt: str, miss: Callable[[Path, str], None], *, failed: str,
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``(state dict, result dict)`` of the cache file ``p`` written by :func:`write_entry` in
+    format ``fmt``, or None: absent, or (each told to ``miss(p, why)``) unreadable, foreign,
+    altered (digest mismatch), non-finite, or recording ``failed`` (``result["ok"]`` false)."""
+    if not p.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("format") != fmt:
+            miss(p, f"not a {fmt!r} file")
+            return None
+        state, result = load_file(str(p)), json.loads(meta["result"])
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file is a miss
+        miss(p, f"unreadable ({type(exc).__name__})")
+        return None
+    if meta.get("digest") != state_digest(state):
+        miss(p, "its tensors do not match their stored digest (altered or corrupt)")
+        return None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        miss(p, f"tensor {bad[0]!r} holds NaN or inf")
+        return None
+    if not isinstance(result, dict) or not result.get("ok", False):
+        miss(p, f"it records {failed}")
+        return None
+    return state, result
+
+
+def write_entry(p: Path, fmt: str, state: Mapping[str, torch.Tensor], result: Mapping[str, Any],
+                parts: Mapping[str, str]) -> Path:
+    """Store ``state`` at ``p`` atomically (safetensors, CPU copies) with ``result``, the key's
+    ``parts``, the format ``fmt`` and a digest of the tensors (checked by :func:`read_entry`)."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    meta = {"format": fmt, "result": json.dumps(dict(result)),
+            "parts": json.dumps(dict(parts), sort_keys=True), "digest": state_digest(tensors)}
+    with atomic_path(p) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return p

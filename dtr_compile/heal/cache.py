@@ -20,13 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.fx import GraphModule
 
-from dtr_compile.distill.cache import cache_key, node_hashes, state_digest
-from dtr_compile.fileio import atomic_path
+from dtr_compile.distill.cache import cache_key, node_hashes, read_entry, write_entry
 from dtr_compile.search.ledger import hash_tensors
 
 HEAL_FORMAT = "dtr-compile healed weights v1"
@@ -95,28 +92,10 @@ class HealCache:
         """``empty`` (modules of the right shapes, e.g. :func:`~dtr_compile.heal.train.
         trainable_students`) with the stored weights, and the stored record; None on a miss."""
         p = self.path(key)
-        if not p.is_file():
+        entry = read_entry(p, HEAL_FORMAT, lambda q, why: self._miss(q, why), failed="a failed heal")
+        if entry is None:
             return None
-        try:
-            with safe_open(str(p), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            if meta.get("format") != HEAL_FORMAT:
-                self._miss(p, f"not a {HEAL_FORMAT!r} file")
-                return None
-            state, result = load_file(str(p)), json.loads(meta["result"])
-        except Exception as exc:  # noqa: BLE001 - a torn or foreign file is a miss
-            self._miss(p, f"unreadable ({type(exc).__name__})")
-            return None
-        if meta.get("digest") != state_digest(state):
-            self._miss(p, "its tensors do not match their stored digest (altered or corrupt)")
-            return None
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            self._miss(p, f"tensor {bad[0]!r} holds NaN or inf")
-            return None
-        if not isinstance(result, dict) or not result.get("ok", False):
-            self._miss(p, "it records a failed heal")
-            return None
+        state, result = entry
         out: dict[str, nn.Module] = {}
         try:
             for sid, module in empty.items():
@@ -132,13 +111,5 @@ class HealCache:
     def save(self, key: str, students: Mapping[str, nn.Module], result: Mapping[str, Any],
              parts: Mapping[str, str]) -> Path:
         """Store the students' weights (atomically) with the record and the key's parts."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{sid}.{k}": v.detach().to("cpu").contiguous().clone()
-                   for sid, m in students.items() for k, v in m.state_dict().items()}
-        meta = {"format": HEAL_FORMAT, "result": json.dumps(dict(result)),
-                "parts": json.dumps(dict(parts), sort_keys=True),
-                "digest": state_digest(tensors)}
-        p = self.path(key)
-        with atomic_path(p) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return p
+        state = {f"{sid}.{k}": v for sid, m in students.items() for k, v in m.state_dict().items()}
+        return write_entry(self.path(key), HEAL_FORMAT, state, result, parts)
