@@ -222,7 +222,8 @@ def heal_stage(
                     f" in {rec.steps} steps ({rec.tokens} tokens, {rec.seconds:.1f} s"
                     + (f", resumed at step {rec.resumed_from_step}" if rec.resumed_from_step
                        else "") + f"); {rec.stop_reason}")
-        if cache is not None and group.is_main and rec.ok:
+        if cache is not None and group.is_main and rec.ok and \
+                not rec.stop_reason.startswith(TIME_LIMIT_STOP):  # the key has no time in it
             cache.save(key, healed.students, rec.to_dict(), parts)
         return healed
 
