@@ -198,9 +198,16 @@ def _tokens_option(ctx: click.Context, param: click.Parameter, value: str | None
                    "unfinished step when its set is within budget (in --search ranked's "
                    "single-site pass: the best site that passed alone).")
 @click.option("--time-limit", default=None,
-              help="Stop the search after this long: seconds, or '90s', '15m', '1.5h'; what "
-                   "stands is as for --max-evals. With --heal, the limit of the search and heal "
-                   "rounds together.")
+              help="Wall time of the whole run, from load to report: seconds, or '90s', '15m', "
+                   "'1.5h'. 15 % of it is kept for the export and what follows; the stages that "
+                   "can stop early get, when they start, a share of what is left after that: "
+                   "distillation at most 40 % of the limit (a site cut short keeps its best "
+                   "weights so far, is reported and is not cached), the search all of it, or "
+                   "2/3 with --heal, and the heal rounds the rest (the search's unused time "
+                   "included). What the search has committed stands, as for --max-evals. Load, "
+                   "capture, export and benchmark cannot be interrupted: the run may end later "
+                   "than the limit by the export's time, and a stage checks its share before "
+                   "each evaluation or step, so it may overrun it by one.")
 @click.option("--resume", is_flag=True, default=None,
               help="Continue an interrupted search: replay the evaluations in the ledger "
                    "(REPORT.ledger.jsonl) if it was written for the same model, data, distilled "

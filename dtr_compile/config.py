@@ -242,7 +242,7 @@ class CompileConfig:
     min_linear: int = 0  # commit at least N sites, beyond the budget if need be (then exit 3)
     search: str = "greedy"  # "greedy" | "lazy" | "ranked" (see dtr_compile.search.schedule)
     max_evals: int | None = None  # stop the search after N evaluations
-    time_limit: str | float | None = None  # stop the search after this long: 900, "90s", "15m"
+    time_limit: str | float | None = None  # the whole run: 900, "90s", "15m" (timelimit.py)
     resume: bool = False  # replay the search ledger of an interrupted run with the same inputs
     heal: bool = False  # after the search: train the hybrid's students end to end, search again
     heal_rounds: int = 3  # search → heal rounds at most (dtr_compile.heal.rounds)

@@ -41,6 +41,7 @@ from dtr_compile.search.holdout import holdout_stage
 from dtr_compile.search.quantized import quantize_stage
 from dtr_compile.search.run import search_stage, select
 from dtr_compile.search.schedule import ScheduleResult
+from dtr_compile.timelimit import RunClock
 
 
 @dataclass
@@ -111,6 +112,7 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     """
     torch.manual_seed(config.seed)
     stages = Stages()
+    clock = RunClock.of(config, group)  # --time-limit counts from here (dtr_compile.timelimit)
     if group.distributed:
         console.log(f"{group.world} ranks ({group.backend}); rank 0 writes the artifacts")
     if not placement.is_default:
@@ -123,11 +125,11 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     found = find_sites(config, inputs.gm, console, stages)
     base = measure_baseline(config, inputs, budget, placement, group, console, stages)
     distilled = distill_stage(config, inputs, found.sites, base.run_gm, paths.students,
-                              placement, group, console, stages)
+                              placement, group, console, stages, clock)
     searched = search_stage(config, inputs, found, base, distilled, paths.ledger, paths.students,
-                            placement, group, console, stages)
+                            placement, group, console, stages, clock)
     distilled, searched = heal_stage(config, inputs, found, base, distilled, searched,
-                                     report_path, placement, group, console, stages)
+                                     report_path, placement, group, console, stages, clock)
     memory = group.exchange(lambda: peak_memory(placement.device))  # every rank's peaks
     if not group.is_main:
         # the other ranks are done: they leave without waiting for rank 0's export (which may
@@ -145,7 +147,8 @@ def _compile(config: CompileConfig, console: Console, budget: Budget, staging: S
     speed = speed_stage(config, inputs, exported.result, console, stages,
                         locate=lambda p: str(staging.staged(p)))
     report = build_report(config, files, inputs, found, budget, base, distilled, searched, chosen,
-                          test, exported, quantized, speed, stages, placement, group, memory, console)
+                          test, exported, quantized, speed, stages, clock, placement, group,
+                          memory, console)
     _write(config, report, files, exported.result, staging)
     return CompileResult(chosen.exit_code, out_path, report_path, report, hybrid, found.sites,
                          searched.schedule, distilled.results)

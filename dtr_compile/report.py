@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from dtr_compile.progress import Stages
     from dtr_compile.search.baseline import Baseline
     from dtr_compile.search.run import Searched, Selection
+    from dtr_compile.timelimit import RunClock
 
 EXIT_MEANING = {
     0: "the hybrid was written and verified",
@@ -470,12 +471,14 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
         for sid, r in distill.items():
             lines.append(f"| {sid} | {'yes' if r.get('ok') else 'no: ' + str(r.get('reason', ''))} "
                          f"| {_fmt(r.get('init_error'), 3)} → {_fmt(r.get('final_error'), 3)} | "
-                         f"{_fmt(r.get('linear_contribution'), 3)} | {r.get('steps', '–')} | "
+                         f"{_fmt(r.get('linear_contribution'), 3)} | {r.get('steps', '–')}"
+                         f"{' (cut by --time-limit)' if r.get('time_limited') else ''} | "
                          f"{_tokens(r.get('tokens'))} | {_fmt(r.get('seconds'), 3)} |")
         lines.append("")
     lines += heal_section(report.get("heal"), name)
     lines += _stateful_section(report.get("stateful"))
     lines += _quantized_section(report)
+    lines += time_limit_section(report.get("time_limit"))
     timings = report.get("timings_s") or {}
     if timings:
         rss = (report.get("runtime") or {}).get("peak_rss_by_stage_mib") or {}
@@ -487,6 +490,30 @@ def render_markdown(report: dict[str, Any], plot_name: str | None = None) -> str
                   for k, v in timings.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def time_limit_section(tl: dict[str, Any] | None) -> list[str]:
+    """``--time-limit``'s split (:mod:`dtr_compile.timelimit`) as a table: each stoppable
+    stage's start, share and use, and whether the limit stopped it."""
+    if not tl:
+        return []
+    split = tl.get("split") or {}
+    lines = ["## Time limit", "",
+             f"--time-limit {_fmt(tl.get('limit_s'), 6)} s for the whole run, "
+             f"{_fmt(tl.get('elapsed_s'), 6)} s elapsed when the report was built. "
+             f"{100 * split.get('export_reserve', 0):.0f} % "
+             f"({_fmt(tl.get('export_reserve_s'), 6)} s) is kept for the export and what follows "
+             "it; each stage below gets, when it starts, a share of what is left after that "
+             f"reserve (distillation at most {100 * split.get('distill_at_most', 0):.0f} % of "
+             "the limit; the search leaves the heal at least "
+             f"{100 * split.get('heal_at_least', 0):.0f} % of it with --heal).", "",
+             "| stage | started at s | share s | used s | stopped by the limit |",
+             "|---|---|---|---|---|"]
+    for name, st in (tl.get("stages") or {}).items():
+        lines.append(f"| {name} | {_fmt(st.get('started_s'), 6)} | {_fmt(st.get('share_s'), 6)} "
+                     f"| {'—' if st.get('used_s') is None else _fmt(st['used_s'], 6)} | "
+                     f"{'yes' if st.get('stopped_by_limit') else 'no'} |")
+    return [*lines, ""]
 
 
 def heal_section(heal: dict[str, Any] | None, metric_name: str) -> list[str]:
@@ -628,7 +655,8 @@ def build_report(
     config: CompileConfig, files: tuple[Path, Path, Path], inputs: Inputs, found: Sites,
     budget: Budget, base: Baseline, distilled: Distilled, searched: Searched, chosen: Selection,
     test: dict[str, Any] | None, exported: Exported, quantized: dict[str, Any] | None,
-    speed: dict[str, Any] | None, stages: Stages, placement: Placement, group: Group, memory: list[Any], console: Console,
+    speed: dict[str, Any] | None, stages: Stages, clock: RunClock, placement: Placement,
+    group: Group, memory: list[Any], console: Console,
 ) -> dict[str, Any]:
     """The report of a compile (``report.json``), from what each stage produced; with
     ``next_steps`` (logged too) when no site fits the budget.
@@ -639,6 +667,8 @@ def build_report(
         quantized: the ``quantized`` section (:func:`dtr_compile.search.quantized.quantize_stage`),
             or None.
         speed: the ``speed`` section (:func:`dtr_compile.runtime.speed.speed_stage`), or None.
+        clock: the run's ``--time-limit`` clock: the ``time_limit`` section (each stoppable
+            stage's share and use), with ``--time-limit``.
         memory: every rank's peak memory (MiB) after the search; rank 0's is taken again now.
     """
     import platform
@@ -698,6 +728,7 @@ def build_report(
         "export": exported_.to_dict(),
         **({"stateful": stateful} if stateful is not None else {}),
         "timings_s": stages.seconds,
+        **({"time_limit": clock.to_dict()} if clock.limit_s is not None else {}),
         "runtime": {"device": str(placement.device), "dtype": placement.dtype_name,
                     "ranks": group.world, "backend": group.backend or None,
                     # MiB, per rank (rank 0's taken after the export)

@@ -463,3 +463,47 @@ def test_search_order_puts_explosive_students_last() -> None:
         return 1.0  # every site alike: the given order decides
     res = schedule(order, evaluate, baseline=1.0, threshold=0.5, strategy="ranked")
     assert seen[:5] == order and res.committed == order
+
+
+def test_time_limit_cuts_a_site_and_says_so() -> None:
+    """A site whose share of --time-limit is spent after 5 steps (a fake clock: 1 s a reading,
+    5.5 s allowed) stops there with its best weights, the tokens of those 5 steps and a note;
+    without the limit it trains to its token budget."""
+    site, rec = _causal_record()
+    settings = DistillSettings(steps=400, tokens=10_000, batch_rows=4, eval_every=1000,
+                               window=8)
+    now = [0.0]
+
+    def tick() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    _, res = distill_site(site, rec, settings=settings, time_limit_s=5.5, clock=tick)
+    assert res.time_limited and res.ok and not res.cacheable
+    assert res.steps == 5 and res.tokens == 5 * 4 * 40
+    assert "stopped by --time-limit after 5 of 63 steps" in res.note
+    assert res.final_error <= res.init_error
+    _, full = distill_site(site, rec, settings=settings)
+    assert not full.time_limited and full.cacheable and full.steps == 63
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sites_cut_by_the_time_limit_are_not_cached(tiny, tmp_path, workers) -> None:
+    """A distillation whose share of --time-limit is already spent trains no step: every site
+    keeps its starting weights, is reported as cut (0 tokens) and is not stored in the
+    cross-run cache, whose key does not cover the time a site had; the same distillation
+    without the limit stores every site, and a later cut run takes them from the cache."""
+    gm, names, sites, calib = tiny
+    cache = DistillCache(tmp_path)
+    settings = DistillSettings(steps=5)
+    _, _, cut = _run(gm, names, sites, calib, settings, cache=cache, time_limit_s=0.0,
+                     workers=workers)
+    assert all(r.time_limited and r.steps == 0 and r.tokens == 0 for r in cut.values())
+    assert all("stopped by --time-limit" in r.note for r in cut.values())
+    assert not list(tmp_path.rglob("*.safetensors"))
+    _, _, full = _run(gm, names, sites, calib, settings, cache=cache, workers=workers)
+    assert not any(r.time_limited for r in full.values())
+    assert len(list(tmp_path.rglob("*.safetensors"))) == len(sites)
+    _, _, again = _run(gm, names, sites, calib, settings, cache=cache, time_limit_s=0.0,
+                       workers=workers)
+    assert all(r.cached and not r.time_limited for r in again.values())

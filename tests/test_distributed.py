@@ -197,7 +197,8 @@ def test_two_ranks_equal_one_process(tiny_task, task) -> None:
     one, two = task / "one" / "h.onnx", task / "two" / "h.onnx"
     [r1] = _compile(_args(tiny_task, one), task)
     assert r1.returncode in (0, 3), r1.stderr
-    runs = _compile(_args(tiny_task, two), task, world=2)
+    # --time-limit: every rank asks rank 0 for each stage's share (a collective), none stops
+    runs = _compile([*_args(tiny_task, two), "--time-limit", "1h"], task, world=2)
     # rank 0 has the run's exit code; the others leave with 0 (see the torchrun test below)
     assert [r.returncode for r in runs] == [r1.returncode, 0], runs[0].stderr + runs[1].stderr
     assert runs[1].stdout == ""  # rank 1 prints no summary, rank 0 does
@@ -210,6 +211,9 @@ def test_two_ranks_equal_one_process(tiny_task, task) -> None:
     assert b["runtime"]["ranks"] == 2 and a["runtime"]["ranks"] == 1
     assert len(b["runtime"]["memory"]) == 2 and b["runtime"]["memory"][1]["peak_rss_mib"] > 0
     assert b["search"]["ranks"] == 2
+    assert list(b["time_limit"]["stages"]) == ["distill", "search"]
+    assert b["search"]["limits"]["time_limit_s"] == pytest.approx(
+        b["time_limit"]["stages"]["search"]["share_s"], abs=1e-3)
     md = report_paths(two.with_suffix(".report.json")).markdown.read_text()
     assert "on **cpu** in **fp32**, **2 ranks** (gloo)." in md, md
     assert "| rank | peak RSS (MiB)" in md and "\n| 1 | " in md

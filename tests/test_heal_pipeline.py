@@ -56,8 +56,10 @@ def test_compile_with_heal_reports_rounds_and_exports_adapters(llm: Path, tmp_pa
         model=str(llm / "model.pt2"), output=str(out), data=str(llm / "val.pt"),
         calib=str(llm / "calib.pt"), metric="perplexity", budget="3%", window=4,
         distill_steps=10, heal=True, heal_steps=10, heal_lr=1e-3, heal_rank=2, bench=False,
-        decode_steps=8, progress=False, workers=1, cache_dir=str(tmp_path / "cache")))
+        decode_steps=8, progress=False, workers=1, cache_dir=str(tmp_path / "cache"),
+        time_limit="1h"))
     rep = res.report
+    _check_time_limit_section(rep, out)
     heal = rep["heal"]
     assert heal["loss"] == "token-kl" and heal["settings"]["rank"] == 2
     r1 = heal["rounds"][0]
@@ -97,6 +99,34 @@ def test_compile_with_heal_reports_rounds_and_exports_adapters(llm: Path, tmp_pa
     assert res2.report["heal"]["rounds"][0]["heal"]["cached"]
     assert res2.report["replaced"] == rep["replaced"]
     assert res2.report["final_metric"] == pytest.approx(rep["final_metric"], abs=0)
+
+
+def _check_time_limit_section(rep: dict, out: Path) -> None:
+    """--time-limit 1h: the report's ``time_limit`` section gives each stoppable stage's share,
+    computed when it started, counted from the run's start (the search starts after load and
+    distillation); the search's limit is its share (2/3 of what is left after the export's
+    reserve, with --heal), the heal gets the rest; report.md shows the split."""
+    from dtr_compile.timelimit import EXPORT_RESERVE
+
+    tl = rep["time_limit"]
+    limit, reserve = 3600.0, 3600.0 * EXPORT_RESERVE
+    assert tl["limit_s"] == limit and tl["export_reserve_s"] == pytest.approx(reserve)
+    st = tl["stages"]
+    assert list(st) == ["distill", "search", "heal"]
+    assert 0 < st["distill"]["started_s"] < st["search"]["started_s"] < st["heal"]["started_s"]
+    assert st["distill"]["share_s"] == pytest.approx(0.4 * limit)
+    avail = limit - st["search"]["started_s"] - reserve
+    assert st["search"]["share_s"] == pytest.approx(avail * 2 / 3, abs=0.01)
+    assert rep["search"]["limits"]["time_limit_s"] == pytest.approx(st["search"]["share_s"],
+                                                                    abs=0.001)
+    assert st["heal"]["share_s"] == pytest.approx(limit - st["heal"]["started_s"] - reserve,
+                                                  abs=0.01)
+    assert st["heal"]["share_s"] >= avail / 3
+    for s in st.values():
+        assert s["used_s"] is not None and s["used_s"] >= 0 and not s["stopped_by_limit"]
+    assert 0 < tl["elapsed_s"] < limit
+    md = report_paths(out.with_suffix(".report.json")).markdown.read_text()
+    assert "## Time limit" in md and "| search |" in md
 
 
 def test_heal_flags_are_checked_before_any_work(llm: Path, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from torch.fx import GraphModule
 from dtr_compile.distill.activations import ActivationStore, StoreData, key_valid_name
 from dtr_compile.distill.plan import DistillPlan, DistillResult
 from dtr_compile.distill.train import BlockTask, SiteTask, torch_threads, train_task
+from dtr_compile.timelimit import site_seconds
 
 
 @dataclass
@@ -34,6 +35,20 @@ class _Context:
     threads: int
     progress: Any = None  # a multiprocessing queue of (site id, step, loss)
     device: torch.device = torch.device("cpu")  # where students train
+    deadline: float | None = None  # time.perf_counter() at which the trainings' time is spent
+    sites: int = 0  # trainings in all
+    workers: int = 1
+    started: Any = None  # a shared count of the trainings started (multiprocessing.Value)
+
+    def site_limit(self) -> float | None:
+        """This training's seconds of the time left (:func:`~dtr_compile.timelimit.
+        site_seconds`), counting it as started; None without a deadline."""
+        if self.deadline is None:
+            return None
+        with self.started.get_lock():
+            waiting = self.sites - self.started.value
+            self.started.value += 1
+        return site_seconds(self.deadline - time.perf_counter(), waiting, self.workers)
 
 
 _CONTEXT: _Context | None = None
@@ -73,7 +88,7 @@ def _run_one(site_id: str) -> tuple[str, bytes, DistillResult]:
         res = DistillResult(site_id, False, float("nan"), float("nan"), float("nan"), 0, 0.0,
                             reason=ctx.plan.notes[site_id], target=ctx.plan.targets[site_id])
     else:
-        res = train_task(task, site_id, on_step)
+        res = train_task(task, site_id, on_step, time_limit_s=ctx.site_limit())
     res.note = "; ".join(x for x in (ctx.plan.notes.get(site_id, ""), res.note) if x)
     state = {k: v.detach().cpu().contiguous() for k, v in task.module.state_dict().items()}
     return site_id, safetensors_save(state), res
@@ -103,8 +118,13 @@ def run_trainings(
     workers: int,
     on_step: Callable[[str, int, float], None] | None = None,
     device: torch.device | None = None,
+    deadline: float | None = None,
 ) -> Generator[tuple[str, bytes, DistillResult], None, None]:
     """Train the sites ``todo`` of ``plan`` on ``store`` in ``workers`` processes (1: here).
+
+    ``deadline``: the ``time.perf_counter()`` (one clock for this machine's processes) at which
+    the trainings' share of ``--time-limit`` is spent; each training, as it starts, gets its part
+    of the time left (:func:`~dtr_compile.timelimit.site_seconds`) and stops when that is spent.
 
     On a CUDA ``device`` the trainings run here, one after the other (a forked process cannot
     use its parent's CUDA context). Yields ``(site id, safetensors bytes of the student's state, result)`` as trainings finish;
@@ -115,13 +135,15 @@ def run_trainings(
     workers = 1 if device.type != "cpu" else max(1, min(workers, len(todo)))
     try:
         if workers == 1:
-            _CONTEXT = _Context(gm, plan, store, threads=1, device=device)
+            _CONTEXT = _Context(gm, plan, store, threads=1, device=device, deadline=deadline,
+                                sites=len(todo), started=multiprocessing.Value("i", 0))
             for sid in todo:
                 yield _run_one_local(sid, on_step)
             return
         ctx = multiprocessing.get_context("fork")
         progress = ctx.Queue()
-        _CONTEXT = _Context(gm, plan, store, threads=1, progress=progress)
+        _CONTEXT = _Context(gm, plan, store, threads=1, progress=progress, deadline=deadline,
+                            sites=len(todo), workers=workers, started=ctx.Value("i", 0))
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                  initializer=_init_worker, initargs=(1,)) as pool:
             pending = {pool.submit(_run_one, sid) for sid in todo}

@@ -103,7 +103,7 @@ def distill_sharded(
     if cache is not None and group.is_main:
         own = {s.id for s in mine.sites}
         for sid, res in results.items():
-            if sid not in own and res.ok and not res.cached:
+            if sid not in own and res.cacheable and not res.cached:
                 cache.save(plan.keys[sid], students[sid].state_dict(), dataclasses.asdict(res),
                            plan.key_parts[sid])
     return students, results

@@ -182,7 +182,9 @@ class DistillResult:
     the held-out rows with ``ŷ₀`` the student's output with that branch removed (the window's
     softmax alone: :meth:`~dtr_compile.linear.base.LinearStudent.without_linear`); 0: the
     branch is unused, 1: it is everything (no window). ``tokens``: calibration tokens trained on
-    (steps × rows × row length).
+    (steps × rows × row length). ``time_limited``: ``--time-limit`` stopped the training before
+    its steps or tokens were done (its best weights so far are kept); such a student is never
+    stored in the cross-run cache, whose key does not cover the time it had.
     """
 
     site_id: str
@@ -200,6 +202,12 @@ class DistillResult:
     note: str = ""
     linear_contribution: float = float("nan")
     tokens: int = 0
+    time_limited: bool = False
+
+    @property
+    def cacheable(self) -> bool:
+        """Fit for the cross-run cache: trained successfully, and to its full budget."""
+        return self.ok and not self.time_limited
 
 
 #: A student whose held-out error reaches this is further from its teacher than outputting

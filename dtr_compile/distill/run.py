@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def distill(
     on_done: Callable[[str, DistillResult], None] | None = None,
     placement: Placement | None = None,
     teacher: GraphModule | None = None,
+    time_limit_s: float | None = None,
 ) -> tuple[dict[str, nn.Module], dict[str, DistillResult]]:
     """Distil every site of ``plan``: cached weights first, then one teacher pass and the
     trainings of the rest in ``workers`` processes.
@@ -80,8 +82,14 @@ def distill(
 
     Returns ``({site id: student}, {site id: result})``; students are in eval mode. A result
     with ``ok=False`` (non-finite loss or error) must stay softmax. Only successful trainings
-    are cached.
+    are cached, and only those that ran to their budget.
+
+    ``time_limit_s``: the distillation's share of ``--time-limit``, from this call: the
+    teacher's pass spends it too, and each site trains for its part of what is left (see
+    :func:`~dtr_compile.distill.execute.run_trainings`); a site cut short keeps its best weights
+    so far, says so in its result (``time_limited``) and is not cached.
     """
+    deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
     students: dict[str, nn.Module] = {}
     results: dict[str, DistillResult] = {}
     todo = []
@@ -111,7 +119,7 @@ def distill(
             record_teacher(gm, sub, calib, input_names, record_batch, store, on_record)
         device = placement.device if placement is not None else None
         with contextlib.closing(run_trainings(gm, plan, store, todo, workers, on_step,
-                                              device)) as done:
+                                              device, deadline)) as done:
             for out in done:
                 _collect(plan, gm, out, students, results, cache, on_done)
     finally:
@@ -129,7 +137,7 @@ def _collect(plan: DistillPlan, gm: GraphModule,
     module = plan.empty_student(gm, sid)
     module.load_state_dict(safetensors_load(state), strict=True)
     students[sid], results[sid] = module.eval(), res
-    if cache is not None and res.ok:
+    if cache is not None and res.cacheable:
         cache.save(plan.keys[sid], module.state_dict(), dataclasses.asdict(res),
                    plan.key_parts[sid])
     if on_done is not None:

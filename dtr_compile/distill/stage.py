@@ -29,6 +29,7 @@ from dtr_compile.passes.linearize import linearize
 from dtr_compile.progress import Stages, progress_bar
 from dtr_compile.report import REL_ERROR_MEANING
 from dtr_compile.search.ledger import fingerprint, load_students, save_students
+from dtr_compile.timelimit import RunClock
 
 
 def distill_settings(config: CompileConfig) -> DistillSettings:
@@ -64,11 +65,13 @@ def distill_with_progress(
     config: CompileConfig, plan: DistillPlan, gm: torch.fx.GraphModule, calib: Dataset,
     names: list[str], console: Console, *, cache: DistillCache | None = None,
     placement: Placement | None = None, teacher: torch.fx.GraphModule | None = None,
-    ranks_here: int = 1,
+    ranks_here: int = 1, time_limit_s: float | None = None,
 ) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]]:
     """Stage 5 with its cache and a progress bar per site (see :mod:`dtr_compile.distill`).
 
     ``ranks_here``: ranks sharing this machine; by default each takes its share of the CPUs.
+    ``time_limit_s``: the distillation's share of ``--time-limit`` (:func:`~dtr_compile.
+    distill.run.distill`).
     """
     workers = config.workers or max(1, default_workers(len(plan.sites)) // max(1, ranks_here))
     steps = plan.settings.steps
@@ -85,7 +88,7 @@ def distill_with_progress(
         return distill(
             gm, plan, calib, names, record_batch=config.eval_batch,
             max_calib_tokens=config.max_calib_tokens, workers=workers, cache=cache,
-            placement=placement, teacher=teacher,
+            placement=placement, teacher=teacher, time_limit_s=time_limit_s,
             on_record=lambda k: prog.advance(record, k),
             on_step=lambda sid, step, loss: prog.update(tasks[sid], completed=step,
                                                         info=f"loss {loss:.3g}"),
@@ -147,12 +150,16 @@ class Distilled:
 def distill_stage(
     config: CompileConfig, inputs: Inputs, sites: tuple[AttentionSite, ...],
     teacher: torch.fx.GraphModule, students_path: Path, placement: Placement, group: Group,
-    console: Console, stages: Stages,
+    console: Console, stages: Stages, clock: RunClock,
 ) -> Distilled:
     """A student per site, trained on the calibration set against ``teacher`` (the original on
     the placement's device), shared out over the ranks (:mod:`dtr_compile.distill.launch`);
     with ``--resume`` the students saved at ``students_path`` by an interrupted run of the same
-    inputs and settings, else from the cache; rank 0 saves them there for a later ``--resume``.
+    inputs and settings, else from the cache; rank 0 saves them there for a later ``--resume``
+    (students cut short by ``--time-limit`` too: the cache does not take them).
+
+    ``clock``: the run's ``--time-limit`` clock; the distillation takes its share
+    (:mod:`dtr_compile.timelimit`), each rank cutting its own sites' trainings.
 
     Raises:
         InputError: the distillation settings are invalid for a site (e.g. a causal-only kind on
@@ -174,6 +181,9 @@ def distill_stage(
                                                  console, lambda sid: plan.empty_student(gm, sid)),
                    plan, gm)
     with stages("distill", console):
+        seconds, t0 = clock.share("distill"), clock.elapsed()
+        if seconds is not None:
+            console.log(f"--time-limit: the distillation may take {seconds:.0f} s")
         if reused is not None:
             students, results = reused
         else:
@@ -182,9 +192,12 @@ def distill_stage(
                 group, plan, gm,
                 lambda sub: distill_with_progress(config, sub, gm, calib, names, console,
                                                   cache=cache, placement=placement,
-                                                  teacher=teacher, ranks_here=group.local_world),
+                                                  teacher=teacher, ranks_here=group.local_world,
+                                                  time_limit_s=seconds),
                 cache, on_other=lambda sid, rank, res: log_distilled(console, sid, res, rank))
             if group.is_main:
                 save_students(students_path, distill_fp, students,
                               {sid: r.__dict__ for sid, r in results.items()})
+        clock.used("distill", clock.elapsed() - t0,
+                   stopped=any(r.time_limited for r in results.values()))
     return Distilled(plan, students, results, reused is not None)

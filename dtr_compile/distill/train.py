@@ -326,10 +326,18 @@ def _split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_task(task: SiteTask | BlockTask, site_id: str,
-           on_step: Callable[[int, float], None] | None = None) -> DistillResult:
-    """Train ``task.module`` in place; it ends with the best held-out weights."""
+               on_step: Callable[[int, float], None] | None = None, *,
+               time_limit_s: float | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> DistillResult:
+    """Train ``task.module`` in place; it ends with the best held-out weights.
+
+    ``time_limit_s``: this site's share of ``--time-limit`` (seconds on ``clock``, from the
+    call): checked before each step; when it is spent the training stops, the weights reached
+    are measured on the held-out rows and the best so far kept, and the result says so
+    (``time_limited``, ``tokens`` actually trained on, a note).
+    """
     s = task.settings
-    t0 = time.perf_counter()
+    t0 = clock()
     seed = _site_seed(s.seed, site_id)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -347,7 +355,7 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
         ok = math.isfinite(init_error)
         module.eval()
         return DistillResult(site_id, ok, init_error, init_error, float("nan"), 0,
-                             time.perf_counter() - t0, "" if ok else "non-finite error",
+                             clock() - t0, "" if ok else "non-finite error",
                              target=s.target, note=why,
                              linear_contribution=task.linear_contribution(hold_idx))
     opt = torch.optim.Adam(groups)
@@ -361,7 +369,11 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
     loss_val = float("nan")
     step = 0
     rows = min(s.rows_for(row_tokens), len(train_idx))
+    cut = False
     for step in range(1, steps + 1):
+        if time_limit_s is not None and clock() - t0 >= time_limit_s:
+            cut, step = True, step - 1
+            break
         idx = train_idx[torch.randperm(len(train_idx), generator=gen)[:rows]]
         drop = dropout > 0 and float(torch.rand(1, generator=gen)) < dropout_probability(
             dropout, step, steps)
@@ -372,7 +384,7 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
             module.load_state_dict(best_state)
             module.eval()
             return DistillResult(site_id, False, init_error, float("nan"), loss_val, step,
-                                 time.perf_counter() - t0,
+                                 clock() - t0,
                                  reason=f"loss became {loss_val} at step {step}",
                                  loss_history=history, target=s.target,
                                  tokens=step * rows * row_tokens)
@@ -393,15 +405,22 @@ def train_task(task: SiteTask | BlockTask, site_id: str,
                 stale += 1
                 if s.patience and stale >= s.patience:
                     break
+    if cut and step > 0 and step % s.eval_every:  # the steps since the last held-out error
+        err = task.error(hold_idx)
+        if err < best_error * (1 - 1e-3):
+            best_error, best_step = err, step
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     module.load_state_dict(best_state)
     module.eval()
     ok = math.isfinite(best_error)
-    note = "" if step == steps else f"stopped early at step {step}"
+    note = f"stopped by --time-limit after {step} of {steps} steps ({time_limit_s:.3g} s)" \
+        if cut else "" if step == steps else f"stopped early at step {step}"
     contribution = task.linear_contribution(hold_idx)
     return DistillResult(site_id, ok, init_error, best_error, loss_val, step,
-                         time.perf_counter() - t0, reason="" if ok else "non-finite held-out error",
+                         clock() - t0, reason="" if ok else "non-finite held-out error",
                          loss_history=history, target=s.target, best_step=best_step, note=note,
-                         linear_contribution=contribution, tokens=step * rows * row_tokens)
+                         linear_contribution=contribution, tokens=step * rows * row_tokens,
+                         time_limited=cut)
 
 
 
@@ -416,10 +435,13 @@ def distill_site(
     seed: int = 0,
     settings: DistillSettings | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    time_limit_s: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[LinearStudent, DistillResult]:
     """Train one site's student (target ``site``) on an in-memory record.
 
     ``settings`` gives every hyper-parameter; the keyword arguments override its fields.
+    ``time_limit_s`` and ``clock``: as for :func:`train_task`.
     """
     s = dataclasses.replace(settings or DistillSettings(feature_map=feature_map), target="site",
                             seed=seed)
@@ -432,5 +454,5 @@ def distill_site(
     s.check()
     task = SiteTask(site, s, RecordData(rec, site.mask_kind))
     with torch_threads(1):
-        res = train_task(task, site.id, on_step)
+        res = train_task(task, site.id, on_step, time_limit_s=time_limit_s, clock=clock)
     return task.module, res

@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from dtr_compile.heal.train import Healed
+from dtr_compile.timelimit import TIME_LIMIT_STOP
 
 
 @dataclass
@@ -161,7 +162,7 @@ def run_rounds(
         remaining = left()
         if remaining is not None and remaining <= 0:
             done(rec)
-            stop = f"reached the time limit ({time_limit_s:g} s) after round {r}'s search"
+            stop = f"{TIME_LIMIT_STOP} ({time_limit_s:g} s) after round {r}'s search"
             break
         t1 = clock()
         healed = heal(r, current, linear, remaining)
@@ -180,6 +181,6 @@ def run_rounds(
         metric = after
         remaining = left()
         if remaining is not None and remaining <= 0 and r < max_rounds:
-            stop = f"reached the time limit ({time_limit_s:g} s) after round {r}'s heal"
+            stop = f"{TIME_LIMIT_STOP} ({time_limit_s:g} s) after round {r}'s heal"
             break
     return RoundsResult(linear, metric, current, rounds, stop)

@@ -26,7 +26,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from dtr_compile.config import CompileConfig, cache_dir, parse_duration
+from dtr_compile.config import CompileConfig, cache_dir
 from dtr_compile.data import Dataset, run_model
 from dtr_compile.device import OnDevice, Placement
 from dtr_compile.distill.plan import search_order
@@ -45,6 +45,7 @@ from dtr_compile.search.confidence import DEFAULT_CONFIDENCE, Bound, degradation
 from dtr_compile.search.ledger import hash_tensors
 from dtr_compile.search.run import Searched, input_hashes, search
 from dtr_compile.search.schedule import Evaluation, ScheduleResult, meets
+from dtr_compile.timelimit import TIME_LIMIT_STOP, RunClock
 
 
 def heal_settings(config: CompileConfig) -> HealSettings:
@@ -107,10 +108,14 @@ class _Round:
 def heal_stage(
     config: CompileConfig, inputs: Inputs, found: Sites, base: Baseline, distilled: Distilled,
     searched: Searched, report_path: Path, placement: Placement, group: Group, console: Console,
-    stages: Stages,
+    stages: Stages, clock: RunClock,
 ) -> tuple[Distilled, Searched]:
     """With ``--heal``: heal the sites the search committed, search again from the healed
     hybrid, and so on (:func:`~dtr_compile.heal.rounds.run_rounds`); every rank runs it.
+
+    ``clock``: the run's ``--time-limit`` clock; once the teacher's outputs are recorded, the
+    rounds take their share (what is left but the export's reserve, :mod:`dtr_compile.
+    timelimit`), timed on rank 0's clock so that every rank stops at the same step.
 
     Returns the students with the healed ones in place of the distilled ones, and the search's
     outcome over all rounds (committed sites in order; ``heal`` set to the report's section).
@@ -138,6 +143,7 @@ def heal_stage(
                               distilled.results)  # lowest distillation error first, explosive last
     level = config.confidence or DEFAULT_CONFIDENCE
     hib = metric.higher_is_better
+    agreed = clock.agreed_clock()  # every rank stops the rounds and a heal at the same point
     rounds_seen: dict[int, _Round] = {1: _Round(searched.schedule, searched.info,
                                                 searched.bound_of)}
     measured: dict[frozenset[str], tuple[float, Bound | None]] = {}
@@ -206,7 +212,7 @@ def heal_stage(
                 base.run_gm, sites, students, linear, calib, names, targets, settings,
                 blocks=plan.blocks, placement=placement, group=group,
                 checkpoint=report_path.with_suffix(f".heal{r}.pt"), key=key,
-                resume=config.resume, time_limit_s=left,
+                resume=config.resume, time_limit_s=left, clock=agreed,
                 on_step=lambda step, loss: prog.update(task, completed=step,
                                                        info=f"loss {loss:.4g}"),
                 on_eval=lambda step, loss: console.log(
@@ -216,7 +222,8 @@ def heal_stage(
                     f" in {rec.steps} steps ({rec.tokens} tokens, {rec.seconds:.1f} s"
                     + (f", resumed at step {rec.resumed_from_step}" if rec.resumed_from_step
                        else "") + f"); {rec.stop_reason}")
-        if cache is not None and group.is_main and rec.ok:
+        if cache is not None and group.is_main and rec.ok and \
+                not rec.stop_reason.startswith(TIME_LIMIT_STOP):  # the key has no time in it
             cache.save(key, healed.students, rec.to_dict(), parts)
         return healed
 
@@ -246,11 +253,16 @@ def heal_stage(
                     + f" {'✓' if within else '✗'} ({time.perf_counter() - t0:.1f} s)")
         return value, within
 
-    time_limit_s = parse_duration(config.time_limit) if config.time_limit is not None else None
-    spent = searched.schedule.seconds  # round 1's search counts against the limit
+    share, t0 = clock.share("heal"), clock.elapsed()
+    if share is not None:
+        console.log(f"--time-limit: the heal rounds may take {share:.0f} s")
     res = run_rounds(distilled.students, search=search_fn, heal=heal_fn, measure=measure_fn,
-                     higher_is_better=hib, max_rounds=config.heal_rounds,
-                     time_limit_s=None if time_limit_s is None else max(0.0, time_limit_s - spent))
+                     higher_is_better=hib, max_rounds=config.heal_rounds, time_limit_s=share,
+                     clock=agreed)
+    stops = [res.stop_reason, *(r.search_stop for r in res.rounds[1:]),
+             *((r.heal or {}).get("stop_reason", "") for r in res.rounds)]
+    clock.used("heal", clock.elapsed() - t0,
+               stopped=any(x.startswith(TIME_LIMIT_STOP) for x in stops))
     console.log(f"heal: {len(res.linear)} sites linear after {len(res.rounds)} round"
                 f"{'s' if len(res.rounds) > 1 else ''}; {res.stop_reason}")
     section = {"loss": kind, "settings": dataclasses.asdict(settings),

@@ -58,6 +58,7 @@ from dtr_compile.parallel import Group, batch_rows
 from dtr_compile.passes.attention_block import AttentionBlock
 from dtr_compile.passes.find_attention import AttentionSite
 from dtr_compile.passes.linearize import rewrite_sites
+from dtr_compile.timelimit import TIME_LIMIT_STOP
 
 #: Held-out rows are the last ``N // 8`` calibration rows, at most this many (as distillation).
 MAX_HOLDOUT_ROWS = 16
@@ -354,7 +355,7 @@ def heal(
         reason = f"reached --heal-steps {settings.steps}"
         while step < settings.steps:
             if time_limit_s is not None and clock() - t0 + spent_before >= time_limit_s:
-                reason = f"reached the time limit ({time_limit_s:g} s) after {step} steps"
+                reason = f"{TIME_LIMIT_STOP} ({time_limit_s:g} s) after {step} steps"
                 break
             pick = torch.randperm(len(train_idx), generator=gen)[:rows].tolist()
             got = tr.rows([train_idx[i] for i in pick], grad=True)

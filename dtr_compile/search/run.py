@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 
 from dtr_compile import __version__
-from dtr_compile.config import Budget, CompileConfig, parse_duration
+from dtr_compile.config import Budget, CompileConfig
 from dtr_compile.data import Dataset
 from dtr_compile.device import Placement
 from dtr_compile.distill.plan import search_order
@@ -41,6 +41,7 @@ from dtr_compile.search.confidence import (
 from dtr_compile.search.ledger import Ledger, fingerprint, hash_path, hash_tensors
 from dtr_compile.search.prefix_cache import PrefixCache, SegmentedGraph
 from dtr_compile.search.schedule import Evaluation, ScheduleResult, meets, schedule
+from dtr_compile.timelimit import TIME_LIMIT_STOP, RunClock
 
 SELECT = ("most-linear", "best")
 
@@ -82,7 +83,8 @@ def search(
     :mod:`dtr_compile.heal.rounds`): every evaluated set is ``base`` plus the schedule's own,
     ``candidates`` are the others, ``baseline`` is the metric of ``base``, and the result's sets
     (committed, evaluations, the ledger's) are the schedule's own, without ``base``.
-    ``time_limit_s`` replaces ``--time-limit`` when given; ``stage``: the timing's name.
+    ``time_limit_s``: the seconds this search may take (its share of ``--time-limit``,
+    :mod:`dtr_compile.timelimit`), None: no limit; ``stage``: the timing's name.
 
     The ledger's fingerprint covers everything an evaluation's metric (and its confidence bound)
     depends on, so ``--resume`` replays only measurements of these exact inputs. Ctrl-C
@@ -177,8 +179,6 @@ def search(
         console.log(f"[yellow]--min-linear {config.min_linear}: only {len(candidates) + first} "
                     "sites distilled successfully[/yellow]")
     max_linear = None if config.max_linear is None else max(0, config.max_linear - first)
-    if time_limit_s is None and config.time_limit is not None:
-        time_limit_s = parse_duration(config.time_limit)
 
     def run(known: dict[frozenset[str], tuple[float, float]]) -> ScheduleResult:
         try:
@@ -384,12 +384,14 @@ class Searched:
 def search_stage(
     config: CompileConfig, inputs: Inputs, found: Sites, base: Baseline, distilled: Distilled,
     ledger_path: Path, students_path: Path, placement: Placement, group: Group, console: Console,
-    stages: Stages,
+    stages: Stages, clock: RunClock,
 ) -> Searched:
     """The candidates (sites not kept whose distillation succeeded) switched in a copy of the
     original (:func:`~dtr_compile.passes.linearize.rewrite_sites`) and searched
     (:func:`search`), with the ledger at ``ledger_path``; ``students_path``: where the distill
-    stage saved the students (for the report)."""
+    stage saved the students (for the report). ``clock``: the run's ``--time-limit`` clock; the
+    search takes its share (:mod:`dtr_compile.timelimit`: what is left after the export's
+    reserve, less the heal's part with ``--heal``)."""
     sites, plan, students = found.sites, distilled.plan, distilled.students
     candidates = search_order([s.id for s in sites if s.id not in found.kept
                                and distilled.results[s.id].ok],
@@ -401,10 +403,17 @@ def search_stage(
     switches = {sid: plan.switch(base.run_gm, sid, on_device[sid]) for sid in candidates}
     search_gm = rewrite_sites(base.run_gm, sites, switches, class_name="SearchGraph",
                               blocks=plan.blocks)
+    share = clock.share("search", heal=config.heal)
+    if share is not None:
+        console.log(f"--time-limit: the search may take {share:.0f} s"
+                    + (" (the heal keeps the rest but the export's reserve)" if config.heal
+                       else ""))
     sched, search_info, bound_of = search(
         config, input_hashes(config), search_gm, switches, candidates, students, inputs.val,
         inputs.names, inputs.metric, base.reference, base.metric, base.threshold,
-        base.allowed_drop, ledger_path, console, stages, group=group, placement=placement)
+        base.allowed_drop, ledger_path, console, stages, group=group, placement=placement,
+        time_limit_s=share)
+    clock.used("search", sched.seconds, stopped=sched.stop_reason.startswith(TIME_LIMIT_STOP))
     search_info["students"] = {"path": str(students_path), "reused": distilled.reused}
     console.log(f"committed {sched.committed or 'no site'}: {sched.stop_reason}")
     return Searched(sched, search_info, bound_of)

@@ -40,6 +40,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dtr_compile.timelimit import TIME_LIMIT_STOP
+
 STRATEGIES = ("greedy", "lazy", "ranked")
 
 #: ``judge(linear, metric) -> (within budget, interval or None)``: the budget test of a measured
@@ -213,7 +215,7 @@ class _Search:
         if hit is None and self.time_limit_s is not None:
             spent = self.clock() - self.start
             if spent >= self.time_limit_s:
-                raise _Stop(f"reached --time-limit {self.time_limit_s:g} s after {n} evaluations")
+                raise _Stop(f"{TIME_LIMIT_STOP} {self.time_limit_s:g} s after {n} evaluations")
         if hit is not None:
             m, seconds = hit
         else:
