@@ -324,3 +324,35 @@ def test_weight_bytes_count_from_shapes_and_types() -> None:
     assert onnx_weight_bytes(model) == 68
     model.graph.initializer[0].ClearField("raw_data")  # values dropped, shape kept
     assert onnx_weight_bytes(model) == 68
+
+
+def test_optimize_onnx_folds_constants_and_drops_dead_nodes():
+    """The export's own optimizer (the pattern rewrites left to onnxruntime): a constant
+    subexpression and a shape computed from a static input are folded, an unused node is
+    removed, and the model computes what it did."""
+    import onnx_ir as ir
+
+    from dtr_compile.exporters.onnx import optimize_onnx
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3]))
+    two = ir.node("Constant", [], attributes={"value": ir.tensor(np.full((2, 3), 2.0, np.float32))})
+    three = ir.node("Constant", [], attributes={"value": ir.tensor(np.full((2, 3), 3.0, np.float32))})
+    c = ir.node("Add", [two.outputs[0], three.outputs[0]])  # 5, foldable
+    shape = ir.node("Shape", [x])  # [2, 3]: static, foldable
+    flat = ir.node("Reshape", [x, shape.outputs[0]])
+    y = ir.node("Mul", [flat.outputs[0], c.outputs[0]])
+    dead = ir.node("Neg", [x])
+    y.outputs[0].name = "y"
+    graph = ir.Graph([x], [y.outputs[0]], nodes=[two, three, c, shape, flat, y, dead],
+                     opset_imports={"": 18}, name="g")
+    model = ir.Model(graph, ir_version=9)
+    optimize_onnx(model)
+    ops = [n.op_type for n in model.graph]
+    assert "Neg" not in ops and "Shape" not in ops and "Add" not in ops, ops
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    xv = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_allclose(sess.run(None, {"x": xv})[0], xv * 5.0)

@@ -39,6 +39,7 @@ from dtr_compile.exporters.fused import (
 from dtr_compile.exporters.onnx import (
     DEFAULT_OPSET,
     _no_rotary_fusion,
+    optimize_onnx,
     prepare_for_export,
     wants_external_data,
 )
@@ -286,8 +287,11 @@ def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimi
                                      input_names=list(sg.input_names),
                                      output_names=list(sg.output_names),
                                      dynamic_shapes=None if gm is flat else shapes,
-                                     verbose=False, optimize=optimize,
+                                     verbose=False, optimize=False,
                                      custom_translation_table=table or None)
+            if optimize:
+                phase(f"optimizing the {what} (constant folding)")
+                optimize_onnx(prog.model)
     except Exception as exc:  # noqa: BLE001
         text = str(exc)
         raise DtrError(f"stateful ONNX export failed ({what}): {type(exc).__name__}: "
