@@ -195,3 +195,39 @@ def test_tensorrt_form_keeps_the_kv_cache_in_standard_ops(tmp_path):
     assert not StatefulSession(path).kv_shared
     _batch_decodes_like_alone(ort_runner(path), sg, prefill, [_prompt(8, 5), _prompt(9, 70)], 12)
     _batch_decodes_like_alone(torch_runner(sg), sg, prefill, [_prompt(8, 5), _prompt(9, 70)], 12)
+
+
+def test_one_token_graph_exported_in_a_second_process_is_the_same(window_hybrid, tmp_path):
+    """The one-token graph traced in a forked process (the default on a multi-core machine)
+    gives the model traced in this one, node for node and weight for weight."""
+    sg = window_hybrid["sg"]
+    here = onnx.load(str(export_stateful_onnx(sg, tmp_path / "here.onnx", parallel=False)))
+    forked = onnx.load(str(export_stateful_onnx(sg, tmp_path / "forked.onnx", parallel=True)))
+    assert [(n.op_type, list(n.input)) for n in _nodes(here)] == \
+        [(n.op_type, list(n.input)) for n in _nodes(forked)]
+    assert {t.name: t.raw_data for t in here.graph.initializer} == \
+        {t.name: t.raw_data for t in forked.graph.initializer}
+
+
+def test_a_failing_second_process_is_a_clean_error(window_hybrid, tmp_path, monkeypatch):
+    """The forked one-token export fails: one DtrError naming it, nothing written, no child
+    left behind."""
+    import os
+
+    import dtr_compile.exporters.stateful as stateful
+    from dtr_compile.errors import DtrError
+
+    real = stateful._to_onnx
+
+    def broken(*args, step, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if step:
+            raise RuntimeError("boom in the step graph")
+        return real(*args, step=step, **kwargs)
+
+    monkeypatch.setattr(stateful, "_to_onnx", broken)
+    with pytest.raises(DtrError, match="one-token step.*boom in the step graph"):
+        export_stateful_onnx(window_hybrid["sg"], tmp_path / "d.onnx", parallel=True)
+    assert not (tmp_path / "d.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)  # no child of this process left

@@ -71,7 +71,7 @@ def export_decoders(config: CompileConfig, gm: torch.fx.GraphModule, scan: Atten
             console.log(f"[yellow]no stateful decoder[/yellow]: {sg.describe()}")
             return {"status": "not_stateful", "reasons": list(sg.reasons)}
         t0 = time.perf_counter()
-        phases = 9 if split_phases(sg, fused) else 6  # traces, conversions, optimizations, save, check, parity
+        phases = 8 if split_phases(sg, fused) else 6  # traces, conversions, optimizations, save, check, parity
         with progress_bar(console, config.progress) as prog:
             task = prog.add_task(f"{key} decoder", total=phases, info="")
 

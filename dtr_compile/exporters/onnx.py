@@ -387,7 +387,8 @@ def export_onnx(
                     verbose=False, custom_translation_table=translation_table(fused),
                     optimize=False,
                 )
-                optimize_onnx(prog.model)
+                if prog is not None:
+                    optimize_onnx(prog.model)
         except Exception as exc:  # noqa: BLE001
             raise DtrError(f"ONNX export failed: {first_line(exc)}") from exc
         assert prog is not None
@@ -415,6 +416,9 @@ def optimize_onnx(model: Any) -> None:  # noqa: ANN401 - an onnx_ir Model
     each matched against every node: on a 30-layer decoder's prefill graph that matching took
     most of the export (minutes; measured on SmolLM2-135M). onnxruntime applies the same
     eliminations itself when a session is created, so they are not worth it at export time.
+    Measured on a SmolLM2-shaped hybrid decoder: its one-token step keeps ~150 more ops (Slice,
+    Transpose, Shape chains) without the rewrites, and decodes at the same speed within the
+    machine's noise (1K context, 3 rounds × 64 steps); the rewrites cost 5 of its 9 minutes.
     """
     import onnx_ir as ir
     import onnx_ir.passes.common as common
