@@ -17,7 +17,7 @@ from dtr_compile.exporters.onnx import ort_session
 from .conftest import make_token_data
 
 CLI = [sys.executable, "-m", "dtr_compile"]
-FAST = ["--distill-steps", "40", "--max-calib-samples", "16", "--no-progress"]
+FAST = ["--distill-steps", "40", "--max-calib-samples", "16", "--no-progress", "--no-bench"]
 
 
 def run_cli(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -127,7 +127,7 @@ def test_config_file_supplies_data_and_metric(tiny_task, tmp_path) -> None:
     (tmp_path / "dtr.toml").write_text(
         f'data = "{tiny_task["val"]}"\nmetric = "agreement"\ndistill-steps = 5\n'
         'max-calib-samples = 8\nmax-linear = 1\n')
-    res = run_cli(tiny_task["model"], "--budget", "99pt", "-o", "h.onnx", "--no-progress",
+    res = run_cli(tiny_task["model"], "--budget", "99pt", "-o", "h.onnx", "--no-progress", "--no-bench",
                   cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "h.report.json").read_text())

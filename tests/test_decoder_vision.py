@@ -22,7 +22,7 @@ from dtr_compile.linear.kernel import LinearAttention
 from dtr_compile.pipeline import compile_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = dict(distill_steps=10, max_calib_samples=8, progress=False, workers=1)
+FAST = dict(distill_steps=10, max_calib_samples=8, progress=False, workers=1, bench=False)
 VOCAB = 96
 
 

@@ -300,7 +300,7 @@ def test_compile_with_block_target_exports_and_hits_the_cache(tiny_task, tmp_pat
     config = CompileConfig(model=tiny_task["model"], output=str(tmp_path / "h.onnx"),
                            data=tiny_task["val"], metric="agreement", budget="50%", fp16=True,
                            distill_target="block", distill_steps=20, max_calib_samples=16,
-                           max_linear=1, progress=False)
+                           max_linear=1, progress=False, bench=False)
     first = compile_model(config)
     assert first.report["parity_ok"] and len(first.report["replaced"]) == 1
     assert all(r["target"] == "block" and not r["cached"] for r in first.report["distill"].values())

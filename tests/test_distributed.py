@@ -28,7 +28,7 @@ from dtr_compile.report import report_paths
 from dtr_compile.search.ledger import read_ledger
 
 CLI = [sys.executable, "-m", "dtr_compile"]
-FAST = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress", "--budget", "10%",
+FAST = ["--no-bench", "--distill-steps", "10", "--max-calib-samples", "8", "--no-progress", "--budget", "10%",
         "--device", "cpu"]
 
 FAIL_METRIC = '''

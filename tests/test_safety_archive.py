@@ -289,7 +289,7 @@ def test_resume_remeasures_a_forged_ledger(tiny_task, tmp_path) -> None:
     # mse against the original with an absolute budget of 0: no linear site can fit
     config = CompileConfig(model=tiny_task["model"], output=str(out), data=tiny_task["val"],
                            budget="0", metric="mse", distill_steps=2, max_calib_samples=4,
-                           progress=False, max_linear=2)
+                           progress=False, max_linear=2, bench=False)
     first = compile_model(config)
     assert first.report["replaced"] == [] and first.exit_code == 3
     ledger = report_paths(out.with_suffix(".report.json")).ledger

@@ -17,7 +17,7 @@ from dtr_compile.load import load_model
 from .conftest import make_token_data
 
 CLI = [sys.executable, "-m", "dtr_compile"]
-FAST = ["--distill-steps", "5", "--max-calib-samples", "8", "--no-progress"]
+FAST = ["--distill-steps", "5", "--max-calib-samples", "8", "--no-progress", "--no-bench"]
 
 
 def run_cli(*args: str, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:

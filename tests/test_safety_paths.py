@@ -31,7 +31,7 @@ from dtr_compile.fileio import (
 from dtr_compile.pipeline import compile_model
 
 CLI = [sys.executable, "-m", "dtr_compile"]
-FAST = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress"]
+FAST = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress", "--no-bench"]
 ROOT = os.geteuid() == 0
 # the package under test, also when a test runs the CLI from another folder
 REPO = str(Path(__file__).resolve().parents[1])

@@ -19,7 +19,7 @@ from dtr_compile.inputs import at_least_two
 from .conftest import make_token_data
 
 CLI = [sys.executable, "-m", "dtr_compile"]
-FAST = ["--distill-steps", "5", "--max-calib-samples", "8", "--no-progress"]
+FAST = ["--distill-steps", "5", "--max-calib-samples", "8", "--no-progress", "--no-bench"]
 DIMS = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
 
 

@@ -22,7 +22,7 @@ from dtr_compile.load import LoadedModel
 from dtr_compile.report import next_steps, render_markdown
 
 CLI = [sys.executable, "-m", "dtr_compile"]
-FAST = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress"]
+FAST = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress", "--no-bench"]
 
 
 def _strict(text: str) -> object:

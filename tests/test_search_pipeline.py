@@ -15,8 +15,8 @@ from dtr_compile.report import report_paths
 from dtr_compile.search.ledger import read_ledger
 from dtr_compile.search.prefix_cache import PrefixCache
 
-FAST = dict(distill_steps=10, max_calib_samples=8, progress=False)
-FAST_FLAGS = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress"]
+FAST = dict(distill_steps=10, max_calib_samples=8, progress=False, bench=False)
+FAST_FLAGS = ["--distill-steps", "10", "--max-calib-samples", "8", "--no-progress", "--no-bench"]
 
 
 def test_interrupt_resume_and_stale_ledger(tiny_task, tmp_path, monkeypatch):
