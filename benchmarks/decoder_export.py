@@ -1,17 +1,27 @@
-"""Benchmark: one stateful decoder export of SmolLM2 (issue 24): wall and CPU seconds, the nodes
-a decode step runs (``If`` then-branches included), ``If`` count, and (``--parity``) the greedy
-parity check of the compile (64 tokens, two left-padded rows).
+"""Benchmark: one stateful decoder export of SmolLM2 (issue 24): wall and CPU seconds (the
+exporting process and its children), the nodes a decode step runs (``If`` then-branches
+included), ``If`` count, and (``--parity``) the greedy parity check of the compile (64 tokens,
+two left-padded rows).
 
 The hybrid has ``--linear N`` sites (evenly spaced) as untrained hedgehog students with a
-64-token window, as ``make demo-llm`` delivers 11; ``--original``: the KV-cached original. Prints
-one JSON line and writes OUTDIR/result.json (no docs table yet). Compare two trees by running
-it with each on ``PYTHONPATH`` (an older tree without ``on_phase`` is timed as one block)::
+64-token window; ``--original``: the KV-cached original. One export prints one JSON line and
+writes OUTDIR/result.json::
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/decoder_export.py /tmp/dec --linear 11 --parity \
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/decoder_export.py /tmp/dec --linear 13 --parity \
         [--assets build/smollm2]
+
+``--table``: the driver. Exports the original and the ``--linear N`` hybrid, each alone in a
+fresh process, with this tree and (``--compare REV``) with the tree of git revision REV (checked
+out in a temporary worktree), prints the table and writes it into ``docs/benchmarks.md``
+between the ``decoder-export`` markers::
+
+    .venv/bin/python benchmarks/decoder_export.py /tmp/dec --table --linear 13 --compare 2881107
 """
 import inspect
 import json
+import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +36,68 @@ from dtr_compile.load import load_model
 from dtr_compile.passes.find_attention import find_attention
 from dtr_compile.passes.linearize import linearize
 from dtr_compile.passes.stateful import StatefulGraph, make_stateful
+
+
+def _table(out: Path) -> None:
+    """The driver (module docstring)."""
+    import datetime as dt
+    import platform
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import cpu_model, loadavg, publish
+
+    root = Path(__file__).resolve().parents[1]
+    n = sys.argv[sys.argv.index("--linear") + 1] if "--linear" in sys.argv else "13"
+    rev = sys.argv[sys.argv.index("--compare") + 1] if "--compare" in sys.argv else None
+    assets = sys.argv[sys.argv.index("--assets") + 1] if "--assets" in sys.argv else "build/smollm2"
+    trees = [("this tree", root, subprocess.run(["git", "-C", str(root), "rev-parse", "--short",
+                                                 "HEAD"], capture_output=True, text=True).stdout.strip())]
+    tmp = None
+    if rev:
+        tmp = Path(tempfile.mkdtemp(prefix="dec-export-"))
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tmp / "tree"), rev],
+                       check=True, capture_output=True)
+        trees.append((f"{rev}", tmp / "tree", rev))
+    load0, t_start = loadavg(), time.perf_counter()
+    rows = []
+    try:
+        for label, tree, sha in trees:
+            for model, flags in (("original", ["--original"]), (f"hybrid ({n} linear)", ["--linear", n])):
+                folder = out / f"{sha}-{model.split()[0]}"
+                cmd = [sys.executable, str(root / "benchmarks" / "decoder_export.py"), str(folder),
+                       *flags, "--parity", "--assets", str(Path(assets).resolve())]
+                env = dict(os.environ, PYTHONPATH=str(tree))
+                print(f"{label} {sha}: {model}", flush=True)
+                subprocess.run(cmd, cwd=tree, env=env, check=True)
+                res = json.loads((folder / "result.json").read_text())
+                rows.append((label, sha, model, res))
+    finally:
+        if tmp is not None:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tmp / "tree")],
+                           capture_output=True)
+    lines = ["## Decoder export time: SmolLM2-135M (`benchmarks/decoder_export.py --table`, issue 24)", "",
+             f"Measured {dt.date.today()} on {platform.machine()}, {cpu_model()}, {os.cpu_count()} cores; "
+             f"load average {load0} → {loadavg()}; {time.perf_counter() - t_start:.0f} s. Each export "
+             "alone in a fresh process (loading the model not counted); the hybrid's students are "
+             "untrained hedgehog + window 64 at evenly spaced sites (the export does not depend on "
+             "their weights). CPU s: the exporting process and its children (the one-token graph "
+             "is traced in a forked child when a second core is usable).", "",
+             "| tree | decoder | export wall s (min) | CPU s | nodes a decode step runs | parity (64 tokens × 2 rows) |",
+             "|---|---|---:|---:|---:|---|"]
+    for label, sha, model, res in rows:
+        par = res.get("parity") or {}
+        verdict = ("token for token" if par.get("tokens_equal") else "**differs**") + \
+            (f", max-abs {par['worst_max_abs']:.1e}" if par else "")
+        lines.append(f"| {label} ({sha}) | {model} | {res['export_s']:.0f} ({res['export_s'] / 60:.1f}) | "
+                     f"{res['export_cpu_s']:.0f} | {res['decode_path_nodes']} | {verdict} |")
+    publish(lines, None if "--no-doc" in sys.argv else root / "docs" / "benchmarks.md", "decoder-export")
+
+
+if "--table" in sys.argv:
+    _table(Path(sys.argv[1]))
+    sys.exit(0)
+
 
 A = Path(sys.argv[sys.argv.index("--assets") + 1] if "--assets" in sys.argv else "build/smollm2")
 out = Path(sys.argv[1])
@@ -62,9 +134,14 @@ if "on_phase" in inspect.signature(S.export_stateful_onnx).parameters:
         t_last[0] = now
     kw["on_phase"] = phase
 path = out / "decoder.onnx"
-t0, c0 = time.perf_counter(), time.process_time()
+def _cpu():
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+t0, c0 = time.perf_counter(), _cpu()
 S.export_stateful_onnx(sg, path, **kw)
-export_s, export_cpu = time.perf_counter() - t0, time.process_time() - c0
+export_s, export_cpu = time.perf_counter() - t0, _cpu() - c0
 print(f"export {export_s:.1f}s wall, {export_cpu:.1f}s cpu", flush=True)
 
 m = onnx.load(str(path), load_external_data=False)
