@@ -231,3 +231,46 @@ def test_a_failing_second_process_is_a_clean_error(window_hybrid, tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == []
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)  # no child of this process left
+
+
+def test_a_killed_parent_takes_the_second_process_with_it(tmp_path):
+    """The compile is SIGKILLed (OOM killer, ``kill -9``) while the forked one-token export
+    runs: the child dies with it instead of tracing on for minutes as an orphan and writing
+    into the dead run's staging folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    from pathlib import Path
+
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from dtr_compile.exporters.stateful import _side_process
+        side = _side_process(lambda: time.sleep(60), Path({str(tmp_path)!r}) / "step.onnx",
+                             parallel=True)
+        print(side.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env=os.environ | {"PYTHONPATH": os.getcwd()})
+    try:
+        child = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:  # gone, or a zombie its new parent has not reaped yet
+                if "\tZ" in Path(f"/proc/{child}/status").read_text().split("State:")[1][:3]:
+                    break
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the forked export outlived its killed parent")
+    finally:
+        parent.kill()
+        parent.wait(10)

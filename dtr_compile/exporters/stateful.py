@@ -283,12 +283,14 @@ class _SideProcess:
 
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             self.pid = pid
             return
         code = 1  # the child: never returns, never runs the parent's handlers
         try:
+            _die_with_parent(parent)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
             # libgomp's thread pool does not survive fork: one thread, no parallel region
@@ -332,6 +334,20 @@ class _SideProcess:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
             self.pid = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a forked child: be killed when ``parent`` dies, even by SIGKILL (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so that a killed compile leaves no orphan export tracing on
+    for minutes and writing into its dead staging folder; exit now if it already died."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _side_process(fn: Callable[[], Any], path: Path, *, parallel: bool | None) -> _SideProcess:
