@@ -274,3 +274,35 @@ def test_a_killed_parent_takes_the_second_process_with_it(tmp_path):
     finally:
         parent.kill()
         parent.wait(10)
+
+
+def test_second_process_keeps_the_signals_its_parent_ignores(tmp_path):
+    """A compile run where SIGINT is ignored (``nohup``, ``cmd &`` in a script, a launcher that
+    handles Ctrl-C itself) keeps ignoring it in the forked one-token export: a SIGINT to the
+    process group used to kill the child alone, and the run went on without its decoder."""
+    import os
+    import signal
+    import time
+
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from dtr_compile.exporters.stateful import _side_process
+
+    def build():  # noqa: ANN202
+        time.sleep(1.0)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        return ir.serde.deserialize_model(helper.make_model(graph))
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        side = _side_process(build, tmp_path / "step.onnx", parallel=True)
+        assert side.running
+        time.sleep(0.3)
+        os.kill(side.pid, signal.SIGINT)
+        model = side.result()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert [n.op_type for n in model.graph] == ["Identity"]

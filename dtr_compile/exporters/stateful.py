@@ -291,8 +291,9 @@ class _SideProcess:
         code = 1  # the child: never returns, never runs the parent's handlers
         try:
             _die_with_parent(parent)
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
+            for sig in (signal.SIGINT, signal.SIGTERM):  # the parent's handlers are not
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # ours; what it ignores, we do
+                    signal.signal(sig, signal.SIG_DFL)
             # libgomp's thread pool does not survive fork: one thread, no parallel region
             torch.set_num_threads(1)
             ir.save(self.fn(), self.path, external_data=self.path.name + ".data")
