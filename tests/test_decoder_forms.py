@@ -321,3 +321,22 @@ def test_tensorrt_form_decoder_exports_at_opset_18(tmp_path):
     path = export_stateful_onnx(sg, tmp_path / "trt18.onnx", kv_cache="concat", opset=18,
                                 parallel=False)
     assert onnx.load(str(path)).opset_import
+
+
+def test_export_error_names_the_cause_not_torch_onnx_advice():
+    """torch.onnx's TorchExportError starts with a generic line and advice, in colour; the
+    error a user sees (and report.json keeps) names the cause underneath, without escapes."""
+    from dtr_compile.exporters.stateful import _why
+
+    try:
+        try:
+            raise ValueError("The following inconsistencies were found:\nEq(s17 + 1, 9) is "
+                             "inconsistent!")
+        except ValueError as inner:
+            raise RuntimeError("Failed to export the model with torch.export. \x1b[96mThis is "
+                               "step 1/3\x1b[0m of exporting the model to ONNX. Next steps:\n- "
+                               "Modify the model code") from inner
+    except RuntimeError as exc:
+        why = _why(exc)
+    assert why == ("ValueError: The following inconsistencies were found:; Eq(s17 + 1, 9) is "
+                   "inconsistent!"), why

@@ -300,7 +300,8 @@ class _SideProcess:
             code = 0
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             with contextlib.suppress(Exception):
-                self.error.write_text(f"{type(exc).__name__}: {first_line(exc)}")
+                self.error.write_text(str(exc) if isinstance(exc, DtrError)
+                                      else f"{type(exc).__name__}: {first_line(exc)}")
         finally:
             os._exit(code)
 
@@ -324,7 +325,9 @@ class _SideProcess:
         if os.waitstatus_to_exitcode(status) != 0 or not self.path.is_file():
             why = (self.error.read_text() if self.error.is_file()
                    else f"exit status {os.waitstatus_to_exitcode(status)}")
-            raise DtrError(f"stateful ONNX export failed (one-token step, second process): {why}")
+            raise DtrError(f"{why} (in a second process)"
+                           if why.startswith("stateful ONNX export failed") else
+                           f"stateful ONNX export failed (one-token step, second process): {why}")
         # in memory: the step file is removed with the export's temporary folder
         return ir.external_data.load_to_model(ir.load(self.path))
 
@@ -370,6 +373,20 @@ def split_phases(sg: StatefulGraph, fused: bool) -> bool:
                    for m in sg.modules.values())
 
 
+def _why(exc: BaseException, limit: int = 400) -> str:
+    """``exc``'s cause in one line: the innermost exception of its chain (torch.onnx's own
+    first line is a generic "Failed to export the model with torch.export" followed by advice),
+    its non-empty lines joined, terminal colour codes removed, at most ``limit`` characters."""
+    import re
+
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(root)).splitlines()]
+    text = "; ".join(ln for ln in lines if ln)
+    return f"{type(root).__name__}: {text}"[:limit]
+
+
 def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimize: bool,
              step: bool, split: bool, phase: Callable[[str], None]) -> Any:  # noqa: ANN401
     """``torch.export`` then ``torch.onnx`` of ``sg``: at a static ``t = 1`` (``step``), or with
@@ -413,9 +430,7 @@ def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimi
                 phase(f"optimizing the {what} (constant folding)")
                 optimize_onnx(prog.model)
     except Exception as exc:  # noqa: BLE001
-        text = str(exc)
-        raise DtrError(f"stateful ONNX export failed ({what}): {type(exc).__name__}: "
-                       f"{text.splitlines()[0] if text else ''}") from exc
+        raise DtrError(f"stateful ONNX export failed ({what}): {_why(exc)}") from exc
     assert prog is not None
     return prog
 
