@@ -365,7 +365,7 @@ def _compile(model: str, output: str, flags: dict[str, object]) -> None:
             click.echo(f"dtr-compile: {what}; rerun the same command with --resume to continue "
                        "from the finished search evaluations", err=True)
         sys.exit(143 if term else 130)
-    from dtr_compile.report import summary_lines
+    from dtr_compile.report import summary_lines, time_limited
 
     rep = result.report
     if not rep:  # a rank other than 0 of a torchrun run: rank 0 reports
@@ -381,8 +381,11 @@ def _compile(model: str, output: str, flags: dict[str, object]) -> None:
         click.echo(f"search {search['strategy']}: {search['evaluations']} evaluations "
                    f"({search['evaluations_replayed']} replayed), {search['stop_reason']}")
     if result.exit_code == EXIT_NO_REPLACEMENT:
-        click.echo("budget not met (exit 3): " + ("no site fits; the original model was written"
-                   if not rep["replaced"] else "--min-linear forced sites beyond the budget"))
+        limited = time_limited(rep)
+        click.echo("budget not met (exit 3): " + (
+            "--min-linear forced sites beyond the budget" if rep["replaced"]
+            else f"no site was shown to fit before --time-limit ({limited}); the original "
+            "model was written" if limited else "no site fits; the original model was written"))
         for step in rep.get("next_steps") or ():
             click.echo(f"  try: {step}")
     click.echo(f"wrote {result.output} and {result.report_path}")

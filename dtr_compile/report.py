@@ -118,6 +118,22 @@ def _budget_for(drop: float, baseline: float, unit: str) -> str:
     return f"{drop * 1.05:.3g}"
 
 
+def time_limited(report: dict[str, Any]) -> str:
+    """What ``--time-limit`` cut short in the run ``report`` describes (the search stopped by
+    it, students whose distillation it cut), as one clause; empty when it cut nothing."""
+    from dtr_compile.timelimit import TIME_LIMIT_STOP
+
+    parts = []
+    search = report.get("search") or {}
+    if str(search.get("stop_reason") or "").startswith(TIME_LIMIT_STOP):
+        parts.append(f"it stopped the search after {search.get('evaluations', 0)} evaluations")
+    distill = report.get("distill") or {}
+    cut = [sid for sid, r in distill.items() if r.get("time_limited")]
+    if cut:
+        parts.append(f"it cut the distillation of {len(cut)} of {len(distill)} sites short")
+    return " and ".join(parts)
+
+
 def next_steps(report: dict[str, Any], *, distill_target: str, window: int,
                calib_available: int) -> list[str]:
     """What to try when no site fits the budget (exit 3): one line per suggestion, from what the
@@ -130,6 +146,11 @@ def next_steps(report: dict[str, Any], *, distill_target: str, window: int,
     """
     out: list[str] = []
     distill = report.get("distill") or {}
+    limited = time_limited(report)
+    if limited:
+        limit = (report.get("time_limit") or {}).get("limit_s")
+        out.append(f"a longer --time-limit{f' than {limit:g} s' if limit else ''}: "
+                   f"{limited} (a budget can only be met by sites the run had time to try)")
     failed = [sid for sid, r in distill.items() if not r.get("ok")]
     if distill and len(failed) == len(distill):
         reasons = sorted({str(distill[s].get("reason", "")) for s in failed} - {""})
@@ -740,7 +761,9 @@ def build_report(
         steps = next_steps(report, distill_target=config.distill_target, window=config.window,
                            calib_available=inputs.calib_rows)
         report["next_steps"] = steps
-        console.log("no site fits the budget; try: " + "; ".join(steps))
+        console.log(("no site was shown to fit the budget before --time-limit"
+                     if time_limited(report) else "no site fits the budget")
+                    + "; try: " + "; ".join(steps))
     return report
 
 

@@ -140,3 +140,23 @@ def test_output_names_of_tuples_and_lone_tensors() -> None:
     x = torch.randn(2, 3)
     assert output_names(torch.export.export(Pair(), (x,))) == ["output_0", "output_1"]
     assert output_names(torch.export.export(Lone(), (x,))) == ["output"]
+
+
+def test_next_steps_name_the_time_limit_first_when_it_cut_the_run() -> None:
+    """A --time-limit that stopped the search before any evaluation (or cut a distillation) is
+    why no site fits: the first suggestion is a longer limit, not a looser budget."""
+    report = {
+        "metric": {"name": "accuracy", "higher_is_better": True},
+        "baseline_metric": 0.9, "budget": {"text": "1%", "unit": "%"},
+        "calibration_rows": 16, "sites": [{"id": "site0"}, {"id": "site1"}],
+        "distill": {"site0": {"ok": True, "time_limited": True}, "site1": {"ok": True}},
+        "search": {"evaluations": 0, "stop_reason": "reached --time-limit 0 s after 0 evaluations"},
+        "time_limit": {"limit_s": 1.0}, "schedule": {"evaluations": []},
+    }
+    steps = next_steps(report, distill_target="site", window=0, calib_available=16)
+    assert steps[0].startswith("a longer --time-limit than 1 s"), steps
+    assert "after 0 evaluations" in steps[0] and "1 of 2 sites" in steps[0]
+    unlimited = report | {"search": {"evaluations": 3, "stop_reason": "no candidate fits"},
+                          "distill": {"site0": {"ok": True}}}
+    assert not any("--time-limit" in s for s in next_steps(
+        unlimited, distill_target="site", window=0, calib_available=16))

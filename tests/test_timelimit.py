@@ -95,3 +95,41 @@ def test_heal_keeps_its_share_when_the_search_would_take_all_the_time() -> None:
     assert len(res.evaluations) == 6  # started at 0 … 50 s; not at 60 s
     heal = clock.share("heal")
     assert heal is not None and heal >= 85.0 / 3 - 10.0 and heal == pytest.approx(25.0)
+
+
+def test_resume_without_a_limit_distils_again_what_a_limit_cut_short(tmp_path) -> None:
+    """A run whose --time-limit cut a site's distillation short saves that student for
+    --resume; resumed without a limit, the run distils every site again (the cut one to its full
+    budget, the others from the cache) instead of shipping the cut student. Resumed under a
+    limit again, the saved students stand (the ledger measured them)."""
+    from types import SimpleNamespace
+
+    import torch
+    from rich.console import Console
+
+    from dtr_compile.config import CompileConfig
+    from dtr_compile.distill.stage import reuse_students
+    from dtr_compile.search.ledger import save_students
+
+    path = tmp_path / "h.report.students.pt"
+    students = {"site0": torch.nn.Linear(4, 4), "site1": torch.nn.Linear(4, 4)}
+    save_students(path, "fp", students,
+                  {"site0": {"site_id": "site0", "ok": True, "init_error": 0.1,
+                             "final_error": 0.05, "final_loss": 0.0, "steps": 400,
+                             "seconds": 1.0},
+                   "site1": {"site_id": "site1", "ok": True, "init_error": 0.1,
+                             "final_error": 0.1, "final_loss": 0.0, "steps": 0, "seconds": 0.0,
+                             "time_limited": True}})
+    sites = [SimpleNamespace(id="site0"), SimpleNamespace(id="site1")]
+    console = Console(record=True, width=200)
+
+    def reuse(limit: str | None):  # noqa: ANN202
+        config = CompileConfig(model="m.pt", output=str(tmp_path / "h.onnx"), resume=True,
+                               time_limit=limit)
+        return reuse_students(path, "fp", sites, config, console,
+                              lambda sid: torch.nn.Linear(4, 4))
+
+    assert reuse(None) is None
+    assert "site1 were cut short" in console.export_text()
+    got = reuse("10m")
+    assert got is not None and got[1]["site1"].time_limited

@@ -110,7 +110,10 @@ def reuse_students(
 ) -> tuple[dict[str, torch.nn.Module], dict[str, DistillResult]] | None:
     """With ``--resume``: the distilled modules of the interrupted run, if distilled from the
     same inputs and settings (see :func:`dtr_compile.search.ledger.save_students`); ``build`` makes
-    a site's empty student."""
+    a site's empty student. Students that run's ``--time-limit`` cut short are reused only
+    under a ``--time-limit`` again: without one, every site is distilled again (the cut ones to
+    their full budget, the others from the cache), and the ledger, whose fingerprint covers the
+    weights, starts afresh."""
     if not config.resume:
         return None
     by_id = {s.id: s for s in sites}
@@ -119,6 +122,13 @@ def reuse_students(
         console.log(f"distilling again: {got if isinstance(got, str) else 'other sites'}")
         return None
     modules, results = got
+    cut = sorted(sid for sid, r in results.items() if r.get("time_limited"))
+    if cut and config.time_limit is None:
+        # the previous run's limit cut them short; this one has the time to train them fully
+        # (the others come back from the cache, which never took the cut ones)
+        console.log(f"distilling again: {', '.join(cut)} were cut short by the previous "
+                    "run's --time-limit, and this run has none")
+        return None
     console.log(f"resuming: distilled weights of {len(modules)} sites from {path}")
     return ({sid: m for sid, m in modules.items()},  # type: ignore[misc]
             {sid: DistillResult(**r) for sid, r in results.items()})

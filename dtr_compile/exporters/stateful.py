@@ -283,21 +283,25 @@ class _SideProcess:
 
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             self.pid = pid
             return
         code = 1  # the child: never returns, never runs the parent's handlers
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_DFL)
+            _die_with_parent(parent)
+            for sig in (signal.SIGINT, signal.SIGTERM):  # the parent's handlers are not
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # ours; what it ignores, we do
+                    signal.signal(sig, signal.SIG_DFL)
             # libgomp's thread pool does not survive fork: one thread, no parallel region
             torch.set_num_threads(1)
             ir.save(self.fn(), self.path, external_data=self.path.name + ".data")
             code = 0
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
             with contextlib.suppress(Exception):
-                self.error.write_text(f"{type(exc).__name__}: {first_line(exc)}")
+                self.error.write_text(str(exc) if isinstance(exc, DtrError)
+                                      else f"{type(exc).__name__}: {first_line(exc)}")
         finally:
             os._exit(code)
 
@@ -321,7 +325,9 @@ class _SideProcess:
         if os.waitstatus_to_exitcode(status) != 0 or not self.path.is_file():
             why = (self.error.read_text() if self.error.is_file()
                    else f"exit status {os.waitstatus_to_exitcode(status)}")
-            raise DtrError(f"stateful ONNX export failed (one-token step, second process): {why}")
+            raise DtrError(f"{why} (in a second process)"
+                           if why.startswith("stateful ONNX export failed") else
+                           f"stateful ONNX export failed (one-token step, second process): {why}")
         # in memory: the step file is removed with the export's temporary folder
         return ir.external_data.load_to_model(ir.load(self.path))
 
@@ -332,6 +338,20 @@ class _SideProcess:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
             self.pid = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a forked child: be killed when ``parent`` dies, even by SIGKILL (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so that a killed compile leaves no orphan export tracing on
+    for minutes and writing into its dead staging folder; exit now if it already died."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _side_process(fn: Callable[[], Any], path: Path, *, parallel: bool | None) -> _SideProcess:
@@ -351,6 +371,20 @@ def split_phases(sg: StatefulGraph, fused: bool) -> bool:
     with tracing(fused):
         return any(isinstance(m, StatefulLinear) and not m.student.one_form()
                    for m in sg.modules.values())
+
+
+def _why(exc: BaseException, limit: int = 400) -> str:
+    """``exc``'s cause in one line: the innermost exception of its chain (torch.onnx's own
+    first line is a generic "Failed to export the model with torch.export" followed by advice),
+    its non-empty lines joined, terminal colour codes removed, at most ``limit`` characters."""
+    import re
+
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(root)).splitlines()]
+    text = "; ".join(ln for ln in lines if ln)
+    return f"{type(root).__name__}: {text}"[:limit]
 
 
 def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimize: bool,
@@ -396,9 +430,7 @@ def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimi
                 phase(f"optimizing the {what} (constant folding)")
                 optimize_onnx(prog.model)
     except Exception as exc:  # noqa: BLE001
-        text = str(exc)
-        raise DtrError(f"stateful ONNX export failed ({what}): {type(exc).__name__}: "
-                       f"{text.splitlines()[0] if text else ''}") from exc
+        raise DtrError(f"stateful ONNX export failed ({what}): {_why(exc)}") from exc
     assert prog is not None
     return prog
 
