@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import resource
 import sys
 from collections.abc import Iterator
@@ -161,6 +162,14 @@ class OnDevice(torch.nn.Module):
         with self.placement.autocast():
             out = self.module(*to_device(args, self.placement.device))
         return to_device(out, torch.device("cpu"))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def peak_memory(device: torch.device | None = None) -> dict[str, float | None]:

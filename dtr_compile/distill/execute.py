@@ -7,7 +7,6 @@ as safetensors bytes through the result pipe, with per-step progress through a q
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue as queue_mod
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch.fx import GraphModule
 
+from dtr_compile.device import usable_cpus
 from dtr_compile.distill.activations import ActivationStore, StoreData, key_valid_name
 from dtr_compile.distill.plan import DistillPlan, DistillResult
 from dtr_compile.distill.train import BlockTask, SiteTask, torch_threads, train_task
@@ -102,11 +102,7 @@ def _init_worker(threads: int) -> None:
 
 def default_workers(n_sites: int) -> int:
     """One worker per available CPU, at most one per site."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, n_sites))
+    return max(1, min(usable_cpus(), n_sites))
 
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+from dtr_compile.device import usable_cpus
 from dtr_compile.errors import DtrError, first_line
 from dtr_compile.exporters.fused import (
     ORT_DOMAIN,
@@ -235,10 +236,8 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
             prog = _to_onnx(sg, opset=opset, fused=fused, shared=shared, optimize=optimize,
                             step=False, split=split, phase=phase)
             if step is not None:  # both under one If (exporters/phases.py)
-                if step.running:
-                    phase("waiting for the one-token step")
-                else:
-                    step.start(phase)
+                phase("waiting for the one-token step" if step.running
+                      else "tracing and converting the one-token step")
                 prog.model = merge_phases(step.result(), prog.model)
         finally:
             if step is not None:
@@ -264,13 +263,12 @@ def export_stateful_onnx(sg: StatefulGraph, path: str | os.PathLike[str], *,
 
 class _SideProcess:
     """A function returning an ``onnx_ir`` model, run in a forked child (:func:`_side_process`)
-    or, when that is not possible, here on :meth:`start`."""
+    or, when that is not possible, here by :meth:`result`."""
 
     def __init__(self, fn: Callable[[], Any], path: Path, parallel: bool) -> None:
         self.fn, self.path = fn, path
         self.pid: int | None = None
         self.error = path.with_suffix(".error")
-        self.model: Any = None
         if parallel:
             self._fork()
 
@@ -305,13 +303,8 @@ class _SideProcess:
         finally:
             os._exit(code)
 
-    def start(self, phase: Callable[[str], None]) -> None:
-        """Run the function here (no child)."""
-        phase("tracing and converting the one-token step")
-        self.model = self.fn()
-
     def result(self) -> Any:  # noqa: ANN401 - an onnx_ir Model
-        """The model; waits for the child.
+        """The model: the child's (waits for it), or, with no child, ``fn`` run here.
 
         Raises:
             DtrError: the child failed (its error), or was killed.
@@ -319,7 +312,7 @@ class _SideProcess:
         import onnx_ir as ir
 
         if self.pid is None:
-            return self.model
+            return self.fn()
         _, status = os.waitpid(self.pid, 0)
         self.pid = None
         if os.waitstatus_to_exitcode(status) != 0 or not self.path.is_file():
@@ -357,11 +350,10 @@ def _die_with_parent(parent: int) -> None:
 def _side_process(fn: Callable[[], Any], path: Path, *, parallel: bool | None) -> _SideProcess:
     """``fn`` (returning an ``onnx_ir`` model) started in a forked child that saves its model
     at ``path`` (when ``parallel``, default: ``os.fork`` exists and more than one core is
-    usable), else kept to be run here by :meth:`_SideProcess.start`."""
+    usable), else kept to be run here by :meth:`_SideProcess.result`."""
     if parallel is None:
-        parallel = hasattr(os, "fork") and len(os.sched_getaffinity(0)) > 1 \
-            if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > 1
-    return _SideProcess(fn, path, bool(parallel) and hasattr(os, "fork"))
+        parallel = usable_cpus() > 1
+    return _SideProcess(fn, path, parallel and hasattr(os, "fork"))
 
 
 def split_phases(sg: StatefulGraph, fused: bool) -> bool:
