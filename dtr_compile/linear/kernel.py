@@ -322,7 +322,7 @@ def sliding_window_linear_attention(
     if initial_state is not None:
         state = state + initial_state.float()[:, :, None]
     num_den = torch.matmul(phi_q_c, state)  # [B, H, N, C, Dv+1]
-    for sc, (_, v_h, phi_h, allowed, lin) in zip(scores, halves):
+    for sc, (_, v_h, phi_h, allowed, lin) in zip(scores, halves, strict=True):
         a = torch.exp(sc - top) * allowed.float()  # [B, H, N, C, C]
         if softmax_weight is not None:
             a = a * softmax_weight.float()[:, None, None, None]

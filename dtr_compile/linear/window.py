@@ -92,7 +92,7 @@ def sliding_window_attention_lse(
                           _MASKED_SCORE) for k_h, _, allowed in halves]  # [B, H, N, C, C]
     top = torch.maximum(scores[0].amax(dim=-1, keepdim=True),
                         scores[1].amax(dim=-1, keepdim=True))  # [B, H, N, C, 1]
-    a = [torch.exp(sc - top) * allowed.float() for sc, (_, _, allowed) in zip(scores, halves)]
+    a = [torch.exp(sc - top) * allowed.float() for sc, (_, _, allowed) in zip(scores, halves, strict=True)]
     # the row's best key contributes exp(0) = 1, so a row with a real key sums to >= 1; an empty
     # row sums to 0 and gives 0 (clamping at 1 changes nothing else: exact, no eps)
     total = (a[0].sum(-1, keepdim=True) + a[1].sum(-1, keepdim=True)).clamp_min(1.0)
