@@ -444,7 +444,9 @@ def test_window_start_is_no_worse_than_the_window_alone(kind: str, statistics: b
         out = m.forward_valid(q, k, v, valid)
         kh, vh = m._heads(k, v)
         window_only = sliding_window_attention(q, kh, vh, valid, window=4, scale=m.scale)
-        assert torch.equal(m.without_linear(q, k, v, valid), window_only)
+        # equal up to rounding: the student's chunk size (the two-half sums split the window
+        # elsewhere) is not the default one used here
+        assert_close(m.without_linear(q, k, v, valid), window_only, tol=1e-6)
     w = valid[:, None, :, None]
     err = float(((out - teacher).square() * w).sum())
     err_window = float(((window_only - teacher).square() * w).sum())

@@ -305,27 +305,30 @@ def sliding_window_linear_attention(
 
     q_c, phi_q_c = _chunk(q.float(), C), _chunk(phi_q.float(), C)  # [B, H, N, C, Dk | F]
     k_c, v_c, phi_k_c = _chunk(k, C), _chunk(v1, C), _chunk(phi_k, C)  # [B, H, N, C, Dk|Dv+1|F]
-    valid_c = _chunk(valid, C).transpose(-1, -2).unsqueeze(1)  # [B|1, 1, N, 1, C]
+    valid_c = _chunk(valid, C).transpose(-1, -2).unsqueeze(1) > 0  # [B|1, 1, N, 1, C]
 
-    def local(x: torch.Tensor, dim: int) -> torch.Tensor:  # chunks n−1 and n side by side
-        return torch.cat([_shift_chunks(x, 1), x], dim=dim)
-
-    k_l, v_l, phi_k_l = local(k_c, -2), local(v_c, -2), local(phi_k_c, -2)  # [B, H, N, 2C, *]
-    valid_l = local(valid_c, -1) > 0  # [B|1, 1, N, 1, 2C]
-
+    # chunk n against its own keys and chunk n−1's, as two [C, C] halves: no [N, 2C, *]
+    # concatenation of keys, values and features (each a second copy of them)
     in_window, linear_mask = _window_masks(C, window, q.device)  # [C, 2C]
-    allowed = in_window & valid_l  # [B|1, 1, N, C, 2C]
-    scores = torch.matmul(q_c, k_l.transpose(-1, -2)) * scale  # [B, H, N, C, 2C]
-    scores = torch.where(allowed, scores, _MASKED_SCORE)
-    a_sm = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * allowed.float()
-    if softmax_weight is not None:
-        a_sm = a_sm * softmax_weight.float()[:, None, None, None]
-    a = a_sm + torch.matmul(phi_q_c, phi_k_l.transpose(-1, -2)) * linear_mask  # [B, H, N, C, 2C]
-
+    prev = (_shift_chunks(k_c, 1), _shift_chunks(v_c, 1), _shift_chunks(phi_k_c, 1),
+            in_window[:, :C] & _shift_chunks(valid_c, 1), linear_mask[:, :C])
+    own = (k_c, v_c, phi_k_c, in_window[:, C:] & valid_c, linear_mask[:, C:])
+    halves = (prev, own) if window < C else (prev, own[:4] + (None,))  # W = C: own is all window
+    scores = [torch.where(allowed, torch.matmul(q_c, k_h.transpose(-1, -2)) * scale,
+                          _MASKED_SCORE) for k_h, _, _, allowed, _ in halves]  # [B, H, N, C, C]
+    top = torch.maximum(scores[0].amax(dim=-1, keepdim=True),
+                        scores[1].amax(dim=-1, keepdim=True))  # [B, H, N, C, 1]
     state = _prefix_state(phi_k_c, v_c, shift=2)  # chunks < n − 1: [B, H, N, F, Dv+1]
     if initial_state is not None:
         state = state + initial_state.float()[:, :, None]
-    num_den = torch.matmul(a, v_l) + torch.matmul(phi_q_c, state)  # [B, H, N, C, Dv+1]
+    num_den = torch.matmul(phi_q_c, state)  # [B, H, N, C, Dv+1]
+    for sc, (_, v_h, phi_h, allowed, lin) in zip(scores, halves, strict=True):
+        a = torch.exp(sc - top) * allowed.float()  # [B, H, N, C, C]
+        if softmax_weight is not None:
+            a = a * softmax_weight.float()[:, None, None, None]
+        if lin is not None:
+            a = a + torch.matmul(phi_q_c, phi_h.transpose(-1, -2)) * lin
+        num_den = num_den + torch.matmul(a, v_h)
     return _unchunk(_normalise(num_den, eps), T)
 
 

@@ -108,22 +108,25 @@ def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
     Blocked forward substitution by doubling: ``X`` starts as the inverse of the ``1×1``
     diagonal blocks (``I``); at level ``s = 1, 2, 4, …`` each diagonal block of size ``2s`` is
     ``[[L11, 0], [L21, L22]]`` with ``X`` already holding ``L11⁻¹`` and ``L22⁻¹``, and its inverse
-    is ``X − X N X`` where ``N`` holds the ``L21`` blocks (``(X N)² = 0``). ``ceil(log2 C)``
-    levels of two ``[C, C]`` matmuls; the same products as forward substitution in blocks, so
-    none of the cancellation of the power series ``Σ (−A)^k``.
+    is ``X − X N X`` where ``N = A ⊙ M_s`` holds the ``L21`` blocks (``(X N)² = 0``). ``X`` is
+    block diagonal in blocks of ``s``, so ``N X = (A X) ⊙ M_s``: the masked copy of ``A`` is never
+    made (an exported graph would compute every level's copy up front, all live at once), and
+    the first level (``X = I``) is ``I − N`` without a product. ``ceil(log2 C)`` levels of at
+    most two ``[C, C]`` matmuls; the same products as forward substitution in blocks, so none of
+    the cancellation of the power series ``Σ (−A)^k``.
     """
     c = a.shape[-1]
     eye = torch.eye(c, dtype=a.dtype, device=a.device)
-    x = eye.expand_as(a)
     idx = torch.arange(c, device=a.device)
+    x = None
     s = 1
     while s < c:
         same_block = (idx[:, None] // (2 * s)) == (idx[None, :] // (2 * s))
         lower_half = ((idx[:, None] // s) % 2 == 1) & ((idx[None, :] // s) % 2 == 0)
-        n = a * (same_block & lower_half).to(a.dtype)
-        x = x - torch.matmul(x, torch.matmul(n, x))
+        m = (same_block & lower_half).to(a.dtype)  # [C, C]
+        x = eye - a * m if x is None else x - torch.matmul(x, torch.matmul(a, x) * m)
         s *= 2
-    return x
+    return eye.expand_as(a) if x is None else x
 
 
 class HeadRMSNorm(nn.Module):
@@ -258,7 +261,8 @@ def chunked_recurrence(
     gamma = torch.exp(g_cum)
     g_last = g_cum[..., -1:]  # [B, H, N, 1]
     to_end = torch.exp(g_last - g_cum)  # [B, H, N, C], γ_C / γ_i <= 1
-    scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * decay_matrix(g_cum, strict=False)
+    decay = decay_matrix(g_cum, strict=False)  # [B, H, N, C, C], Γ
+    scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * decay
     q_decay = q_c * gamma[..., None]  # diag(γ) Q
     if beta is None:
         b_mat, u = scores, v_c  # [B, H, N, C, C], [B, H, N, C, Dv]
@@ -268,7 +272,10 @@ def chunked_recurrence(
         r = torch.matmul(k_end.transpose(-1, -2), v_c)  # [B, H, N, Dk, Dv]
     else:
         b_c = _chunk(beta.float()[..., None], c)[..., 0][..., None, :]  # [B, H, N, 1, C], β_j
-        a = torch.matmul(k_c, k_c.transpose(-1, -2)) * decay_matrix(g_cum, strict=True) * b_c
+        # Γ with its diagonal zeroed is the strict one (exp of the masked log is exactly 0)
+        idx = torch.arange(c, device=k_c.device)
+        strict = (idx[:, None] > idx[None, :]).float()  # [C, C]
+        a = torch.matmul(k_c, k_c.transpose(-1, -2)) * (decay * strict) * b_c
         m = unit_lower_inverse(a)  # [B, H, N, C, C]
         u = torch.matmul(m, v_c)  # [B, H, N, C, Dv]
         w = torch.matmul(m, k_c * gamma[..., None])  # [B, H, N, C, Dk]

@@ -7,8 +7,8 @@ feature-map students' LoLCATs form, :func:`~dtr_compile.linear.kernel.
 sliding_window_linear_attention`) with the site's softmax scale; padding keys never get weight
 and a query whose window holds no real key gets ``0``.
 
-Forms: :func:`sliding_window_attention` / :func:`sliding_window_attention_lse` (chunked, ``[C,
-2C]`` blocks with ``C = max(chunk, W)``: prefill, training, export; the second also gives each
+Forms: :func:`sliding_window_attention` / :func:`sliding_window_attention_lse` (chunked, two
+``[C, C]`` blocks per chunk with ``C = max(chunk, W)``: prefill, training, export; the second also gives each
 query's log-normaliser, which the matrix-state students' output mixing reads),
 :func:`window_attention_step` (one query against a stored window: decode) and the fp64
 quadratic references :func:`naive_sliding_window_attention` and :func:`naive_window_lse`.
@@ -81,20 +81,22 @@ def sliding_window_attention_lse(
     k, v = _align_keys(k.float(), T), _align_keys(v.float(), T)
     valid = _align_keys(valid[..., None], T)  # [B|1, T, 1]
     q_c, k_c, v_c = _chunk(q.float(), C), _chunk(k, C), _chunk(v, C)  # [B, H, N, C, D]
-    valid_c = _chunk(valid, C).transpose(-1, -2).unsqueeze(1)  # [B|1, 1, N, 1, C]
-    k_l = torch.cat([_shift_chunks(k_c, 1), k_c], dim=-2)  # chunks n−1, n: [B, H, N, 2C, Dk]
-    v_l = torch.cat([_shift_chunks(v_c, 1), v_c], dim=-2)
-    valid_l = torch.cat([_shift_chunks(valid_c, 1), valid_c], dim=-1) > 0  # [B|1, 1, N, 1, 2C]
+    valid_c = _chunk(valid, C).transpose(-1, -2).unsqueeze(1) > 0  # [B|1, 1, N, 1, C]
+    # chunk n's keys and chunk n−1's, as two [C, C] halves: no [N, 2C, D] concatenation of
+    # keys and values (each a second copy of them)
     in_window, _ = _window_masks(C, window, q.device)  # [C, 2C]
-    allowed = in_window & valid_l
-    scores = torch.matmul(q_c, k_l.transpose(-1, -2)) * scale  # [B, H, N, C, 2C]
-    scores = torch.where(allowed, scores, _MASKED_SCORE)
-    top = scores.amax(dim=-1, keepdim=True)
-    a = torch.exp(scores - top) * allowed.float()
+    halves = ((_shift_chunks(k_c, 1), _shift_chunks(v_c, 1),
+               in_window[:, :C] & _shift_chunks(valid_c, 1)),
+              (k_c, v_c, in_window[:, C:] & valid_c))  # allowed: [B|1, 1, N, C, C]
+    scores = [torch.where(allowed, torch.matmul(q_c, k_h.transpose(-1, -2)) * scale,
+                          _MASKED_SCORE) for k_h, _, allowed in halves]  # [B, H, N, C, C]
+    top = torch.maximum(scores[0].amax(dim=-1, keepdim=True),
+                        scores[1].amax(dim=-1, keepdim=True))  # [B, H, N, C, 1]
+    a = [torch.exp(sc - top) * allowed.float() for sc, (_, _, allowed) in zip(scores, halves, strict=True)]
     # the row's best key contributes exp(0) = 1, so a row with a real key sums to >= 1; an empty
     # row sums to 0 and gives 0 (clamping at 1 changes nothing else: exact, no eps)
-    total = a.sum(-1, keepdim=True).clamp_min(1.0)
-    out = torch.matmul(a, v_l) / total
+    total = (a[0].sum(-1, keepdim=True) + a[1].sum(-1, keepdim=True)).clamp_min(1.0)
+    out = (torch.matmul(a[0], halves[0][1]) + torch.matmul(a[1], v_c)) / total
     return _unchunk(out, T), _unchunk(top + torch.log(total), T)[..., 0]
 
 
