@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from torch.export import Dim
 
 from dtr_compile.capture import capture
 from dtr_compile.cli import main
@@ -357,95 +356,3 @@ def test_optimize_onnx_folds_constants_and_drops_dead_nodes():
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     xv = np.arange(6, dtype=np.float32).reshape(2, 3)
     np.testing.assert_allclose(sess.run(None, {"x": xv})[0], xv * 5.0)
-
-
-class _Mixed(torch.nn.Module):
-    """Ops torch.onnx keeps (``linear``, SDPA, ``hardswish``) beside one it decomposes (``var``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.proj = torch.nn.Linear(8, 24)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.proj(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
-        return F.hardswish(y) * x + y.var(dim=-1, keepdim=True)
-
-
-def _onnx_ops(prog) -> list[str]:  # noqa: ANN001
-    return sorted(n.op_type for n in prog.model.graph)
-
-
-def test_one_trace_gives_the_graph_torch_onnx_gives_from_its_two():
-    """OnnxTrace (exporters/onnx.py): one trace to the decomposed ATen IR gives the ONNX graph
-    torch.onnx's own path gives (trace, then re-trace to decompose), op for op, with the same
-    outputs on a fresh sequence length; torch.onnx does not decompose that program again, while
-    a program traced the usual way is still decomposed inside the same context."""
-    import onnxruntime as ort
-
-    from dtr_compile.exporters.onnx import OnnxTrace
-
-    model = _Mixed().eval()
-    x = torch.randn(2, 5, 8)
-    shapes = ({0: Dim("B", min=2, max=8), 1: Dim("T", min=2, max=64)},)
-    usual = torch.onnx.export(torch.export.export(model, (x,), dynamic_shapes=shapes),
-                              (x,), dynamo=True, opset_version=23, optimize=False, verbose=False)
-    seen: list[tuple[object, bool]] = []
-    with OnnxTrace(23) as one:
-        assert one.available
-        program = one.program(model, (x,), shapes)
-        targets = {n.target for n in program.graph.nodes}
-        assert torch.ops.aten.var.correction not in targets  # decomposed in the one trace
-        assert torch.ops.aten.linear.default in targets  # kept, as torch.onnx keeps it
-        from torch.onnx._internal.exporter import _fx_passes
-
-        real = _fx_passes.decompose_with_registry  # ours: records what it is asked to decompose
-
-        def spy(ep, registry):  # noqa: ANN001, ANN202
-            out = real(ep, registry)
-            seen.append((ep, out is ep))
-            return out
-
-        _fx_passes.decompose_with_registry = spy
-        try:
-            ours = torch.onnx.export(program, (x,), dynamo=True, opset_version=23,
-                                     optimize=False, verbose=False)
-            other = torch.export.export(model, (x,), dynamic_shapes=shapes)
-            again = torch.onnx.export(other, (x,), dynamo=True, opset_version=23,
-                                      optimize=False, verbose=False)
-        finally:
-            _fx_passes.decompose_with_registry = real
-    # both were asked; ours came back as it was, the other one decomposed (a new program)
-    assert [(ep is program, ep is other, kept) for ep, kept in seen] == [
-        (True, False, True), (False, True, False)]
-    assert _onnx_ops(ours) == _onnx_ops(usual) == _onnx_ops(again)
-    assert "MatMul" in _onnx_ops(ours) or "Gemm" in _onnx_ops(ours)
-    xt = torch.randn(3, 11, 8)  # a batch and length the trace did not see
-    want = model(xt).detach().numpy()
-    for prog in (ours, usual):
-        sess = ort.InferenceSession(prog.model_proto.SerializeToString(),
-                                    providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: xt.numpy()})[0]
-        np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_one_trace_of_a_loaded_archive():
-    """A graph loaded from a ``torch.export`` archive (its values from the archive's own fake
-    mode, as ``dtr-compile model.pt2`` gives) traces in one pass too."""
-    import io
-
-    from dtr_compile.capture import flat_graph_module
-    from dtr_compile.exporters.onnx import OnnxTrace
-
-    model = _Mixed().eval()
-    x = torch.randn(2, 5, 8)
-    shapes = ({0: Dim("B", min=2, max=8), 1: Dim("T", min=2, max=64)},)
-    buf = io.BytesIO()
-    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=shapes), buf)
-    buf.seek(0)
-    gm = flat_graph_module(torch.export.load(buf).module())
-    with OnnxTrace(23) as one:
-        program = one.program(gm, (x,), shapes)
-    got = program.module()(x)
-    torch.testing.assert_close(got[0] if isinstance(got, (tuple, list)) else got, model(x))

@@ -298,116 +298,6 @@ def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike[
     return target
 
 
-class OnnxTrace:
-    """``torch.export`` for ``torch.onnx``, in one trace instead of two.
-
-    ``torch.onnx.export`` of a module traces it (``torch.export``: the training IR), then
-    re-traces the whole program to decompose what ONNX does not implement
-    (``ExportedProgram.run_decompositions`` with the exporter's table): two full FakeTensor
-    traces. :meth:`program` traces once straight to
-    the decomposed ATen IR, with the same table and the same preserved composite ops (what
-    ``run_decompositions`` does, applied at trace time: the graph torch.onnx translates is the
-    same, node for node), and a program it returned is not decomposed again by
-    ``torch.onnx.export`` while the context is open. Only the program object it returned
-    skips the step; any other program or module is exported as usual. The one trace does the
-    decompositions and functionalisation the second did, so it saves less than half: the
-    SmolLM2 hybrid decoder's export took 107 CPU s against 111 (2026-12-08, loaded 2-core
-    machine, benchmarks/decoder_export.py).
-
-    It uses torch's private export entry points (``torch.export._trace._export``,
-    ``_override_composite_implicit_decomp``, ``torch.onnx``'s ``_decomp`` / ``_fx_passes``);
-    where they are missing (another torch), :attr:`available` is False and :meth:`program` is
-    plain ``torch.export.export``, so the export takes its usual two traces.
-
-    Args:
-        opset: the opset torch.onnx will write (the registry's, as ``torch.onnx.export`` builds
-            it: at least the torchlib opset, 18).
-        table: the ``custom_translation_table`` that will be passed to ``torch.onnx.export``
-            (its ops are kept, not decomposed).
-    """
-
-    def __init__(self, opset: int, table: Mapping[Any, Any] | None = None) -> None:
-        self.opset, self.table = opset, dict(table or {})
-        self._ours: list[torch.export.ExportedProgram] = []  # held: no id() reuse
-        self._stack = contextlib.ExitStack()
-        try:
-            from torch.export import _trace
-            from torch.export.exported_program import (
-                _override_composite_implicit_decomp,
-                _split_decomp_table_to_cia_and_python_decomp,
-            )
-            from torch.onnx._internal.exporter import _constants, _decomp, _fx_passes, _registration
-
-            self._mods: tuple[Any, ...] = (_trace, _override_composite_implicit_decomp,
-                          _split_decomp_table_to_cia_and_python_decomp, _constants, _decomp,
-                          _fx_passes, _registration)
-            self.available = all(hasattr(_trace, n) for n in ("_export", "_export_to_aten_ir")) \
-                and hasattr(_fx_passes, "decompose_with_registry")
-        except ImportError:  # pragma: no cover - another torch: the usual two traces
-            self.available = False
-
-    def __enter__(self) -> OnnxTrace:
-        if self.available:
-            fx_passes = self._mods[5]
-            real = fx_passes.decompose_with_registry
-
-            def decompose(ep: torch.export.ExportedProgram, registry: Any) -> Any:  # noqa: ANN401
-                return ep if any(ep is o for o in self._ours) else real(ep, registry)
-
-            fx_passes.decompose_with_registry = decompose
-            self._stack.callback(setattr, fx_passes, "decompose_with_registry", real)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-        self._ours.clear()
-
-    def _tables(self) -> tuple[dict[Any, Any], dict[Any, Any]]:
-        """``(composite ops to override, python decompositions)``: torch.onnx's table for this
-        registry, split as ``ExportedProgram.run_decompositions`` splits it."""
-        _, _, split, constants, decomp, _, registration = self._mods
-        registry = registration.ONNXRegistry().from_torchlib(
-            opset_version=max(self.opset, constants.TORCHLIB_OPSET))
-        for op, fn in self.table.items():
-            registry.register_op(op, fn, is_complex=False)
-        implemented = set(decomp.get_onnx_implemented_overloads(registry))
-        cia, python_table = split(dict(decomp.create_onnx_friendly_decomposition_table(implemented)))
-        return dict(cia), dict(python_table)
-
-    def program(self, module: torch.nn.Module, args: tuple[Any, ...],
-                dynamic_shapes: Any = None) -> torch.export.ExportedProgram:  # noqa: ANN401
-        """``module`` traced (non-strict) to the ATen IR torch.onnx translates.
-
-        Raises:
-            whatever ``torch.export`` raises.
-        """
-        if not self.available:
-            return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-        import functools
-
-        trace, override = self._mods[0], self._mods[1]
-        cia, python_table = self._tables()
-        real = trace._export_to_aten_ir
-        trace._export_to_aten_ir = functools.partial(real, decomp_table=python_table)
-        # the aot trace copies a GraphModule's output-node meta onto the new graph; values
-        # from another fake mode (a loaded archive's) would then fail the program's check
-        out_meta: dict[str, Any] = (module.graph.output_node().meta
-                                     if isinstance(module, GraphModule) else {})
-        saved: dict[str, Any] = {k: out_meta.pop(k) for k in ("val", "tensor_meta") if k in out_meta}
-        try:
-            with override(cia):
-                # guards a decomposition adds (e.g. min(a·T, b·T) == a·T) become runtime
-                # asserts, which torch.onnx drops, as in its own decomposition step
-                ep = trace._export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
-                                   pre_dispatch=False,
-                                   prefer_deferred_runtime_asserts_over_guards=True)
-        finally:
-            trace._export_to_aten_ir = real
-            out_meta.update(saved)
-        self._ours.append(ep)
-        return ep
-
-
 @contextlib.contextmanager
 def _no_rotary_fusion() -> Iterator[None]:
     """Turn off onnxscript's opset-23 ``RotaryEmbedding`` fusion for one export.
@@ -489,15 +379,13 @@ def export_onnx(
     target = Path(path)
     with atomic_model_path(target) as tmp:
         try:
-            onnx_opset, table = min(opset, torch_max_opset()), translation_table(fused)
-            with warnings.catch_warnings(), _no_rotary_fusion(), OnnxTrace(onnx_opset, table) as one:
+            with warnings.catch_warnings(), _no_rotary_fusion():
                 warnings.simplefilter("ignore")
-                # the exact-SDPA graph traced once more, straight to the IR torch.onnx
-                # translates (torch.onnx itself would trace it, then re-trace to decompose)
                 prog = torch.onnx.export(
-                    one.program(gm, args, shapes), args, dynamo=True, opset_version=onnx_opset,
+                    gm, args, dynamo=True, opset_version=min(opset, torch_max_opset()),
                     input_names=list(input_names), output_names=names, dynamic_shapes=shapes,
-                    verbose=False, custom_translation_table=table, optimize=False,
+                    verbose=False, custom_translation_table=translation_table(fused),
+                    optimize=False,
                 )
                 if prog is not None:
                     optimize_onnx(prog.model)

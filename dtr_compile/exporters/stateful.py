@@ -41,7 +41,6 @@ from dtr_compile.exporters.fused import (
 )
 from dtr_compile.exporters.onnx import (
     DEFAULT_OPSET,
-    OnnxTrace,
     _no_rotary_fusion,
     optimize_onnx,
     prepare_for_export,
@@ -400,29 +399,25 @@ def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimi
         with warnings.catch_warnings(), _no_rotary_fusion():
             warnings.simplefilter("ignore")
             phase(f"tracing the {what} (torch.export)")
-            onnx_opset = min(opset, torch_max_opset())
             with contextlib.ExitStack() as stack:
-                # one trace to the ATen IR torch.onnx translates (exporters/onnx.py OnnxTrace)
-                one = stack.enter_context(OnnxTrace(onnx_opset, table))
-                with contextlib.ExitStack() as trace_ctx:
-                    trace_ctx.enter_context(tracing(fused))
-                    if shared:
-                        trace_ctx.enter_context(shared_kv_cache())
-                    if split and not step:
-                        trace_ctx.enter_context(extend_only())
-                    program = one.program(sg.gm, args, shapes)
-                flat = flat_graph_module(program.module())
-                gm = prepare_for_export(flat, opset)
-                phase(f"converting the {what} to ONNX (torch.onnx)")
-                # an unchanged graph goes to torch.onnx as the program already traced (and
-                # decomposed); a changed one (SDPA made exact below opset 23) is traced again
-                prog = torch.onnx.export(program if gm is flat else gm, args, dynamo=True,
-                                         opset_version=onnx_opset,
-                                         input_names=list(sg.input_names),
-                                         output_names=list(sg.output_names),
-                                         dynamic_shapes=None if gm is flat else shapes,
-                                         verbose=False, optimize=False,
-                                         custom_translation_table=table or None)
+                stack.enter_context(tracing(fused))
+                if shared:
+                    stack.enter_context(shared_kv_cache())
+                if split and not step:
+                    stack.enter_context(extend_only())
+                program = torch.export.export(sg.gm, args, dynamic_shapes=shapes, strict=False)
+            flat = flat_graph_module(program.module())
+            gm = prepare_for_export(flat, opset)
+            phase(f"converting the {what} to ONNX (torch.onnx)")
+            # an unchanged graph goes to torch.onnx as the program already traced: one trace
+            # fewer (the exporter would trace the module again)
+            prog = torch.onnx.export(program if gm is flat else gm, args, dynamo=True,
+                                     opset_version=min(opset, torch_max_opset()),
+                                     input_names=list(sg.input_names),
+                                     output_names=list(sg.output_names),
+                                     dynamic_shapes=None if gm is flat else shapes,
+                                     verbose=False, optimize=False,
+                                     custom_translation_table=table or None)
             if optimize and prog is not None:
                 phase(f"optimizing the {what} (constant folding)")
                 optimize_onnx(prog.model)
