@@ -28,11 +28,12 @@ $(BUILD)/model.pt: $(VENV)/.examples examples/bbc_news/prepare.py
 	$(BIN)/python examples/bbc_news/prepare.py --out $(BUILD)
 
 # --confidence 0.9: a candidate counts only when the 0.9 upper bound of its drop is within the
-# budget; --select best: -o gets M_best, the best validation accuracy on the search path (5/6
-# linear here, test drop 0), not M_opt (6/6, test drop 0.9 pt): docs/benchmarks.md, issue 16
+# budget. 445 validation rows cannot certify a 0.5 % budget at 0.9 (one article is 0.22 pt; the
+# compile says so and asks for ~619 rows), so the demo asks 1 %: all 6 layers linear, test accuracy
+# 0.9663 -> 0.9573, within the budget on test (docs/benchmarks.md, issue 23)
 demo: $(VENV)/.examples $(BUILD)/model.pt
-	cd $(BUILD) && ../../$(BIN)/dtr-compile model.pt --budget 0.5% --data val.pt --calib train.pt -o hybrid.onnx \
-	  --test test.pt --confidence 0.9 --select best --export-original; \
+	cd $(BUILD) && ../../$(BIN)/dtr-compile model.pt --budget 1% --data val.pt --calib train.pt -o hybrid.onnx \
+	  --test test.pt --confidence 0.9 --export-original; \
 	  rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ] || exit $$rc
 	$(BIN)/python examples/bbc_news/evaluate.py --dir $(BUILD)
 
