@@ -257,6 +257,31 @@ def _window_masks(chunk: int, window: int,
     return (dist >= 0) & (dist < window), (dist >= window).float()
 
 
+def _window_halves(
+    q_c: torch.Tensor, k_c: torch.Tensor, valid_c: torch.Tensor, in_window: torch.Tensor,
+    scale: float,
+) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The softmax window of chunk ``n``'s queries against chunk ``n−1``'s keys and its own, as
+    two ``[C, C]`` halves: no ``[N, 2C, D]`` concatenation of keys (a second copy of them).
+
+    Args:
+        q_c: ``[B, H, N, C, Dk]``; k_c: ``[B, H, N, C, Dk]``; valid_c: ``[B|1, 1, N, 1, C]`` bool
+            (a real key); in_window: ``[C, 2C]`` from :func:`_window_masks`; scale: the softmax
+            scale.
+
+    Returns:
+        ``(scores, allowed, top)``: scores ``[previous, own]``, each ``[B, H, N, C, C]`` with
+        ``_MASKED_SCORE`` where not allowed; allowed, each ``[B|1, 1, N, C, C]`` bool; top
+        ``[B, H, N, C, 1]``, each query's highest score over both halves.
+    """
+    C = in_window.shape[0]
+    allowed = (in_window[:, :C] & _shift_chunks(valid_c, 1), in_window[:, C:] & valid_c)
+    scores = [torch.where(ok, torch.matmul(q_c, k_h.transpose(-1, -2)) * scale, _MASKED_SCORE)
+              for k_h, ok in zip((_shift_chunks(k_c, 1), k_c), allowed, strict=True)]
+    top = torch.maximum(scores[0].amax(dim=-1, keepdim=True), scores[1].amax(dim=-1, keepdim=True))
+    return scores, allowed, top
+
+
 def sliding_window_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -307,23 +332,17 @@ def sliding_window_linear_attention(
     k_c, v_c, phi_k_c = _chunk(k, C), _chunk(v1, C), _chunk(phi_k, C)  # [B, H, N, C, Dk|Dv+1|F]
     valid_c = _chunk(valid, C).transpose(-1, -2).unsqueeze(1) > 0  # [B|1, 1, N, 1, C]
 
-    # chunk n against its own keys and chunk n−1's, as two [C, C] halves: no [N, 2C, *]
-    # concatenation of keys, values and features (each a second copy of them)
     in_window, linear_mask = _window_masks(C, window, q.device)  # [C, 2C]
-    prev = (_shift_chunks(k_c, 1), _shift_chunks(v_c, 1), _shift_chunks(phi_k_c, 1),
-            in_window[:, :C] & _shift_chunks(valid_c, 1), linear_mask[:, :C])
-    own = (k_c, v_c, phi_k_c, in_window[:, C:] & valid_c, linear_mask[:, C:])
-    halves = (prev, own) if window < C else (prev, own[:4] + (None,))  # W = C: own is all window
-    scores = [torch.where(allowed, torch.matmul(q_c, k_h.transpose(-1, -2)) * scale,
-                          _MASKED_SCORE) for k_h, _, _, allowed, _ in halves]  # [B, H, N, C, C]
-    top = torch.maximum(scores[0].amax(dim=-1, keepdim=True),
-                        scores[1].amax(dim=-1, keepdim=True))  # [B, H, N, C, 1]
+    scores, allowed, top = _window_halves(q_c, k_c, valid_c, in_window, scale)
+    # the linear part inside chunks n−1, n; W = C: the own half is all window, no linear term
+    halves = ((_shift_chunks(v_c, 1), _shift_chunks(phi_k_c, 1), linear_mask[:, :C]),
+              (v_c, phi_k_c, linear_mask[:, C:] if window < C else None))
     state = _prefix_state(phi_k_c, v_c, shift=2)  # chunks < n − 1: [B, H, N, F, Dv+1]
     if initial_state is not None:
         state = state + initial_state.float()[:, :, None]
     num_den = torch.matmul(phi_q_c, state)  # [B, H, N, C, Dv+1]
-    for sc, (_, v_h, phi_h, allowed, lin) in zip(scores, halves, strict=True):
-        a = torch.exp(sc - top) * allowed.float()  # [B, H, N, C, C]
+    for sc, ok, (v_h, phi_h, lin) in zip(scores, allowed, halves, strict=True):
+        a = torch.exp(sc - top) * ok.float()  # [B, H, N, C, C]
         if softmax_weight is not None:
             a = a * softmax_weight.float()[:, None, None, None]
         if lin is not None:

@@ -90,14 +90,14 @@ def affine_scan(p: torch.Tensor, r: torch.Tensor, *, matrix: bool,
     return r
 
 
-def decay_matrix(g_cum: torch.Tensor, *, strict: bool) -> torch.Tensor:
-    """``Γ_ij = exp(G_i − G_j)`` for ``j <= i`` (``j < i`` when ``strict``), else 0.
+def decay_matrix(g_cum: torch.Tensor) -> torch.Tensor:
+    """``Γ_ij = exp(G_i − G_j)`` for ``j <= i``, else 0.
 
     ``g_cum: [..., C]`` inclusive cumulative log-decays (non-increasing) → ``[..., C, C]``; every
     exponent taken is ``<= 0``, so nothing overflows whatever the gates.
     """
     idx = torch.arange(g_cum.shape[-1], device=g_cum.device)  # no Trilu: works for a symbolic C
-    mask = idx[:, None] > idx[None, :] if strict else idx[:, None] >= idx[None, :]
+    mask = idx[:, None] >= idx[None, :]
     diff = g_cum[..., :, None] - g_cum[..., None, :]
     return torch.exp(torch.where(mask, diff, _MASKED_LOG))
 
@@ -261,7 +261,7 @@ def chunked_recurrence(
     gamma = torch.exp(g_cum)
     g_last = g_cum[..., -1:]  # [B, H, N, 1]
     to_end = torch.exp(g_last - g_cum)  # [B, H, N, C], γ_C / γ_i <= 1
-    decay = decay_matrix(g_cum, strict=False)  # [B, H, N, C, C], Γ
+    decay = decay_matrix(g_cum)  # [B, H, N, C, C], Γ
     scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * decay
     q_decay = q_c * gamma[..., None]  # diag(γ) Q
     if beta is None:
@@ -293,7 +293,7 @@ def chunked_recurrence(
         r = torch.where(first, initial_state.float()[:, :, None], r)
     if beta is None:
         # scalar decays: S_n = Σ_{m <= n} exp(L_n − L_m) R_m, one [N, N] matmul, no scan rounds
-        chunk_decay = decay_matrix(torch.cumsum(g_last[..., 0], dim=2), strict=False)  # [B, H, N, N]
+        chunk_decay = decay_matrix(torch.cumsum(g_last[..., 0], dim=2))  # [B, H, N, N]
         states = torch.matmul(chunk_decay, r.flatten(-2)).unflatten(-1, r.shape[-2:])
     else:
         states = affine_scan(p, r, matrix=True)  # after each chunk: [B, H, N, Dk, Dv]

@@ -24,6 +24,7 @@ from dtr_compile.linear.kernel import (
     _chunk,
     _shift_chunks,
     _unchunk,
+    _window_halves,
     _window_masks,
 )
 
@@ -82,21 +83,13 @@ def sliding_window_attention_lse(
     valid = _align_keys(valid[..., None], T)  # [B|1, T, 1]
     q_c, k_c, v_c = _chunk(q.float(), C), _chunk(k, C), _chunk(v, C)  # [B, H, N, C, D]
     valid_c = _chunk(valid, C).transpose(-1, -2).unsqueeze(1) > 0  # [B|1, 1, N, 1, C]
-    # chunk n's keys and chunk n−1's, as two [C, C] halves: no [N, 2C, D] concatenation of
-    # keys and values (each a second copy of them)
     in_window, _ = _window_masks(C, window, q.device)  # [C, 2C]
-    halves = ((_shift_chunks(k_c, 1), _shift_chunks(v_c, 1),
-               in_window[:, :C] & _shift_chunks(valid_c, 1)),
-              (k_c, v_c, in_window[:, C:] & valid_c))  # allowed: [B|1, 1, N, C, C]
-    scores = [torch.where(allowed, torch.matmul(q_c, k_h.transpose(-1, -2)) * scale,
-                          _MASKED_SCORE) for k_h, _, allowed in halves]  # [B, H, N, C, C]
-    top = torch.maximum(scores[0].amax(dim=-1, keepdim=True),
-                        scores[1].amax(dim=-1, keepdim=True))  # [B, H, N, C, 1]
-    a = [torch.exp(sc - top) * allowed.float() for sc, (_, _, allowed) in zip(scores, halves, strict=True)]
+    scores, allowed, top = _window_halves(q_c, k_c, valid_c, in_window, scale)
+    a = [torch.exp(sc - top) * ok.float() for sc, ok in zip(scores, allowed, strict=True)]
     # the row's best key contributes exp(0) = 1, so a row with a real key sums to >= 1; an empty
     # row sums to 0 and gives 0 (clamping at 1 changes nothing else: exact, no eps)
     total = (a[0].sum(-1, keepdim=True) + a[1].sum(-1, keepdim=True)).clamp_min(1.0)
-    out = (torch.matmul(a[0], halves[0][1]) + torch.matmul(a[1], v_c)) / total
+    out = (torch.matmul(a[0], _shift_chunks(v_c, 1)) + torch.matmul(a[1], v_c)) / total
     return _unchunk(out, T), _unchunk(top + torch.log(total), T)[..., 0]
 
 
