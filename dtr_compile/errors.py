@@ -61,3 +61,17 @@ def first_line(exc: BaseException) -> str:
     """``"TypeName: first line of the message"``: an exception in one line, for error messages."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def root_cause_line(exc: BaseException, limit: int = 400) -> str:
+    """``exc``'s cause in one line: the innermost exception of its chain (torch.onnx's own
+    first line is a generic "Failed to export the model with torch.export" followed by advice),
+    its non-empty lines joined, terminal colour codes removed, at most ``limit`` characters."""
+    import re
+
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(root)).splitlines()]
+    text = "; ".join(ln for ln in lines if ln)
+    return f"{type(root).__name__}: {text}"[:limit]

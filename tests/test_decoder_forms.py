@@ -325,7 +325,7 @@ def test_tensorrt_form_decoder_exports_at_opset_18(tmp_path):
 def test_export_error_names_the_cause_not_torch_onnx_advice():
     """torch.onnx's TorchExportError starts with a generic line and advice, in colour; the
     error a user sees (and report.json keeps) names the cause underneath, without escapes."""
-    from dtr_compile.exporters.stateful import _why
+    from dtr_compile.errors import root_cause_line
 
     try:
         try:
@@ -336,6 +336,6 @@ def test_export_error_names_the_cause_not_torch_onnx_advice():
                                "step 1/3\x1b[0m of exporting the model to ONNX. Next steps:\n- "
                                "Modify the model code") from inner
     except RuntimeError as exc:
-        why = _why(exc)
+        why = root_cause_line(exc)
     assert why == ("ValueError: The following inconsistencies were found:; Eq(s17 + 1, 9) is "
                    "inconsistent!"), why

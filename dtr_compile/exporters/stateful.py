@@ -30,7 +30,7 @@ import torch
 from torch.export import Dim
 
 from dtr_compile.device import usable_cpus
-from dtr_compile.errors import DtrError, first_line
+from dtr_compile.errors import DtrError, first_line, root_cause_line
 from dtr_compile.exporters.fused import (
     ORT_DOMAIN,
     finish,
@@ -365,20 +365,6 @@ def split_phases(sg: StatefulGraph, fused: bool) -> bool:
                    for m in sg.modules.values())
 
 
-def _why(exc: BaseException, limit: int = 400) -> str:
-    """``exc``'s cause in one line: the innermost exception of its chain (torch.onnx's own
-    first line is a generic "Failed to export the model with torch.export" followed by advice),
-    its non-empty lines joined, terminal colour codes removed, at most ``limit`` characters."""
-    import re
-
-    root = exc
-    while root.__cause__ is not None and root.__cause__ is not root:
-        root = root.__cause__
-    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(root)).splitlines()]
-    text = "; ".join(ln for ln in lines if ln)
-    return f"{type(root).__name__}: {text}"[:limit]
-
-
 def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimize: bool,
              step: bool, split: bool, phase: Callable[[str], None]) -> Any:  # noqa: ANN401
     """``torch.export`` then ``torch.onnx`` of ``sg``: at a static ``t = 1`` (``step``), or with
@@ -422,7 +408,7 @@ def _to_onnx(sg: StatefulGraph, *, opset: int, fused: bool, shared: bool, optimi
                 phase(f"optimizing the {what} (constant folding)")
                 optimize_onnx(prog.model)
     except Exception as exc:  # noqa: BLE001
-        raise DtrError(f"stateful ONNX export failed ({what}): {_why(exc)}") from exc
+        raise DtrError(f"stateful ONNX export failed ({what}): {root_cause_line(exc)}") from exc
     assert prog is not None
     return prog
 
